@@ -1,0 +1,1 @@
+//! Host capability check (placeholder: being written).

@@ -1,0 +1,594 @@
+//! Agent configuration: the TOML schema, its defaults and `validate()`.
+//!
+//! Every section uses `deny_unknown_fields`, so a typo fails at start with the
+//! field's name. Durations are humantime strings ("250ms", "30s", "10m").
+//! Defaults run as they are on a libvirt host.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sparegrid_proto::Metric;
+
+/// A config file that could not be read, parsed or validated.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub agent: AgentSection,
+    pub sampler: SamplerSection,
+    pub load: LoadSection,
+    pub policy: PolicySection,
+    pub cgroup: CgroupSection,
+    pub runtime: RuntimeSection,
+    pub vm: VmTemplate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// Host name reported in status; empty means the kernel's hostname.
+    pub host_name: String,
+    /// Status and metrics HTTP listener.
+    pub listen: SocketAddr,
+    /// Runtime files: guest channel sockets, console logs.
+    pub run_dir: PathBuf,
+    /// Persistent state.
+    pub data_dir: PathBuf,
+    /// Root of procfs (injected so tests can use fixtures).
+    pub proc_root: PathBuf,
+    /// Root of the cgroup filesystem.
+    pub cgroup_root: PathBuf,
+    /// How many transitions status keeps.
+    pub transition_history: usize,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            host_name: String::new(),
+            listen: "127.0.0.1:7410".parse().expect("static address"),
+            run_dir: PathBuf::from("/run/sparegrid"),
+            data_dir: PathBuf::from("/var/lib/sparegrid"),
+            proc_root: PathBuf::from("/proc"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            transition_history: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplerSection {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Link capacity in bytes per second that network throughput is measured against.
+    pub link_bytes_per_sec: u64,
+    /// Interfaces to count; empty means every interface except `lo`.
+    pub interfaces: Vec<String>,
+    /// Block devices to watch; empty means every whole disk (no partitions, loop or ram).
+    pub disks: Vec<String>,
+    /// `host:port` probed with a TCP connect each sample; empty disables the RTT metric.
+    pub rtt_target: String,
+    /// Round-trip time that counts as 0 load.
+    #[serde(with = "humantime_serde")]
+    pub rtt_baseline: Duration,
+    /// Round-trip time that counts as full load (1.0). Also the connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub rtt_max: Duration,
+    /// Probe the RTT target every this often (a connect per 250 ms sample is wasteful).
+    #[serde(with = "humantime_serde")]
+    pub rtt_every: Duration,
+}
+
+impl Default for SamplerSection {
+    fn default() -> Self {
+        SamplerSection {
+            interval: Duration::from_millis(250),
+            link_bytes_per_sec: 125_000_000, // 1 Gbit/s
+            interfaces: Vec::new(),
+            disks: Vec::new(),
+            rtt_target: String::new(),
+            rtt_baseline: Duration::from_millis(1),
+            rtt_max: Duration::from_millis(50),
+            rtt_every: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    #[default]
+    Max,
+    WeightedMean,
+}
+
+impl Combine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Combine::Max => "max",
+            Combine::WeightedMean => "weighted_mean",
+        }
+    }
+}
+
+/// Per-metric weights; a weight of 0 switches the metric off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Weights {
+    pub cpu: f64,
+    pub load_avg: f64,
+    pub memory: f64,
+    pub network: f64,
+    pub disk: f64,
+    pub psi_cpu: f64,
+    pub psi_memory: f64,
+    pub psi_io: f64,
+    pub rtt: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights {
+            cpu: 1.0,
+            load_avg: 0.8,
+            memory: 1.0,
+            network: 1.0,
+            disk: 0.9,
+            psi_cpu: 0.8,
+            psi_memory: 1.0,
+            psi_io: 0.8,
+            rtt: 1.0,
+        }
+    }
+}
+
+impl Weights {
+    pub fn get(&self, m: Metric) -> f64 {
+        match m {
+            Metric::Cpu => self.cpu,
+            Metric::LoadAvg => self.load_avg,
+            Metric::Memory => self.memory,
+            Metric::Network => self.network,
+            Metric::Disk => self.disk,
+            Metric::PsiCpu => self.psi_cpu,
+            Metric::PsiMemory => self.psi_memory,
+            Metric::PsiIo => self.psi_io,
+            Metric::Rtt => self.rtt,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadSection {
+    pub combine: Combine,
+    pub weights: Weights,
+    /// Time constant for rises; 0 shows a spike at once.
+    #[serde(with = "humantime_serde")]
+    pub attack: Duration,
+    /// Time constant for falls; a lull shows slowly.
+    #[serde(with = "humantime_serde")]
+    pub decay: Duration,
+}
+
+impl Default for LoadSection {
+    fn default() -> Self {
+        LoadSection {
+            combine: Combine::Max,
+            weights: Weights::default(),
+            attack: Duration::ZERO,
+            decay: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// Suspend every running grid VM at once when the load factor is above this.
+    pub suspend_above: f64,
+    /// Resume only after the load factor stayed below this for `resume_after`.
+    pub resume_below: f64,
+    #[serde(with = "humantime_serde")]
+    pub resume_after: Duration,
+    /// Launch another grid VM only after the load factor stayed below this for `launch_after`.
+    pub launch_below: f64,
+    #[serde(with = "humantime_serde")]
+    pub launch_after: Duration,
+    /// Reclaim a grid VM suspended for longer than this.
+    #[serde(with = "humantime_serde")]
+    pub reclaim_after: Duration,
+    /// Reclaim a grid VM still launching after this long.
+    #[serde(with = "humantime_serde")]
+    pub boot_timeout: Duration,
+    /// MemAvailable floor in MiB: below it, grid VMs are reclaimed at once.
+    pub memory_reserve_mib: u64,
+    pub max_grid_vms: u32,
+    /// Total memory all grid VMs may hold, MiB.
+    pub memory_budget_mib: u64,
+    /// Total vCPUs all grid VMs may hold.
+    pub vcpu_budget: u32,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            suspend_above: 0.75,
+            resume_below: 0.5,
+            resume_after: Duration::from_secs(30),
+            launch_below: 0.4,
+            launch_after: Duration::from_secs(60),
+            reclaim_after: Duration::from_secs(600),
+            boot_timeout: Duration::from_secs(60),
+            memory_reserve_mib: 1024,
+            max_grid_vms: 4,
+            memory_budget_mib: 4096,
+            vcpu_budget: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupVersion {
+    /// v2 when the cgroup root is a unified mount, v1 otherwise.
+    #[default]
+    Auto,
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupSection {
+    /// Partition name under the cgroup root; grid VMs and processes live below it.
+    pub partition: String,
+    pub version: CgroupVersion,
+    /// Memory ceiling for the whole partition, MiB (0: use policy.memory_budget_mib).
+    pub memory_max_mib: u64,
+}
+
+impl Default for CgroupSection {
+    fn default() -> Self {
+        CgroupSection {
+            partition: "sparegrid".into(),
+            version: CgroupVersion::Auto,
+            memory_max_mib: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    #[default]
+    Libvirt,
+    Process,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainType {
+    /// `kvm` when /dev/kvm is usable, `qemu` (TCG) otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Qemu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    pub kind: RuntimeKind,
+    pub libvirt_uri: String,
+    pub domain_type: DomainType,
+    /// Path to the emulator; empty lets libvirt choose.
+    pub emulator: String,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            kind: RuntimeKind::Libvirt,
+            libvirt_uri: "qemu:///system".into(),
+            domain_type: DomainType::Auto,
+            emulator: String::new(),
+        }
+    }
+}
+
+/// What each grid VM looks like.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmTemplate {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Guest kernel (libvirt runtime).
+    pub kernel: PathBuf,
+    /// Guest initramfs (libvirt runtime).
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Command a process-runtime "VM" runs (process runtime).
+    pub command: Vec<String>,
+}
+
+impl Default for VmTemplate {
+    fn default() -> Self {
+        VmTemplate {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: PathBuf::from("/var/lib/sparegrid/images/default/vmlinuz"),
+            initrd: PathBuf::from("/var/lib/sparegrid/images/default/initrd.img"),
+            cmdline: "console=ttyS0 quiet panic=-1".into(),
+            command: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()],
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every field that serde cannot; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.agent;
+        if a.transition_history == 0 {
+            return Err(invalid("agent.transition_history", "must be at least 1"));
+        }
+        for (field, p) in [
+            ("agent.run_dir", &a.run_dir),
+            ("agent.data_dir", &a.data_dir),
+            ("agent.proc_root", &a.proc_root),
+            ("agent.cgroup_root", &a.cgroup_root),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(field, format!("must be an absolute path, got {p:?}")));
+            }
+        }
+        let s = &self.sampler;
+        if s.interval < Duration::from_millis(10) || s.interval > Duration::from_secs(60) {
+            return Err(invalid(
+                "sampler.interval",
+                format!("must be between 10ms and 60s, got {:?}", s.interval),
+            ));
+        }
+        if s.link_bytes_per_sec == 0 {
+            return Err(invalid("sampler.link_bytes_per_sec", "must be above 0"));
+        }
+        if !s.rtt_target.is_empty() && !s.rtt_target.contains(':') {
+            return Err(invalid(
+                "sampler.rtt_target",
+                format!("must be host:port, got {:?}", s.rtt_target),
+            ));
+        }
+        if s.rtt_max <= s.rtt_baseline {
+            return Err(invalid("sampler.rtt_max", "must be greater than sampler.rtt_baseline"));
+        }
+        for m in Metric::ALL {
+            let w = self.load.weights.get(m);
+            if !w.is_finite() || !(0.0..=1.0).contains(&w) {
+                return Err(invalid(
+                    &format!("load.weights.{}", m.as_str()),
+                    format!("must be between 0 and 1, got {w}"),
+                ));
+            }
+        }
+        if Metric::ALL.iter().all(|m| self.load.weights.get(*m) == 0.0) {
+            return Err(invalid("load.weights", "at least one weight must be above 0"));
+        }
+        let p = &self.policy;
+        for (field, v) in [
+            ("policy.suspend_above", p.suspend_above),
+            ("policy.resume_below", p.resume_below),
+            ("policy.launch_below", p.launch_below),
+        ] {
+            if !v.is_finite() || !(0.0..=1.0).contains(&v) {
+                return Err(invalid(field, format!("must be between 0 and 1, got {v}")));
+            }
+        }
+        if p.resume_below > p.suspend_above {
+            return Err(invalid(
+                "policy.resume_below",
+                format!(
+                    "must not exceed policy.suspend_above ({}), got {}",
+                    p.suspend_above, p.resume_below
+                ),
+            ));
+        }
+        if p.launch_below > p.suspend_above {
+            return Err(invalid(
+                "policy.launch_below",
+                format!(
+                    "must not exceed policy.suspend_above ({}), got {}",
+                    p.suspend_above, p.launch_below
+                ),
+            ));
+        }
+        if p.reclaim_after.is_zero() {
+            return Err(invalid("policy.reclaim_after", "must be above 0"));
+        }
+        if p.boot_timeout.is_zero() {
+            return Err(invalid("policy.boot_timeout", "must be above 0"));
+        }
+        let v = &self.vm;
+        if v.vcpus == 0 {
+            return Err(invalid("vm.vcpus", "must be at least 1"));
+        }
+        if v.memory_mib < 32 {
+            return Err(invalid("vm.memory_mib", format!("must be at least 32, got {}", v.memory_mib)));
+        }
+        if p.max_grid_vms > 0 && v.memory_mib > p.memory_budget_mib {
+            return Err(invalid(
+                "policy.memory_budget_mib",
+                format!("{} is smaller than one VM (vm.memory_mib = {})", p.memory_budget_mib, v.memory_mib),
+            ));
+        }
+        if p.max_grid_vms > 0 && v.vcpus > p.vcpu_budget {
+            return Err(invalid(
+                "policy.vcpu_budget",
+                format!("{} is smaller than one VM (vm.vcpus = {})", p.vcpu_budget, v.vcpus),
+            ));
+        }
+        match self.runtime.kind {
+            RuntimeKind::Process if v.command.is_empty() => {
+                return Err(invalid("vm.command", "the process runtime needs a command"));
+            }
+            RuntimeKind::Libvirt if self.runtime.libvirt_uri.is_empty() => {
+                return Err(invalid("runtime.libvirt_uri", "must not be empty"));
+            }
+            _ => {}
+        }
+        let part = &self.cgroup.partition;
+        if part.is_empty()
+            || part.contains("..")
+            || part.starts_with('/')
+            || !part.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
+            return Err(invalid(
+                "cgroup.partition",
+                format!("must be a relative name of letters, digits, '-', '_', '.', '/', got {part:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The partition's memory ceiling in bytes.
+    pub fn partition_memory_max_bytes(&self) -> u64 {
+        let mib = if self.cgroup.memory_max_mib > 0 {
+            self.cgroup.memory_max_mib
+        } else {
+            self.policy.memory_budget_mib
+        };
+        mib * 1024 * 1024
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_valid_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.sampler.interval, Duration::from_millis(250));
+        assert_eq!(c.load.combine, Combine::Max);
+    }
+
+    #[test]
+    fn durations_and_enums_parse() {
+        let c = Config::parse(
+            r#"
+            [sampler]
+            interval = "10ms"
+            [load]
+            combine = "weighted_mean"
+            decay = "2s"
+            [load.weights]
+            rtt = 0.0
+            [policy]
+            reclaim_after = "5m"
+            [runtime]
+            kind = "process"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.sampler.interval, Duration::from_millis(10));
+        assert_eq!(c.load.combine, Combine::WeightedMean);
+        assert_eq!(c.load.decay, Duration::from_secs(2));
+        assert_eq!(c.load.weights.rtt, 0.0);
+        assert_eq!(c.policy.reclaim_after, Duration::from_secs(300));
+        assert_eq!(c.runtime.kind, RuntimeKind::Process);
+    }
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text).unwrap_err() {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = Config::parse("[policy]\nsuspend_abvoe = 0.5\n").unwrap_err().to_string();
+        assert!(err.contains("suspend_abvoe"), "{err}");
+        let err = Config::parse("[nonsense]\n").unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        assert_eq!(field_of("[policy]\nsuspend_above = 1.5\n"), "policy.suspend_above");
+        assert_eq!(
+            field_of("[policy]\nsuspend_above = 0.5\nresume_below = 0.6\nlaunch_below = 0.1\n"),
+            "policy.resume_below"
+        );
+        assert_eq!(field_of("[sampler]\ninterval = \"1ms\"\n"), "sampler.interval");
+        assert_eq!(field_of("[load.weights]\ncpu = -1.0\n"), "load.weights.cpu");
+        assert_eq!(field_of("[vm]\nvcpus = 0\n"), "vm.vcpus");
+        assert_eq!(field_of("[cgroup]\npartition = \"../etc\"\n"), "cgroup.partition");
+        assert_eq!(field_of("[sampler]\nrtt_target = \"nohost\"\n"), "sampler.rtt_target");
+        assert_eq!(field_of("[agent]\nrun_dir = \"relative\"\n"), "agent.run_dir");
+        assert_eq!(
+            field_of("[runtime]\nkind = \"process\"\n[vm]\ncommand = []\n"),
+            "vm.command"
+        );
+        assert_eq!(field_of("[policy]\nmemory_budget_mib = 64\n"), "policy.memory_budget_mib");
+    }
+
+    #[test]
+    fn bad_duration_is_a_parse_error_naming_the_field() {
+        let err = Config::parse("[policy]\nresume_after = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("resume_after"), "{err}");
+    }
+
+    #[test]
+    fn load_names_the_path() {
+        let err = Config::load(Path::new("/nonexistent/agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Daemon (placeholder: being written).

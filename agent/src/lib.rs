@@ -1,0 +1,20 @@
+//! `sparegrid-agent` as a library: everything the daemon does, split into
+//! one module per concern so tests and benchmarks can drive each part alone.
+//!
+//! - [`config`]: the TOML schema and validation.
+//! - [`sampler`]: procfs readings → customer load per metric, normalised.
+//! - [`load`]: weights, combination and smoothing into one load factor.
+//! - [`policy`]: the pure grid VM state machine.
+//! - [`cgroup`]: the low-priority grid partition (v1 and v2).
+//! - [`runtime`]: libvirt and process backends behind one trait.
+//! - [`daemon`]: control loop, HTTP status/metrics, signals, systemd.
+//! - [`check`]: what this host supports.
+
+pub mod cgroup;
+pub mod check;
+pub mod config;
+pub mod daemon;
+pub mod load;
+pub mod policy;
+pub mod runtime;
+pub mod sampler;

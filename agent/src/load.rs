@@ -1,0 +1,1 @@
+//! Composite load factor (placeholder: being written).

@@ -1,0 +1,1 @@
+//! libvirt runtime (placeholder: being written).

@@ -1,0 +1,89 @@
+//! Runtimes run grid VMs. Both backends implement [`Runtime`]:
+//!
+//! - [`libvirt`]: real VMs through libvirt (the `virt` crate);
+//! - [`process`]: host processes in the grid cgroup, for hosts without
+//!   libvirt and for fast tests.
+//!
+//! Every method blocks. The daemon calls them only from its control thread,
+//! never from the async runtime.
+
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+pub mod process;
+
+use std::path::PathBuf;
+
+/// What to launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSpec {
+    /// Unique name, `sg-<host>-<n>`; also the libvirt domain name.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Guest kernel, initramfs and command line (libvirt).
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Command to run (process runtime).
+    pub command: Vec<String>,
+}
+
+/// The runtime's view of one grid VM's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    /// Shut off, crashed, or gone; `saved` when a managed save image exists.
+    Stopped { saved: bool },
+    Other,
+}
+
+/// One grid VM as the runtime reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: RunState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Cumulative CPU time, nanoseconds.
+    pub cpu_time_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot connect to the runtime at {uri}: {message}")]
+    Connect { uri: String, message: String },
+    #[error("grid VM {vm}: {op} failed: {message}")]
+    Op {
+        vm: String,
+        op: &'static str,
+        message: String,
+    },
+    #[error("grid VM {vm} is not known to this agent")]
+    NotFound { vm: String },
+    #[error("refusing to touch {vm}: it is not a sparegrid VM")]
+    NotOurs { vm: String },
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+}
+
+/// One backend that runs grid VMs. Only VMs this agent created (tagged as
+/// sparegrid's) are ever listed or touched.
+pub trait Runtime: Send {
+    /// `libvirt` or `process`.
+    fn kind(&self) -> &'static str;
+    /// Creates and starts a VM. Returns once the runtime has started it.
+    fn launch(&mut self, spec: &VmSpec) -> Result<(), RuntimeError>;
+    /// Pauses it: no CPU, memory kept.
+    fn suspend(&mut self, name: &str) -> Result<(), RuntimeError>;
+    fn resume(&mut self, name: &str) -> Result<(), RuntimeError>;
+    /// Stops it at once and removes every trace (definition, save image).
+    fn destroy(&mut self, name: &str) -> Result<(), RuntimeError>;
+    /// Saves its state to disk and stops it (libvirt managed save).
+    fn save(&mut self, name: &str) -> Result<(), RuntimeError>;
+    /// Starts it again from a saved state.
+    fn restore(&mut self, name: &str) -> Result<(), RuntimeError>;
+    fn stats(&mut self, name: &str) -> Result<VmInfo, RuntimeError>;
+    /// Every sparegrid VM this runtime holds, for reconciliation at start.
+    fn list(&mut self) -> Result<Vec<VmInfo>, RuntimeError>;
+}
