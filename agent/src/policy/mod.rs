@@ -1,1 +1,425 @@
-//! Policy (placeholder: being written).
+//! The grid policy: one state machine per grid VM
+//! (Absent → Launching → Running ⇄ Suspended → Reclaimed) plus the host-wide
+//! timers that gate resuming and launching.
+//!
+//! [`Policy`] does no I/O and reads no clock: every call takes the time as a
+//! [`Duration`] since an arbitrary origin, and returns [`Decision`]s for the
+//! daemon to carry out. The same (state, observation, time) always gives the
+//! same decisions, so table-driven tests drive it through flapping loads,
+//! spikes and memory emergencies.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sparegrid_proto::{Metric, Reason, VmState};
+
+use crate::config::{PolicySection, VmTemplate};
+
+/// The policy's thresholds and budgets, from `[policy]` and `[vm]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyConfig {
+    pub policy: PolicySection,
+    pub vm_vcpus: u32,
+    pub vm_memory_mib: u64,
+    /// New VMs are named `<prefix><n>`.
+    pub name_prefix: String,
+}
+
+impl PolicyConfig {
+    pub fn new(policy: &PolicySection, vm: &VmTemplate, name_prefix: &str) -> PolicyConfig {
+        PolicyConfig {
+            policy: policy.clone(),
+            vm_vcpus: vm.vcpus,
+            vm_memory_mib: vm.memory_mib,
+            name_prefix: name_prefix.to_string(),
+        }
+    }
+}
+
+/// What the policy sees at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    pub now: Duration,
+    /// Smoothed composite load factor, 0..1.
+    pub load: f64,
+    /// The metric that dominates the load factor.
+    pub dominant: Option<Metric>,
+    pub mem_available_bytes: u64,
+}
+
+/// What the daemon must do to carry out a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Launch,
+    Suspend,
+    Resume,
+    /// Destroy the VM and hand its subtask back.
+    Destroy,
+    /// Save the VM's state to disk and stop it (shutdown with a runtime that can save).
+    Save,
+    /// Nothing to do: the runtime already did it (started, exited).
+    Record,
+}
+
+/// One transition of one VM, with the action that carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub vm: String,
+    pub from: VmState,
+    pub to: VmState,
+    pub reason: Reason,
+    pub action: Action,
+}
+
+/// One grid VM as the policy tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSlot {
+    pub name: String,
+    pub state: VmState,
+    /// When it entered `state`.
+    pub since: Duration,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// Host-wide state plus every live grid VM (reclaimed ones are dropped).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    cfg: PolicyConfig,
+    vms: BTreeMap<String, VmSlot>,
+    /// Load has been below `resume_below` since then.
+    calm_since: Option<Duration>,
+    /// Load has been below `launch_below` since then (reset by each launch).
+    spare_since: Option<Duration>,
+    /// Set by [`Policy::drain`]: reclaim everything, launch nothing.
+    draining: Option<Reason>,
+    next_id: u64,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// The reason a load above `suspend_above` gives, from the dominant metric.
+pub fn pressure_reason(dominant: Option<Metric>) -> Reason {
+    match dominant {
+        Some(Metric::Cpu | Metric::LoadAvg | Metric::PsiCpu) | None => Reason::CpuPressure,
+        Some(Metric::Memory | Metric::PsiMemory) => Reason::MemoryPressure,
+        Some(Metric::Network) => Reason::NetworkPressure,
+        Some(Metric::Disk | Metric::PsiIo) => Reason::DiskPressure,
+        Some(Metric::Rtt) => Reason::Latency,
+    }
+}
+
+impl Policy {
+    pub fn new(cfg: PolicyConfig) -> Policy {
+        Policy {
+            cfg,
+            vms: BTreeMap::new(),
+            calm_since: None,
+            spare_since: None,
+            draining: None,
+            next_id: 1,
+        }
+    }
+
+    /// New thresholds (SIGHUP). VMs and timers are kept.
+    pub fn reconfigure(&mut self, cfg: PolicyConfig) {
+        self.cfg = cfg;
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    pub fn vms(&self) -> impl Iterator<Item = &VmSlot> {
+        self.vms.values()
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&VmSlot> {
+        self.vms.get(name)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    /// Takes over a VM found at start-up (reconciliation). Returns the
+    /// Absent → `state` transition to record.
+    pub fn adopt(&mut self, slot: VmSlot) -> Decision {
+        if let Some(n) = slot
+            .name
+            .strip_prefix(&self.cfg.name_prefix)
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            self.next_id = self.next_id.max(n + 1);
+        }
+        let d = Decision {
+            vm: slot.name.clone(),
+            from: VmState::Absent,
+            to: slot.state,
+            reason: Reason::Adopted,
+            action: Action::Record,
+        };
+        self.vms.insert(slot.name.clone(), slot);
+        d
+    }
+
+    /// Stop launching and reclaim every VM on the next [`Policy::evaluate`].
+    /// `reason` is `Drain` (operator) or `Shutdown` (SIGTERM; VMs are saved
+    /// when `can_save`, see [`Policy::evaluate`]).
+    pub fn drain(&mut self, reason: Reason) {
+        self.draining = Some(reason);
+    }
+
+    /// Accept new work again after a drain.
+    pub fn undrain(&mut self) {
+        self.draining = None;
+        self.spare_since = None;
+    }
+
+    fn transition(
+        &mut self,
+        name: &str,
+        to: VmState,
+        reason: Reason,
+        action: Action,
+        now: Duration,
+    ) -> Decision {
+        let slot = self.vms.get_mut(name).expect("transition of a tracked VM");
+        let d = Decision {
+            vm: name.to_string(),
+            from: slot.state,
+            to,
+            reason,
+            action,
+        };
+        if to == VmState::Reclaimed {
+            self.vms.remove(name);
+        } else {
+            slot.state = to;
+            slot.since = now;
+        }
+        d
+    }
+
+    fn names_in(&self, state: VmState) -> Vec<String> {
+        self.vms
+            .values()
+            .filter(|v| v.state == state)
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    /// The runtime has started a launching VM.
+    pub fn on_started(&mut self, name: &str, now: Duration) -> Option<Decision> {
+        match self.vms.get(name)?.state {
+            VmState::Launching => {
+                Some(self.transition(name, VmState::Running, Reason::Started, Action::Record, now))
+            }
+            _ => None,
+        }
+    }
+
+    /// The runtime failed to carry out an action on a VM: reclaim it.
+    pub fn on_runtime_error(&mut self, name: &str, now: Duration) -> Option<Decision> {
+        self.vms.get(name)?;
+        Some(self.transition(
+            name,
+            VmState::Reclaimed,
+            Reason::RuntimeError,
+            Action::Destroy,
+            now,
+        ))
+    }
+
+    /// The VM went away on its own.
+    pub fn on_exited(&mut self, name: &str, now: Duration) -> Option<Decision> {
+        self.vms.get(name)?;
+        Some(self.transition(
+            name,
+            VmState::Reclaimed,
+            Reason::Exited,
+            Action::Destroy,
+            now,
+        ))
+    }
+
+    /// One policy step. `can_save` says whether the runtime can save VM state
+    /// (used when shutting down).
+    pub fn evaluate(&mut self, obs: &Observation, can_save: bool) -> Vec<Decision> {
+        let now = obs.now;
+        let p = self.cfg.policy.clone();
+        let mut out = Vec::new();
+
+        // Drain or shutdown: everything goes, nothing starts.
+        if let Some(reason) = self.draining {
+            let names: Vec<String> = self.vms.keys().cloned().collect();
+            for name in names {
+                let state = self.vms[&name].state;
+                let action = if reason == Reason::Shutdown
+                    && can_save
+                    && matches!(state, VmState::Running | VmState::Suspended)
+                {
+                    Action::Save
+                } else {
+                    Action::Destroy
+                };
+                out.push(self.transition(&name, VmState::Reclaimed, reason, action, now));
+            }
+            self.calm_since = None;
+            self.spare_since = None;
+            return out;
+        }
+
+        // Memory emergency: a paused VM still holds its memory, so reclaim
+        // until the estimated freed memory covers the deficit. Suspended VMs
+        // go first (longest suspended first), then the newest others.
+        let reserve = p.memory_reserve_mib * MIB;
+        if obs.mem_available_bytes < reserve {
+            let mut deficit = reserve - obs.mem_available_bytes;
+            let mut victims: Vec<&VmSlot> = self.vms.values().collect();
+            victims.sort_by_key(|v| {
+                (
+                    v.state != VmState::Suspended,
+                    if v.state == VmState::Suspended {
+                        v.since
+                    } else {
+                        Duration::MAX - v.since
+                    },
+                )
+            });
+            let victims: Vec<String> = victims.into_iter().map(|v| v.name.clone()).collect();
+            for name in victims {
+                if deficit == 0 {
+                    break;
+                }
+                let mem = self.vms[&name].memory_mib * MIB;
+                deficit = deficit.saturating_sub(mem);
+                out.push(self.transition(
+                    &name,
+                    VmState::Reclaimed,
+                    Reason::MemoryReserve,
+                    Action::Destroy,
+                    now,
+                ));
+            }
+            self.calm_since = None;
+            self.spare_since = None;
+        }
+
+        // Pressure: suspend every running VM at once.
+        if obs.load > p.suspend_above {
+            let reason = pressure_reason(obs.dominant);
+            for name in self.names_in(VmState::Running) {
+                out.push(self.transition(&name, VmState::Suspended, reason, Action::Suspend, now));
+            }
+            self.calm_since = None;
+            self.spare_since = None;
+        } else if obs.mem_available_bytes >= reserve {
+            if obs.load < p.resume_below {
+                self.calm_since.get_or_insert(now);
+            } else {
+                self.calm_since = None;
+            }
+            // Spare capacity counts only while nothing is suspended: a
+            // suspended VM means the host was busy recently.
+            if obs.load < p.launch_below && self.names_in(VmState::Suspended).is_empty() {
+                self.spare_since.get_or_insert(now);
+            } else {
+                self.spare_since = None;
+            }
+        }
+
+        // Calm long enough: resume.
+        if self
+            .calm_since
+            .is_some_and(|t| now.saturating_sub(t) >= p.resume_after)
+        {
+            let suspended = self.names_in(VmState::Suspended);
+            if !suspended.is_empty() {
+                // Launching more waits for another `launch_after` from here.
+                self.spare_since = Some(now);
+            }
+            for name in suspended {
+                out.push(self.transition(
+                    &name,
+                    VmState::Running,
+                    Reason::Idle,
+                    Action::Resume,
+                    now,
+                ));
+            }
+        }
+
+        // Suspended too long, or stuck launching: reclaim.
+        for name in self.names_in(VmState::Suspended) {
+            if now.saturating_sub(self.vms[&name].since) >= p.reclaim_after {
+                out.push(self.transition(
+                    &name,
+                    VmState::Reclaimed,
+                    Reason::SuspendedTooLong,
+                    Action::Destroy,
+                    now,
+                ));
+            }
+        }
+        for name in self.names_in(VmState::Launching) {
+            if now.saturating_sub(self.vms[&name].since) >= p.boot_timeout {
+                out.push(self.transition(
+                    &name,
+                    VmState::Reclaimed,
+                    Reason::BootTimeout,
+                    Action::Destroy,
+                    now,
+                ));
+            }
+        }
+
+        // Spare capacity long enough, and room in every budget: launch one more.
+        if self
+            .spare_since
+            .is_some_and(|t| now.saturating_sub(t) >= p.launch_after)
+            && self.names_in(VmState::Suspended).is_empty()
+            && self.names_in(VmState::Launching).is_empty()
+            && self.fits_budget(obs.mem_available_bytes)
+        {
+            let name = format!("{}{}", self.cfg.name_prefix, self.next_id);
+            self.next_id += 1;
+            self.vms.insert(
+                name.clone(),
+                VmSlot {
+                    name: name.clone(),
+                    state: VmState::Absent,
+                    since: now,
+                    vcpus: self.cfg.vm_vcpus,
+                    memory_mib: self.cfg.vm_memory_mib,
+                },
+            );
+            out.push(self.transition(
+                &name,
+                VmState::Launching,
+                Reason::SpareCapacity,
+                Action::Launch,
+                now,
+            ));
+            // The next launch needs another `launch_after` of spare capacity.
+            self.spare_since = Some(now);
+        }
+        out
+    }
+
+    /// Whether one more VM fits `max_grid_vms`, the memory and vCPU budgets,
+    /// and leaves the memory reserve intact.
+    fn fits_budget(&self, mem_available_bytes: u64) -> bool {
+        let p = &self.cfg.policy;
+        let count = self.vms.len() as u64;
+        let mem: u64 = self.vms.values().map(|v| v.memory_mib).sum();
+        let vcpus: u64 = self.vms.values().map(|v| u64::from(v.vcpus)).sum();
+        count < u64::from(p.max_grid_vms)
+            && mem + self.cfg.vm_memory_mib <= p.memory_budget_mib
+            && vcpus + u64::from(self.cfg.vm_vcpus) <= u64::from(p.vcpu_budget)
+            && mem_available_bytes >= (p.memory_reserve_mib + self.cfg.vm_memory_mib) * MIB
+    }
+}

@@ -1,0 +1,480 @@
+//! Table-driven tests: each case is a script of observations (time, load,
+//! dominant metric, MemAvailable) and the transitions each step must give.
+
+use super::*;
+
+const S: u64 = 1000;
+
+fn cfg() -> PolicyConfig {
+    PolicyConfig {
+        policy: PolicySection {
+            suspend_above: 0.75,
+            resume_below: 0.5,
+            resume_after: Duration::from_secs(10),
+            launch_below: 0.4,
+            launch_after: Duration::from_secs(5),
+            reclaim_after: Duration::from_secs(60),
+            boot_timeout: Duration::from_secs(30),
+            memory_reserve_mib: 1024,
+            max_grid_vms: 2,
+            memory_budget_mib: 1024,
+            vcpu_budget: 2,
+        },
+        vm_vcpus: 1,
+        vm_memory_mib: 512,
+        name_prefix: "sg-".into(),
+    }
+}
+
+/// One scripted step: at `t_ms`, the load and free memory; then the
+/// transitions (vm, to, reason) the step must produce, in order.
+struct Step {
+    t_ms: u64,
+    load: f64,
+    dominant: Option<Metric>,
+    mem_mib: u64,
+    expect: &'static [(&'static str, VmState, Reason)],
+}
+
+const FREE: u64 = 16 * 1024;
+
+fn step(t_ms: u64, load: f64, expect: &'static [(&'static str, VmState, Reason)]) -> Step {
+    Step {
+        t_ms,
+        load,
+        dominant: Some(Metric::Cpu),
+        mem_mib: FREE,
+        expect,
+    }
+}
+
+/// Runs a script. Launches succeed at once (the runtime reports started).
+fn run(policy: &mut Policy, steps: &[Step]) {
+    for (i, s) in steps.iter().enumerate() {
+        let now = Duration::from_millis(s.t_ms);
+        let obs = Observation {
+            now,
+            load: s.load,
+            dominant: s.dominant,
+            mem_available_bytes: s.mem_mib * MIB,
+        };
+        let got = policy.evaluate(&obs, false);
+        let got_triples: Vec<(String, VmState, Reason)> =
+            got.iter().map(|d| (d.vm.clone(), d.to, d.reason)).collect();
+        let want: Vec<(String, VmState, Reason)> = s
+            .expect
+            .iter()
+            .map(|(v, st, r)| (v.to_string(), *st, *r))
+            .collect();
+        assert_eq!(
+            got_triples, want,
+            "step {i} at {} ms, load {}",
+            s.t_ms, s.load
+        );
+        for d in got {
+            if d.action == Action::Launch {
+                let started = policy.on_started(&d.vm, now).expect("launching VM starts");
+                assert_eq!(started.to, VmState::Running);
+            }
+        }
+    }
+}
+
+fn launched_one() -> Policy {
+    let mut p = Policy::new(cfg());
+    run(
+        &mut p,
+        &[
+            step(0, 0.1, &[]),
+            step(
+                5 * S,
+                0.1,
+                &[("sg-1", VmState::Launching, Reason::SpareCapacity)],
+            ),
+        ],
+    );
+    p
+}
+
+#[test]
+fn launches_only_after_sustained_spare_capacity() {
+    let mut p = Policy::new(cfg());
+    run(
+        &mut p,
+        &[
+            step(0, 0.1, &[]),
+            step(4 * S, 0.1, &[]),
+            // A blip above launch_below restarts the clock.
+            step(4500, 0.45, &[]),
+            step(5 * S, 0.1, &[]),
+            step(9 * S, 0.1, &[]),
+            step(
+                10 * S,
+                0.1,
+                &[("sg-1", VmState::Launching, Reason::SpareCapacity)],
+            ),
+            // The next launch needs another launch_after.
+            step(12 * S, 0.1, &[]),
+            step(
+                15 * S,
+                0.1,
+                &[("sg-2", VmState::Launching, Reason::SpareCapacity)],
+            ),
+            // max_grid_vms = 2 and the budgets are full: no third.
+            step(30 * S, 0.1, &[]),
+            step(60 * S, 0.1, &[]),
+        ],
+    );
+    assert_eq!(p.vms().count(), 2);
+    assert!(p.vms().all(|v| v.state == VmState::Running));
+}
+
+#[test]
+fn spike_suspends_at_once_and_resume_waits_for_calm() {
+    let mut p = launched_one();
+    run(
+        &mut p,
+        &[
+            step(
+                6 * S,
+                0.9,
+                &[("sg-1", VmState::Suspended, Reason::CpuPressure)],
+            ),
+            // Still loaded: nothing more to do.
+            step(7 * S, 0.95, &[]),
+            // Between resume_below and suspend_above: stays suspended, no calm clock.
+            step(8 * S, 0.6, &[]),
+            step(20 * S, 0.6, &[]),
+            step(21 * S, 0.3, &[]),
+            step(30 * S, 0.3, &[]),
+            step(31 * S, 0.3, &[("sg-1", VmState::Running, Reason::Idle)]),
+        ],
+    );
+}
+
+#[test]
+fn flapping_load_never_resumes_early_and_never_launches() {
+    let mut p = launched_one();
+    let mut steps = vec![step(
+        6 * S,
+        0.9,
+        &[("sg-1", VmState::Suspended, Reason::CpuPressure)],
+    )];
+    // Load flaps between calm and busy every 4 s for two minutes minus a bit:
+    // calm never lasts resume_after (10 s), so the VM stays suspended.
+    let mut t = 8 * S;
+    while t < 60 * S {
+        steps.push(step(t, 0.1, &[]));
+        steps.push(step(t + 2 * S, 0.8, &[]));
+        t += 4 * S;
+    }
+    run(&mut p, &steps);
+    assert_eq!(p.vm("sg-1").unwrap().state, VmState::Suspended);
+    // Suspended for reclaim_after (60 s since t = 6 s): reclaimed.
+    run(
+        &mut p,
+        &[step(
+            66 * S,
+            0.8,
+            &[("sg-1", VmState::Reclaimed, Reason::SuspendedTooLong)],
+        )],
+    );
+    assert_eq!(p.vms().count(), 0);
+}
+
+#[test]
+fn suspend_reason_follows_the_dominant_metric() {
+    for (metric, reason) in [
+        (Metric::Cpu, Reason::CpuPressure),
+        (Metric::LoadAvg, Reason::CpuPressure),
+        (Metric::PsiCpu, Reason::CpuPressure),
+        (Metric::Memory, Reason::MemoryPressure),
+        (Metric::PsiMemory, Reason::MemoryPressure),
+        (Metric::Network, Reason::NetworkPressure),
+        (Metric::Disk, Reason::DiskPressure),
+        (Metric::PsiIo, Reason::DiskPressure),
+        (Metric::Rtt, Reason::Latency),
+    ] {
+        let mut p = launched_one();
+        let d = p.evaluate(
+            &Observation {
+                now: Duration::from_secs(6),
+                load: 0.8,
+                dominant: Some(metric),
+                mem_available_bytes: FREE * MIB,
+            },
+            false,
+        );
+        assert_eq!(d.len(), 1, "{metric}");
+        assert_eq!(
+            (d[0].to, d[0].reason, d[0].action),
+            (VmState::Suspended, reason, Action::Suspend)
+        );
+    }
+}
+
+#[test]
+fn exactly_at_the_threshold_does_not_suspend() {
+    let mut p = launched_one();
+    run(&mut p, &[step(6 * S, 0.75, &[])]);
+}
+
+#[test]
+fn memory_emergency_reclaims_suspended_first_then_running() {
+    let mut p = Policy::new(cfg());
+    run(
+        &mut p,
+        &[
+            step(0, 0.1, &[]),
+            step(
+                5 * S,
+                0.1,
+                &[("sg-1", VmState::Launching, Reason::SpareCapacity)],
+            ),
+            step(
+                10 * S,
+                0.1,
+                &[("sg-2", VmState::Launching, Reason::SpareCapacity)],
+            ),
+            step(
+                11 * S,
+                0.9,
+                &[
+                    ("sg-1", VmState::Suspended, Reason::CpuPressure),
+                    ("sg-2", VmState::Suspended, Reason::CpuPressure),
+                ],
+            ),
+            step(30 * S, 0.1, &[]),
+            step(
+                40 * S,
+                0.1,
+                &[
+                    ("sg-1", VmState::Running, Reason::Idle),
+                    ("sg-2", VmState::Running, Reason::Idle),
+                ],
+            ),
+            step(
+                41 * S,
+                0.9,
+                &[
+                    ("sg-1", VmState::Suspended, Reason::CpuPressure),
+                    ("sg-2", VmState::Suspended, Reason::CpuPressure),
+                ],
+            ),
+        ],
+    );
+    // 300 MiB short of the reserve: one 512 MiB VM covers it.
+    let short = Step {
+        t_ms: 42 * S,
+        load: 0.9,
+        dominant: Some(Metric::Memory),
+        mem_mib: 1024 - 300,
+        expect: &[("sg-1", VmState::Reclaimed, Reason::MemoryReserve)],
+    };
+    run(&mut p, &[short]);
+    assert_eq!(p.vms().count(), 1);
+}
+
+#[test]
+fn memory_emergency_reclaims_enough_to_cover_the_deficit() {
+    let mut p = Policy::new(cfg());
+    run(
+        &mut p,
+        &[
+            step(0, 0.1, &[]),
+            step(
+                5 * S,
+                0.1,
+                &[("sg-1", VmState::Launching, Reason::SpareCapacity)],
+            ),
+            step(
+                10 * S,
+                0.1,
+                &[("sg-2", VmState::Launching, Reason::SpareCapacity)],
+            ),
+        ],
+    );
+    // Running VMs, load fine, but MemAvailable 700 MiB under the reserve:
+    // both must go (newest first), even though the CPU is idle.
+    let s = Step {
+        t_ms: 11 * S,
+        load: 0.1,
+        dominant: Some(Metric::Cpu),
+        mem_mib: 1024 - 700,
+        expect: &[
+            ("sg-2", VmState::Reclaimed, Reason::MemoryReserve),
+            ("sg-1", VmState::Reclaimed, Reason::MemoryReserve),
+        ],
+    };
+    run(&mut p, &[s]);
+    // And nothing is launched while memory is short.
+    run(
+        &mut p,
+        &[Step {
+            t_ms: 30 * S,
+            load: 0.1,
+            dominant: None,
+            mem_mib: 1024 + 100,
+            expect: &[],
+        }],
+    );
+}
+
+#[test]
+fn launch_respects_the_memory_reserve() {
+    let mut p = Policy::new(cfg());
+    // 1.3 GiB free: above the reserve, but a 512 MiB VM would cut into it.
+    let low = |t_ms| Step {
+        t_ms,
+        load: 0.1,
+        dominant: None,
+        mem_mib: 1300,
+        expect: &[],
+    };
+    run(&mut p, &[low(0), low(5 * S), low(20 * S)]);
+    assert_eq!(p.vms().count(), 0);
+}
+
+#[test]
+fn no_launch_while_a_vm_is_suspended() {
+    let mut p = launched_one();
+    run(
+        &mut p,
+        &[
+            step(
+                6 * S,
+                0.9,
+                &[("sg-1", VmState::Suspended, Reason::CpuPressure)],
+            ),
+            // Calm (below launch_below) but not yet long enough to resume.
+            step(7 * S, 0.1, &[]),
+            step(15 * S, 0.1, &[]),
+            step(17 * S, 0.1, &[("sg-1", VmState::Running, Reason::Idle)]),
+        ],
+    );
+}
+
+#[test]
+fn boot_timeout_reclaims_a_stuck_launch() {
+    let mut p = Policy::new(cfg());
+    let d = p.evaluate(&obs(0, 0.1), false);
+    assert!(d.is_empty());
+    let d = p.evaluate(&obs(5 * S, 0.1), false);
+    assert_eq!(d[0].action, Action::Launch);
+    // Never reported started.
+    assert!(p.evaluate(&obs(34 * S, 0.1), false).is_empty());
+    let d = p.evaluate(&obs(35 * S, 0.1), false);
+    assert_eq!(d[0].reason, Reason::BootTimeout);
+    assert_eq!(d[0].action, Action::Destroy);
+}
+
+fn obs(t_ms: u64, load: f64) -> Observation {
+    Observation {
+        now: Duration::from_millis(t_ms),
+        load,
+        dominant: Some(Metric::Cpu),
+        mem_available_bytes: FREE * MIB,
+    }
+}
+
+#[test]
+fn drain_reclaims_everything_and_stops_launching() {
+    let mut p = launched_one();
+    p.drain(Reason::Drain);
+    let d = p.evaluate(&obs(6 * S, 0.0), true);
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        (d[0].to, d[0].reason, d[0].action),
+        (VmState::Reclaimed, Reason::Drain, Action::Destroy)
+    );
+    assert!(p.evaluate(&obs(60 * S, 0.0), true).is_empty());
+    p.undrain();
+    assert!(p.evaluate(&obs(61 * S, 0.0), true).is_empty());
+    assert_eq!(
+        p.evaluate(&obs(66 * S, 0.0), true)[0].action,
+        Action::Launch
+    );
+}
+
+#[test]
+fn shutdown_saves_when_the_runtime_can() {
+    let mut p = launched_one();
+    p.drain(Reason::Shutdown);
+    let d = p.evaluate(&obs(6 * S, 0.0), true);
+    assert_eq!((d[0].reason, d[0].action), (Reason::Shutdown, Action::Save));
+    let mut p = launched_one();
+    p.drain(Reason::Shutdown);
+    let d = p.evaluate(&obs(6 * S, 0.0), false);
+    assert_eq!(
+        (d[0].reason, d[0].action),
+        (Reason::Shutdown, Action::Destroy)
+    );
+}
+
+#[test]
+fn adopted_vms_continue_the_numbering_and_obey_the_policy() {
+    let mut p = Policy::new(cfg());
+    let d = p.adopt(VmSlot {
+        name: "sg-7".into(),
+        state: VmState::Running,
+        since: Duration::ZERO,
+        vcpus: 1,
+        memory_mib: 512,
+    });
+    assert_eq!(
+        (d.from, d.to, d.reason),
+        (VmState::Absent, VmState::Running, Reason::Adopted)
+    );
+    run(
+        &mut p,
+        &[
+            step(0, 0.9, &[("sg-7", VmState::Suspended, Reason::CpuPressure)]),
+            step(1 * S, 0.1, &[]),
+            step(11 * S, 0.1, &[("sg-7", VmState::Running, Reason::Idle)]),
+            step(
+                16 * S,
+                0.1,
+                &[("sg-8", VmState::Launching, Reason::SpareCapacity)],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn runtime_events_reclaim() {
+    let mut p = launched_one();
+    let d = p.on_exited("sg-1", Duration::from_secs(7)).unwrap();
+    assert_eq!(
+        (d.from, d.to, d.reason),
+        (VmState::Running, VmState::Reclaimed, Reason::Exited)
+    );
+    assert!(p.on_exited("sg-1", Duration::from_secs(7)).is_none());
+    let mut p = launched_one();
+    let d = p.on_runtime_error("sg-1", Duration::from_secs(7)).unwrap();
+    assert_eq!(d.reason, Reason::RuntimeError);
+    assert!(p.on_started("nope", Duration::ZERO).is_none());
+}
+
+#[test]
+fn same_script_same_decisions() {
+    // Determinism: two policies fed the same observations decide the same.
+    let script: Vec<Observation> = (0..400u64)
+        .map(|i| Observation {
+            now: Duration::from_millis(i * 250),
+            load: ((i * 37 % 100) as f64) / 100.0,
+            dominant: Some(Metric::ALL[(i % 9) as usize]),
+            mem_available_bytes: if i % 50 == 0 { 512 * MIB } else { FREE * MIB },
+        })
+        .collect();
+    let mut a = Policy::new(cfg());
+    let mut b = Policy::new(cfg());
+    for o in &script {
+        let da = a.evaluate(o, false);
+        let db = b.evaluate(o, false);
+        assert_eq!(da, db);
+        for d in da.iter().filter(|d| d.action == Action::Launch) {
+            a.on_started(&d.vm, o.now);
+            b.on_started(&d.vm, o.now);
+        }
+    }
+}
