@@ -386,7 +386,10 @@ impl Config {
             ("agent.cgroup_root", &a.cgroup_root),
         ] {
             if !p.is_absolute() {
-                return Err(invalid(field, format!("must be an absolute path, got {p:?}")));
+                return Err(invalid(
+                    field,
+                    format!("must be an absolute path, got {p:?}"),
+                ));
             }
         }
         let s = &self.sampler;
@@ -406,7 +409,10 @@ impl Config {
             ));
         }
         if s.rtt_max <= s.rtt_baseline {
-            return Err(invalid("sampler.rtt_max", "must be greater than sampler.rtt_baseline"));
+            return Err(invalid(
+                "sampler.rtt_max",
+                "must be greater than sampler.rtt_baseline",
+            ));
         }
         for m in Metric::ALL {
             let w = self.load.weights.get(m);
@@ -418,7 +424,10 @@ impl Config {
             }
         }
         if Metric::ALL.iter().all(|m| self.load.weights.get(*m) == 0.0) {
-            return Err(invalid("load.weights", "at least one weight must be above 0"));
+            return Err(invalid(
+                "load.weights",
+                "at least one weight must be above 0",
+            ));
         }
         let p = &self.policy;
         for (field, v) in [
@@ -459,18 +468,27 @@ impl Config {
             return Err(invalid("vm.vcpus", "must be at least 1"));
         }
         if v.memory_mib < 32 {
-            return Err(invalid("vm.memory_mib", format!("must be at least 32, got {}", v.memory_mib)));
+            return Err(invalid(
+                "vm.memory_mib",
+                format!("must be at least 32, got {}", v.memory_mib),
+            ));
         }
         if p.max_grid_vms > 0 && v.memory_mib > p.memory_budget_mib {
             return Err(invalid(
                 "policy.memory_budget_mib",
-                format!("{} is smaller than one VM (vm.memory_mib = {})", p.memory_budget_mib, v.memory_mib),
+                format!(
+                    "{} is smaller than one VM (vm.memory_mib = {})",
+                    p.memory_budget_mib, v.memory_mib
+                ),
             ));
         }
         if p.max_grid_vms > 0 && v.vcpus > p.vcpu_budget {
             return Err(invalid(
                 "policy.vcpu_budget",
-                format!("{} is smaller than one VM (vm.vcpus = {})", p.vcpu_budget, v.vcpus),
+                format!(
+                    "{} is smaller than one VM (vm.vcpus = {})",
+                    p.vcpu_budget, v.vcpus
+                ),
             ));
         }
         match self.runtime.kind {
@@ -486,11 +504,15 @@ impl Config {
         if part.is_empty()
             || part.contains("..")
             || part.starts_with('/')
-            || !part.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            || !part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
         {
             return Err(invalid(
                 "cgroup.partition",
-                format!("must be a relative name of letters, digits, '-', '_', '.', '/', got {part:?}"),
+                format!(
+                    "must be a relative name of letters, digits, '-', '_', '.', '/', got {part:?}"
+                ),
             ));
         }
         Ok(())
@@ -554,7 +576,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected_with_their_name() {
-        let err = Config::parse("[policy]\nsuspend_abvoe = 0.5\n").unwrap_err().to_string();
+        let err = Config::parse("[policy]\nsuspend_abvoe = 0.5\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("suspend_abvoe"), "{err}");
         let err = Config::parse("[nonsense]\n").unwrap_err().to_string();
         assert!(err.contains("nonsense"), "{err}");
@@ -562,33 +586,55 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
-        assert_eq!(field_of("[policy]\nsuspend_above = 1.5\n"), "policy.suspend_above");
+        assert_eq!(
+            field_of("[policy]\nsuspend_above = 1.5\n"),
+            "policy.suspend_above"
+        );
         assert_eq!(
             field_of("[policy]\nsuspend_above = 0.5\nresume_below = 0.6\nlaunch_below = 0.1\n"),
             "policy.resume_below"
         );
-        assert_eq!(field_of("[sampler]\ninterval = \"1ms\"\n"), "sampler.interval");
+        assert_eq!(
+            field_of("[sampler]\ninterval = \"1ms\"\n"),
+            "sampler.interval"
+        );
         assert_eq!(field_of("[load.weights]\ncpu = -1.0\n"), "load.weights.cpu");
         assert_eq!(field_of("[vm]\nvcpus = 0\n"), "vm.vcpus");
-        assert_eq!(field_of("[cgroup]\npartition = \"../etc\"\n"), "cgroup.partition");
-        assert_eq!(field_of("[sampler]\nrtt_target = \"nohost\"\n"), "sampler.rtt_target");
-        assert_eq!(field_of("[agent]\nrun_dir = \"relative\"\n"), "agent.run_dir");
+        assert_eq!(
+            field_of("[cgroup]\npartition = \"../etc\"\n"),
+            "cgroup.partition"
+        );
+        assert_eq!(
+            field_of("[sampler]\nrtt_target = \"nohost\"\n"),
+            "sampler.rtt_target"
+        );
+        assert_eq!(
+            field_of("[agent]\nrun_dir = \"relative\"\n"),
+            "agent.run_dir"
+        );
         assert_eq!(
             field_of("[runtime]\nkind = \"process\"\n[vm]\ncommand = []\n"),
             "vm.command"
         );
-        assert_eq!(field_of("[policy]\nmemory_budget_mib = 64\n"), "policy.memory_budget_mib");
+        assert_eq!(
+            field_of("[policy]\nmemory_budget_mib = 64\n"),
+            "policy.memory_budget_mib"
+        );
     }
 
     #[test]
     fn bad_duration_is_a_parse_error_naming_the_field() {
-        let err = Config::parse("[policy]\nresume_after = \"soon\"\n").unwrap_err().to_string();
+        let err = Config::parse("[policy]\nresume_after = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("resume_after"), "{err}");
     }
 
     #[test]
     fn load_names_the_path() {
-        let err = Config::load(Path::new("/nonexistent/agent.toml")).unwrap_err().to_string();
+        let err = Config::load(Path::new("/nonexistent/agent.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/agent.toml"), "{err}");
     }
 }
