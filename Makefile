@@ -1,0 +1,127 @@
+# sparegrid: one entry point for developers and CI (.ci/run calls `make test`).
+#
+# Everything a fresh Debian 12 machine (root) needs is installed by `make deps`;
+# nothing else has to be set up by hand. `make help` lists the targets.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# rustup installs cargo here; CI's environment may not have it on PATH.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+LIBVIRT_URI ?= qemu:///system
+IMAGE_DIR ?= $(CURDIR)/workloads/out/default
+# Real-VM tests boot TCG guests, and each busy guest takes a whole core. On the
+# 2-core CI machine more than two test threads would starve the guests (boot
+# deadlines) and the agent under test alike. Test binaries already run one
+# after another, so this bounds the whole run to two tests at a time.
+TEST_THREADS ?= 2
+BENCH_ARGS ?=
+
+# Debian packages: the hypervisor stack, libvirt headers for the `virt` crate,
+# the guest image's ingredients, stress-ng for load tests, systemd for
+# systemd-analyze (unit test), socat to read guest channels (boot-check).
+# qemu-utils and the cloud kernel come in separate apt calls (deps-system).
+APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
+	busybox-static cpio stress-ng pkg-config systemd socat
+KERNEL_PACKAGE := linux-image-cloud-amd64
+
+# Environment for everything that may talk to a real libvirtd and boot the image.
+VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
+
+.PHONY: help deps deps-system deps-rust libvirtd image boot-check build test demo \
+	bench-agent clean-image fmt lint
+
+help:
+	@echo "make deps         install system packages (apt, only what is missing), check cargo, cargo fetch"
+	@echo "make libvirtd     start virtlogd + libvirtd unless running; wait for $(LIBVIRT_URI)"
+	@echo "make image        build the guest image into $(IMAGE_DIR) (workloads/build-image.sh)"
+	@echo "make boot-check   boot the guest image once under libvirt (workloads/boot-check.sh)"
+	@echo "make build        cargo build --workspace"
+	@echo "make test         deps, libvirtd, image, boot-check, then cargo test with real-VM tests on"
+	@echo "make demo         run tests/demo.sh against a real libvirtd"
+	@echo "make bench-agent  run the agent benchmark (release build)"
+	@echo "make clean-image  remove the built guest image"
+	@echo "make fmt | lint   cargo fmt / cargo clippy -D warnings"
+
+deps: deps-system deps-rust
+
+# apt only when something is missing: `apt-get update` once, then the packages.
+# dpkg-query (not `dpkg -s`, which also succeeds for removed packages that left
+# config files) tells what is really installed.
+deps-system:
+	@missing=""; \
+	for p in $(APT_PACKAGES) qemu-utils $(KERNEL_PACKAGE); do \
+	    dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "deps: system packages present"; exit 0; fi; \
+	echo "deps: installing:$$missing"; \
+	if [ "$$(id -u)" -ne 0 ]; then echo "deps: need root for apt-get (missing:$$missing)" >&2; exit 1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -q; \
+	apt-get install -y -q $(APT_PACKAGES); \
+	apt-get install -y -q qemu-utils; \
+	apt-get install -y -q --no-install-recommends $(KERNEL_PACKAGE)
+
+# No toolchain can be downloaded here: cargo must come from rustup's
+# ~/.cargo/bin (on PATH above) or be on PATH already.
+deps-rust:
+	@command -v $(CARGO) >/dev/null || { \
+	    echo "deps: no cargo on PATH (looked in $(HOME)/.cargo/bin too); install a Rust toolchain >= 1.80" >&2; exit 1; }
+	@$(CARGO) --version
+	$(CARGO) fetch
+
+libvirtd: deps-system
+	@if [ -d /run/systemd/system ]; then \
+	    systemctl start virtlogd.service libvirtd.service; \
+	else \
+	    pgrep -x virtlogd >/dev/null || { echo "libvirtd: starting virtlogd"; virtlogd -d; }; \
+	    pgrep -x libvirtd >/dev/null || { echo "libvirtd: starting libvirtd"; libvirtd -d; }; \
+	fi; \
+	for i in $$(seq 1 60); do \
+	    if virsh -c $(LIBVIRT_URI) version >/dev/null 2>&1; then \
+	        echo "libvirtd: $(LIBVIRT_URI) answers"; exit 0; \
+	    fi; \
+	    sleep 0.5; \
+	done; \
+	echo "libvirtd: $(LIBVIRT_URI) did not answer within 30s" >&2; \
+	virsh -c $(LIBVIRT_URI) version >&2 || true; \
+	exit 1
+
+# Built when the manifest is missing or older than the script or /init. The
+# script leaves unchanged files alone, so the manifest is touched afterwards.
+image: $(IMAGE_DIR)/manifest.json
+
+$(IMAGE_DIR)/manifest.json: workloads/build-image.sh workloads/guest/init | deps-system
+	SPAREGRID_IMAGE_OUT=$(IMAGE_DIR) bash workloads/build-image.sh
+	touch $@
+
+boot-check: libvirtd image
+	LIBVIRT_URI=$(LIBVIRT_URI) bash workloads/boot-check.sh $(IMAGE_DIR)
+
+build: deps-rust
+	$(CARGO) build --workspace
+
+test: deps libvirtd image boot-check
+	$(VM_ENV) RUST_BACKTRACE=1 $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+demo: deps libvirtd image build
+	@if [ ! -f tests/demo.sh ]; then \
+	    echo "demo: tests/demo.sh does not exist yet; the demo script has not been written" >&2; \
+	    exit 1; \
+	fi
+	$(VM_ENV) bash tests/demo.sh
+
+bench-agent: deps libvirtd image
+	$(VM_ENV) $(CARGO) run --release -p sparegrid-tests --bin bench-agent -- $(BENCH_ARGS)
+
+clean-image:
+	rm -rf $(IMAGE_DIR)
+
+fmt:
+	$(CARGO) fmt --all
+
+lint: deps-rust
+	$(CARGO) clippy --workspace -- -D warnings
