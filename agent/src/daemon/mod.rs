@@ -1,1 +1,222 @@
-//! Daemon (placeholder: being written).
+//! The `sparegrid-agent` daemon: wires config, cgroup partition, runtime,
+//! control loop, HTTP server, signals and systemd together.
+//!
+//! Threads: the control loop (every blocking runtime call), a signal thread
+//! (SIGTERM/SIGINT drain and stop, SIGHUP reloads the config) and a small
+//! tokio runtime for HTTP.
+
+pub mod control;
+pub mod http;
+pub mod metrics;
+pub mod status;
+pub mod systemd;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use sparegrid_proto::AgentStatus;
+
+use crate::cgroup::{CgroupError, GridCgroup, PartitionLimits};
+use crate::config::{Config, RuntimeKind};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::sampler::SampleError;
+
+use control::{Command, ControlLoop};
+use status::Shared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("sampler: {0}")]
+    Sampler(#[from] SampleError),
+    #[error("runtime: {0}")]
+    Runtime(RuntimeError),
+    #[error("grid cgroup partition: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the {0} runtime is not compiled into this build")]
+    NotBuilt(&'static str),
+}
+
+/// This host's name: the config's `agent.host_name`, or the kernel's.
+pub fn host_name(cfg: &Config) -> String {
+    if !cfg.agent.host_name.is_empty() {
+        return cfg.agent.host_name.clone();
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn ensure_dir(path: &Path) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(path).map_err(|source| DaemonError::Dir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Sets up the grid partition: the lowest CPU weight and the memory ceiling.
+pub fn setup_cgroup(cfg: &Config) -> Result<Arc<GridCgroup>, DaemonError> {
+    let cg = GridCgroup::detect(
+        &cfg.agent.cgroup_root,
+        &cfg.cgroup.partition,
+        cfg.cgroup.version,
+    )?;
+    let applied = cg.as_partition().setup(&PartitionLimits {
+        memory_max_bytes: cfg.partition_memory_max_bytes(),
+    })?;
+    tracing::info!(
+        "grid partition {} (cgroup {}): {}",
+        cfg.cgroup.partition,
+        cg.as_partition().version(),
+        applied.settings.join(", ")
+    );
+    Ok(Arc::new(cg))
+}
+
+/// Builds the configured runtime. Returns it and whether it can save VM state.
+pub fn build_runtime(
+    cfg: &Config,
+    host: &str,
+    cgroup: Option<Arc<GridCgroup>>,
+) -> Result<(Box<dyn Runtime>, bool), DaemonError> {
+    match cfg.runtime.kind {
+        RuntimeKind::Process => {
+            let cg = cgroup.ok_or_else(|| {
+                DaemonError::Runtime(RuntimeError::Op {
+                    vm: "-".into(),
+                    op: "start",
+                    message: "the process runtime needs the grid cgroup partition".into(),
+                })
+            })?;
+            Ok((
+                Box::new(crate::runtime::process::ProcessRuntime::new(cg)),
+                false,
+            ))
+        }
+        #[cfg(feature = "libvirt")]
+        RuntimeKind::Libvirt => {
+            use crate::runtime::libvirt::{LibvirtOptions, LibvirtRuntime};
+            let opts = LibvirtOptions::from_config(cfg, host);
+            let rt = LibvirtRuntime::connect(&cfg.runtime.libvirt_uri, opts)
+                .map_err(DaemonError::Runtime)?;
+            Ok((Box::new(rt), true))
+        }
+        #[cfg(not(feature = "libvirt"))]
+        RuntimeKind::Libvirt => {
+            let _ = host;
+            Err(DaemonError::NotBuilt("libvirt"))
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
+pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let host = host_name(&cfg);
+    ensure_dir(&cfg.agent.run_dir)?;
+    let cgroup = match setup_cgroup(&cfg) {
+        Ok(cg) => Some(cg),
+        Err(e) if cfg.runtime.kind == RuntimeKind::Libvirt => {
+            tracing::warn!("{e}; grid VMs run without the low-priority partition");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let (runtime, can_save) = build_runtime(&cfg, &host, cgroup.clone())?;
+    let shared = Arc::new(Shared::new(AgentStatus {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        host: host.clone(),
+        runtime: runtime.kind().to_string(),
+        draining: false,
+        load: None,
+        vms: Vec::new(),
+        transitions: Vec::new(),
+    }));
+    let control = ControlLoop::new(cfg.clone(), host, runtime, can_save, cgroup, shared.clone())?;
+
+    // Bind before starting anything so a busy port fails the start cleanly.
+    let listener =
+        std::net::TcpListener::bind(cfg.agent.listen).map_err(|source| DaemonError::Listen {
+            addr: cfg.agent.listen,
+            source,
+        })?;
+    listener.set_nonblocking(true)?;
+    tracing::info!("status and metrics on http://{}", cfg.agent.listen);
+
+    let (tx, rx) = mpsc::channel::<Command>();
+    spawn_signal_thread(tx.clone(), config_path)?;
+    let control = std::thread::Builder::new()
+        .name("sparegrid-control".into())
+        .spawn(move || control.run(rx))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let app = http::router(shared, tx);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    // The control loop ends on Shutdown; then stop serving.
+    let result = control.join().unwrap_or_else(|_| {
+        Err(DaemonError::Io(std::io::Error::other(
+            "control loop panicked",
+        )))
+    });
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    tracing::info!("stopped");
+    result
+}
+
+fn spawn_signal_thread(
+    tx: mpsc::Sender<Command>,
+    config_path: Option<PathBuf>,
+) -> Result<(), DaemonError> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("sparegrid-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                match sig {
+                    SIGHUP => match &config_path {
+                        Some(path) => match Config::load(path) {
+                            Ok(cfg) => {
+                                let _ = tx.send(Command::Reload(Box::new(cfg)));
+                            }
+                            Err(e) => tracing::error!("SIGHUP: keeping the current config: {e}"),
+                        },
+                        None => {
+                            tracing::warn!("SIGHUP: no config file to reload (running on defaults)")
+                        }
+                    },
+                    _ => {
+                        tracing::info!("signal {sig}: draining and stopping");
+                        let _ = tx.send(Command::Shutdown);
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,484 @@
+//! The control loop: one dedicated thread that samples, evaluates the policy
+//! and carries out its decisions through the runtime. All blocking runtime
+//! calls (libvirt included) happen here, never on the async runtime.
+//!
+//! Each tick: grid usage (runtime stats + grid cgroup) → sampler → load
+//! model → policy → runtime actions → transitions logged, counted and kept →
+//! status published → watchdog ping. Commands (drain, reload, shutdown)
+//! arrive on a channel and are handled between ticks.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sparegrid_proto::{AgentStatus, GridVmStatus, LoadBreakdown, Reason, Transition, VmState};
+
+use crate::cgroup::GridCgroup;
+use crate::config::Config;
+use crate::load::LoadModel;
+use crate::policy::{Action, Decision, Observation, Policy, PolicyConfig, VmSlot};
+use crate::runtime::{RunState, Runtime, VmSpec};
+use crate::sampler::{GridUsage, Sampler};
+
+use super::status::{History, Shared};
+use super::systemd::Notifier;
+use super::DaemonError;
+
+/// What the HTTP server and signal handlers can ask of the control loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Reclaim every grid VM and launch none until `Undrain`.
+    Drain,
+    Undrain,
+    /// Apply a new, already validated config (SIGHUP).
+    Reload(Box<Config>),
+    /// Drain with reason Shutdown (saving VMs where the runtime can) and stop.
+    Shutdown,
+}
+
+/// Everything the control loop owns.
+pub struct ControlLoop {
+    cfg: Config,
+    host: String,
+    sampler: Sampler,
+    load: LoadModel,
+    policy: Policy,
+    runtime: Box<dyn Runtime>,
+    can_save: bool,
+    cgroup: Option<Arc<GridCgroup>>,
+    shared: Arc<Shared>,
+    notifier: Notifier,
+    origin: Instant,
+    history: History,
+    last_load: Option<LoadBreakdown>,
+    /// Last cumulative CPU time seen per VM, and the grid's monotonic total.
+    vm_cpu: BTreeMap<String, u64>,
+    grid_cpu_total: u64,
+    last_grid: Option<(Instant, u64)>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The prefix of this host's grid VM names.
+pub fn vm_name_prefix(host: &str) -> String {
+    format!("sg-{host}-")
+}
+
+impl ControlLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        host: String,
+        runtime: Box<dyn Runtime>,
+        can_save: bool,
+        cgroup: Option<Arc<GridCgroup>>,
+        shared: Arc<Shared>,
+    ) -> Result<ControlLoop, DaemonError> {
+        let sampler = Sampler::new(&cfg.sampler, &cfg.agent.proc_root)?;
+        let policy = Policy::new(PolicyConfig::new(
+            &cfg.policy,
+            &cfg.vm,
+            &vm_name_prefix(&host),
+        ));
+        Ok(ControlLoop {
+            load: LoadModel::new(cfg.load.clone()),
+            history: History::new(cfg.agent.transition_history),
+            cfg,
+            host,
+            sampler,
+            policy,
+            runtime,
+            can_save,
+            cgroup,
+            shared,
+            notifier: Notifier::from_env(),
+            origin: Instant::now(),
+            last_load: None,
+            vm_cpu: BTreeMap::new(),
+            grid_cpu_total: 0,
+            last_grid: None,
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Runs until `Shutdown` (or every sender is gone), then drains.
+    pub fn run(mut self, commands: Receiver<Command>) -> Result<(), DaemonError> {
+        self.reconcile()?;
+        self.tick();
+        self.notifier.ready(&format!(
+            "sampling every {:?}, {} grid VMs",
+            self.cfg.sampler.interval,
+            self.policy.vms().count()
+        ));
+        let mut next_tick = Instant::now() + self.cfg.sampler.interval;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(wait) {
+                Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(cmd) => self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.tick();
+                    next_tick += self.cfg.sampler.interval;
+                    // After a long stall, don't fire a burst of catch-up ticks.
+                    let now = Instant::now();
+                    if next_tick < now {
+                        next_tick = now + self.cfg.sampler.interval;
+                    }
+                }
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Drain => {
+                tracing::info!("drain requested: reclaiming every grid VM");
+                self.policy.drain(Reason::Drain);
+                self.tick();
+            }
+            Command::Undrain => {
+                tracing::info!("drain lifted: grid VMs may launch again");
+                self.policy.undrain();
+            }
+            Command::Reload(cfg) => self.reload(*cfg),
+            Command::Shutdown => {}
+        }
+    }
+
+    fn reload(&mut self, cfg: Config) {
+        self.notifier.reloading();
+        for (section, same) in [
+            (
+                "agent",
+                cfg.agent.listen == self.cfg.agent.listen
+                    && cfg.agent.proc_root == self.cfg.agent.proc_root
+                    && cfg.agent.cgroup_root == self.cfg.agent.cgroup_root
+                    && cfg.agent.host_name == self.cfg.agent.host_name,
+            ),
+            ("runtime", cfg.runtime == self.cfg.runtime),
+            ("cgroup", cfg.cgroup == self.cfg.cgroup),
+        ] {
+            if !same {
+                tracing::warn!(
+                    "config reload: changes to [{section}] take effect only after a restart"
+                );
+            }
+        }
+        if cfg.sampler != self.cfg.sampler {
+            match Sampler::new(&cfg.sampler, &self.cfg.agent.proc_root) {
+                Ok(s) => self.sampler = s,
+                Err(e) => tracing::error!("config reload: keeping the old sampler: {e}"),
+            }
+        }
+        self.load.reconfigure(cfg.load.clone());
+        self.policy.reconfigure(PolicyConfig::new(
+            &cfg.policy,
+            &cfg.vm,
+            &vm_name_prefix(&self.host),
+        ));
+        self.history.resize(cfg.agent.transition_history);
+        self.cfg.sampler = cfg.sampler;
+        self.cfg.load = cfg.load;
+        self.cfg.policy = cfg.policy;
+        self.cfg.vm = cfg.vm;
+        self.cfg.agent.transition_history = cfg.agent.transition_history;
+        tracing::info!("config reloaded");
+        self.notifier.reloaded("config reloaded");
+    }
+
+    /// Adopts this agent's VMs left by an earlier run. Only VMs the runtime
+    /// tags as sparegrid's and whose names carry this host's prefix.
+    fn reconcile(&mut self) -> Result<(), DaemonError> {
+        let prefix = vm_name_prefix(&self.host);
+        let found = self.runtime.list().map_err(DaemonError::Runtime)?;
+        let now = self.now();
+        for vm in found.into_iter().filter(|v| v.name.starts_with(&prefix)) {
+            let state = match vm.state {
+                RunState::Running | RunState::Other => VmState::Running,
+                RunState::Paused => VmState::Suspended,
+                RunState::Stopped { saved: true } => match self.runtime.restore(&vm.name) {
+                    Ok(()) => VmState::Running,
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot restore saved grid VM {}: {e}; destroying it",
+                            vm.name
+                        );
+                        self.destroy_quietly(&vm.name);
+                        continue;
+                    }
+                },
+                RunState::Stopped { saved: false } => {
+                    tracing::info!(
+                        "removing stopped grid VM {} left by an earlier run",
+                        vm.name
+                    );
+                    self.destroy_quietly(&vm.name);
+                    continue;
+                }
+            };
+            self.vm_cpu.insert(vm.name.clone(), vm.cpu_time_ns);
+            let d = self.policy.adopt(VmSlot {
+                name: vm.name.clone(),
+                state,
+                since: now,
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+            });
+            self.record(&d);
+        }
+        Ok(())
+    }
+
+    fn destroy_quietly(&mut self, name: &str) {
+        if let Err(e) = self.runtime.destroy(name) {
+            tracing::warn!("{e}");
+            self.shared.metrics.record_runtime_error("destroy");
+        }
+    }
+
+    /// Reads every VM's CPU time (detecting VMs that went away) and the grid
+    /// cgroup, and folds them into one monotonic grid usage.
+    fn grid_usage(&mut self) -> GridUsage {
+        let now_d = self.now();
+        let names: Vec<(String, VmState)> = self
+            .policy
+            .vms()
+            .filter(|v| v.state != VmState::Launching)
+            .map(|v| (v.name.clone(), v.state))
+            .collect();
+        let mut exited = Vec::new();
+        let mut memory_bytes = 0u64;
+        for (name, _) in &names {
+            match self.runtime.stats(name) {
+                Ok(info) => {
+                    let prev = self
+                        .vm_cpu
+                        .insert(name.clone(), info.cpu_time_ns)
+                        .unwrap_or(0);
+                    self.grid_cpu_total += info.cpu_time_ns.saturating_sub(prev);
+                    memory_bytes += info.memory_mib * 1024 * 1024;
+                    if matches!(info.state, RunState::Stopped { .. }) {
+                        exited.push(name.clone());
+                    }
+                }
+                Err(crate::runtime::RuntimeError::NotFound { .. }) => exited.push(name.clone()),
+                Err(e) => {
+                    tracing::debug!("stats: {e}");
+                    self.shared.metrics.record_runtime_error("stats");
+                }
+            }
+        }
+        for name in exited {
+            tracing::warn!("grid VM {name} went away on its own");
+            if let Some(d) = self.policy.on_exited(&name, now_d) {
+                self.apply(d);
+            }
+        }
+        let mut usage = GridUsage {
+            cpu_ns: self.grid_cpu_total,
+            memory_bytes,
+            cpu_stall_us: None,
+            runnable: 0.0,
+        };
+        if let Some(cg) = &self.cgroup {
+            match cg.as_partition().usage() {
+                Ok(u) => {
+                    usage.memory_bytes = usage.memory_bytes.max(u.memory_bytes);
+                    usage.cpu_stall_us = u.cpu_stall_us;
+                }
+                Err(e) => tracing::debug!("grid cgroup usage: {e}"),
+            }
+        }
+        // Cores the grid kept busy since the last tick: its share of the load average.
+        let now = Instant::now();
+        if let Some((t, cpu)) = self.last_grid {
+            let dt = now.duration_since(t).as_nanos() as f64;
+            if dt > 0.0 {
+                usage.runnable = (self.grid_cpu_total.saturating_sub(cpu)) as f64 / dt;
+            }
+        }
+        self.last_grid = Some((now, self.grid_cpu_total));
+        usage
+    }
+
+    /// One sample → evaluate → act step.
+    pub fn tick(&mut self) {
+        let started = Instant::now();
+        let grid = self.grid_usage();
+        let sample = match self.sampler.sample(&grid) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("sample failed: {e}");
+                self.shared.metrics.record_sample_error();
+                self.notifier.tick(Instant::now());
+                return;
+            }
+        };
+        let breakdown = self.load.evaluate(&sample);
+        let obs = Observation {
+            now: self.now(),
+            load: breakdown.smoothed,
+            dominant: breakdown.dominant,
+            mem_available_bytes: sample.mem_available_bytes,
+        };
+        self.shared
+            .metrics
+            .record_load(&breakdown, started.elapsed().as_secs_f64());
+        self.last_load = Some(breakdown);
+        for d in self.policy.evaluate(&obs, self.can_save) {
+            self.apply(d);
+        }
+        self.publish();
+        self.notifier.tick(Instant::now());
+    }
+
+    fn spec(&self, name: &str) -> VmSpec {
+        let vm = &self.cfg.vm;
+        VmSpec {
+            name: name.to_string(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel: vm.kernel.clone(),
+            initrd: vm.initrd.clone(),
+            cmdline: vm.cmdline.clone(),
+            command: vm.command.clone(),
+        }
+    }
+
+    /// Carries out one decision and records it. A failed action reclaims the VM.
+    fn apply(&mut self, d: Decision) {
+        self.record(&d);
+        let name = d.vm.clone();
+        let result = match d.action {
+            Action::Record => Ok(()),
+            Action::Launch => {
+                let spec = self.spec(&name);
+                self.runtime.launch(&spec)
+            }
+            Action::Suspend => self.runtime.suspend(&name),
+            Action::Resume => self.runtime.resume(&name),
+            Action::Destroy => {
+                self.vm_cpu.remove(&name);
+                self.runtime.destroy(&name)
+            }
+            Action::Save => {
+                self.vm_cpu.remove(&name);
+                self.runtime.save(&name).or_else(|e| {
+                    tracing::warn!("{e}; destroying instead");
+                    self.runtime.destroy(&name)
+                })
+            }
+        };
+        let op = match d.action {
+            Action::Launch => "launch",
+            Action::Suspend => "suspend",
+            Action::Resume => "resume",
+            Action::Destroy => "destroy",
+            Action::Save => "save",
+            Action::Record => "record",
+        };
+        match result {
+            Ok(()) => {
+                if d.action == Action::Launch {
+                    if let Some(started) = self.policy.on_started(&name, self.now()) {
+                        self.record(&started);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                self.shared.metrics.record_runtime_error(op);
+                if let Some(reclaim) = self.policy.on_runtime_error(&name, self.now()) {
+                    self.record(&reclaim);
+                    self.vm_cpu.remove(&name);
+                    if let Err(e) = self.runtime.destroy(&name) {
+                        if !matches!(e, crate::runtime::RuntimeError::NotFound { .. }) {
+                            tracing::warn!("{e}");
+                            self.shared.metrics.record_runtime_error("destroy");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, d: &Decision) {
+        let load = self.last_load.as_ref().map_or(0.0, |b| b.smoothed);
+        tracing::info!(
+            vm = %d.vm,
+            from = %d.from,
+            to = %d.to,
+            reason = %d.reason,
+            load = format!("{load:.3}"),
+            "grid VM {} → {} ({})",
+            d.from,
+            d.to,
+            d.reason
+        );
+        let t = Transition {
+            vm: d.vm.clone(),
+            from: d.from,
+            to: d.to,
+            reason: d.reason,
+            at_unix_ms: unix_ms(),
+            load,
+        };
+        self.shared.metrics.record_transition(&t);
+        self.history.push(t);
+    }
+
+    fn publish(&self) {
+        let now = self.now();
+        let vms = self
+            .policy
+            .vms()
+            .map(|v| GridVmStatus {
+                name: v.name.clone(),
+                state: v.state,
+                in_state_ms: now.saturating_sub(v.since).as_millis() as u64,
+                vcpus: v.vcpus,
+                memory_mib: v.memory_mib,
+                cpu_time_ns: self.vm_cpu.get(&v.name).copied().unwrap_or(0),
+            })
+            .collect();
+        self.shared
+            .metrics
+            .record_vms(self.policy.vms().map(|v| v.state), self.policy.draining());
+        self.shared.publish(AgentStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            host: self.host.clone(),
+            runtime: self.runtime.kind().to_string(),
+            draining: self.policy.draining(),
+            load: self.last_load.clone(),
+            vms,
+            transitions: self.history.to_vec(),
+        });
+    }
+
+    /// SIGTERM: save or destroy every grid VM, then publish the final status.
+    fn shutdown(&mut self) {
+        self.notifier.stopping();
+        tracing::info!("shutting down: draining grid VMs");
+        self.policy.drain(Reason::Shutdown);
+        let obs = Observation {
+            now: self.now(),
+            load: self.last_load.as_ref().map_or(0.0, |b| b.smoothed),
+            dominant: None,
+            mem_available_bytes: u64::MAX,
+        };
+        for d in self.policy.evaluate(&obs, self.can_save) {
+            self.apply(d);
+        }
+        self.publish();
+    }
+}

@@ -1,0 +1,264 @@
+//! Prometheus metrics of the agent, rendered as text on `GET /metrics`.
+//! Every load figure, every grid VM state and every transition (with its
+//! reason) is visible here.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use sparegrid_proto::{LoadBreakdown, Transition, VmState};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MetricLabel {
+    metric: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    from: String,
+    to: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The agent's metric registry and handles to every metric in it.
+pub struct AgentMetrics {
+    registry: Registry,
+    load: Family<KindLabel, FloatGauge>,
+    metric_normalised: Family<MetricLabel, FloatGauge>,
+    metric_raw: Family<MetricLabel, FloatGauge>,
+    metric_grid: Family<MetricLabel, FloatGauge>,
+    dominant: Family<MetricLabel, Gauge>,
+    mem_available: Gauge,
+    vms: Family<StateLabel, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    runtime_errors: Family<OpLabel, Counter>,
+    samples: Counter,
+    sample_errors: Counter,
+    tick_seconds: FloatGauge,
+    draining: Gauge,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    pub fn new() -> AgentMetrics {
+        let mut registry = Registry::with_prefix("sparegrid");
+        let m = AgentMetrics {
+            registry: Registry::default(),
+            load: Family::default(),
+            metric_normalised: Family::default(),
+            metric_raw: Family::default(),
+            metric_grid: Family::default(),
+            dominant: Family::default(),
+            mem_available: Gauge::default(),
+            vms: Family::default(),
+            transitions: Family::default(),
+            runtime_errors: Family::default(),
+            samples: Counter::default(),
+            sample_errors: Counter::default(),
+            tick_seconds: FloatGauge::default(),
+            draining: Gauge::default(),
+        };
+        registry.register(
+            "load_factor",
+            "Composite load factor, 0..1 (kind=instant|smoothed)",
+            m.load.clone(),
+        );
+        registry.register(
+            "load_metric_normalised",
+            "Customer load per metric, normalised to 0..1",
+            m.metric_normalised.clone(),
+        );
+        registry.register(
+            "load_metric_raw",
+            "Customer load per metric in its own unit",
+            m.metric_raw.clone(),
+        );
+        registry.register(
+            "load_metric_grid",
+            "The grid's own share subtracted from each metric, in its unit",
+            m.metric_grid.clone(),
+        );
+        registry.register(
+            "load_dominant",
+            "1 for the metric that dominates the load factor",
+            m.dominant.clone(),
+        );
+        registry.register(
+            "memory_available_bytes",
+            "MemAvailable, checked against the memory reserve",
+            m.mem_available.clone(),
+        );
+        registry.register("grid_vms", "Grid VMs by state", m.vms.clone());
+        registry.register(
+            "transitions",
+            "Grid VM state transitions by from, to and reason",
+            m.transitions.clone(),
+        );
+        registry.register(
+            "runtime_errors",
+            "Runtime operations that failed, by operation",
+            m.runtime_errors.clone(),
+        );
+        registry.register("samples", "Samples taken", m.samples.clone());
+        registry.register(
+            "sample_errors",
+            "Samples that failed",
+            m.sample_errors.clone(),
+        );
+        registry.register(
+            "tick_seconds",
+            "Duration of the last sample + evaluate step",
+            m.tick_seconds.clone(),
+        );
+        registry.register("draining", "1 while the agent drains", m.draining.clone());
+        AgentMetrics { registry, ..m }
+    }
+
+    pub fn record_load(&self, b: &LoadBreakdown, tick_seconds: f64) {
+        self.samples.inc();
+        self.tick_seconds.set(tick_seconds);
+        self.load.get_or_create(&kind("instant")).set(b.instant);
+        self.load.get_or_create(&kind("smoothed")).set(b.smoothed);
+        self.mem_available.set(b.mem_available_bytes as i64);
+        for r in &b.metrics {
+            let l = MetricLabel {
+                metric: r.metric.as_str().to_string(),
+            };
+            let (norm, raw, grid) = if r.available {
+                (r.normalised, r.raw, r.grid)
+            } else {
+                (f64::NAN, f64::NAN, f64::NAN)
+            };
+            self.metric_normalised.get_or_create(&l).set(norm);
+            self.metric_raw.get_or_create(&l).set(raw);
+            self.metric_grid.get_or_create(&l).set(grid);
+            self.dominant
+                .get_or_create(&l)
+                .set(i64::from(b.dominant == Some(r.metric)));
+        }
+    }
+
+    pub fn record_sample_error(&self) {
+        self.sample_errors.inc();
+    }
+
+    pub fn record_transition(&self, t: &Transition) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                from: t.from.as_str().into(),
+                to: t.to.as_str().into(),
+                reason: t.reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    pub fn record_runtime_error(&self, op: &str) {
+        self.runtime_errors
+            .get_or_create(&OpLabel { op: op.into() })
+            .inc();
+    }
+
+    pub fn record_vms(&self, states: impl Iterator<Item = VmState>, draining: bool) {
+        let mut counts = [0i64; 5];
+        for s in states {
+            counts[s as usize] += 1;
+        }
+        for s in [VmState::Launching, VmState::Running, VmState::Suspended] {
+            self.vms
+                .get_or_create(&StateLabel {
+                    state: s.as_str().into(),
+                })
+                .set(counts[s as usize]);
+        }
+        self.draining.set(i64::from(draining));
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn kind(k: &str) -> KindLabel {
+    KindLabel { kind: k.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparegrid_proto::{Metric, MetricReading, Reason};
+
+    #[test]
+    fn renders_load_states_and_transitions() {
+        let m = AgentMetrics::new();
+        m.record_load(
+            &LoadBreakdown {
+                instant: 0.9,
+                smoothed: 0.8,
+                dominant: Some(Metric::Cpu),
+                combine: "max".into(),
+                metrics: vec![MetricReading {
+                    metric: Metric::Cpu,
+                    raw: 0.9,
+                    grid: 0.25,
+                    normalised: 0.9,
+                    weight: 1.0,
+                    available: true,
+                }],
+                mem_available_bytes: 42,
+            },
+            0.00002,
+        );
+        m.record_transition(&Transition {
+            vm: "sg-1".into(),
+            from: VmState::Running,
+            to: VmState::Suspended,
+            reason: Reason::CpuPressure,
+            at_unix_ms: 0,
+            load: 0.8,
+        });
+        m.record_vms([VmState::Suspended].into_iter(), false);
+        let text = m.render();
+        for needle in [
+            "sparegrid_load_factor{kind=\"smoothed\"} 0.8",
+            "sparegrid_load_metric_normalised{metric=\"cpu\"} 0.9",
+            "sparegrid_load_metric_grid{metric=\"cpu\"} 0.25",
+            "sparegrid_load_dominant{metric=\"cpu\"} 1",
+            "sparegrid_memory_available_bytes 42",
+            "sparegrid_grid_vms{state=\"suspended\"} 1",
+            "sparegrid_grid_vms{state=\"running\"} 0",
+            "sparegrid_transitions_total{from=\"running\",to=\"suspended\",reason=\"cpu_pressure\"} 1",
+            "sparegrid_samples_total 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

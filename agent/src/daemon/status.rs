@@ -1,0 +1,98 @@
+//! The status board: what `GET /v1/status` returns, plus the ring of recent
+//! transitions. Written by the control loop once per tick, read by HTTP.
+
+use std::collections::VecDeque;
+use std::sync::RwLock;
+
+use sparegrid_proto::{AgentStatus, Transition};
+
+use super::metrics::AgentMetrics;
+
+/// State shared between the control loop and the HTTP server.
+pub struct Shared {
+    status: RwLock<AgentStatus>,
+    pub metrics: AgentMetrics,
+}
+
+impl Shared {
+    pub fn new(initial: AgentStatus) -> Shared {
+        Shared {
+            status: RwLock::new(initial),
+            metrics: AgentMetrics::new(),
+        }
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn publish(&self, status: AgentStatus) {
+        *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+}
+
+/// The last `capacity` transitions, oldest first.
+#[derive(Debug, Clone)]
+pub struct History {
+    capacity: usize,
+    items: VecDeque<Transition>,
+}
+
+impl History {
+    pub fn new(capacity: usize) -> History {
+        History {
+            capacity: capacity.max(1),
+            items: VecDeque::with_capacity(capacity.max(1)),
+        }
+    }
+
+    pub fn push(&mut self, t: Transition) {
+        if self.items.len() == self.capacity {
+            self.items.pop_front();
+        }
+        self.items.push_back(t);
+    }
+
+    pub fn resize(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+        while self.items.len() > self.capacity {
+            self.items.pop_front();
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<Transition> {
+        self.items.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparegrid_proto::{Reason, VmState};
+
+    fn t(n: u64) -> Transition {
+        Transition {
+            vm: format!("sg-{n}"),
+            from: VmState::Running,
+            to: VmState::Suspended,
+            reason: Reason::CpuPressure,
+            at_unix_ms: n,
+            load: 0.9,
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_last_n_oldest_first() {
+        let mut h = History::new(3);
+        for n in 0..5 {
+            h.push(t(n));
+        }
+        let v: Vec<u64> = h.to_vec().iter().map(|t| t.at_unix_ms).collect();
+        assert_eq!(v, vec![2, 3, 4]);
+        h.resize(1);
+        assert_eq!(h.to_vec()[0].at_unix_ms, 4);
+    }
+}
