@@ -119,18 +119,29 @@ impl ControlLoop {
             self.policy.vms().count()
         ));
         let mut next_tick = Instant::now() + self.cfg.sampler.interval;
+        let mut marked = false;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match commands.recv_timeout(wait) {
+            // Shortly before each tick, mark the CPU counters so the tick
+            // also sees a load step that began just before it.
+            let interval = self.cfg.sampler.interval;
+            let lead = (interval / 4).min(Duration::from_millis(50));
+            let mark_at = next_tick.checked_sub(lead).filter(|_| !marked);
+            let wake = mark_at.unwrap_or(next_tick);
+            match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(cmd) => self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) if mark_at.is_some() => {
+                    self.mark();
+                    marked = true;
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     self.tick();
-                    next_tick += self.cfg.sampler.interval;
+                    marked = false;
+                    next_tick += interval;
                     // After a long stall, don't fire a burst of catch-up ticks.
                     let now = Instant::now();
                     if next_tick < now {
-                        next_tick = now + self.cfg.sampler.interval;
+                        next_tick = now + interval;
                     }
                 }
             }
@@ -246,20 +257,20 @@ impl ControlLoop {
         }
     }
 
-    /// Reads every VM's CPU time (detecting VMs that went away) and the grid
-    /// cgroup, and folds them into one monotonic grid usage.
-    fn grid_usage(&mut self) -> GridUsage {
-        let now_d = self.now();
-        let names: Vec<(String, VmState)> = self
+    /// Reads every VM's CPU time into one monotonic grid counter (a VM
+    /// that disappears does not make it go back). Returns the VMs that went
+    /// away and the memory the VMs hold.
+    fn refresh_grid_cpu(&mut self) -> (Vec<String>, u64) {
+        let names: Vec<String> = self
             .policy
             .vms()
             .filter(|v| v.state != VmState::Launching)
-            .map(|v| (v.name.clone(), v.state))
+            .map(|v| v.name.clone())
             .collect();
         let mut exited = Vec::new();
         let mut memory_bytes = 0u64;
-        for (name, _) in &names {
-            match self.runtime.stats(name) {
+        for name in names {
+            match self.runtime.stats(&name) {
                 Ok(info) => {
                     let prev = self
                         .vm_cpu
@@ -268,16 +279,36 @@ impl ControlLoop {
                     self.grid_cpu_total += info.cpu_time_ns.saturating_sub(prev);
                     memory_bytes += info.memory_mib * 1024 * 1024;
                     if matches!(info.state, RunState::Stopped { .. }) {
-                        exited.push(name.clone());
+                        exited.push(name);
                     }
                 }
-                Err(crate::runtime::RuntimeError::NotFound { .. }) => exited.push(name.clone()),
+                Err(crate::runtime::RuntimeError::NotFound { .. }) => exited.push(name),
                 Err(e) => {
                     tracing::debug!("stats: {e}");
                     self.shared.metrics.record_runtime_error("stats");
                 }
             }
         }
+        (exited, memory_bytes)
+    }
+
+    /// Marks the sampler's CPU counters a short while before the tick.
+    fn mark(&mut self) {
+        self.refresh_grid_cpu();
+        let grid = GridUsage {
+            cpu_ns: self.grid_cpu_total,
+            ..GridUsage::default()
+        };
+        if let Err(e) = self.sampler.mark(&grid) {
+            tracing::debug!("mark: {e}");
+        }
+    }
+
+    /// Grid usage for a sample: CPU from the runtime, memory and CPU stall
+    /// from the grid cgroup. VMs that went away are reclaimed here.
+    fn grid_usage(&mut self) -> GridUsage {
+        let now_d = self.now();
+        let (exited, memory_bytes) = self.refresh_grid_cpu();
         for name in exited {
             tracing::warn!("grid VM {name} went away on its own");
             if let Some(d) = self.policy.on_exited(&name, now_d) {

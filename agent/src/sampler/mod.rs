@@ -174,6 +174,13 @@ impl Sampler {
         self.cpu.ncpu()
     }
 
+    /// Marks the CPU counters shortly before the next sample, so that sample
+    /// also sees a load step that began in the short window since the mark.
+    /// The daemon marks `min(50 ms, interval / 4)` before each tick.
+    pub fn mark(&mut self, grid: &GridUsage) -> Result<(), SampleError> {
+        self.cpu.mark(grid.cpu_ns, Instant::now())
+    }
+
     /// Takes a sample now.
     pub fn sample(&mut self, grid: &GridUsage) -> Result<RawSample, SampleError> {
         self.sample_at(grid, Instant::now())
