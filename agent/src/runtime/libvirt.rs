@@ -1,1 +1,0 @@
-//! libvirt runtime (placeholder: being written).
