@@ -23,6 +23,7 @@ use crate::sampler::{GridUsage, Sampler};
 
 use super::status::{History, Shared};
 use super::systemd::Notifier;
+use super::worker::{SlowDone, SlowOp, Worker};
 use super::DaemonError;
 
 /// What the HTTP server and signal handlers can ask of the control loop.
@@ -45,6 +46,8 @@ pub struct ControlLoop {
     load: LoadModel,
     policy: Policy,
     runtime: Box<dyn Runtime>,
+    /// Launches, destroys and saves, when the runtime offers a second handle.
+    worker: Option<Worker>,
     can_save: bool,
     cgroup: Option<Arc<GridCgroup>>,
     shared: Arc<Shared>,
@@ -80,6 +83,10 @@ impl ControlLoop {
         shared: Arc<Shared>,
     ) -> Result<ControlLoop, DaemonError> {
         let sampler = Sampler::new(&cfg.sampler, &cfg.agent.proc_root)?;
+        let worker = match runtime.second_handle().map_err(DaemonError::Runtime)? {
+            Some(handle) => Some(Worker::start(handle)?),
+            None => None,
+        };
         let policy = Policy::new(PolicyConfig::new(
             &cfg.policy,
             &cfg.vm,
@@ -93,6 +100,7 @@ impl ControlLoop {
             sampler,
             policy,
             runtime,
+            worker,
             can_save,
             cgroup,
             shared,
@@ -342,9 +350,36 @@ impl ControlLoop {
         usage
     }
 
+    /// Feeds the worker's finished operations back into the policy.
+    fn collect_worker(&mut self, done: Vec<SlowDone>) {
+        for SlowDone { vm, op, result } in done {
+            match result {
+                Ok(()) if op == "launch" => {
+                    if let Some(started) = self.policy.on_started(&vm, self.now()) {
+                        self.record(&started);
+                    }
+                }
+                Ok(()) => {}
+                Err(crate::runtime::RuntimeError::NotFound { .. }) if op != "launch" => {}
+                Err(e) => {
+                    tracing::error!("{e}");
+                    self.shared.metrics.record_runtime_error(op);
+                    if op == "launch" {
+                        if let Some(reclaim) = self.policy.on_runtime_error(&vm, self.now()) {
+                            self.apply(reclaim);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// One sample → evaluate → act step.
     pub fn tick(&mut self) {
         let started = Instant::now();
+        if let Some(done) = self.worker.as_ref().map(Worker::finished) {
+            self.collect_worker(done);
+        }
         let grid = self.grid_usage();
         let sample = match self.sampler.sample(&grid) {
             Ok(s) => s,
@@ -390,6 +425,21 @@ impl ControlLoop {
     fn apply(&mut self, d: Decision) {
         self.record(&d);
         let name = d.vm.clone();
+        if let Some(worker) = &self.worker {
+            let op = match d.action {
+                Action::Launch => Some(SlowOp::Launch(self.spec(&name))),
+                Action::Destroy => Some(SlowOp::Destroy(name.clone())),
+                Action::Save => Some(SlowOp::Save(name.clone())),
+                _ => None,
+            };
+            if let Some(op) = op {
+                if !matches!(op, SlowOp::Launch(_)) {
+                    self.vm_cpu.remove(&name);
+                }
+                worker.submit(op);
+                return;
+            }
+        }
         let result = match d.action {
             Action::Record => Ok(()),
             Action::Launch => {
@@ -509,6 +559,15 @@ impl ControlLoop {
         };
         for d in self.policy.evaluate(&obs, self.can_save) {
             self.apply(d);
+        }
+        if let Some(worker) = self.worker.take() {
+            tracing::info!("waiting for pending runtime operations");
+            for SlowDone { vm, op, result } in worker.finish() {
+                if let Err(e) = result {
+                    tracing::error!("shutdown: {op} of {vm} failed: {e}");
+                    self.shared.metrics.record_runtime_error(op);
+                }
+            }
         }
         self.publish();
     }

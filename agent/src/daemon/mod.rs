@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod status;
 pub mod systemd;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;

@@ -34,7 +34,9 @@ pub enum RunState {
     Running,
     Paused,
     /// Shut off, crashed, or gone; `saved` when a managed save image exists.
-    Stopped { saved: bool },
+    Stopped {
+        saved: bool,
+    },
     Other,
 }
 
@@ -86,4 +88,11 @@ pub trait Runtime: Send {
     fn stats(&mut self, name: &str) -> Result<VmInfo, RuntimeError>;
     /// Every sparegrid VM this runtime holds, for reconciliation at start.
     fn list(&mut self) -> Result<Vec<VmInfo>, RuntimeError>;
+    /// A second, independent handle on the same runtime for slow operations
+    /// (launch, destroy, save) on a worker thread, so they never hold up a
+    /// suspend. `None` when the runtime's operations are fast and its state
+    /// lives in this handle (the process runtime).
+    fn second_handle(&self) -> Result<Option<Box<dyn Runtime>>, RuntimeError> {
+        Ok(None)
+    }
 }

@@ -372,6 +372,21 @@ impl Runtime for LibvirtRuntime {
         "libvirt"
     }
 
+    /// A new connection to the same URI with the same options; the
+    /// partition was prepared by the first one.
+    fn second_handle(&self) -> Result<Option<Box<dyn Runtime>>, RuntimeError> {
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| RuntimeError::Connect {
+            uri: self.uri.clone(),
+            message: e.message().to_string(),
+        })?;
+        Ok(Some(Box::new(LibvirtRuntime {
+            conn,
+            uri: self.uri.clone(),
+            opts: self.opts.clone(),
+            virt_type: self.virt_type,
+        })))
+    }
+
     /// Defines the domain persistently and starts it. A leftover *inactive*
     /// definition of ours with the same name is undefined first (with its
     /// managed save image, so the launch is a fresh boot); an active one is
