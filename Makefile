@@ -12,7 +12,9 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 CARGO ?= cargo
 LIBVIRT_URI ?= qemu:///system
-IMAGE_DIR ?= $(CURDIR)/workloads/out/default
+# Outside the checkout on purpose: QEMU runs as libvirt-qemu and cannot read a
+# clone under /root. This is also the agent's default [vm] kernel/initrd path.
+IMAGE_DIR ?= /var/lib/sparegrid/images/default
 # Real-VM tests boot TCG guests, and each busy guest takes a whole core. On the
 # 2-core CI machine more than two test threads would starve the guests (boot
 # deadlines) and the agent under test alike. Test binaries already run one
@@ -25,7 +27,7 @@ BENCH_ARGS ?=
 # systemd-analyze (unit test), socat to read guest channels (boot-check).
 # qemu-utils and the cloud kernel come in separate apt calls (deps-system).
 APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
-	busybox-static cpio stress-ng pkg-config systemd socat
+	busybox-static cpio stress-ng pkg-config systemd socat jq curl
 KERNEL_PACKAGE := linux-image-cloud-amd64
 
 # Environment for everything that may talk to a real libvirtd and boot the image.
@@ -104,7 +106,10 @@ boot-check: libvirtd image
 build: deps-rust
 	$(CARGO) build --workspace
 
+# The end-to-end tests run the agent binary, which `cargo test` alone does not
+# build (no integration tests live in the agent package): build it first.
 test: deps libvirtd image boot-check
+	$(CARGO) build --workspace
 	$(VM_ENV) RUST_BACKTRACE=1 $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 demo: deps libvirtd image build
@@ -115,7 +120,8 @@ demo: deps libvirtd image build
 	$(VM_ENV) bash tests/demo.sh
 
 bench-agent: deps libvirtd image
-	$(VM_ENV) $(CARGO) run --release -p sparegrid-tests --bin bench-agent -- $(BENCH_ARGS)
+	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests
+	$(VM_ENV) ./target/release/bench-agent $(BENCH_ARGS)
 
 clean-image:
 	rm -rf $(IMAGE_DIR)

@@ -58,6 +58,9 @@ pub struct ControlLoop {
     /// Last cumulative CPU time seen per VM, and the grid's monotonic total.
     vm_cpu: BTreeMap<String, u64>,
     grid_cpu_total: u64,
+    /// Whether the grid's CPU time comes from the cgroup (see `grid_cpu_ns`).
+    grid_cpu_from_cgroup: bool,
+    grid_cgroup_cpu: u64,
     last_grid: Option<(Instant, u64)>,
 }
 
@@ -87,6 +90,9 @@ impl ControlLoop {
             Some(handle) => Some(Worker::start(handle)?),
             None => None,
         };
+        let grid_cpu_from_cgroup = cgroup
+            .as_ref()
+            .is_some_and(|cg| cg.as_partition().usage().is_ok());
         let policy = Policy::new(PolicyConfig::new(
             &cfg.policy,
             &cfg.vm,
@@ -109,6 +115,8 @@ impl ControlLoop {
             last_load: None,
             vm_cpu: BTreeMap::new(),
             grid_cpu_total: 0,
+            grid_cpu_from_cgroup,
+            grid_cgroup_cpu: 0,
             last_grid: None,
         })
     }
@@ -269,15 +277,16 @@ impl ControlLoop {
     /// that disappears does not make it go back). Returns the VMs that went
     /// away and the memory the VMs hold.
     fn refresh_grid_cpu(&mut self) -> (Vec<String>, u64) {
-        let names: Vec<String> = self
+        // Launching VMs count too: QEMU starting up is the grid's load. They
+        // may not exist yet, which is not an exit.
+        let names: Vec<(String, bool)> = self
             .policy
             .vms()
-            .filter(|v| v.state != VmState::Launching)
-            .map(|v| v.name.clone())
+            .map(|v| (v.name.clone(), v.state == VmState::Launching))
             .collect();
         let mut exited = Vec::new();
         let mut memory_bytes = 0u64;
-        for name in names {
+        for (name, launching) in names {
             match self.runtime.stats(&name) {
                 Ok(info) => {
                     let prev = self
@@ -286,10 +295,11 @@ impl ControlLoop {
                         .unwrap_or(0);
                     self.grid_cpu_total += info.cpu_time_ns.saturating_sub(prev);
                     memory_bytes += info.memory_mib * 1024 * 1024;
-                    if matches!(info.state, RunState::Stopped { .. }) {
+                    if !launching && matches!(info.state, RunState::Stopped { .. }) {
                         exited.push(name);
                     }
                 }
+                Err(crate::runtime::RuntimeError::NotFound { .. }) if launching => {}
                 Err(crate::runtime::RuntimeError::NotFound { .. }) => exited.push(name),
                 Err(e) => {
                     tracing::debug!("stats: {e}");
@@ -300,11 +310,30 @@ impl ControlLoop {
         (exited, memory_bytes)
     }
 
+    /// The grid's cumulative CPU time. The grid cgroup's own accounting is
+    /// exact to the nanosecond and covers every VM inside the partition;
+    /// without a cgroup, the runtime's per-VM figures (10 ms ticks for
+    /// libvirt) are summed. One source is used for the agent's lifetime so
+    /// the counter never jumps.
+    fn grid_cpu_ns(&mut self) -> u64 {
+        if let Some(cg) = self.cgroup.as_ref().filter(|_| self.grid_cpu_from_cgroup) {
+            match cg.as_partition().usage() {
+                Ok(u) => self.grid_cgroup_cpu = u.cpu_ns,
+                Err(e) => tracing::debug!("grid cgroup usage: {e}"),
+            }
+            self.grid_cgroup_cpu
+        } else {
+            self.grid_cpu_total
+        }
+    }
+
     /// Marks the sampler's CPU counters a short while before the tick.
     fn mark(&mut self) {
-        self.refresh_grid_cpu();
+        if !self.grid_cpu_from_cgroup {
+            self.refresh_grid_cpu();
+        }
         let grid = GridUsage {
-            cpu_ns: self.grid_cpu_total,
+            cpu_ns: self.grid_cpu_ns(),
             ..GridUsage::default()
         };
         if let Err(e) = self.sampler.mark(&grid) {
@@ -324,7 +353,7 @@ impl ControlLoop {
             }
         }
         let mut usage = GridUsage {
-            cpu_ns: self.grid_cpu_total,
+            cpu_ns: self.grid_cpu_ns(),
             memory_bytes,
             cpu_stall_us: None,
             runnable: 0.0,
@@ -343,10 +372,10 @@ impl ControlLoop {
         if let Some((t, cpu)) = self.last_grid {
             let dt = now.duration_since(t).as_nanos() as f64;
             if dt > 0.0 {
-                usage.runnable = (self.grid_cpu_total.saturating_sub(cpu)) as f64 / dt;
+                usage.runnable = (usage.cpu_ns.saturating_sub(cpu)) as f64 / dt;
             }
         }
-        self.last_grid = Some((now, self.grid_cpu_total));
+        self.last_grid = Some((now, usage.cpu_ns));
         usage
     }
 

@@ -70,19 +70,32 @@ fn ensure_dir(path: &Path) -> Result<(), DaemonError> {
     })
 }
 
+/// The cgroup directory name of the grid partition. With libvirt on a host
+/// without systemd, libvirt places VMs under `<partition>.partition`; the
+/// agent manages that same directory, so the usage it reads (memory, CPU
+/// stall) is the VMs' own.
+pub fn partition_dir_name(cfg: &Config) -> String {
+    #[cfg(feature = "libvirt")]
+    if cfg.runtime.kind == RuntimeKind::Libvirt {
+        use crate::runtime::libvirt::{libvirt_partition_dir, LibvirtOptions};
+        let opts = LibvirtOptions::from_config(cfg, "");
+        if let (Some(_), Some(p)) = (opts.cgroup_root, opts.partition) {
+            return libvirt_partition_dir(&p).to_string_lossy().into_owned();
+        }
+    }
+    cfg.cgroup.partition.clone()
+}
+
 /// Sets up the grid partition: the lowest CPU weight and the memory ceiling.
 pub fn setup_cgroup(cfg: &Config) -> Result<Arc<GridCgroup>, DaemonError> {
-    let cg = GridCgroup::detect(
-        &cfg.agent.cgroup_root,
-        &cfg.cgroup.partition,
-        cfg.cgroup.version,
-    )?;
+    let name = partition_dir_name(cfg);
+    let cg = GridCgroup::detect(&cfg.agent.cgroup_root, &name, cfg.cgroup.version)?;
     let applied = cg.as_partition().setup(&PartitionLimits {
         memory_max_bytes: cfg.partition_memory_max_bytes(),
     })?;
     tracing::info!(
         "grid partition {} (cgroup {}): {}",
-        cfg.cgroup.partition,
+        name,
         cg.as_partition().version(),
         applied.settings.join(", ")
     );
