@@ -90,9 +90,14 @@ impl ControlLoop {
             Some(handle) => Some(Worker::start(handle)?),
             None => None,
         };
-        let grid_cpu_from_cgroup = cgroup
-            .as_ref()
-            .is_some_and(|cg| cg.as_partition().usage().is_ok());
+        // The process runtime puts every task in each hierarchy of the
+        // partition. libvirt does not use cpuacct on every host (here: v1
+        // with separate cpu and cpuacct mounts), where the partition's
+        // counter stays 0; so libvirt VMs are measured through libvirt.
+        let grid_cpu_from_cgroup = runtime.kind() == "process"
+            && cgroup
+                .as_ref()
+                .is_some_and(|cg| cg.as_partition().usage().is_ok());
         let policy = Policy::new(PolicyConfig::new(
             &cfg.policy,
             &cfg.vm,
@@ -310,10 +315,9 @@ impl ControlLoop {
         (exited, memory_bytes)
     }
 
-    /// The grid's cumulative CPU time. The grid cgroup's own accounting is
-    /// exact to the nanosecond and covers every VM inside the partition;
-    /// without a cgroup, the runtime's per-VM figures (10 ms ticks for
-    /// libvirt) are summed. One source is used for the agent's lifetime so
+    /// The grid's cumulative CPU time. For the process runtime, the grid
+    /// cgroup's own accounting (exact to the nanosecond); otherwise the
+    /// runtime's per-VM figures (10 ms ticks for libvirt) summed. One source is used for the agent's lifetime so
     /// the counter never jumps.
     fn grid_cpu_ns(&mut self) -> u64 {
         if let Some(cg) = self.cgroup.as_ref().filter(|_| self.grid_cpu_from_cgroup) {
