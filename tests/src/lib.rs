@@ -119,11 +119,14 @@ pub struct Exclusive {
 pub fn exclusive(test: &str) -> Exclusive {
     use std::os::fd::AsRawFd;
     let path = std::env::temp_dir().join("sparegrid-e2e.lock");
+    // flock works on a read-only descriptor too: another user's lock file
+    // (root's, from an earlier run) is opened read-only.
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
+        .or_else(|_| fs::File::open(&path))
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let fd = file.as_raw_fd();
     // SAFETY: flock on an fd we own.
