@@ -102,6 +102,11 @@ pub trait Partition: Send + Sync {
     /// Removes the partition itself (its children must be gone). Tolerates
     /// a partition that is already gone.
     fn remove(&self) -> Result<(), CgroupError>;
+    /// Lifts the partition to a normal CPU weight for the few milliseconds a
+    /// grid VM needs to obey a control request (libvirt's suspend makes QEMU
+    /// process a monitor command, which a starved QEMU does only slowly), or
+    /// puts it back to the lowest weight.
+    fn set_boost(&self, boosted: bool) -> Result<(), CgroupError>;
     /// Creates a child group for one grid VM or process. Idempotent. Fails
     /// with [`CgroupError::NotSetUp`] when the partition does not exist.
     fn create_child(&self, name: &str) -> Result<(), CgroupError>;

@@ -186,6 +186,10 @@ impl Partition for V1Partition {
         &self.name
     }
 
+    fn set_boost(&self, boosted: bool) -> Result<(), CgroupError> {
+        super::v2::set_cpu_boost(&self.part_in(&self.cpu), "cpu.shares", "2", "1024", boosted)
+    }
+
     fn setup(&self, limits: &PartitionLimits) -> Result<AppliedPriority, CgroupError> {
         for m in self.all_mounts() {
             files::mkdir(&self.part_in(m))?;
@@ -385,6 +389,21 @@ mod tests {
         PartitionLimits {
             memory_max_bytes: mib * 1024 * 1024,
         }
+    }
+
+    #[test]
+    fn boost_lifts_to_normal_shares_and_restores_the_lowest() {
+        let fx = fixture::v1_tree(V1Layout::Separate);
+        fx.v1_group("grid");
+        let p = V1Partition::new(fx.root(), "grid").unwrap();
+        p.setup(&limits(256)).unwrap();
+        let cpu = fx.root().join("cpu/grid");
+        p.set_boost(true).unwrap();
+        assert_eq!(read_trim(&cpu.join("cpu.shares")), "1024");
+        assert_eq!(read_trim(&cpu.join("cpu.idle")), "0");
+        p.set_boost(false).unwrap();
+        assert_eq!(read_trim(&cpu.join("cpu.shares")), "2");
+        assert_eq!(read_trim(&cpu.join("cpu.idle")), "1");
     }
 
     #[test]

@@ -113,6 +113,35 @@ pub(crate) fn apply_lowest_cpu(
     Ok(())
 }
 
+/// Lifts a group to a normal CPU priority (`boosted`) or puts it back to the
+/// lowest, keeping the kernel's rule that weights are written while the
+/// group is not idle.
+pub(crate) fn set_cpu_boost(
+    dir: &Path,
+    weight_file: &str,
+    lowest: &str,
+    normal: &str,
+    boosted: bool,
+) -> Result<(), CgroupError> {
+    let idle = dir.join("cpu.idle");
+    let has_idle = idle.exists();
+    if boosted {
+        if has_idle {
+            files::write(&idle, "0")?;
+        }
+        files::write(&dir.join(weight_file), normal)
+    } else {
+        if has_idle {
+            files::write(&idle, "0")?;
+        }
+        files::write(&dir.join(weight_file), lowest)?;
+        if has_idle {
+            files::write(&idle, "1")?;
+        }
+        Ok(())
+    }
+}
+
 impl Partition for V2Partition {
     fn version(&self) -> &'static str {
         "v2"
@@ -120,6 +149,16 @@ impl Partition for V2Partition {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn set_boost(&self, boosted: bool) -> Result<(), CgroupError> {
+        set_cpu_boost(
+            &self.root.join(&self.name),
+            "cpu.weight",
+            "1",
+            "100",
+            boosted,
+        )
     }
 
     fn setup(&self, limits: &PartitionLimits) -> Result<AppliedPriority, CgroupError> {
@@ -322,6 +361,20 @@ mod tests {
         PartitionLimits {
             memory_max_bytes: mib * 1024 * 1024,
         }
+    }
+
+    #[test]
+    fn boost_lifts_to_normal_weight_and_restores_the_lowest() {
+        let fx = fixture::v2_tree();
+        let dir = fx.v2_group("grid");
+        let p = V2Partition::new(fx.root(), "grid");
+        p.setup(&limits(512)).unwrap();
+        p.set_boost(true).unwrap();
+        assert_eq!(read_trim(&dir.join("cpu.weight")), "100");
+        assert_eq!(read_trim(&dir.join("cpu.idle")), "0");
+        p.set_boost(false).unwrap();
+        assert_eq!(read_trim(&dir.join("cpu.weight")), "1");
+        assert_eq!(read_trim(&dir.join("cpu.idle")), "1");
     }
 
     #[test]

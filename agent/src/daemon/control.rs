@@ -21,6 +21,7 @@ use crate::policy::{Action, Decision, Observation, Policy, PolicyConfig, VmSlot}
 use crate::runtime::{RunState, Runtime, VmSpec};
 use crate::sampler::{GridUsage, Sampler};
 
+use super::boost::Booster;
 use super::status::{History, Shared};
 use super::systemd::Notifier;
 use super::worker::{SlowDone, SlowOp, Worker};
@@ -48,6 +49,8 @@ pub struct ControlLoop {
     runtime: Box<dyn Runtime>,
     /// Launches, destroys and saves, when the runtime offers a second handle.
     worker: Option<Worker>,
+    /// Lifts the partition's CPU weight while a VM obeys suspend/resume.
+    booster: Option<Arc<Booster>>,
     can_save: bool,
     cgroup: Option<Arc<GridCgroup>>,
     shared: Arc<Shared>,
@@ -86,8 +89,12 @@ impl ControlLoop {
         shared: Arc<Shared>,
     ) -> Result<ControlLoop, DaemonError> {
         let sampler = Sampler::new(&cfg.sampler, &cfg.agent.proc_root)?;
+        let booster = cgroup
+            .as_ref()
+            .filter(|_| runtime.control_needs_cpu())
+            .map(|cg| Booster::new(cg.clone()));
         let worker = match runtime.second_handle().map_err(DaemonError::Runtime)? {
-            Some(handle) => Some(Worker::start(handle)?),
+            Some(handle) => Some(Worker::start(handle, booster.clone())?),
             None => None,
         };
         // The process runtime puts every task in each hierarchy of the
@@ -112,6 +119,7 @@ impl ControlLoop {
             policy,
             runtime,
             worker,
+            booster,
             can_save,
             cgroup,
             shared,
@@ -479,8 +487,14 @@ impl ControlLoop {
                 let spec = self.spec(&name);
                 self.runtime.launch(&spec)
             }
-            Action::Suspend => self.runtime.suspend(&name),
-            Action::Resume => self.runtime.resume(&name),
+            Action::Suspend => {
+                let _boost = self.booster.as_ref().map(|b| b.hold());
+                self.runtime.suspend(&name)
+            }
+            Action::Resume => {
+                let _boost = self.booster.as_ref().map(|b| b.hold());
+                self.runtime.resume(&name)
+            }
             Action::Destroy => {
                 self.vm_cpu.remove(&name);
                 self.runtime.destroy(&name)

@@ -5,6 +5,7 @@
 //! (SIGTERM/SIGINT drain and stop, SIGHUP reloads the config) and a small
 //! tokio runtime for HTTP.
 
+pub mod boost;
 pub mod control;
 pub mod http;
 pub mod metrics;

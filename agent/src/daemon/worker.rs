@@ -7,6 +7,9 @@
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
+use std::sync::Arc;
+
+use super::boost::Booster;
 use crate::runtime::{Runtime, RuntimeError, VmSpec};
 
 /// One operation for the worker.
@@ -50,7 +53,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn start(mut runtime: Box<dyn Runtime>) -> std::io::Result<Worker> {
+    /// `booster` lifts the partition's CPU weight during destroy and save.
+    pub fn start(
+        mut runtime: Box<dyn Runtime>,
+        booster: Option<Arc<Booster>>,
+    ) -> std::io::Result<Worker> {
         let (ops_tx, ops_rx) = mpsc::channel::<SlowOp>();
         let (done_tx, done_rx) = mpsc::channel::<SlowDone>();
         let thread = std::thread::Builder::new()
@@ -59,6 +66,10 @@ impl Worker {
                 for op in ops_rx {
                     let vm = op.vm().to_string();
                     let name = op.name();
+                    let _boost = match op {
+                        SlowOp::Launch(_) => None,
+                        _ => booster.as_ref().map(|b| b.hold()),
+                    };
                     let result = match op {
                         SlowOp::Launch(spec) => runtime.launch(&spec),
                         SlowOp::Destroy(vm) => runtime.destroy(&vm),

@@ -95,4 +95,9 @@ pub trait Runtime: Send {
     fn second_handle(&self) -> Result<Option<Box<dyn Runtime>>, RuntimeError> {
         Ok(None)
     }
+    /// True when suspend, save and destroy need the VM's own process to run
+    /// (so the daemon lifts the partition's CPU weight for the call).
+    fn control_needs_cpu(&self) -> bool {
+        false
+    }
 }

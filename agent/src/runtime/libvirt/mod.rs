@@ -372,6 +372,12 @@ impl Runtime for LibvirtRuntime {
         "libvirt"
     }
 
+    /// QEMU handles suspend (a monitor command), managed save and SIGTERM
+    /// itself, so it must get CPU to obey.
+    fn control_needs_cpu(&self) -> bool {
+        true
+    }
+
     /// A new connection to the same URI with the same options; the
     /// partition was prepared by the first one.
     fn second_handle(&self) -> Result<Option<Box<dyn Runtime>>, RuntimeError> {
