@@ -105,7 +105,7 @@ wait_until() {
         if status | jq -e "$filter" >/dev/null 2>&1; then show; return 0; fi
         if [ $((SECONDS - last)) -ge 2 ]; then show || true; last=$SECONDS; fi
         kill -0 "$AGENT_PID" 2>/dev/null || fail "the agent exited"
-        sleep 0.25
+        sleep 0.5
     done
     fail "$what: not within ${secs}s"
 }
@@ -152,7 +152,12 @@ stress-ng --cpu "$NCPU" --timeout 600s --quiet &
 LOAD_PID=$!
 wait_until 10 "grid VM paused again" "$(vm_in suspended)"
 wait_until 40 "grid VM reclaimed" "$(last_reason reclaimed suspended_too_long)"
-virsh -c qemu:///system list --all --name | grep -qx "$VM" && fail "domain $VM still exists after reclaim"
+# The destroy runs on the agent's runtime worker; give libvirt a moment.
+for _ in $(seq 60); do
+    virsh -c qemu:///system list --all --name | grep -qx "$VM" || break
+    sleep 0.5
+done
+virsh -c qemu:///system list --all --name | grep -qx "$VM" && fail "domain $VM still exists 30 s after reclaim"
 echo "  domain $VM is gone from libvirt"
 kill "$LOAD_PID"; wait "$LOAD_PID" 2>/dev/null || true; LOAD_PID=
 

@@ -73,6 +73,21 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// CPU time this agent process has used, nanoseconds. The agent is grid
+/// overhead, not customer load, so it is counted with the grid.
+fn own_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The prefix of this host's grid VM names.
 pub fn vm_name_prefix(host: &str) -> String {
     format!("sg-{host}-")
@@ -345,7 +360,7 @@ impl ControlLoop {
             self.refresh_grid_cpu();
         }
         let grid = GridUsage {
-            cpu_ns: self.grid_cpu_ns(),
+            cpu_ns: self.grid_cpu_ns() + own_cpu_ns(),
             ..GridUsage::default()
         };
         if let Err(e) = self.sampler.mark(&grid) {
@@ -365,7 +380,7 @@ impl ControlLoop {
             }
         }
         let mut usage = GridUsage {
-            cpu_ns: self.grid_cpu_ns(),
+            cpu_ns: self.grid_cpu_ns() + own_cpu_ns(),
             memory_bytes,
             cpu_stall_us: None,
             runnable: 0.0,
