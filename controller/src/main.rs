@@ -2,6 +2,9 @@
 //! It exists so the workspace layout matches the design card.
 
 fn main() {
-    eprintln!("sparegrid-controller {}: not built yet (see issue 3)", env!("CARGO_PKG_VERSION"));
+    eprintln!(
+        "sparegrid-controller {}: not built yet (see issue 3)",
+        env!("CARGO_PKG_VERSION")
+    );
     std::process::exit(2);
 }

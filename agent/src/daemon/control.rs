@@ -24,7 +24,7 @@ use crate::sampler::{GridUsage, Sampler};
 use super::boost::Booster;
 use super::status::{History, Shared};
 use super::systemd::Notifier;
-use super::worker::{SlowDone, SlowOp, Worker};
+use super::worker::{save_or_destroy, SlowDone, SlowOp, Worker};
 use super::DaemonError;
 
 /// What the HTTP server and signal handlers can ask of the control loop.
@@ -479,8 +479,13 @@ impl ControlLoop {
 
     /// Carries out one decision and records it. A failed action reclaims the VM.
     fn apply(&mut self, d: Decision) {
-        self.record(&d);
         let name = d.vm.clone();
+        // Suspend and resume are recorded once the runtime has done them, so
+        // a transition's time is when the VM really paused or ran again.
+        let record_after = matches!(d.action, Action::Suspend | Action::Resume);
+        if !record_after {
+            self.record(&d);
+        }
         if let Some(worker) = &self.worker {
             let op = match d.action {
                 Action::Launch => Some(SlowOp::Launch(self.spec(&name))),
@@ -516,12 +521,12 @@ impl ControlLoop {
             }
             Action::Save => {
                 self.vm_cpu.remove(&name);
-                self.runtime.save(&name).or_else(|e| {
-                    tracing::warn!("{e}; destroying instead");
-                    self.runtime.destroy(&name)
-                })
+                save_or_destroy(self.runtime.as_mut(), &name)
             }
         };
+        if record_after {
+            self.record(&d);
+        }
         let op = match d.action {
             Action::Launch => "launch",
             Action::Suspend => "suspend",

@@ -12,6 +12,14 @@ use std::sync::Arc;
 use super::boost::Booster;
 use crate::runtime::{Runtime, RuntimeError, VmSpec};
 
+/// Saves a VM; a failed save still has to free the host, so it destroys.
+pub fn save_or_destroy(runtime: &mut dyn Runtime, vm: &str) -> Result<(), RuntimeError> {
+    runtime.save(vm).or_else(|e| {
+        tracing::warn!("{e}; destroying instead");
+        runtime.destroy(vm)
+    })
+}
+
 /// One operation for the worker.
 #[derive(Debug)]
 pub enum SlowOp {
@@ -73,11 +81,7 @@ impl Worker {
                     let result = match op {
                         SlowOp::Launch(spec) => runtime.launch(&spec),
                         SlowOp::Destroy(vm) => runtime.destroy(&vm),
-                        // A failed save still has to free the host.
-                        SlowOp::Save(vm) => runtime.save(&vm).or_else(|e| {
-                            tracing::warn!("{e}; destroying instead");
-                            runtime.destroy(&vm)
-                        }),
+                        SlowOp::Save(vm) => save_or_destroy(runtime.as_mut(), &vm),
                     };
                     if done_tx
                         .send(SlowDone {

@@ -5,8 +5,9 @@
 //! 2. Footprint: the release agent with 4 grid VMs on real libvirt/TCG:
 //!    RSS and CPU share of one core at a 250 ms sample interval.
 //! 3. Reaction time: a customer load step (one busy process per CPU, outside
-//!    the grid partition) → the grid VM is paused, as seen in status (which
-//!    is published after libvirt's suspend returned). 20 trials, p50/p99.
+//!    the grid partition) → the grid VM is paused: the time of the suspend
+//!    transition, which the agent records when libvirt's suspend returned,
+//!    minus the step's start (wall clock, ms). 20 trials, p50/p99.
 //! 4. Customer interference: a CPU-bound customer benchmark's throughput
 //!    with busy grid VMs, as a ratio to the same benchmark with no grid,
 //!    measured side by side (alternating runs) in the same process.
@@ -206,20 +207,23 @@ fn bench_reaction(image: &std::path::Path, trials: usize) {
         // Start the step at a random phase of the sample interval.
         let phase = (trial as u64 * 7919 + 13) % 250;
         std::thread::sleep(Duration::from_millis(300 + phase));
+        // The suspend transition is recorded when libvirt's suspend returned;
+        // its wall-clock time minus the load step's start is the reaction.
+        let t0_ms = sparegrid_tests::unix_ms();
         let t0 = Instant::now();
         let load = CustomerLoad::all_cpus();
         let mut paused_at = None;
         while t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
             if let Ok(s) = agent.status() {
-                if s.vms
-                    .iter()
-                    .any(|v| v.name == name && v.state == VmState::Suspended)
-                {
-                    paused_at = Some(t0.elapsed());
+                let t = s.transitions.iter().rev().find(|t| {
+                    t.vm == name && t.to == VmState::Suspended && t.at_unix_ms + 5 >= t0_ms
+                });
+                if let Some(t) = t {
+                    paused_at = Some(Duration::from_millis(t.at_unix_ms.saturating_sub(t0_ms)));
                     break;
                 }
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
         if domstate(&name).as_deref() == Some("paused") {
             paused_confirmed += 1;

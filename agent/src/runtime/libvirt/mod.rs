@@ -158,6 +158,8 @@ pub struct LibvirtRuntime {
     uri: String,
     opts: LibvirtOptions,
     virt_type: VirtType,
+    /// Domains already checked as ours, by name (see `stats`).
+    checked: std::collections::HashMap<String, Domain>,
 }
 
 impl std::fmt::Debug for LibvirtRuntime {
@@ -257,6 +259,7 @@ impl LibvirtRuntime {
             uri: uri.to_string(),
             opts,
             virt_type,
+            checked: Default::default(),
         })
     }
 
@@ -390,6 +393,7 @@ impl Runtime for LibvirtRuntime {
             uri: self.uri.clone(),
             opts: self.opts.clone(),
             virt_type: self.virt_type,
+            checked: Default::default(),
         })))
     }
 
@@ -496,6 +500,7 @@ impl Runtime for LibvirtRuntime {
     /// under the same name truncates it).
     fn destroy(&mut self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "destroy";
+        self.checked.remove(name);
         let dom = self.ours(name, OP)?;
         if dom.is_active().map_err(|e| op_err(name, OP, e))? {
             match dom.destroy() {
@@ -545,9 +550,23 @@ impl Runtime for LibvirtRuntime {
         Ok(())
     }
 
+    /// Called every tick per VM, so a domain once checked as ours is kept:
+    /// one RPC (`virDomainGetInfo`) instead of three. A stale handle (the
+    /// domain was destroyed, maybe through another connection) answers
+    /// NoDomain and is dropped.
     fn stats(&mut self, name: &str) -> Result<VmInfo, RuntimeError> {
+        if let Some(dom) = self.checked.get(name) {
+            match self.info_of(dom, name) {
+                Err(RuntimeError::NotFound { .. }) => {
+                    self.checked.remove(name);
+                }
+                other => return other,
+            }
+        }
         let dom = self.ours(name, "stats")?;
-        self.info_of(&dom, name)
+        let info = self.info_of(&dom, name)?;
+        self.checked.insert(name.to_string(), dom);
+        Ok(info)
     }
 
     /// Every domain (active or only defined) whose metadata names this
