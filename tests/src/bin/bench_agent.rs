@@ -148,10 +148,25 @@ fn bench_footprint(image: &std::path::Path, window: Duration) {
     let share = (cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
     let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let anon = proc_status_kib(pid, "RssAnon:").unwrap_or(0) as f64 / 1024.0;
+    let file = proc_status_kib(pid, "RssFile:").unwrap_or(0) as f64 / 1024.0;
+    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0)
+        / 1024.0;
     let vms = running(&agent.status().expect("status"));
     println!(
-        "footprint ({vms} grid VMs, 250 ms interval, {:.0} s window): RSS {rss:.1} MiB (peak {hwm:.1} MiB), \
-         CPU {share:.2} % of one core (targets: RSS ≤ 15 MiB, CPU ≤ 0.5 %)",
+        "footprint ({vms} grid VMs, 250 ms interval, {:.0} s window): RSS {rss:.1} MiB (peak {hwm:.1} MiB; \
+         anonymous {anon:.1} MiB, file-backed {file:.1} MiB, PSS {pss:.1} MiB), CPU {share:.2} % of one core \
+         (targets: RSS ≤ 15 MiB, CPU ≤ 0.5 %)",
         window.as_secs_f64()
     );
     drop(agent);
