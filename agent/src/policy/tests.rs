@@ -429,7 +429,7 @@ fn adopted_vms_continue_the_numbering_and_obey_the_policy() {
         &mut p,
         &[
             step(0, 0.9, &[("sg-7", VmState::Suspended, Reason::CpuPressure)]),
-            step(1 * S, 0.1, &[]),
+            step(S, 0.1, &[]),
             step(11 * S, 0.1, &[("sg-7", VmState::Running, Reason::Idle)]),
             step(
                 16 * S,
