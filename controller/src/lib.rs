@@ -1,0 +1,12 @@
+//! `sparegrid-controller` as a library. Built so far (issue 3 is in
+//! progress):
+//!
+//! - [`job`]: the work request a researcher submits, its validation, and the
+//!   subtasks, jobs and attempts the controller tracks;
+//! - [`split`]: cutting a request into subtasks (`range`, `items`, `lines`);
+//! - [`store`]: where jobs, subtasks, attempts and hosts live (SQLite behind
+//!   a trait).
+
+pub mod job;
+pub mod split;
+pub mod store;
