@@ -222,6 +222,21 @@ impl Conf {
         self
     }
 
+    /// Only the CPU metric counts (weight 1, every other metric 0), so a
+    /// test's outcome does not depend on the machine's disk, memory or
+    /// 1-minute load average.
+    pub fn cpu_only_load(&mut self) -> &mut Conf {
+        for m in sparegrid_proto::Metric::ALL {
+            let w = if m == sparegrid_proto::Metric::Cpu {
+                "1.0"
+            } else {
+                "0.0"
+            };
+            self.set("load.weights", m.as_str(), w);
+        }
+        self
+    }
+
     /// Sets a string value.
     pub fn str(&mut self, section: &str, key: &str, value: &str) -> &mut Conf {
         self.set(section, key, toml_str(value))

@@ -35,19 +35,7 @@ fn libvirt_conf(h: &mut Harness, image: &Path) -> Setup {
         .str("load", "combine", "max")
         .str("load", "attack", "0s")
         .str("load", "decay", "500ms");
-    for (m, w) in [
-        ("cpu", "1.0"),
-        ("load_avg", "0.0"),
-        ("memory", "0.0"),
-        ("network", "0.0"),
-        ("disk", "0.0"),
-        ("psi_cpu", "0.0"),
-        ("psi_memory", "0.0"),
-        ("psi_io", "0.0"),
-        ("rtt", "0.0"),
-    ] {
-        c.set("load.weights", m, w);
-    }
+    c.cpu_only_load();
     c.set("policy", "suspend_above", "0.6")
         .set("policy", "resume_below", "0.3")
         .set("policy", "launch_below", "0.3")

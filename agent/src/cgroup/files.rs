@@ -317,3 +317,28 @@ mod tests {
         assert_eq!(got, Some(7));
     }
 }
+
+/// The outcome of waiting for a freeze or thaw. A freeze still pending after
+/// [`FREEZE_WAIT`] counts as done (tasks not yet scheduled stop before they
+/// run user code again); a thaw that did not finish is an error.
+pub(crate) fn freeze_outcome(
+    done: Option<()>,
+    frozen: bool,
+    path: &Path,
+    thawed_name: &str,
+) -> Result<bool, CgroupError> {
+    if done.is_some() {
+        return Ok(true);
+    }
+    if frozen {
+        tracing::warn!(
+            path = %path.display(),
+            "freeze still pending after {FREEZE_WAIT:?}: tasks not scheduled yet stop before they run again"
+        );
+        return Ok(true);
+    }
+    Err(CgroupError::Timeout {
+        path: path.to_path_buf(),
+        message: format!("not {thawed_name} after {FREEZE_WAIT:?}"),
+    })
+}

@@ -299,21 +299,7 @@ impl Partition for V1Partition {
             files::write(&state, want)?;
             Ok(None)
         })?;
-        if done.is_none() {
-            if frozen {
-                tracing::warn!(
-                    path = %state.display(),
-                    "freeze still pending after {:?}: tasks not scheduled yet stop before they run again",
-                    files::FREEZE_WAIT
-                );
-                return Ok(true);
-            }
-            return Err(CgroupError::Timeout {
-                path: state,
-                message: format!("not THAWED after {:?}", files::FREEZE_WAIT),
-            });
-        }
-        Ok(true)
+        files::freeze_outcome(done, frozen, &state, "THAWED")
     }
 
     fn frozen(&self, name: &str) -> Result<Option<bool>, CgroupError> {

@@ -319,21 +319,7 @@ pub(crate) fn set_frozen_v2(dir: &Path, frozen: bool) -> Result<bool, CgroupErro
             _ => Some(()),
         })
     })?;
-    if done.is_none() {
-        if frozen {
-            tracing::warn!(
-                path = %dir.display(),
-                "freeze still pending after {:?}: tasks not scheduled yet stop before they run again",
-                files::FREEZE_WAIT
-            );
-            return Ok(true);
-        }
-        return Err(CgroupError::Timeout {
-            path: events,
-            message: format!("not thawed after {:?}", files::FREEZE_WAIT),
-        });
-    }
-    Ok(true)
+    files::freeze_outcome(done, frozen, &events, "thawed")
 }
 
 /// `frozen` of a v2 group's `cgroup.events`; None when the key is absent.

@@ -185,18 +185,7 @@ fn bench_reaction(image: &std::path::Path, trials: usize) {
         .str("load", "decay", "500ms");
     // The CPU path only: the 1-minute load average would still be high from
     // the previous trial and keep the VM from resuming between trials.
-    for w in [
-        "load_avg",
-        "memory",
-        "network",
-        "disk",
-        "psi_cpu",
-        "psi_memory",
-        "psi_io",
-        "rtt",
-    ] {
-        c.set("load.weights", w, 0.0);
-    }
+    c.cpu_only_load();
     let mut agent = h.start(&c);
     let name = agent.wait_for("a running grid VM", Duration::from_secs(240), |s| {
         s.vms
