@@ -3,6 +3,7 @@
 //! beyond naming. JSON (status API) and MessagePack (agent↔controller) both
 //! encode these types.
 
+pub mod grid;
 pub mod load;
 pub mod status;
 pub mod vm;

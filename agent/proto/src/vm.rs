@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Lifecycle of one grid VM: Absent → Launching → Running ⇄ Suspended → Reclaimed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// No VM exists yet; the slot may be launched when capacity is spare.

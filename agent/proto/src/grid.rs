@@ -1,0 +1,209 @@
+//! Agent ↔ controller messages (HTTP bodies in MessagePack): registration,
+//! heartbeats with the load factor and running subtasks, subtask batches
+//! pushed to an agent, and completion reports. Work in progress for the
+//! controller issue; the shapes are fixed here so both sides share them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Metric, VmState};
+
+/// Identifies one attempt at one subtask. `epoch` is the attempt number the
+/// controller handed out; a report with another epoch is stale.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub job: String,
+    pub index: u64,
+    pub epoch: u32,
+}
+
+/// `POST /v1/agents/register`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Register {
+    pub host: String,
+    pub version: String,
+    /// Where the controller reaches this agent (`http://addr:port`), if it can.
+    pub agent_url: Option<String>,
+    /// Subtasks this agent can run at once.
+    pub slots: u32,
+}
+
+/// The controller's answer to [`Register`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registered {
+    pub host: String,
+    /// How often the agent should heartbeat.
+    pub heartbeat_ms: u64,
+}
+
+/// `POST /v1/agents/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub host: String,
+    /// Smoothed composite load factor, 0..1.
+    pub load: f64,
+    pub dominant: Option<Metric>,
+    /// Normalised value per available metric.
+    pub breakdown: BTreeMap<Metric, f64>,
+    pub free_slots: u32,
+    pub running: Vec<AttemptRef>,
+    /// Grid VMs by state.
+    pub vms: BTreeMap<VmState, u32>,
+    /// How long the longest-suspended grid VM has been suspended, ms.
+    pub suspended_ms: u64,
+}
+
+/// The controller's answer to a [`Heartbeat`]: attempts the agent must stop
+/// (its host left the eligible set; they are dispatched elsewhere).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub withdraw: Vec<AttemptRef>,
+}
+
+/// One subtask pushed to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub attempt: AttemptRef,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    #[serde(with = "bytes_as_bin")]
+    pub stdin: Vec<u8>,
+    pub timeout_ms: u64,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// `POST /v1/subtasks` on the agent: a batch of assignments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignBatch {
+    pub assignments: Vec<Assignment>,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub attempt: AttemptRef,
+    pub host: String,
+    /// Exit code when the command exited.
+    pub exit_code: Option<i32>,
+    /// Signal number when it was killed.
+    pub signal: Option<i32>,
+    /// Why it could not run or finish (timeout, spawn failure, withdrawn), if so.
+    pub error: Option<String>,
+    #[serde(with = "bytes_as_bin")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "bytes_as_bin")]
+    pub stderr: Vec<u8>,
+    /// Sizes before capping.
+    pub stdout_size: u64,
+    pub stderr_size: u64,
+    pub duration_ms: u64,
+}
+
+impl Completion {
+    /// Success means exit code 0 and no error.
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0) && self.error.is_none() && self.signal.is_none()
+    }
+}
+
+/// Byte buffers as MessagePack `bin` (not an array of integers).
+mod bytes_as_bin {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = a.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completion() -> Completion {
+        Completion {
+            attempt: AttemptRef {
+                job: "j-1".into(),
+                index: 7,
+                epoch: 2,
+            },
+            host: "h1".into(),
+            exit_code: Some(0),
+            signal: None,
+            error: None,
+            stdout: b"out\n\xff".to_vec(),
+            stderr: Vec::new(),
+            stdout_size: 5,
+            stderr_size: 0,
+            duration_ms: 12,
+        }
+    }
+
+    #[test]
+    fn completion_round_trips_and_keeps_bytes_as_bin() {
+        let c = completion();
+        let mp = rmp_serde::to_vec_named(&c).unwrap();
+        // 0xc4 = bin 8: stdout travels as bytes, not an integer array.
+        assert!(mp.windows(2).any(|w| w == [0xc4, 5]), "{mp:x?}");
+        assert_eq!(rmp_serde::from_slice::<Completion>(&mp).unwrap(), c);
+        assert!(c.succeeded());
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Completion>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn heartbeat_round_trips() {
+        let hb = Heartbeat {
+            host: "h1".into(),
+            load: 0.4,
+            dominant: Some(Metric::Cpu),
+            breakdown: [(Metric::Cpu, 0.4), (Metric::Memory, 0.1)].into(),
+            free_slots: 2,
+            running: vec![completion().attempt],
+            vms: [(VmState::Running, 1)].into(),
+            suspended_ms: 0,
+        };
+        let mp = rmp_serde::to_vec_named(&hb).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Heartbeat>(&mp).unwrap(), hb);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [
+            &b""[..],
+            b"\xc1",
+            b"\x92\x01",
+            &[0xdf, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            assert!(rmp_serde::from_slice::<Completion>(bytes).is_err());
+        }
+    }
+}
