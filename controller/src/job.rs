@@ -1,9 +1,25 @@
 //! The work request (`POST /v1/jobs` body) and what the controller tracks
 //! for it: jobs, subtasks and attempts. Plain data plus validation; no I/O.
+//!
+//! - [`JobRequest::validate`] checks a request against the controller's
+//!   [`Limits`]; the [`ValidationError`] names the field by its dotted JSON
+//!   path (`split.range.chunk`, `command.argv[0]`, `resources.vcpus`) and
+//!   carries a stable [`ErrorCode`] for the API's `{code, message, field}`
+//!   error body.
+//! - [`parse_json`] / [`parse_value`] read a request body. They walk the JSON
+//!   tree themselves instead of relying on serde's derive, so that every
+//!   unknown field, missing field and wrong type is reported with its exact
+//!   path and a message written for people (serde_json reports only
+//!   line/column and cannot say which nested field was wrong). The result is
+//!   the same [`JobRequest`] the serde derive builds; a test keeps the two in
+//!   step. The derive stays for serialising and for TOML job files.
+//! - [`Command::to_argv`] is the one place that turns a script into an argv.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// What runs for each subtask.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,4 +111,874 @@ pub struct SubtaskSpec {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub stdin: Vec<u8>,
+}
+
+impl Command {
+    /// The argv this command runs, before any placeholder is filled.
+    ///
+    /// An [`Command::Argv`] is returned as is. A [`Command::Script`] becomes
+    /// an argv by the interpreter's file name (its last `/`-separated part):
+    ///
+    /// | interpreter | argv |
+    /// |---|---|
+    /// | `awk`, `gawk`, `mawk`, `nawk` | `[interpreter, source]` (the program is the first operand) |
+    /// | `perl`, `ruby`, `node`, `nodejs` | `[interpreter, "-e", source]` (`-c` would only check the syntax) |
+    /// | anything else: `sh`, `bash`, `ash`, `dash`, `python3`, … | `[interpreter, "-c", source]` |
+    pub fn to_argv(&self) -> Vec<String> {
+        match self {
+            Command::Argv(argv) => argv.clone(),
+            Command::Script {
+                interpreter,
+                source,
+            } => match script_flag(interpreter) {
+                Some(flag) => vec![interpreter.clone(), flag.to_string(), source.clone()],
+                None => vec![interpreter.clone(), source.clone()],
+            },
+        }
+    }
+}
+
+/// The flag that introduces inline program text for `interpreter`, or `None`
+/// when the program text is the first operand (awk). See [`Command::to_argv`].
+pub fn script_flag(interpreter: &str) -> Option<&'static str> {
+    let name = interpreter.rsplit('/').next().unwrap_or(interpreter);
+    match name {
+        "awk" | "gawk" | "mawk" | "nawk" => None,
+        "perl" | "ruby" | "node" | "nodejs" => Some("-e"),
+        _ => Some("-c"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+/// Caps a controller config sets on what one request may ask for. The
+/// defaults are what a controller without a config accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Subtasks one job may be cut into.
+    pub max_subtasks: u64,
+    /// Entries in an `items` list.
+    pub max_items: u64,
+    /// Bytes of a `lines` input, and of an `items` list as fed to stdin
+    /// (each item plus its newline).
+    pub max_input_bytes: u64,
+    /// Elements of a command's argv (a script counts as its interpreter argv).
+    pub max_argv_elements: u64,
+    /// Bytes of a command's argv after `{start}`/`{end}` are filled, summed
+    /// over its elements; a script's source counts in full. Linux refuses a
+    /// single argument over 128 KiB (`MAX_ARG_STRLEN`), hence the default.
+    pub max_argv_bytes: u64,
+    /// Bytes of the job's `name`.
+    pub max_name_bytes: u64,
+    /// Largest `max_attempts`.
+    pub max_attempts: u32,
+    /// Largest `resources.vcpus`.
+    pub max_vcpus: u32,
+    /// Largest `resources.memory_mib`.
+    pub max_memory_mib: u64,
+    /// Largest `resources.timeout_secs`.
+    pub max_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_subtasks: 1_000_000,
+            max_items: 1_000_000,
+            max_input_bytes: 64 * 1024 * 1024,
+            max_argv_elements: 4096,
+            max_argv_bytes: 128 * 1024,
+            max_name_bytes: 256,
+            max_attempts: 100,
+            max_vcpus: 64,
+            max_memory_mib: 256 * 1024,
+            max_timeout_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Limits {
+    /// No caps at all: only the checks without which a request cannot be
+    /// split or run (empty argv, `chunk == 0`, `end <= start`, …) remain.
+    pub fn unbounded() -> Self {
+        Limits {
+            max_subtasks: u64::MAX,
+            max_items: u64::MAX,
+            max_input_bytes: u64::MAX,
+            max_argv_elements: u64::MAX,
+            max_argv_bytes: u64::MAX,
+            max_name_bytes: u64::MAX,
+            max_attempts: u32::MAX,
+            max_vcpus: u32::MAX,
+            max_memory_mib: u64::MAX,
+            max_timeout_secs: u64::MAX,
+        }
+    }
+}
+
+/// The stable, machine-readable kind of a [`ValidationError`]: the `code` of
+/// the API's error body. All of them are client errors (HTTP 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not JSON at all (syntax error, truncated, empty).
+    MalformedJson,
+    /// A field the request format does not have.
+    UnknownField,
+    /// A required field is absent.
+    MissingField,
+    /// A field holds the wrong kind of JSON value (a string for a number, …).
+    InvalidType,
+    /// A field has the right type but a value the controller refuses.
+    InvalidField,
+    /// A field is over one of the controller's [`Limits`].
+    TooLarge,
+}
+
+impl ErrorCode {
+    /// The code as it appears in the API (`"invalid_field"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::UnknownField => "unknown_field",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::InvalidType => "invalid_type",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::TooLarge => "too_large",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a request was refused: a stable `code`, the `field` it is about as a
+/// dotted JSON path (`"body"` when it is about the body as a whole) and a
+/// message for people. Serialises as the API's error body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub code: ErrorCode,
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(code: ErrorCode, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            code,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidField, field, message)
+    }
+
+    fn too_large(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::TooLarge, field, message)
+    }
+}
+
+/// Subtasks a `range` split makes: `ceil((end - start) / chunk)`, computed in
+/// 128 bits so no `i64` bounds overflow; 0 when `end <= start` or `chunk == 0`.
+pub fn range_subtask_count(start: i64, end: i64, chunk: u64) -> u64 {
+    if end <= start || chunk == 0 {
+        return 0;
+    }
+    let len = (end as i128 - start as i128) as u128; // ≤ 2^64 - 1
+    len.div_ceil(chunk as u128) as u64
+}
+
+/// Lines in `input`: newline-terminated lines plus a final line without one.
+pub fn line_count(input: &[u8]) -> u64 {
+    let newlines = input.iter().filter(|&&b| b == b'\n').count() as u64;
+    match input.last() {
+        None => 0,
+        Some(b'\n') => newlines,
+        Some(_) => newlines + 1,
+    }
+}
+
+/// The most bytes `{start}`/`{end}` can add to `s` once filled with `i64`s
+/// (at most 20 characters each).
+fn placeholder_growth(s: &str) -> u64 {
+    let n = s.matches("{start}").count() + s.matches("{end}").count();
+    n as u64 * 20
+}
+
+impl JobRequest {
+    /// Checks every field against `limits`. The first problem found, in the
+    /// order of the fields in the request, is returned.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
+        if self.name.len() as u64 > limits.max_name_bytes {
+            return Err(ValidationError::too_large(
+                "name",
+                format!(
+                    "the name is {} bytes; the limit is {}",
+                    self.name.len(),
+                    limits.max_name_bytes
+                ),
+            ));
+        }
+        let is_range = matches!(self.split, Split::Range { .. });
+        validate_command(&self.command, "command", limits, is_range)?;
+        validate_split(&self.split, limits)?;
+        validate_resources(&self.resources, limits)?;
+        if self.max_attempts == 0 {
+            return Err(ValidationError::invalid(
+                "max_attempts",
+                "must be at least 1 (the first run is an attempt)",
+            ));
+        }
+        if self.max_attempts > limits.max_attempts {
+            return Err(ValidationError::too_large(
+                "max_attempts",
+                format!(
+                    "{} attempts asked; the limit is {}",
+                    self.max_attempts, limits.max_attempts
+                ),
+            ));
+        }
+        if let Some(reduce) = &self.reduce {
+            validate_command(reduce, "reduce", limits, false)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_command(
+    cmd: &Command,
+    prefix: &str,
+    limits: &Limits,
+    placeholders: bool,
+) -> Result<(), ValidationError> {
+    match cmd {
+        Command::Argv(argv) => {
+            let field = format!("{prefix}.argv");
+            let Some(program) = argv.first() else {
+                return Err(ValidationError::invalid(
+                    field,
+                    "the argv is empty; it must name at least the program to run",
+                ));
+            };
+            if program.trim().is_empty() {
+                return Err(ValidationError::invalid(
+                    format!("{field}[0]"),
+                    "the program name (argv[0]) is empty",
+                ));
+            }
+            if argv.len() as u64 > limits.max_argv_elements {
+                return Err(ValidationError::too_large(
+                    field,
+                    format!(
+                        "the argv has {} elements; the limit is {}",
+                        argv.len(),
+                        limits.max_argv_elements
+                    ),
+                ));
+            }
+            let mut bytes: u64 = 0;
+            for (i, arg) in argv.iter().enumerate() {
+                if arg.contains('\0') {
+                    return Err(ValidationError::invalid(
+                        format!("{field}[{i}]"),
+                        "contains a NUL byte, which no program argument can carry",
+                    ));
+                }
+                bytes = bytes.saturating_add(arg.len() as u64);
+                if placeholders {
+                    bytes = bytes.saturating_add(placeholder_growth(arg));
+                }
+            }
+            if bytes > limits.max_argv_bytes {
+                return Err(ValidationError::too_large(
+                    field,
+                    format!(
+                        "the argv takes up to {bytes} bytes once placeholders are filled; the limit is {}",
+                        limits.max_argv_bytes
+                    ),
+                ));
+            }
+        }
+        Command::Script {
+            interpreter,
+            source,
+        } => {
+            let ifield = format!("{prefix}.script.interpreter");
+            let sfield = format!("{prefix}.script.source");
+            if interpreter.trim().is_empty() {
+                return Err(ValidationError::invalid(
+                    ifield,
+                    "the interpreter is empty; name one the guest image carries (sh, awk, …)",
+                ));
+            }
+            if interpreter.chars().any(|c| c.is_whitespace() || c == '\0') {
+                return Err(ValidationError::invalid(
+                    ifield,
+                    format!(
+                        "{interpreter:?} is not a single program name or path; \
+                         use `argv` to pass arguments to an interpreter"
+                    ),
+                ));
+            }
+            if source.trim().is_empty() {
+                return Err(ValidationError::invalid(
+                    sfield,
+                    "the script is empty or only whitespace",
+                ));
+            }
+            if source.contains('\0') {
+                return Err(ValidationError::invalid(
+                    sfield,
+                    "contains a NUL byte, which a script passed as an argument cannot carry",
+                ));
+            }
+            let mut bytes = (interpreter.len() + source.len() + 2) as u64;
+            if placeholders {
+                bytes = bytes
+                    .saturating_add(placeholder_growth(interpreter))
+                    .saturating_add(placeholder_growth(source));
+            }
+            if bytes > limits.max_argv_bytes {
+                return Err(ValidationError::too_large(
+                    sfield,
+                    format!(
+                        "the script takes up to {bytes} bytes as an argument; the limit is {}",
+                        limits.max_argv_bytes
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_split(split: &Split, limits: &Limits) -> Result<(), ValidationError> {
+    match split {
+        Split::Range { start, end, chunk } => {
+            if end <= start {
+                return Err(ValidationError::invalid(
+                    "split.range.end",
+                    format!(
+                        "end ({end}) must be greater than start ({start}); the range is [start, end), end exclusive"
+                    ),
+                ));
+            }
+            if *chunk == 0 {
+                return Err(ValidationError::invalid(
+                    "split.range.chunk",
+                    "must be at least 1",
+                ));
+            }
+            let count = range_subtask_count(*start, *end, *chunk);
+            if count > limits.max_subtasks {
+                let len = (*end as i128 - *start as i128) as u128;
+                let least = len.div_ceil(limits.max_subtasks.max(1) as u128);
+                return Err(ValidationError::too_large(
+                    "split.range.chunk",
+                    format!(
+                        "[{start}, {end}) in chunks of {chunk} makes {count} subtasks; \
+                         the limit is {}, so use a chunk of at least {least}",
+                        limits.max_subtasks
+                    ),
+                ));
+            }
+        }
+        Split::Items { items, batch } => {
+            if items.is_empty() {
+                return Err(ValidationError::invalid(
+                    "split.items.items",
+                    "the list is empty; there is nothing to run",
+                ));
+            }
+            if *batch == 0 {
+                return Err(ValidationError::invalid(
+                    "split.items.batch",
+                    "must be at least 1",
+                ));
+            }
+            if items.len() as u64 > limits.max_items {
+                return Err(ValidationError::too_large(
+                    "split.items.items",
+                    format!("{} items; the limit is {}", items.len(), limits.max_items),
+                ));
+            }
+            let mut bytes: u64 = 0;
+            for (i, item) in items.iter().enumerate() {
+                if let Some(c) = item.chars().find(|&c| c == '\n' || c == '\r') {
+                    let what = if c == '\n' {
+                        "a newline"
+                    } else {
+                        "a carriage return"
+                    };
+                    return Err(ValidationError::invalid(
+                        format!("split.items.items[{i}]"),
+                        format!(
+                            "contains {what}; items are fed one per line on stdin, \
+                             so an item cannot span lines (use `lines` for multi-line input)"
+                        ),
+                    ));
+                }
+                bytes = bytes.saturating_add(item.len() as u64 + 1);
+            }
+            if bytes > limits.max_input_bytes {
+                return Err(ValidationError::too_large(
+                    "split.items.items",
+                    format!(
+                        "the items take {bytes} bytes on stdin; the limit is {}",
+                        limits.max_input_bytes
+                    ),
+                ));
+            }
+            let count = (items.len() as u64).div_ceil(*batch);
+            if count > limits.max_subtasks {
+                return Err(ValidationError::too_large(
+                    "split.items.batch",
+                    format!(
+                        "{} items in batches of {batch} makes {count} subtasks; the limit is {}, \
+                         so use a batch of at least {}",
+                        items.len(),
+                        limits.max_subtasks,
+                        (items.len() as u64).div_ceil(limits.max_subtasks.max(1))
+                    ),
+                ));
+            }
+        }
+        Split::Lines { input, block } => {
+            if input.is_empty() {
+                return Err(ValidationError::invalid(
+                    "split.lines.input",
+                    "the input is empty; there is nothing to run",
+                ));
+            }
+            if *block == 0 {
+                return Err(ValidationError::invalid(
+                    "split.lines.block",
+                    "must be at least 1",
+                ));
+            }
+            if input.len() as u64 > limits.max_input_bytes {
+                return Err(ValidationError::too_large(
+                    "split.lines.input",
+                    format!(
+                        "the input is {} bytes; the limit is {}",
+                        input.len(),
+                        limits.max_input_bytes
+                    ),
+                ));
+            }
+            let lines = line_count(input.as_bytes());
+            let count = lines.div_ceil(*block);
+            if count > limits.max_subtasks {
+                return Err(ValidationError::too_large(
+                    "split.lines.block",
+                    format!(
+                        "{lines} lines in blocks of {block} makes {count} subtasks; the limit is {}, \
+                         so use a block of at least {}",
+                        limits.max_subtasks,
+                        lines.div_ceil(limits.max_subtasks.max(1))
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_resources(r: &Resources, limits: &Limits) -> Result<(), ValidationError> {
+    if r.vcpus == 0 {
+        return Err(ValidationError::invalid(
+            "resources.vcpus",
+            "must be at least 1",
+        ));
+    }
+    if r.vcpus > limits.max_vcpus {
+        return Err(ValidationError::too_large(
+            "resources.vcpus",
+            format!("{} vCPUs asked; the limit is {}", r.vcpus, limits.max_vcpus),
+        ));
+    }
+    if r.memory_mib == 0 {
+        return Err(ValidationError::invalid(
+            "resources.memory_mib",
+            "must be at least 1 MiB",
+        ));
+    }
+    if r.memory_mib > limits.max_memory_mib {
+        return Err(ValidationError::too_large(
+            "resources.memory_mib",
+            format!(
+                "{} MiB asked; the limit is {} MiB",
+                r.memory_mib, limits.max_memory_mib
+            ),
+        ));
+    }
+    if r.timeout_secs == 0 {
+        return Err(ValidationError::invalid(
+            "resources.timeout_secs",
+            "must be at least 1 second",
+        ));
+    }
+    if r.timeout_secs > limits.max_timeout_secs {
+        return Err(ValidationError::too_large(
+            "resources.timeout_secs",
+            format!(
+                "{} s asked; the limit is {} s",
+                r.timeout_secs, limits.max_timeout_secs
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------
+
+/// Reads a request body. Syntax errors come back as
+/// [`ErrorCode::MalformedJson`] on field `"body"` with serde_json's line and
+/// column; everything after that names the field by its path. Does not check
+/// [`Limits`]: call [`JobRequest::validate`] next.
+pub fn parse_json(bytes: &[u8]) -> Result<JobRequest, ValidationError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| malformed(bytes, &e))?;
+    parse_value(&value)
+}
+
+fn malformed(bytes: &[u8], e: &serde_json::Error) -> ValidationError {
+    use serde_json::error::Category;
+    let message = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        "the body is empty; expected a JSON object".to_string()
+    } else {
+        match e.classify() {
+            Category::Eof => format!("the JSON ends early: {e}"),
+            Category::Syntax => format!("not valid JSON: {e}"),
+            Category::Data | Category::Io => format!("cannot read the JSON: {e}"),
+        }
+    };
+    ValidationError::new(ErrorCode::MalformedJson, "body", message)
+}
+
+/// Reads a request from a JSON value (for callers that have one already,
+/// such as a TOML job file converted to JSON). See [`parse_json`].
+pub fn parse_value(value: &Value) -> Result<JobRequest, ValidationError> {
+    let top = object(value, "")?;
+    check_keys(
+        top,
+        "",
+        &[
+            "name",
+            "command",
+            "split",
+            "resources",
+            "max_attempts",
+            "priority",
+            "mode",
+            "reduce",
+        ],
+    )?;
+    let name = match top.get("name") {
+        Some(v) => string(v, "name")?,
+        None => String::new(),
+    };
+    let command = parse_command(required(top, "command", "")?, "command")?;
+    let split = parse_split(required(top, "split", "")?, "split")?;
+    let resources = match top.get("resources") {
+        Some(v) => parse_resources(v, "resources")?,
+        None => Resources::default(),
+    };
+    let max_attempts = match top.get("max_attempts") {
+        Some(v) => unsigned(v, "max_attempts", u32::MAX as u64)? as u32,
+        None => default_max_attempts(),
+    };
+    let priority = match top.get("priority") {
+        Some(v) => signed(v, "priority", i32::MIN as i64, i32::MAX as i64)? as i32,
+        None => 0,
+    };
+    let mode = match top.get("mode") {
+        Some(v) => match string(v, "mode")?.as_str() {
+            "push" => DispatchMode::Push,
+            "pull" => DispatchMode::Pull,
+            "p2p" => DispatchMode::P2p,
+            other => return Err(ValidationError::invalid(
+                "mode",
+                format!(
+                    "unknown dispatch mode {other:?}; expected one of \"push\", \"pull\", \"p2p\""
+                ),
+            )),
+        },
+        None => DispatchMode::default(),
+    };
+    let reduce = match top.get("reduce") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_command(v, "reduce")?),
+    };
+    Ok(JobRequest {
+        name,
+        command,
+        split,
+        resources,
+        max_attempts,
+        priority,
+        mode,
+        reduce,
+    })
+}
+
+fn parse_command(v: &Value, path: &str) -> Result<Command, ValidationError> {
+    let (variant, inner) = one_of(v, path, &["argv", "script"])?;
+    let ipath = join(path, variant);
+    match variant {
+        "argv" => {
+            let Value::Array(elems) = inner else {
+                return Err(wrong_type(&ipath, "an array of strings", inner));
+            };
+            let argv = elems
+                .iter()
+                .enumerate()
+                .map(|(i, e)| string(e, &format!("{ipath}[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Command::Argv(argv))
+        }
+        _ => {
+            let obj = object(inner, &ipath)?;
+            check_keys(obj, &ipath, &["interpreter", "source"])?;
+            let interpreter = string(
+                required(obj, "interpreter", &ipath)?,
+                &join(&ipath, "interpreter"),
+            )?;
+            let source = string(required(obj, "source", &ipath)?, &join(&ipath, "source"))?;
+            Ok(Command::Script {
+                interpreter,
+                source,
+            })
+        }
+    }
+}
+
+fn parse_split(v: &Value, path: &str) -> Result<Split, ValidationError> {
+    let (variant, inner) = one_of(v, path, &["range", "items", "lines"])?;
+    let p = join(path, variant);
+    let obj = object(inner, &p)?;
+    match variant {
+        "range" => {
+            check_keys(obj, &p, &["start", "end", "chunk"])?;
+            let f = |k: &str| join(&p, k);
+            let start = signed(required(obj, "start", &p)?, &f("start"), i64::MIN, i64::MAX)?;
+            let end = signed(required(obj, "end", &p)?, &f("end"), i64::MIN, i64::MAX)?;
+            let chunk = unsigned(required(obj, "chunk", &p)?, &f("chunk"), u64::MAX)?;
+            Ok(Split::Range { start, end, chunk })
+        }
+        "items" => {
+            check_keys(obj, &p, &["items", "batch"])?;
+            let ipath = join(&p, "items");
+            let list = required(obj, "items", &p)?;
+            let Value::Array(elems) = list else {
+                return Err(wrong_type(&ipath, "an array of strings", list));
+            };
+            let items = elems
+                .iter()
+                .enumerate()
+                .map(|(i, e)| string(e, &format!("{ipath}[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let batch = unsigned(required(obj, "batch", &p)?, &join(&p, "batch"), u64::MAX)?;
+            Ok(Split::Items { items, batch })
+        }
+        _ => {
+            check_keys(obj, &p, &["input", "block"])?;
+            let input = string(required(obj, "input", &p)?, &join(&p, "input"))?;
+            let block = unsigned(required(obj, "block", &p)?, &join(&p, "block"), u64::MAX)?;
+            Ok(Split::Lines { input, block })
+        }
+    }
+}
+
+fn parse_resources(v: &Value, path: &str) -> Result<Resources, ValidationError> {
+    let obj = object(v, path)?;
+    check_keys(obj, path, &["vcpus", "memory_mib", "timeout_secs"])?;
+    let mut r = Resources::default();
+    if let Some(v) = obj.get("vcpus") {
+        r.vcpus = unsigned(v, &join(path, "vcpus"), u32::MAX as u64)? as u32;
+    }
+    if let Some(v) = obj.get("memory_mib") {
+        r.memory_mib = unsigned(v, &join(path, "memory_mib"), u64::MAX)?;
+    }
+    if let Some(v) = obj.get("timeout_secs") {
+        r.timeout_secs = unsigned(v, &join(path, "timeout_secs"), u64::MAX)?;
+    }
+    Ok(r)
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// `path` for messages: the top level is the body.
+fn shown(path: &str) -> &str {
+    if path.is_empty() {
+        "body"
+    } else {
+        path
+    }
+}
+
+/// How a JSON value is described in messages.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) if s.chars().count() <= 40 => format!("the string {s:?}"),
+        Value::String(_) => "a string".to_string(),
+        Value::Array(_) => "an array".to_string(),
+        Value::Object(_) => "an object".to_string(),
+    }
+}
+
+fn wrong_type(path: &str, expected: &str, got: &Value) -> ValidationError {
+    ValidationError::new(
+        ErrorCode::InvalidType,
+        shown(path),
+        format!("expected {expected}, got {}", describe(got)),
+    )
+}
+
+fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ValidationError> {
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(wrong_type(path, "an object", other)),
+    }
+}
+
+fn list(keys: &[&str]) -> String {
+    keys.iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_keys(
+    obj: &Map<String, Value>,
+    path: &str,
+    allowed: &[&str],
+) -> Result<(), ValidationError> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ValidationError::new(
+            ErrorCode::UnknownField,
+            join(path, k),
+            format!(
+                "unknown field `{k}` in {}; expected one of {}",
+                shown(path),
+                list(allowed)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn required<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<&'a Value, ValidationError> {
+    obj.get(key).ok_or_else(|| {
+        ValidationError::new(
+            ErrorCode::MissingField,
+            join(path, key),
+            format!("missing field `{key}` in {}", shown(path)),
+        )
+    })
+}
+
+/// An object with exactly one key, one of `variants` (serde's externally
+/// tagged enum form): `{"range": {...}}`.
+fn one_of<'a>(
+    v: &'a Value,
+    path: &str,
+    variants: &[&str],
+) -> Result<(&'a str, &'a Value), ValidationError> {
+    let obj = match v {
+        Value::Object(m) => m,
+        other => {
+            return Err(wrong_type(
+                path,
+                &format!("an object with one of {}", list(variants)),
+                other,
+            ))
+        }
+    };
+    check_keys(obj, path, variants)?;
+    let mut keys = obj.iter();
+    match (keys.next(), keys.next()) {
+        (Some((k, inner)), None) => Ok((k.as_str(), inner)),
+        (None, _) => Err(ValidationError::new(
+            ErrorCode::MissingField,
+            shown(path),
+            format!("{} is empty; give one of {}", shown(path), list(variants)),
+        )),
+        (Some((a, _)), Some((b, _))) => Err(ValidationError::invalid(
+            shown(path),
+            format!(
+                "give only one of {}, not both `{a}` and `{b}`",
+                list(variants)
+            ),
+        )),
+    }
+}
+
+fn string(v: &Value, path: &str) -> Result<String, ValidationError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        other => Err(wrong_type(path, "a string", other)),
+    }
+}
+
+fn unsigned(v: &Value, path: &str, max: u64) -> Result<u64, ValidationError> {
+    let Value::Number(n) = v else {
+        return Err(wrong_type(path, "a whole number", v));
+    };
+    if let Some(x) = n.as_u64() {
+        if x <= max {
+            return Ok(x);
+        }
+    } else if n.as_i64().is_some() {
+        return Err(ValidationError::invalid(
+            path,
+            format!("must not be negative, got {n}"),
+        ));
+    } else if n.as_f64().is_some_and(|f| f.fract() != 0.0) {
+        return Err(wrong_type(path, "a whole number", v));
+    }
+    Err(ValidationError::invalid(
+        path,
+        format!("{n} is out of range; the largest accepted value is {max}"),
+    ))
+}
+
+fn signed(v: &Value, path: &str, min: i64, max: i64) -> Result<i64, ValidationError> {
+    let Value::Number(n) = v else {
+        return Err(wrong_type(path, "a whole number", v));
+    };
+    if let Some(x) = n.as_i64() {
+        if (min..=max).contains(&x) {
+            return Ok(x);
+        }
+    } else if n.as_f64().is_some_and(|f| f.fract() != 0.0) {
+        return Err(wrong_type(path, "a whole number", v));
+    }
+    Err(ValidationError::invalid(
+        path,
+        format!("{n} is out of range; accepted values are {min}..={max}"),
+    ))
 }
