@@ -707,12 +707,14 @@ pub fn parse_value(value: &Value) -> Result<JobRequest, ValidationError> {
             "push" => DispatchMode::Push,
             "pull" => DispatchMode::Pull,
             "p2p" => DispatchMode::P2p,
-            other => return Err(ValidationError::invalid(
-                "mode",
-                format!(
+            other => {
+                return Err(ValidationError::invalid(
+                    "mode",
+                    format!(
                     "unknown dispatch mode {other:?}; expected one of \"push\", \"pull\", \"p2p\""
                 ),
-            )),
+                ))
+            }
         },
         None => DispatchMode::default(),
     };
@@ -981,4 +983,486 @@ fn signed(v: &Value, path: &str, min: i64, max: i64) -> Result<i64, ValidationEr
         path,
         format!("{n} is out of range; accepted values are {min}..={max}"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range_req() -> JobRequest {
+        JobRequest {
+            name: "sweep".into(),
+            command: Command::Argv(vec![
+                "sim".into(),
+                "--from={start}".into(),
+                "--to={end}".into(),
+            ]),
+            split: Split::Range {
+                start: 0,
+                end: 100,
+                chunk: 10,
+            },
+            resources: Resources::default(),
+            max_attempts: 3,
+            priority: 0,
+            mode: DispatchMode::Push,
+            reduce: None,
+        }
+    }
+
+    fn check(req: &JobRequest, code: ErrorCode, field: &str) -> ValidationError {
+        check_with(req, &Limits::default(), code, field)
+    }
+
+    fn check_with(
+        req: &JobRequest,
+        limits: &Limits,
+        code: ErrorCode,
+        field: &str,
+    ) -> ValidationError {
+        let e = req.validate(limits).expect_err("request should be refused");
+        assert_eq!((e.code, e.field.as_str()), (code, field), "{e}");
+        assert!(!e.message.is_empty());
+        e
+    }
+
+    fn script(interpreter: &str, source: &str) -> Command {
+        Command::Script {
+            interpreter: interpreter.into(),
+            source: source.into(),
+        }
+    }
+
+    #[test]
+    fn valid_requests_pass() {
+        range_req().validate(&Limits::default()).unwrap();
+        let mut r = range_req();
+        r.command = script("sh", "echo {start}");
+        r.reduce = Some(script("awk", "{ s += $1 } END { print s }"));
+        r.validate(&Limits::default()).unwrap();
+        r.split = Split::Items {
+            items: vec!["a".into(), "".into()],
+            batch: 5,
+        };
+        r.validate(&Limits::default()).unwrap();
+        r.split = Split::Lines {
+            input: "x".into(),
+            block: 1,
+        };
+        r.validate(&Limits::default()).unwrap();
+        // Extremes of i64 in one chunk.
+        r.split = Split::Range {
+            start: i64::MIN,
+            end: i64::MAX,
+            chunk: u64::MAX,
+        };
+        r.validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn command_errors_name_the_field() {
+        let mut r = range_req();
+        r.command = Command::Argv(vec![]);
+        check(&r, ErrorCode::InvalidField, "command.argv");
+        r.command = Command::Argv(vec!["".into(), "x".into()]);
+        check(&r, ErrorCode::InvalidField, "command.argv[0]");
+        r.command = Command::Argv(vec!["ok".into(), "a\0b".into()]);
+        check(&r, ErrorCode::InvalidField, "command.argv[1]");
+        r.command = Command::Argv(vec!["x".to_string(); 5000]);
+        check(&r, ErrorCode::TooLarge, "command.argv");
+        r.command = Command::Argv(vec!["x".into(), "y".repeat(200 * 1024)]);
+        check(&r, ErrorCode::TooLarge, "command.argv");
+        r.command = script("", "echo");
+        check(&r, ErrorCode::InvalidField, "command.script.interpreter");
+        r.command = script("busybox sh", "echo");
+        check(&r, ErrorCode::InvalidField, "command.script.interpreter");
+        r.command = script("sh", "");
+        check(&r, ErrorCode::InvalidField, "command.script.source");
+        r.command = script("sh", "  \n ");
+        check(&r, ErrorCode::InvalidField, "command.script.source");
+        r.command = script("sh", &"#".repeat(200 * 1024));
+        check(&r, ErrorCode::TooLarge, "command.script.source");
+    }
+
+    #[test]
+    fn placeholders_count_towards_argv_bytes_for_ranges_only() {
+        let limits = Limits {
+            max_argv_bytes: 100,
+            ..Limits::default()
+        };
+        let mut r = range_req();
+        // 7 placeholders of 7 bytes = 49 bytes, but up to 7 * 27 once filled.
+        r.command = Command::Argv(vec!["p".into(), "{start}".repeat(7)]);
+        check_with(&r, &limits, ErrorCode::TooLarge, "command.argv");
+        r.split = Split::Items {
+            items: vec!["a".into()],
+            batch: 1,
+        };
+        r.validate(&limits).unwrap();
+    }
+
+    #[test]
+    fn reduce_gets_the_same_checks() {
+        let mut r = range_req();
+        r.reduce = Some(Command::Argv(vec![]));
+        check(&r, ErrorCode::InvalidField, "reduce.argv");
+        r.reduce = Some(Command::Argv(vec![" ".into()]));
+        check(&r, ErrorCode::InvalidField, "reduce.argv[0]");
+        r.reduce = Some(script("sh", ""));
+        check(&r, ErrorCode::InvalidField, "reduce.script.source");
+        r.reduce = Some(script("", "cat"));
+        check(&r, ErrorCode::InvalidField, "reduce.script.interpreter");
+    }
+
+    #[test]
+    fn range_errors() {
+        let mut r = range_req();
+        for (start, end) in [(5, 5), (5, 4), (i64::MAX, i64::MIN)] {
+            r.split = Split::Range {
+                start,
+                end,
+                chunk: 1,
+            };
+            check(&r, ErrorCode::InvalidField, "split.range.end");
+        }
+        r.split = Split::Range {
+            start: 0,
+            end: 10,
+            chunk: 0,
+        };
+        check(&r, ErrorCode::InvalidField, "split.range.chunk");
+        r.split = Split::Range {
+            start: 0,
+            end: 1_000_001,
+            chunk: 1,
+        };
+        let e = check(&r, ErrorCode::TooLarge, "split.range.chunk");
+        assert!(e.message.contains("at least 2"), "{e}");
+        // The whole i64 line in chunks of 1 would overflow 64-bit math.
+        r.split = Split::Range {
+            start: i64::MIN,
+            end: i64::MAX,
+            chunk: 1,
+        };
+        check(&r, ErrorCode::TooLarge, "split.range.chunk");
+        r.split = Split::Range {
+            start: 0,
+            end: 1_000_000,
+            chunk: 1,
+        };
+        r.validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn items_errors() {
+        let mut r = range_req();
+        r.split = Split::Items {
+            items: vec![],
+            batch: 1,
+        };
+        check(&r, ErrorCode::InvalidField, "split.items.items");
+        r.split = Split::Items {
+            items: vec!["a".into()],
+            batch: 0,
+        };
+        check(&r, ErrorCode::InvalidField, "split.items.batch");
+        r.split = Split::Items {
+            items: vec!["a".into(), "b\nc".into()],
+            batch: 1,
+        };
+        check(&r, ErrorCode::InvalidField, "split.items.items[1]");
+        let small = Limits {
+            max_items: 2,
+            max_subtasks: 2,
+            max_input_bytes: 8,
+            ..Limits::default()
+        };
+        r.split = Split::Items {
+            items: vec!["a".into(); 3],
+            batch: 3,
+        };
+        check_with(&r, &small, ErrorCode::TooLarge, "split.items.items");
+        r.split = Split::Items {
+            items: vec!["a".into(); 2],
+            batch: 1,
+        };
+        r.validate(&small).unwrap();
+        r.split = Split::Items {
+            items: vec!["abcdefgh".into()],
+            batch: 1,
+        };
+        check_with(&r, &small, ErrorCode::TooLarge, "split.items.items");
+        let few = Limits {
+            max_subtasks: 2,
+            ..Limits::default()
+        };
+        r.split = Split::Items {
+            items: vec!["a".into(); 5],
+            batch: 2,
+        };
+        let e = check_with(&r, &few, ErrorCode::TooLarge, "split.items.batch");
+        assert!(e.message.contains("at least 3"), "{e}");
+    }
+
+    #[test]
+    fn lines_errors() {
+        let mut r = range_req();
+        r.split = Split::Lines {
+            input: String::new(),
+            block: 1,
+        };
+        check(&r, ErrorCode::InvalidField, "split.lines.input");
+        r.split = Split::Lines {
+            input: "a\n".into(),
+            block: 0,
+        };
+        check(&r, ErrorCode::InvalidField, "split.lines.block");
+        let small = Limits {
+            max_input_bytes: 5,
+            max_subtasks: 2,
+            ..Limits::default()
+        };
+        r.split = Split::Lines {
+            input: "abcdef".into(),
+            block: 1,
+        };
+        check_with(&r, &small, ErrorCode::TooLarge, "split.lines.input");
+        r.split = Split::Lines {
+            input: "a\nb\nc".into(),
+            block: 1,
+        };
+        check_with(&r, &small, ErrorCode::TooLarge, "split.lines.block");
+        r.split = Split::Lines {
+            input: "a\nb\nc".into(),
+            block: 2,
+        };
+        r.validate(&small).unwrap();
+    }
+
+    #[test]
+    fn resource_and_attempt_errors() {
+        let mut r = range_req();
+        r.resources.vcpus = 0;
+        check(&r, ErrorCode::InvalidField, "resources.vcpus");
+        r.resources.vcpus = 65;
+        check(&r, ErrorCode::TooLarge, "resources.vcpus");
+        r = range_req();
+        r.resources.memory_mib = 0;
+        check(&r, ErrorCode::InvalidField, "resources.memory_mib");
+        r.resources.memory_mib = u64::MAX;
+        check(&r, ErrorCode::TooLarge, "resources.memory_mib");
+        r = range_req();
+        r.resources.timeout_secs = 0;
+        check(&r, ErrorCode::InvalidField, "resources.timeout_secs");
+        r.resources.timeout_secs = 365 * 24 * 3600;
+        check(&r, ErrorCode::TooLarge, "resources.timeout_secs");
+        r = range_req();
+        r.max_attempts = 0;
+        check(&r, ErrorCode::InvalidField, "max_attempts");
+        r.max_attempts = 101;
+        check(&r, ErrorCode::TooLarge, "max_attempts");
+        r = range_req();
+        r.name = "n".repeat(1000);
+        check(&r, ErrorCode::TooLarge, "name");
+    }
+
+    #[test]
+    fn error_serialises_as_the_api_body() {
+        let e = ValidationError::new(ErrorCode::TooLarge, "split.range.chunk", "too many");
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"code": "too_large", "field": "split.range.chunk", "message": "too many"})
+        );
+        assert_eq!(e.to_string(), "split.range.chunk: too many");
+        assert_eq!(ErrorCode::MalformedJson.as_str(), "malformed_json");
+    }
+
+    #[test]
+    fn script_argv_rule() {
+        let argv = |i: &str| script(i, "S").to_argv();
+        assert_eq!(argv("sh"), ["sh", "-c", "S"]);
+        assert_eq!(argv("/bin/bash"), ["/bin/bash", "-c", "S"]);
+        assert_eq!(argv("dash"), ["dash", "-c", "S"]);
+        assert_eq!(argv("ash"), ["ash", "-c", "S"]);
+        assert_eq!(argv("awk"), ["awk", "S"]);
+        assert_eq!(argv("/usr/bin/gawk"), ["/usr/bin/gawk", "S"]);
+        assert_eq!(argv("perl"), ["perl", "-e", "S"]);
+        assert_eq!(argv("python3"), ["python3", "-c", "S"]);
+        let a = Command::Argv(vec!["x".into(), "y".into()]);
+        assert_eq!(a.to_argv(), ["x", "y"]);
+    }
+
+    // --- parsing ---------------------------------------------------------
+
+    fn parse_err(body: &str, code: ErrorCode, field: &str) -> ValidationError {
+        let e = parse_json(body.as_bytes()).expect_err("body should be refused");
+        assert_eq!((e.code, e.field.as_str()), (code, field), "{e}");
+        e
+    }
+
+    const MINIMAL: &str = r#"{"command": {"argv": ["echo", "{start}"]}, "split": {"range": {"start": 0, "end": 10, "chunk": 3}}}"#;
+
+    #[test]
+    fn parses_like_the_serde_derive() {
+        let bodies = [
+            MINIMAL,
+            r#"{"name": "n", "command": {"script": {"interpreter": "sh", "source": "cat"}},
+                "split": {"items": {"items": ["a", "b"], "batch": 1}},
+                "resources": {"vcpus": 2}, "max_attempts": 5, "priority": -3, "mode": "pull",
+                "reduce": {"argv": ["sort"]}}"#,
+            r#"{"command": {"argv": ["wc"]}, "split": {"lines": {"input": "a\r\nb\n", "block": 2}},
+                "resources": {"vcpus": 1, "memory_mib": 512, "timeout_secs": 5}, "reduce": null, "mode": "p2p"}"#,
+        ];
+        for body in bodies {
+            let ours = parse_json(body.as_bytes()).unwrap();
+            let derived: JobRequest = serde_json::from_str(body).unwrap();
+            assert_eq!(ours, derived, "{body}");
+            // And a serialised request reads back the same.
+            let text = serde_json::to_vec(&ours).unwrap();
+            assert_eq!(parse_json(&text).unwrap(), ours);
+        }
+        let r = parse_json(MINIMAL.as_bytes()).unwrap();
+        assert_eq!(r.max_attempts, 3);
+        assert_eq!(r.resources, Resources::default());
+        assert_eq!(r.mode, DispatchMode::Push);
+    }
+
+    #[test]
+    fn malformed_json() {
+        let e = parse_err(r#"{"command": "#, ErrorCode::MalformedJson, "body");
+        assert!(e.message.contains("ends early"), "{e}");
+        let e = parse_err(r#"{"command" 1}"#, ErrorCode::MalformedJson, "body");
+        assert!(e.message.contains("line 1 column"), "{e}");
+        let e = parse_err("", ErrorCode::MalformedJson, "body");
+        assert!(e.message.contains("empty"), "{e}");
+        parse_err("[1, 2]", ErrorCode::InvalidType, "body");
+        parse_err("null", ErrorCode::InvalidType, "body");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_path() {
+        let e = parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "colour": 1}"#,
+            ErrorCode::UnknownField,
+            "colour",
+        );
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunks": 1}}}"#,
+            ErrorCode::UnknownField,
+            "split.range.chunks",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"rnage": {}}}"#,
+            ErrorCode::UnknownField,
+            "split.rnage",
+        );
+        parse_err(
+            r#"{"command": {"script": {"interpreter": "sh", "source": "x", "args": []}}, "split": {"items": {"items": ["a"], "batch": 1}}}"#,
+            ErrorCode::UnknownField,
+            "command.script.args",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"items": {"items": ["a"], "batch": 1}}, "resources": {"gpus": 1}}"#,
+            ErrorCode::UnknownField,
+            "resources.gpus",
+        );
+    }
+
+    #[test]
+    fn missing_fields_are_named_with_their_path() {
+        let e = parse_err(
+            r#"{"split": {"range": {"start": 0, "end": 1, "chunk": 1}}}"#,
+            ErrorCode::MissingField,
+            "command",
+        );
+        assert!(e.message.contains("missing field `command`"), "{e}");
+        parse_err(
+            r#"{"command": {"argv": ["x"]}}"#,
+            ErrorCode::MissingField,
+            "split",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1}}}"#,
+            ErrorCode::MissingField,
+            "split.range.chunk",
+        );
+        parse_err(
+            r#"{"command": {}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}}"#,
+            ErrorCode::MissingField,
+            "command",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"], "script": {}}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}}"#,
+            ErrorCode::InvalidField,
+            "command",
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named_with_their_path() {
+        let e = parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": "10", "chunk": 1}}}"#,
+            ErrorCode::InvalidType,
+            "split.range.end",
+        );
+        assert_eq!(e.message, r#"expected a whole number, got the string "10""#);
+        let e = parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 10, "chunk": -1}}}"#,
+            ErrorCode::InvalidField,
+            "split.range.chunk",
+        );
+        assert!(e.message.contains("negative"), "{e}");
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 10, "chunk": 1.5}}}"#,
+            ErrorCode::InvalidType,
+            "split.range.chunk",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 99999999999999999999, "chunk": 1}}}"#,
+            ErrorCode::InvalidField,
+            "split.range.end",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x", 3]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}}"#,
+            ErrorCode::InvalidType,
+            "command.argv[1]",
+        );
+        parse_err(
+            r#"{"command": {"argv": "x"}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}}"#,
+            ErrorCode::InvalidType,
+            "command.argv",
+        );
+        parse_err(
+            r#"{"command": ["x"], "split": {"range": {"start": 0, "end": 1, "chunk": 1}}}"#,
+            ErrorCode::InvalidType,
+            "command",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"items": {"items": ["a", null], "batch": 1}}}"#,
+            ErrorCode::InvalidType,
+            "split.items.items[1]",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "resources": {"vcpus": 4294967296}}"#,
+            ErrorCode::InvalidField,
+            "resources.vcpus",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "mode": "carrier-pigeon"}"#,
+            ErrorCode::InvalidField,
+            "mode",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "max_attempts": true}"#,
+            ErrorCode::InvalidType,
+            "max_attempts",
+        );
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "reduce": {"argv": [1]}}"#,
+            ErrorCode::InvalidType,
+            "reduce.argv[0]",
+        );
+    }
 }
