@@ -344,3 +344,347 @@ fn nth_line_start(bytes: &[u8], n: u64) -> Option<usize> {
 pub fn reduce_argv(req: &JobRequest) -> Option<Vec<String>> {
     req.reduce.as_ref().map(Command::to_argv)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{DispatchMode, Resources};
+    use proptest::prelude::*;
+
+    fn req(command: Command, split: Split) -> JobRequest {
+        JobRequest {
+            name: String::new(),
+            command,
+            split,
+            resources: Resources::default(),
+            max_attempts: 3,
+            priority: 0,
+            mode: DispatchMode::Push,
+            reduce: None,
+        }
+    }
+
+    fn argv(args: &[&str]) -> Command {
+        Command::Argv(args.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn range(start: i64, end: i64, chunk: u64) -> JobRequest {
+        req(
+            argv(&[
+                "sim",
+                "--from={start}",
+                "--to={end}",
+                "{start}-{end}-{start}",
+            ]),
+            Split::Range { start, end, chunk },
+        )
+    }
+
+    fn lines(input: &str, block: u64) -> JobRequest {
+        req(
+            argv(&["wc", "-l"]),
+            Split::Lines {
+                input: input.into(),
+                block,
+            },
+        )
+    }
+
+    fn stdin_text(subtasks: &[SubtaskSpec]) -> Vec<String> {
+        subtasks
+            .iter()
+            .map(|s| String::from_utf8(s.stdin.clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn range_fills_env_and_placeholders() {
+        let r = range(-5, 6, 4);
+        let subs = split(&r).unwrap();
+        assert_eq!(subs.len(), 3);
+        let bounds: Vec<_> = subs
+            .iter()
+            .map(|s| (s.env[ENV_START].clone(), s.env[ENV_END].clone()))
+            .collect();
+        assert_eq!(
+            bounds,
+            [("-5", "-1"), ("-1", "3"), ("3", "6")].map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        assert_eq!(subs[1].argv, ["sim", "--from=-1", "--to=3", "-1-3--1"]);
+        assert_eq!(subs[2].env[ENV_SUBTASK], "2");
+        assert_eq!(subs[2].env[ENV_SUBTASK_COUNT], "3");
+        assert!(subs.iter().all(|s| s.stdin.is_empty()));
+        assert_eq!(subs.iter().map(|s| s.index).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn range_placeholders_reach_script_source() {
+        let r = req(
+            Command::Script {
+                interpreter: "sh".into(),
+                source: "seq {start} $(({end} - 1))".into(),
+            },
+            Split::Range {
+                start: 10,
+                end: 20,
+                chunk: 10,
+            },
+        );
+        let s = subtask_at(&r, 0).unwrap();
+        assert_eq!(s.argv, ["sh", "-c", "seq 10 $((20 - 1))"]);
+        let r = req(
+            Command::Script {
+                interpreter: "awk".into(),
+                source: "BEGIN { print {start} }".into(),
+            },
+            Split::Range {
+                start: 1,
+                end: 2,
+                chunk: 1,
+            },
+        );
+        assert_eq!(split(&r).unwrap()[0].argv, ["awk", "BEGIN { print 1 }"]);
+    }
+
+    #[test]
+    fn range_at_the_ends_of_i64() {
+        let r = range(i64::MIN, i64::MAX, u64::MAX / 2);
+        let subs = split(&r).unwrap();
+        assert_eq!(subs.len(), 3);
+        assert_eq!(subs[0].env[ENV_START], i64::MIN.to_string());
+        assert_eq!(subs[2].env[ENV_END], i64::MAX.to_string());
+        assert_eq!(subtask_count(&range(i64::MIN, i64::MAX, 1)), u64::MAX);
+        assert_eq!(subtask_count(&range(i64::MIN, i64::MAX, u64::MAX)), 1);
+    }
+
+    #[test]
+    fn items_go_one_per_line_in_batches() {
+        let r = req(
+            argv(&["convert"]),
+            Split::Items {
+                items: ["a.png", "b.png", "c d.png", "", "e.png"]
+                    .map(String::from)
+                    .to_vec(),
+                batch: 2,
+            },
+        );
+        let subs = split(&r).unwrap();
+        assert_eq!(
+            stdin_text(&subs),
+            ["a.png\nb.png\n", "c d.png\n\n", "e.png\n"]
+        );
+        assert!(subs.iter().all(|s| s.argv == ["convert"]));
+        assert!(!subs[0].env.contains_key(ENV_START));
+    }
+
+    #[test]
+    fn placeholders_stay_literal_outside_ranges() {
+        let r = req(
+            argv(&["echo", "{start}"]),
+            Split::Items {
+                items: vec!["x".into()],
+                batch: 1,
+            },
+        );
+        assert_eq!(split(&r).unwrap()[0].argv, ["echo", "{start}"]);
+    }
+
+    #[test]
+    fn lines_cut_on_line_boundaries() {
+        let subs = split(&lines("a\r\nb\nc\nd", 2)).unwrap();
+        assert_eq!(stdin_text(&subs), ["a\r\nb\n", "c\nd"]);
+        let subs = split(&lines("a\nb\n", 2)).unwrap();
+        assert_eq!(stdin_text(&subs), ["a\nb\n"]);
+        let subs = split(&lines("a\n\n\n", 1)).unwrap();
+        assert_eq!(stdin_text(&subs), ["a\n", "\n", "\n"]);
+        let subs = split(&lines("no newline", 5)).unwrap();
+        assert_eq!(stdin_text(&subs), ["no newline"]);
+        assert_eq!(subs[0].argv, ["wc", "-l"]);
+    }
+
+    #[test]
+    fn unsplittable_requests_are_refused() {
+        assert_eq!(split(&range(3, 3, 1)).unwrap_err().field, "split.range.end");
+        assert_eq!(
+            split(&range(0, 3, 0)).unwrap_err().field,
+            "split.range.chunk"
+        );
+        assert_eq!(split(&lines("", 1)).unwrap_err().field, "split.lines.input");
+        assert_eq!(
+            split(&lines("a", 0)).unwrap_err().field,
+            "split.lines.block"
+        );
+        let r = req(
+            argv(&[]),
+            Split::Range {
+                start: 0,
+                end: 1,
+                chunk: 1,
+            },
+        );
+        assert_eq!(split(&r).unwrap_err().field, "command.argv");
+        // Without validation, nothing is invented either.
+        assert_eq!(subtask_count(&range(3, 3, 1)), 0);
+        assert_eq!(subtask_count(&range(0, 3, 0)), 0);
+        assert_eq!(subtask_count(&lines("", 1)), 0);
+        assert_eq!(subtask_at(&lines("", 1), 0), None);
+        assert_eq!(subtask_at(&range(0, 3, 0), 0), None);
+    }
+
+    #[test]
+    fn past_the_end_is_none() {
+        let r = range(0, 10, 5);
+        let plan = Plan::new(&r).unwrap();
+        assert_eq!(plan.part(2), None);
+        assert_eq!(plan.subtask(&r, 2), None);
+        assert_eq!(subtask_at(&r, 2), None);
+        assert_eq!(subtask_at(&lines("a\nb", 1), 2), None);
+        assert!(subtask_at(&lines("a\nb", 1), 1).is_some());
+    }
+
+    #[test]
+    fn a_million_subtask_range_is_planned_without_building_them() {
+        let r = range(0, 1_000_000, 1);
+        r.validate(&Limits::default()).unwrap();
+        let plan = Plan::new(&r).unwrap();
+        assert_eq!(plan.count(), 1_000_000);
+        assert_eq!(std::mem::size_of::<Part>(), 24);
+        let mut n = 0u64;
+        for (i, part) in plan.parts() {
+            assert_eq!(
+                part,
+                Part::Range {
+                    start: i as i64,
+                    end: i as i64 + 1
+                }
+            );
+            n += 1;
+        }
+        assert_eq!(n, 1_000_000);
+        let last = plan.subtask(&r, 999_999).unwrap();
+        assert_eq!(last.argv[1], "--from=999999");
+    }
+
+    #[test]
+    fn parts_serialise_compactly() {
+        let p = Part::Lines { offset: 4, end: 9 };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(text, r#"{"lines":{"offset":4,"end":9}}"#);
+        assert_eq!(serde_json::from_str::<Part>(&text).unwrap(), p);
+    }
+
+    #[test]
+    fn reduce_argv_uses_the_script_rule() {
+        let mut r = range(0, 1, 1);
+        assert_eq!(reduce_argv(&r), None);
+        r.reduce = Some(Command::Script {
+            interpreter: "awk".into(),
+            source: "{s+=$1} END {print s}".into(),
+        });
+        assert_eq!(reduce_argv(&r).unwrap(), ["awk", "{s+=$1} END {print s}"]);
+    }
+
+    #[test]
+    #[should_panic(expected = "does not belong")]
+    fn a_foreign_part_is_a_bug() {
+        materialise(&range(0, 1, 1), 0, 1, Part::Items { first: 0, end: 1 });
+    }
+
+    fn range_strategy() -> impl Strategy<Value = (i64, i64, u64)> {
+        prop_oneof![
+            // Small ranges around zero, chunks from 1 to beyond the length.
+            (-1000i64..1000, 1i64..400, 1u64..500).prop_map(|(s, len, c)| (s, s + len, c)),
+            // Anywhere in i64, with chunks big enough to keep counts small.
+            (any::<i64>(), any::<i64>(), 1u64 << 56..=u64::MAX).prop_filter_map(
+                "non-empty",
+                |(a, b, c)| (a != b).then(|| (a.min(b), a.max(b), c))
+            ),
+            // Hugging the ends of i64.
+            (0i64..300, 1u64..100).prop_map(|(len, c)| (i64::MIN, i64::MIN + len + 1, c)),
+            (0i64..300, 1u64..100).prop_map(|(len, c)| (i64::MAX - len - 1, i64::MAX, c)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn range_subtasks_cover_the_range_exactly_once((start, end, chunk) in range_strategy()) {
+            let r = range(start, end, chunk);
+            let plan = Plan::new(&r).unwrap();
+            let subs: Vec<_> = plan.subtasks(&r).collect();
+            prop_assert_eq!(subs.len() as u64, subtask_count(&r));
+            prop_assert_eq!(subs.len() as u64, plan.count());
+            let mut next = start as i128;
+            for (i, s) in subs.iter().enumerate() {
+                prop_assert_eq!(s.index, i as u64);
+                let lo: i128 = s.env[ENV_START].parse().unwrap();
+                let hi: i128 = s.env[ENV_END].parse().unwrap();
+                prop_assert_eq!(lo, next, "gap or overlap before subtask {}", i);
+                prop_assert!(hi > lo, "empty subtask {}", i);
+                prop_assert!(hi - lo <= chunk as i128);
+                if i + 1 < subs.len() {
+                    prop_assert_eq!(hi - lo, chunk as i128, "only the last chunk may be short");
+                }
+                prop_assert_eq!(&s.argv[1], &format!("--from={lo}"));
+                prop_assert_eq!(&s.argv[2], &format!("--to={hi}"));
+                prop_assert_eq!(s.env[ENV_SUBTASK].parse::<usize>().unwrap(), i);
+                next = hi;
+            }
+            prop_assert_eq!(next, end as i128);
+            for i in [0, subs.len() as u64 / 2, subs.len() as u64 - 1] {
+                prop_assert_eq!(subtask_at(&r, i), Some(subs[i as usize].clone()));
+            }
+            prop_assert_eq!(subtask_at(&r, subs.len() as u64), None);
+        }
+
+        #[test]
+        fn items_appear_exactly_once_in_order(
+            items in prop::collection::vec("[a-z é\t]{0,6}", 1..60),
+            batch in 1u64..25,
+        ) {
+            let r = req(argv(&["x"]), Split::Items { items: items.clone(), batch });
+            let subs = split(&r).unwrap();
+            prop_assert_eq!(subs.len() as u64, subtask_count(&r));
+            let mut all = Vec::new();
+            for (i, s) in subs.iter().enumerate() {
+                let text = String::from_utf8(s.stdin.clone()).unwrap();
+                prop_assert!(text.ends_with('\n'));
+                let batch_items: Vec<&str> = text.strip_suffix('\n').unwrap().split('\n').collect();
+                prop_assert!(!batch_items.is_empty() && batch_items.len() as u64 <= batch);
+                if i + 1 < subs.len() {
+                    prop_assert_eq!(batch_items.len() as u64, batch);
+                }
+                prop_assert_eq!(subtask_at(&r, i as u64), Some(s.clone()));
+                all.extend(batch_items.into_iter().map(String::from));
+            }
+            prop_assert_eq!(all, items);
+        }
+
+        #[test]
+        fn lines_concatenate_back_to_the_input(
+            pieces in prop::collection::vec(prop_oneof!["a", "bc", "é", "\n", "\r\n", "\r"], 1..120),
+            block in 1u64..12,
+        ) {
+            let input: String = pieces.concat();
+            let r = lines(&input, block);
+            let plan = Plan::new(&r).unwrap();
+            let subs: Vec<_> = plan.subtasks(&r).collect();
+            prop_assert_eq!(subs.len() as u64, subtask_count(&r));
+            let mut joined = Vec::new();
+            for (i, s) in subs.iter().enumerate() {
+                let n = line_count(&s.stdin);
+                prop_assert!(n >= 1, "empty block {}", i);
+                prop_assert!(n <= block);
+                if i + 1 < subs.len() {
+                    prop_assert_eq!(n, block, "only the last block may be short");
+                    prop_assert_eq!(s.stdin.last(), Some(&b'\n'), "cut inside a line");
+                }
+                prop_assert_eq!(subtask_at(&r, i as u64), Some(s.clone()));
+                joined.extend_from_slice(&s.stdin);
+            }
+            prop_assert_eq!(joined, input.as_bytes().to_vec());
+            prop_assert_eq!(subtask_at(&r, subs.len() as u64), None);
+        }
+    }
+}
