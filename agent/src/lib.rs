@@ -7,6 +7,7 @@
 //! - [`policy`]: the pure grid VM state machine.
 //! - [`cgroup`]: the low-priority grid partition (v1 and v2).
 //! - [`runtime`]: libvirt and process backends behind one trait.
+//! - [`subtask`]: runs a pushed subtask as a host process in the grid cgroup.
 //! - [`daemon`]: control loop, HTTP status/metrics, signals, systemd.
 //! - [`check`]: what this host supports.
 
@@ -18,3 +19,4 @@ pub mod load;
 pub mod policy;
 pub mod runtime;
 pub mod sampler;
+pub mod subtask;

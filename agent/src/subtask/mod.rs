@@ -1,0 +1,183 @@
+//! Runs one pushed subtask ([`Assignment`]) as a host process inside the grid
+//! partition and turns its end into a [`Completion`]: the "process" path of
+//! push dispatch, used until grid VMs run subtasks through the guest channel.
+//!
+//! - [`Executor::start`] creates the child cgroup `st-<job>-<index>-<epoch>`
+//!   (see [`cgroup_name`]), spawns `argv` in its own process group, joined to
+//!   that cgroup in a `pre_exec` hook before it execs (so none of its work
+//!   runs outside the partition), feeds `stdin` from a thread and drains
+//!   stdout and stderr on threads into buffers capped at
+//!   [`Limits::output_cap_bytes`] while counting the full sizes.
+//! - The environment is clean: only [`BASE_PATH`] as `PATH`, `HOME=/tmp`,
+//!   `TMPDIR=/tmp`, `LANG=C`, `SPAREGRID_JOB`, `SPAREGRID_INDEX` and
+//!   `SPAREGRID_EPOCH`, then the assignment's `env` on top (it may override
+//!   any of them). The working directory is `/tmp`. Nothing of the agent's
+//!   own environment leaks in. The command gets `oom_score_adj=1000` (best
+//!   effort) so the kernel's OOM killer picks grid work before customers.
+//! - [`RunningSubtask`] suspends and resumes (cgroup freezer, SIGSTOP/SIGCONT
+//!   where there is none), cancels, enforces the timeout and reports the
+//!   [`Completion`]; it removes the child cgroup once the command has ended.
+//!
+//! Bad input never panics: an empty argv, a missing binary, a NUL byte or a
+//! bad env name give a completed subtask whose `error` says so. Only
+//! agent-side trouble (the cgroup cannot be created, or still holds
+//! processes) is a [`SubtaskError`] from `start`;
+//! [`Executor::error_completion`] turns it into a report for the controller.
+//!
+//! Without a cgroup (`Executor::new(None, …)`, for unprivileged tests) the
+//! subtask runs at the agent's own priority and only its process group is
+//! signalled: a descendant that leaves the group (`setsid`) escapes.
+
+mod capture;
+mod running;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
+
+use crate::cgroup::{CgroupError, GridCgroup};
+
+pub use running::RunningSubtask;
+
+/// `PATH` of every subtask unless its env overrides it.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Per-subtask limits the executor applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of stdout and of stderr (each) kept for the completion; the
+    /// rest is read and counted, not kept. Default 1 MiB.
+    pub output_cap_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            output_cap_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Agent-side failures to run a subtask (the subtask's own failures are
+/// completions with `error` set, not these).
+#[derive(Debug, thiserror::Error)]
+pub enum SubtaskError {
+    #[error("subtask {subtask}: cgroup: {source}")]
+    Cgroup {
+        subtask: String,
+        #[source]
+        source: CgroupError,
+    },
+    #[error(
+        "subtask {subtask}: child cgroup {group} already holds processes {pids:?} \
+         (a duplicate assignment, or left by an earlier agent); refusing to touch them"
+    )]
+    Busy {
+        subtask: String,
+        group: String,
+        pids: Vec<u32>,
+    },
+    #[error("subtask {subtask}: {op}: {message}")]
+    Op {
+        subtask: String,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// `job/index#epoch`, how errors and logs name a subtask attempt.
+pub fn label(a: &AttemptRef) -> String {
+    format!("{}/{}#{}", a.job, a.index, a.epoch)
+}
+
+/// The child cgroup of one attempt: `st-<job>-<index>-<epoch>`. A job id with
+/// characters other than ASCII letters, digits, `.`, `_` and `-`, or longer
+/// than 128 bytes, is cut to 128 bytes with the others replaced by `_`, and
+/// gets `-<hash of the original id>` appended so distinct ids stay distinct.
+pub fn cgroup_name(a: &AttemptRef) -> String {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let job = &a.job;
+    let clean = !job.is_empty() && job.len() <= 128 && job.chars().all(ok);
+    let job = if clean {
+        job.clone()
+    } else {
+        let cut: String = job
+            .chars()
+            .map(|c| if ok(c) { c } else { '_' })
+            .take(128)
+            .collect();
+        format!("{cut}-{:016x}", fnv1a(job.as_bytes()))
+    };
+    format!("st-{job}-{}-{}", a.index, a.epoch)
+}
+
+/// FNV-1a, 64 bit: stable across runs and Rust releases (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Runs subtasks as host processes in the grid partition.
+pub struct Executor {
+    cgroup: Option<Arc<GridCgroup>>,
+    host: String,
+    limits: Limits,
+}
+
+impl Executor {
+    /// An executor that places subtasks under `cgroup`'s partition (which
+    /// must have been set up with `Partition::setup`; the executor creates
+    /// and removes only its children), or runs them without a cgroup when
+    /// `None`. `host` goes into every completion.
+    pub fn new(
+        cgroup: Option<Arc<GridCgroup>>,
+        host: impl Into<String>,
+        limits: Limits,
+    ) -> Executor {
+        Executor {
+            cgroup,
+            host: host.into(),
+            limits,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn cgroup(&self) -> Option<&Arc<GridCgroup>> {
+        self.cgroup.as_ref()
+    }
+
+    /// Starts one attempt. See the module docs for what the process gets.
+    /// A subtask that cannot start for its own reasons (empty argv, missing
+    /// binary, …) is returned already completed with `error` set.
+    pub fn start(&self, a: &Assignment) -> Result<RunningSubtask, SubtaskError> {
+        running::start(self, a)
+    }
+
+    /// The completion to report when [`Executor::start`] failed on the agent
+    /// side: no exit code, `error` from `err`.
+    pub fn error_completion(&self, a: &Assignment, err: &SubtaskError) -> Completion {
+        Completion {
+            attempt: a.attempt.clone(),
+            host: self.host.clone(),
+            exit_code: None,
+            signal: None,
+            error: Some(err.to_string()),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_size: 0,
+            stderr_size: 0,
+            duration_ms: 0,
+        }
+    }
+}
