@@ -1,0 +1,483 @@
+//! Where the controller keeps what must survive a restart: jobs, their
+//! subtasks, every attempt at a subtask, and the host registry.
+//!
+//! [`Store`] is the contract; [`SqliteStore`] is the embedded implementation
+//! (one file, WAL). A PostgreSQL store for controllers that share one
+//! database can implement the same trait later.
+//!
+//! The rules every implementation keeps:
+//!
+//! - **All or nothing.** Each call is one transaction: a job is created with
+//!   all of its subtasks or not at all; a claim, completion, requeue or cancel
+//!   moves subtasks, attempts and the job's counts together.
+//! - **Fenced, idempotent completion.** Each assignment bumps the subtask's
+//!   epoch (its attempt number). A completion counts only when it names the
+//!   current epoch of an assigned subtask; the first accepted completion
+//!   wins. A repeated report is [`CompletionResult::Duplicate`], a report
+//!   from an older or withdrawn attempt is [`CompletionResult::Stale`], and
+//!   neither changes anything.
+//! - **Retries with memory.** A failed attempt requeues the subtask until it
+//!   has failed `max_attempts` times, then the subtask is dead; every
+//!   attempt's exit code, error and output stay in the attempts table.
+//!   Attempts withdrawn because their host was lost or overloaded do not
+//!   count as failures.
+//! - **Job rollup.** A job is `done` when every subtask is done and `failed`
+//!   when some subtask is dead and none is queued or assigned; `cancelled`
+//!   is final.
+
+mod sqlite;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{JobRequest, SubtaskSpec};
+
+pub use sqlite::{SqliteStore, StoreOptions};
+
+/// A job's id as the API shows it (`j-1`, `j-2`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub String);
+
+impl JobId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for JobId {
+    fn from(s: &str) -> Self {
+        JobId(s.to_owned())
+    }
+}
+
+impl From<String> for JobId {
+    fn from(s: String) -> Self {
+        JobId(s)
+    }
+}
+
+/// A job's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// No subtask has been assigned yet.
+    Queued,
+    /// Some subtask has been assigned; not every subtask is finished.
+    Running,
+    /// Every subtask is done.
+    Done,
+    /// Some subtask is dead and none is queued or assigned.
+    Failed,
+    /// Cancelled by a user; final.
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "done" => JobState::Done,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Done, failed or cancelled: nothing more will happen to the job.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A subtask's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubtaskState {
+    Queued,
+    Assigned,
+    Done,
+    /// Failed `max_attempts` times; parked with every attempt's error.
+    Dead,
+    Cancelled,
+}
+
+impl SubtaskState {
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            SubtaskState::Queued => 0,
+            SubtaskState::Assigned => 1,
+            SubtaskState::Done => 2,
+            SubtaskState::Dead => 3,
+            SubtaskState::Cancelled => 4,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Option<SubtaskState> {
+        Some(match code {
+            0 => SubtaskState::Queued,
+            1 => SubtaskState::Assigned,
+            2 => SubtaskState::Done,
+            3 => SubtaskState::Dead,
+            4 => SubtaskState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// What became of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptState {
+    Running,
+    Succeeded,
+    Failed,
+    /// Taken back from its host (host lost, overloaded or drained).
+    Withdrawn,
+    /// Its job was cancelled while it ran.
+    Cancelled,
+}
+
+impl AttemptState {
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            AttemptState::Running => 0,
+            AttemptState::Succeeded => 1,
+            AttemptState::Failed => 2,
+            AttemptState::Withdrawn => 3,
+            AttemptState::Cancelled => 4,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Option<AttemptState> {
+        Some(match code {
+            0 => AttemptState::Running,
+            1 => AttemptState::Succeeded,
+            2 => AttemptState::Failed,
+            3 => AttemptState::Withdrawn,
+            4 => AttemptState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// A host's standing in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Active,
+    /// Heartbeats stopped; its subtasks went back to the queue.
+    Lost,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Active => "active",
+            HostState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HostState> {
+        match s {
+            "active" => Some(HostState::Active),
+            "lost" => Some(HostState::Lost),
+            _ => None,
+        }
+    }
+}
+
+/// Subtask counts of a job by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct JobCounts {
+    pub total: u64,
+    pub queued: u64,
+    pub assigned: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub cancelled: u64,
+}
+
+/// A job as listings show it (the request itself is in [`Store::job_request`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub name: String,
+    pub state: JobState,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub counts: JobCounts,
+}
+
+/// One subtask handed to a host: run `spec`, then report with `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job: JobId,
+    pub index: u64,
+    /// The attempt number; a completion must carry it back.
+    pub epoch: u32,
+    pub spec: SubtaskSpec,
+}
+
+/// A subtask named by job, index and the epoch it had.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SubtaskRef {
+    pub job: JobId,
+    pub index: u64,
+    pub epoch: u32,
+    /// The host it was assigned to, when it was.
+    pub host: Option<String>,
+}
+
+/// A subtask's bookkeeping (not its spec).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubtaskRecord {
+    pub index: u64,
+    pub state: SubtaskState,
+    /// Attempts started so far; the current attempt's number.
+    pub epoch: u32,
+    pub failures: u32,
+    pub host: Option<String>,
+}
+
+/// What an agent reports when an attempt ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    /// `None` when the process did not exit on its own (killed, timed out,
+    /// never started).
+    pub exit_code: Option<i32>,
+    /// Why the attempt failed, when the runtime knows more than the exit code.
+    pub error: Option<String>,
+    /// Captured stdout, possibly already capped by the agent.
+    pub stdout: Vec<u8>,
+    /// Its size before any cap (at least `stdout.len()`).
+    pub stdout_size: u64,
+    pub stderr: Vec<u8>,
+    pub stderr_size: u64,
+    pub duration_ms: u64,
+}
+
+impl Outcome {
+    /// Exit code 0 and no error.
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0) && self.error.is_none()
+    }
+}
+
+/// What a completion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum CompletionResult {
+    /// Counted. `subtask` is where the subtask went (done, queued for
+    /// a retry, or dead), `job` the job's state afterwards.
+    Accepted {
+        subtask: SubtaskState,
+        job: JobState,
+    },
+    /// The subtask is already done, or this very attempt was already
+    /// reported. Nothing changed.
+    Duplicate,
+    /// The report is for an attempt that is no longer current (withdrawn,
+    /// superseded, cancelled). Nothing changed.
+    Stale,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    /// False when the job was already done, failed or cancelled.
+    pub changed: bool,
+    /// Queued subtasks that will now never run.
+    pub dropped_queued: u64,
+    /// Subtasks that were running: tell their hosts to stop them. Any late
+    /// completion for them is [`CompletionResult::Stale`].
+    pub stop: Vec<SubtaskRef>,
+}
+
+/// One attempt at a subtask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub index: u64,
+    pub attempt: u32,
+    pub host: String,
+    pub state: AttemptState,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub stdout: Vec<u8>,
+    pub stdout_size: u64,
+    pub stderr: Vec<u8>,
+    pub stderr_size: u64,
+    pub duration_ms: Option<u64>,
+}
+
+/// A host in the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: String,
+    pub address: String,
+    pub state: HostState,
+    pub registered_ms: i64,
+    pub last_heartbeat_ms: i64,
+    /// The last heartbeat's load report, as the agent sent it.
+    pub load: Option<serde_json::Value>,
+}
+
+/// Errors of the store; each names the job, subtask, host or file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    #[error("subtask {index} of job {job} not found")]
+    SubtaskNotFound { job: JobId, index: u64 },
+    #[error("host {0} not found")]
+    HostNotFound(String),
+    #[error("host {0} is lost; it must register again before it gets work")]
+    HostLost(String),
+    #[error("job {name:?} has no subtasks")]
+    EmptyJob { name: String },
+    #[error("job {name:?}: subtask at position {expected} has index {found}; indices must be 0, 1, 2, … in order")]
+    BadIndex {
+        name: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("opening store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store {path} has schema version {found}; this controller knows up to {supported}")]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("store {op} ({about}): {source}")]
+    Db {
+        op: &'static str,
+        about: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store {op} ({about}): bad stored data: {detail}")]
+    Corrupt {
+        op: &'static str,
+        about: String,
+        detail: String,
+    },
+    #[error("job {name:?}: encoding for the store: {source}")]
+    Encode {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The controller's persistent state. Every method is one transaction.
+///
+/// Object safe, `Send + Sync`: the controller holds an `Arc<dyn Store>`.
+/// Calls block on I/O; async callers use `spawn_blocking`.
+pub trait Store: Send + Sync {
+    /// Stores a job with all its subtasks, or nothing. Subtask indices must
+    /// be 0, 1, 2, … in order, and there must be at least one.
+    fn create_job(
+        &self,
+        req: &JobRequest,
+        subtasks: &mut dyn Iterator<Item = SubtaskSpec>,
+    ) -> Result<JobId>;
+
+    fn get_job(&self, job: &JobId) -> Result<JobRecord>;
+
+    /// The request the job was created from.
+    fn job_request(&self, job: &JobId) -> Result<JobRequest>;
+
+    /// Newest first, at most `limit`, optionally only those in `state`.
+    fn list_jobs(&self, state: Option<JobState>, limit: usize) -> Result<Vec<JobRecord>>;
+
+    /// Cancels queued and assigned subtasks and marks the job cancelled.
+    fn cancel_job(&self, job: &JobId) -> Result<CancelOutcome>;
+
+    /// Assigns up to `n` queued subtasks to `host`: highest job priority
+    /// first, then oldest job, then lowest index. Each gets a new epoch and a
+    /// running attempt. The host must be registered and active.
+    fn claim(&self, host: &str, n: usize) -> Result<Vec<Assignment>>;
+
+    /// Records the end of attempt `epoch` of subtask `index`; see
+    /// [`CompletionResult`] for what counts.
+    fn complete(
+        &self,
+        job: &JobId,
+        index: u64,
+        epoch: u32,
+        outcome: &Outcome,
+    ) -> Result<CompletionResult>;
+
+    /// Takes one assigned subtask back to the queue if `epoch` is still its
+    /// current attempt (the attempt is marked withdrawn with `reason`).
+    /// Returns whether it did.
+    fn withdraw(&self, job: &JobId, index: u64, epoch: u32, reason: &str) -> Result<bool>;
+
+    /// Takes every subtask assigned to `host` back to the queue (their
+    /// attempts are marked withdrawn with `reason`) and returns them.
+    fn requeue_host(&self, host: &str, reason: &str) -> Result<Vec<SubtaskRef>>;
+
+    /// Subtasks currently assigned to `host`.
+    fn assigned_to(&self, host: &str) -> Result<Vec<SubtaskRef>>;
+
+    /// Subtask bookkeeping from index `from`, at most `limit`, in index order.
+    fn subtasks(&self, job: &JobId, from: u64, limit: usize) -> Result<Vec<SubtaskRecord>>;
+
+    /// Every attempt at one subtask, oldest first.
+    fn attempts(&self, job: &JobId, index: u64) -> Result<Vec<AttemptRecord>>;
+
+    /// The accepted attempt of each done subtask from index `from`, at most
+    /// `limit`, in index order: one per done subtask, never more.
+    fn results(&self, job: &JobId, from: u64, limit: usize) -> Result<Vec<AttemptRecord>>;
+
+    /// Registers a host or refreshes its address; it becomes active.
+    fn upsert_host(&self, id: &str, address: &str) -> Result<()>;
+
+    /// Records a heartbeat and its load; a lost host becomes active again.
+    fn heartbeat(&self, id: &str, load: &serde_json::Value) -> Result<()>;
+
+    /// Marks a host lost and requeues its subtasks, returning them.
+    fn mark_lost(&self, id: &str) -> Result<Vec<SubtaskRef>>;
+
+    fn list_hosts(&self) -> Result<Vec<HostRecord>>;
+}

@@ -1,0 +1,1017 @@
+//! [`SqliteStore`]: the [`Store`] in one SQLite file (WAL,
+//! `synchronous=NORMAL`, so a commit survives a crash of the controller
+//! process; the last commits may be lost only if the machine itself loses
+//! power). The schema is in `schema.sql`; `PRAGMA user_version` numbers the
+//! migrations applied.
+//!
+//! One connection behind a mutex: SQLite writes one transaction at a time
+//! anyway, and hot statements are prepared once and cached.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::{
+    Assignment, AttemptRecord, AttemptState, CancelOutcome, CompletionResult, HostRecord,
+    HostState, JobCounts, JobId, JobRecord, JobState, Outcome, Result, Store, StoreError,
+    SubtaskRecord, SubtaskRef, SubtaskState,
+};
+use crate::job::{JobRequest, SubtaskSpec};
+
+/// Migrations in order; `user_version` is how many have been applied.
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+
+/// The schema version this code reads and writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+// Subtask state codes used in SQL text, as in schema.sql.
+const ASSIGNED: i64 = 1;
+const DONE: i64 = 2;
+const CANCELLED: i64 = 4;
+
+/// Tuning for [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long a write waits for another connection's lock.
+    pub busy_timeout: Duration,
+    /// Stdout and stderr kept per attempt; longer output is cut (its
+    /// original size is still recorded).
+    pub output_cap: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            busy_timeout: Duration::from_secs(5),
+            output_cap: 1 << 20,
+        }
+    }
+}
+
+/// The embedded store. See the module docs.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    opts: StoreOptions,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    /// Filled in with the operation and id by `SqliteStore::run`.
+    fn from(source: rusqlite::Error) -> Self {
+        StoreError::Db {
+            op: "",
+            about: String::new(),
+            source,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `j-17` → 17. Anything else names no job in this store.
+fn job_seq(job: &JobId) -> Result<i64> {
+    job.0
+        .strip_prefix("j-")
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<i64>().ok())
+        .ok_or_else(|| StoreError::JobNotFound(job.clone()))
+}
+
+fn job_id(seq: i64) -> JobId {
+    JobId(format!("j-{seq}"))
+}
+
+fn bad_column(idx: usize, ty: Type, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, ty, msg.into())
+}
+
+const JOB_COLUMNS: &str = "seq, name, state, priority, max_attempts, created_ms, started_ms, \
+     finished_ms, n_total, n_queued, n_assigned, n_done, n_dead, n_cancelled";
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    let state: String = row.get(2)?;
+    let state = JobState::parse(&state)
+        .ok_or_else(|| bad_column(2, Type::Text, format!("unknown job state {state:?}")))?;
+    Ok(JobRecord {
+        id: job_id(row.get(0)?),
+        name: row.get(1)?,
+        state,
+        priority: row.get(3)?,
+        max_attempts: row.get(4)?,
+        created_ms: row.get(5)?,
+        started_ms: row.get(6)?,
+        finished_ms: row.get(7)?,
+        counts: JobCounts {
+            total: row.get(8)?,
+            queued: row.get(9)?,
+            assigned: row.get(10)?,
+            done: row.get(11)?,
+            dead: row.get(12)?,
+            cancelled: row.get(13)?,
+        },
+    })
+}
+
+const ATTEMPT_COLUMNS: &str = "a.idx, a.attempt, a.host, a.state, a.started_ms, a.finished_ms, \
+     a.exit_code, a.error, a.stdout, a.stdout_size, a.stderr, a.stderr_size, a.duration_ms";
+
+fn attempt_from_row(row: &Row<'_>) -> rusqlite::Result<AttemptRecord> {
+    let state: i64 = row.get(3)?;
+    let state = AttemptState::from_code(state)
+        .ok_or_else(|| bad_column(3, Type::Integer, format!("unknown attempt state {state}")))?;
+    Ok(AttemptRecord {
+        index: row.get(0)?,
+        attempt: row.get(1)?,
+        host: row.get(2)?,
+        state,
+        started_ms: row.get(4)?,
+        finished_ms: row.get(5)?,
+        exit_code: row.get(6)?,
+        error: row.get(7)?,
+        stdout: row.get::<_, Option<Vec<u8>>>(8)?.unwrap_or_default(),
+        stdout_size: row.get::<_, Option<u64>>(9)?.unwrap_or(0),
+        stderr: row.get::<_, Option<Vec<u8>>>(10)?.unwrap_or_default(),
+        stderr_size: row.get::<_, Option<u64>>(11)?.unwrap_or(0),
+        duration_ms: row.get(12)?,
+    })
+}
+
+/// Rebuilds a spec from its stored columns (`idx, argv, env, stdin` at
+/// `base..base+4`).
+fn spec_from_row(row: &Row<'_>, base: usize) -> rusqlite::Result<SubtaskSpec> {
+    let index: u64 = row.get(base)?;
+    let argv: String = row.get(base + 1)?;
+    let argv: Vec<String> = serde_json::from_str(&argv)
+        .map_err(|e| bad_column(base + 1, Type::Text, format!("argv: {e}")))?;
+    let env = match row.get::<_, Option<String>>(base + 2)? {
+        Some(env) => serde_json::from_str(&env)
+            .map_err(|e| bad_column(base + 2, Type::Text, format!("env: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let stdin = row.get::<_, Option<Vec<u8>>>(base + 3)?.unwrap_or_default();
+    Ok(SubtaskSpec {
+        index,
+        argv,
+        env,
+        stdin,
+    })
+}
+
+/// Changes to a job's subtask counts, applied in one statement.
+#[derive(Default, Clone, Copy)]
+struct Delta {
+    queued: i64,
+    assigned: i64,
+    done: i64,
+    dead: i64,
+    cancelled: i64,
+}
+
+fn apply(tx: &Transaction<'_>, seq: i64, d: Delta) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE jobs SET n_queued = n_queued + ?2, n_assigned = n_assigned + ?3, \
+         n_done = n_done + ?4, n_dead = n_dead + ?5, n_cancelled = n_cancelled + ?6 \
+         WHERE seq = ?1",
+    )?
+    .execute(params![
+        seq,
+        d.queued,
+        d.assigned,
+        d.done,
+        d.dead,
+        d.cancelled
+    ])?;
+    Ok(())
+}
+
+/// Moves a job to done or failed when its counts say so; returns its state.
+fn rollup(tx: &Transaction<'_>, seq: i64, now: i64) -> Result<JobState> {
+    let (state, total, queued, assigned, done, dead): (String, i64, i64, i64, i64, i64) = tx
+        .prepare_cached(
+            "SELECT state, n_total, n_queued, n_assigned, n_done, n_dead FROM jobs WHERE seq = ?1",
+        )?
+        .query_row([seq], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?;
+    let current = JobState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+        op: "",
+        about: String::new(),
+        detail: format!("unknown job state {state:?}"),
+    })?;
+    if current.is_terminal() {
+        return Ok(current);
+    }
+    let next = if done == total {
+        JobState::Done
+    } else if queued + assigned == 0 && dead > 0 {
+        JobState::Failed
+    } else {
+        current
+    };
+    if next != current {
+        tx.prepare_cached("UPDATE jobs SET state = ?2, finished_ms = ?3 WHERE seq = ?1")?
+            .execute(params![seq, next.as_str(), now])?;
+        tracing::info!(job = %job_id(seq), state = %next, "job finished");
+    }
+    Ok(next)
+}
+
+/// Puts one assigned subtask back in the queue and closes its attempt.
+fn requeue_one(
+    tx: &Transaction<'_>,
+    seq: i64,
+    index: u64,
+    epoch: u32,
+    reason: &str,
+    now: i64,
+) -> Result<()> {
+    tx.prepare_cached("UPDATE subtasks SET state = 0, host = NULL WHERE job = ?1 AND idx = ?2")?
+        .execute(params![seq, index])?;
+    tx.prepare_cached(
+        "UPDATE attempts SET state = ?4, finished_ms = ?5, error = ?6 \
+         WHERE job = ?1 AND idx = ?2 AND attempt = ?3 AND state = 0",
+    )?
+    .execute(params![
+        seq,
+        index,
+        epoch,
+        AttemptState::Withdrawn.code(),
+        now,
+        reason
+    ])?;
+    Ok(())
+}
+
+/// Requeues everything assigned to `host`.
+fn requeue_host_tx(tx: &Transaction<'_>, host: &str, reason: &str) -> Result<Vec<SubtaskRef>> {
+    let now = now_ms();
+    let rows: Vec<(i64, u64, u32)> = tx
+        .prepare_cached("SELECT job, idx, epoch FROM subtasks WHERE host = ?1 AND state = 1")?
+        .query_map([host], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut per_job: BTreeMap<i64, i64> = BTreeMap::new();
+    for &(seq, index, epoch) in &rows {
+        requeue_one(tx, seq, index, epoch, reason, now)?;
+        *per_job.entry(seq).or_default() += 1;
+    }
+    for (seq, n) in per_job {
+        apply(
+            tx,
+            seq,
+            Delta {
+                queued: n,
+                assigned: -n,
+                ..Delta::default()
+            },
+        )?;
+    }
+    if !rows.is_empty() {
+        tracing::info!(host, subtasks = rows.len(), reason, "subtasks requeued");
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(seq, index, epoch)| SubtaskRef {
+            job: job_id(seq),
+            index,
+            epoch,
+            host: Some(host.to_owned()),
+        })
+        .collect())
+}
+
+fn job_exists(conn: &Connection, seq: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM jobs WHERE seq = ?1")?
+        .query_row([seq], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// JobNotFound, or SubtaskNotFound when the job exists.
+fn missing_subtask(conn: &Connection, job: &JobId, seq: i64, index: u64) -> StoreError {
+    match job_exists(conn, seq) {
+        Ok(true) => StoreError::SubtaskNotFound {
+            job: job.clone(),
+            index,
+        },
+        Ok(false) => StoreError::JobNotFound(job.clone()),
+        Err(e) => e,
+    }
+}
+
+fn cap(bytes: &[u8], limit: usize) -> &[u8] {
+    &bytes[..bytes.len().min(limit)]
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path` with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        SqliteStore::open_with(path, StoreOptions::default())
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, opts: StoreOptions) -> Result<SqliteStore> {
+        let path = path.as_ref();
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        SqliteStore::setup(conn, path.to_owned(), opts)
+    }
+
+    /// A private store in memory, for tests.
+    pub fn open_in_memory() -> Result<SqliteStore> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        SqliteStore::setup(conn, path, StoreOptions::default())
+    }
+
+    fn setup(mut conn: Connection, path: PathBuf, opts: StoreOptions) -> Result<SqliteStore> {
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        conn.busy_timeout(opts.busy_timeout).map_err(open_err)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                path,
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(open_err)?;
+            tx.execute_batch(sql).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(open_err)?;
+            tx.commit().map_err(open_err)?;
+            tracing::info!(path = %path.display(), version = i + 1, "store schema migrated");
+        }
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            opts,
+        })
+    }
+
+    /// Runs `f` on the connection; database errors get `op` and `about`.
+    fn run<T>(
+        &self,
+        op: &'static str,
+        about: &dyn Display,
+        f: impl FnOnce(&mut Connection) -> Result<T>,
+    ) -> Result<T> {
+        // A panic inside `f` rolled its transaction back when it unwound, so
+        // a poisoned connection is still consistent.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(|e| match e {
+            StoreError::Db { op: "", source, .. } => StoreError::Db {
+                op,
+                about: about.to_string(),
+                source,
+            },
+            StoreError::Corrupt { op: "", detail, .. } => StoreError::Corrupt {
+                op,
+                about: about.to_string(),
+                detail,
+            },
+            other => other,
+        })
+    }
+
+    fn write<T>(
+        &self,
+        op: &'static str,
+        about: &dyn Display,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.run(op, about, |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+}
+
+impl Store for SqliteStore {
+    fn create_job(
+        &self,
+        req: &JobRequest,
+        subtasks: &mut dyn Iterator<Item = SubtaskSpec>,
+    ) -> Result<JobId> {
+        let name = req.name.clone();
+        let encode = |source| StoreError::Encode {
+            name: name.clone(),
+            source,
+        };
+        let request = serde_json::to_string(req).map_err(encode)?;
+        let seq = self.write("create_job", &format_args!("job {name:?}"), |tx| {
+            tx.execute(
+                "INSERT INTO jobs (name, request, state, priority, max_attempts, created_ms, \
+                 n_total, n_queued) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, 0)",
+                params![
+                    req.name,
+                    request,
+                    req.priority,
+                    req.max_attempts.max(1),
+                    now_ms()
+                ],
+            )?;
+            let seq = tx.last_insert_rowid();
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO subtasks (job, idx, argv, env, stdin) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut n: u64 = 0;
+            for spec in subtasks {
+                if spec.index != n {
+                    return Err(StoreError::BadIndex {
+                        name: name.clone(),
+                        expected: n,
+                        found: spec.index,
+                    });
+                }
+                let argv = serde_json::to_string(&spec.argv).map_err(encode)?;
+                let env = if spec.env.is_empty() {
+                    None
+                } else {
+                    Some(serde_json::to_string(&spec.env).map_err(encode)?)
+                };
+                let stdin = (!spec.stdin.is_empty()).then_some(&spec.stdin[..]);
+                insert.execute(params![seq, n, argv, env, stdin])?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(StoreError::EmptyJob { name: name.clone() });
+            }
+            tx.execute(
+                "UPDATE jobs SET n_total = ?2, n_queued = ?2 WHERE seq = ?1",
+                params![seq, n],
+            )?;
+            tracing::info!(job = %job_id(seq), name = %name, subtasks = n, "job created");
+            Ok(seq)
+        })?;
+        Ok(job_id(seq))
+    }
+
+    fn get_job(&self, job: &JobId) -> Result<JobRecord> {
+        let seq = job_seq(job)?;
+        self.run("get_job", job, |conn| {
+            conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq = ?1"))?
+                .query_row([seq], job_from_row)
+                .optional()?
+                .ok_or_else(|| StoreError::JobNotFound(job.clone()))
+        })
+    }
+
+    fn job_request(&self, job: &JobId) -> Result<JobRequest> {
+        let seq = job_seq(job)?;
+        self.run("job_request", job, |conn| {
+            let text: String = conn
+                .prepare_cached("SELECT request FROM jobs WHERE seq = ?1")?
+                .query_row([seq], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::JobNotFound(job.clone()))?;
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                op: "",
+                about: String::new(),
+                detail: format!("request JSON: {e}"),
+            })
+        })
+    }
+
+    fn list_jobs(&self, state: Option<JobState>, limit: usize) -> Result<Vec<JobRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run("list_jobs", &"all jobs", |conn| {
+            let rows = match state {
+                Some(state) => conn
+                    .prepare_cached(&format!(
+                        "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ?1 ORDER BY seq DESC LIMIT ?2"
+                    ))?
+                    .query_map(params![state.as_str(), limit], job_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => conn
+                    .prepare_cached(&format!(
+                        "SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
+                    ))?
+                    .query_map([limit], job_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            Ok(rows)
+        })
+    }
+
+    fn cancel_job(&self, job: &JobId) -> Result<CancelOutcome> {
+        let seq = job_seq(job)?;
+        self.write("cancel_job", job, |tx| {
+            let state: String = tx
+                .query_row("SELECT state FROM jobs WHERE seq = ?1", [seq], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::JobNotFound(job.clone()))?;
+            let active = matches!(
+                JobState::parse(&state),
+                Some(JobState::Queued | JobState::Running)
+            );
+            if !active {
+                return Ok(CancelOutcome {
+                    changed: false,
+                    dropped_queued: 0,
+                    stop: Vec::new(),
+                });
+            }
+            let now = now_ms();
+            let stop: Vec<SubtaskRef> = tx
+                .prepare(
+                    "SELECT idx, epoch, host FROM subtasks WHERE job = ?1 AND state = 1 \
+                     ORDER BY idx",
+                )?
+                .query_map([seq], |r| {
+                    Ok(SubtaskRef {
+                        job: job.clone(),
+                        index: r.get(0)?,
+                        epoch: r.get(1)?,
+                        host: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            tx.execute(
+                "UPDATE attempts SET state = ?2, finished_ms = ?3, error = 'job cancelled' \
+                 WHERE state = 0 AND (job, idx, attempt) IN \
+                 (SELECT job, idx, epoch FROM subtasks WHERE job = ?1 AND state = 1)",
+                params![seq, AttemptState::Cancelled.code(), now],
+            )?;
+            let dropped_queued = tx.execute(
+                "UPDATE subtasks SET state = ?2 WHERE job = ?1 AND state = 0",
+                params![seq, CANCELLED],
+            )? as u64;
+            tx.execute(
+                "UPDATE subtasks SET state = ?2 WHERE job = ?1 AND state = 1",
+                params![seq, CANCELLED],
+            )?;
+            tx.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_ms = ?2, \
+                 n_cancelled = n_cancelled + n_queued + n_assigned, n_queued = 0, n_assigned = 0 \
+                 WHERE seq = ?1",
+                params![seq, now],
+            )?;
+            tracing::info!(job = %job, dropped_queued, running = stop.len(), "job cancelled");
+            Ok(CancelOutcome {
+                changed: true,
+                dropped_queued,
+                stop,
+            })
+        })
+    }
+
+    fn claim(&self, host: &str, n: usize) -> Result<Vec<Assignment>> {
+        self.write("claim", &format_args!("host {host}"), |tx| {
+            let state: String = tx
+                .prepare_cached("SELECT state FROM hosts WHERE id = ?1")?
+                .query_row([host], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::HostNotFound(host.to_owned()))?;
+            if HostState::parse(&state) != Some(HostState::Active) {
+                return Err(StoreError::HostLost(host.to_owned()));
+            }
+            let mut out = Vec::new();
+            if n == 0 {
+                return Ok(out);
+            }
+            let now = now_ms();
+            let jobs: Vec<(i64, String)> = tx
+                .prepare_cached(
+                    "SELECT seq, state FROM jobs WHERE state IN ('queued', 'running') \
+                     AND n_queued > 0 ORDER BY priority DESC, seq",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut pick = tx.prepare_cached(
+                "SELECT epoch, idx, argv, env, stdin FROM subtasks WHERE job = ?1 AND state = 0 \
+                 ORDER BY idx LIMIT ?2",
+            )?;
+            let mut assign = tx.prepare_cached(
+                "UPDATE subtasks SET state = 1, epoch = ?3, host = ?4 WHERE job = ?1 AND idx = ?2",
+            )?;
+            let mut attempt = tx.prepare_cached(
+                "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+            )?;
+            for (seq, state) in jobs {
+                let want = n - out.len();
+                if want == 0 {
+                    break;
+                }
+                let picked: Vec<(u32, SubtaskSpec)> = pick
+                    .query_map(params![seq, want as i64], |r| {
+                        Ok((r.get(0)?, spec_from_row(r, 1)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                let k = picked.len() as i64;
+                for (old_epoch, spec) in picked {
+                    let epoch = old_epoch + 1;
+                    assign.execute(params![seq, spec.index, epoch, host])?;
+                    attempt.execute(params![seq, spec.index, epoch, host, now])?;
+                    out.push(Assignment {
+                        job: job_id(seq),
+                        index: spec.index,
+                        epoch,
+                        spec,
+                    });
+                }
+                apply(
+                    tx,
+                    seq,
+                    Delta {
+                        queued: -k,
+                        assigned: k,
+                        ..Delta::default()
+                    },
+                )?;
+                if state == "queued" && k > 0 {
+                    tx.prepare_cached(
+                        "UPDATE jobs SET state = 'running', started_ms = ?2 WHERE seq = ?1",
+                    )?
+                    .execute(params![seq, now])?;
+                    tracing::info!(job = %job_id(seq), "job running");
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn complete(
+        &self,
+        job: &JobId,
+        index: u64,
+        epoch: u32,
+        outcome: &Outcome,
+    ) -> Result<CompletionResult> {
+        let seq = job_seq(job)?;
+        let cap_len = self.opts.output_cap;
+        self.write(
+            "complete",
+            &format_args!("job {job} subtask {index} attempt {epoch}"),
+            |tx| {
+                let row: Option<(i64, u32, u32, u32)> = tx
+                    .prepare_cached(
+                        "SELECT s.state, s.epoch, s.failures, j.max_attempts \
+                         FROM subtasks s JOIN jobs j ON j.seq = s.job \
+                         WHERE s.job = ?1 AND s.idx = ?2",
+                    )?
+                    .query_row(params![seq, index], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .optional()?;
+                let Some((state, current, failures, max_attempts)) = row else {
+                    return Err(missing_subtask(tx, job, seq, index));
+                };
+                if state == DONE {
+                    return Ok(CompletionResult::Duplicate);
+                }
+                if state != ASSIGNED || current != epoch {
+                    // Already reported (a failure that was requeued, or the
+                    // last failure of a dead subtask)? Otherwise the attempt
+                    // was withdrawn, cancelled, superseded or never existed.
+                    let reported: Option<i64> = tx
+                        .prepare_cached(
+                            "SELECT state FROM attempts WHERE job = ?1 AND idx = ?2 AND attempt = ?3",
+                        )?
+                        .query_row(params![seq, index, epoch], |r| r.get(0))
+                        .optional()?;
+                    let finished = [AttemptState::Succeeded.code(), AttemptState::Failed.code()];
+                    return Ok(match reported {
+                        Some(s) if finished.contains(&s) => CompletionResult::Duplicate,
+                        _ => CompletionResult::Stale,
+                    });
+                }
+
+                let ok = outcome.succeeded();
+                let error = match (&outcome.error, ok) {
+                    (Some(e), _) => Some(e.clone()),
+                    (None, true) => None,
+                    (None, false) => Some(match outcome.exit_code {
+                        Some(code) => format!("exited with code {code}"),
+                        None => "ended without an exit code".to_owned(),
+                    }),
+                };
+                let attempt_state = if ok {
+                    AttemptState::Succeeded
+                } else {
+                    AttemptState::Failed
+                };
+                let now = now_ms();
+                tx.prepare_cached(
+                    "UPDATE attempts SET state = ?4, finished_ms = ?5, exit_code = ?6, error = ?7, \
+                     stdout = ?8, stdout_size = ?9, stderr = ?10, stderr_size = ?11, \
+                     duration_ms = ?12 WHERE job = ?1 AND idx = ?2 AND attempt = ?3",
+                )?
+                .execute(params![
+                    seq,
+                    index,
+                    epoch,
+                    attempt_state.code(),
+                    now,
+                    outcome.exit_code,
+                    error,
+                    cap(&outcome.stdout, cap_len),
+                    outcome.stdout_size.max(outcome.stdout.len() as u64),
+                    cap(&outcome.stderr, cap_len),
+                    outcome.stderr_size.max(outcome.stderr.len() as u64),
+                    outcome.duration_ms,
+                ])?;
+
+                let (next, delta) = if ok {
+                    (
+                        SubtaskState::Done,
+                        Delta {
+                            done: 1,
+                            ..Delta::default()
+                        },
+                    )
+                } else if failures + 1 >= max_attempts.max(1) {
+                    (
+                        SubtaskState::Dead,
+                        Delta {
+                            dead: 1,
+                            ..Delta::default()
+                        },
+                    )
+                } else {
+                    (
+                        SubtaskState::Queued,
+                        Delta {
+                            queued: 1,
+                            ..Delta::default()
+                        },
+                    )
+                };
+                let failures = failures + u32::from(!ok);
+                if next == SubtaskState::Queued {
+                    tx.prepare_cached(
+                        "UPDATE subtasks SET state = ?3, failures = ?4, host = NULL \
+                         WHERE job = ?1 AND idx = ?2",
+                    )?
+                    .execute(params![seq, index, next.code(), failures])?;
+                } else {
+                    tx.prepare_cached(
+                        "UPDATE subtasks SET state = ?3, failures = ?4 WHERE job = ?1 AND idx = ?2",
+                    )?
+                    .execute(params![seq, index, next.code(), failures])?;
+                }
+                if next == SubtaskState::Dead {
+                    tracing::info!(job = %job, index, failures, "subtask dead");
+                }
+                apply(
+                    tx,
+                    seq,
+                    Delta {
+                        assigned: -1,
+                        ..delta
+                    },
+                )?;
+                let job_state = rollup(tx, seq, now)?;
+                Ok(CompletionResult::Accepted {
+                    subtask: next,
+                    job: job_state,
+                })
+            },
+        )
+    }
+
+    fn withdraw(&self, job: &JobId, index: u64, epoch: u32, reason: &str) -> Result<bool> {
+        let seq = job_seq(job)?;
+        self.write(
+            "withdraw",
+            &format_args!("job {job} subtask {index} attempt {epoch}"),
+            |tx| {
+                let row: Option<(i64, u32)> = tx
+                    .prepare_cached(
+                        "SELECT state, epoch FROM subtasks WHERE job = ?1 AND idx = ?2",
+                    )?
+                    .query_row(params![seq, index], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let Some((state, current)) = row else {
+                    return Err(missing_subtask(tx, job, seq, index));
+                };
+                if state != ASSIGNED || current != epoch {
+                    return Ok(false);
+                }
+                requeue_one(tx, seq, index, epoch, reason, now_ms())?;
+                apply(
+                    tx,
+                    seq,
+                    Delta {
+                        queued: 1,
+                        assigned: -1,
+                        ..Delta::default()
+                    },
+                )?;
+                Ok(true)
+            },
+        )
+    }
+
+    fn requeue_host(&self, host: &str, reason: &str) -> Result<Vec<SubtaskRef>> {
+        self.write("requeue_host", &format_args!("host {host}"), |tx| {
+            requeue_host_tx(tx, host, reason)
+        })
+    }
+
+    fn assigned_to(&self, host: &str) -> Result<Vec<SubtaskRef>> {
+        self.run("assigned_to", &format_args!("host {host}"), |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT job, idx, epoch FROM subtasks WHERE host = ?1 AND state = 1 \
+                     ORDER BY job, idx",
+                )?
+                .query_map([host], |r| {
+                    Ok(SubtaskRef {
+                        job: job_id(r.get(0)?),
+                        index: r.get(1)?,
+                        epoch: r.get(2)?,
+                        host: Some(host.to_owned()),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn subtasks(&self, job: &JobId, from: u64, limit: usize) -> Result<Vec<SubtaskRecord>> {
+        let seq = job_seq(job)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run("subtasks", job, |conn| {
+            if !job_exists(conn, seq)? {
+                return Err(StoreError::JobNotFound(job.clone()));
+            }
+            Ok(conn
+                .prepare_cached(
+                    "SELECT idx, state, epoch, failures, host FROM subtasks \
+                     WHERE job = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
+                )?
+                .query_map(params![seq, from, limit], |r| {
+                    let state: i64 = r.get(1)?;
+                    Ok(SubtaskRecord {
+                        index: r.get(0)?,
+                        state: SubtaskState::from_code(state).ok_or_else(|| {
+                            bad_column(1, Type::Integer, format!("unknown subtask state {state}"))
+                        })?,
+                        epoch: r.get(2)?,
+                        failures: r.get(3)?,
+                        host: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn attempts(&self, job: &JobId, index: u64) -> Result<Vec<AttemptRecord>> {
+        let seq = job_seq(job)?;
+        self.run(
+            "attempts",
+            &format_args!("job {job} subtask {index}"),
+            |conn| {
+                let exists = conn
+                    .prepare_cached("SELECT 1 FROM subtasks WHERE job = ?1 AND idx = ?2")?
+                    .query_row(params![seq, index], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if !exists {
+                    return Err(missing_subtask(conn, job, seq, index));
+                }
+                Ok(conn
+                    .prepare_cached(&format!(
+                        "SELECT {ATTEMPT_COLUMNS} FROM attempts a \
+                     WHERE a.job = ?1 AND a.idx = ?2 ORDER BY a.attempt"
+                    ))?
+                    .query_map(params![seq, index], attempt_from_row)?
+                    .collect::<rusqlite::Result<_>>()?)
+            },
+        )
+    }
+
+    fn results(&self, job: &JobId, from: u64, limit: usize) -> Result<Vec<AttemptRecord>> {
+        let seq = job_seq(job)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run("results", job, |conn| {
+            if !job_exists(conn, seq)? {
+                return Err(StoreError::JobNotFound(job.clone()));
+            }
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM subtasks s JOIN attempts a \
+                     ON a.job = s.job AND a.idx = s.idx AND a.attempt = s.epoch \
+                     WHERE s.job = ?1 AND s.state = {DONE} AND s.idx >= ?2 \
+                     ORDER BY s.idx LIMIT ?3"
+                ))?
+                .query_map(params![seq, from, limit], attempt_from_row)?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn upsert_host(&self, id: &str, address: &str) -> Result<()> {
+        self.write("upsert_host", &format_args!("host {id}"), |tx| {
+            tx.prepare_cached(
+                "INSERT INTO hosts (id, address, state, registered_ms, last_heartbeat_ms) \
+                 VALUES (?1, ?2, 'active', ?3, ?3) \
+                 ON CONFLICT (id) DO UPDATE SET address = excluded.address, state = 'active', \
+                 last_heartbeat_ms = excluded.last_heartbeat_ms",
+            )?
+            .execute(params![id, address, now_ms()])?;
+            Ok(())
+        })
+    }
+
+    fn heartbeat(&self, id: &str, load: &serde_json::Value) -> Result<()> {
+        let load = load.to_string();
+        self.write("heartbeat", &format_args!("host {id}"), |tx| {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE hosts SET last_heartbeat_ms = ?2, load = ?3, state = 'active' \
+                     WHERE id = ?1",
+                )?
+                .execute(params![id, now_ms(), load])?;
+            if n == 0 {
+                return Err(StoreError::HostNotFound(id.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
+    fn mark_lost(&self, id: &str) -> Result<Vec<SubtaskRef>> {
+        self.write("mark_lost", &format_args!("host {id}"), |tx| {
+            let n = tx.execute("UPDATE hosts SET state = 'lost' WHERE id = ?1", [id])?;
+            if n == 0 {
+                return Err(StoreError::HostNotFound(id.to_owned()));
+            }
+            tracing::info!(host = id, "host lost");
+            requeue_host_tx(tx, id, "host lost")
+        })
+    }
+
+    fn list_hosts(&self) -> Result<Vec<HostRecord>> {
+        self.run("list_hosts", &"all hosts", |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, address, state, registered_ms, last_heartbeat_ms, load \
+                     FROM hosts ORDER BY id",
+                )?
+                .query_map([], |r| {
+                    let state: String = r.get(2)?;
+                    let load: Option<String> = r.get(5)?;
+                    Ok(HostRecord {
+                        id: r.get(0)?,
+                        address: r.get(1)?,
+                        state: HostState::parse(&state).ok_or_else(|| {
+                            bad_column(2, Type::Text, format!("unknown host state {state:?}"))
+                        })?,
+                        registered_ms: r.get(3)?,
+                        last_heartbeat_ms: r.get(4)?,
+                        load: load
+                            .map(|l| serde_json::from_str(&l))
+                            .transpose()
+                            .map_err(|e| bad_column(5, Type::Text, format!("load: {e}")))?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
