@@ -647,9 +647,73 @@ fn validate_resources(r: &Resources, limits: &Limits) -> Result<(), ValidationEr
 /// [`ErrorCode::MalformedJson`] on field `"body"` with serde_json's line and
 /// column; everything after that names the field by its path. Does not check
 /// [`Limits`]: call [`JobRequest::validate`] next.
+///
+/// A key given twice in one object is refused (as the serde derive does)
+/// rather than silently keeping the last value.
 pub fn parse_json(bytes: &[u8]) -> Result<JobRequest, ValidationError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| malformed(bytes, &e))?;
+    let StrictValue(value) = serde_json::from_slice(bytes).map_err(|e| malformed(bytes, &e))?;
     parse_value(&value)
+}
+
+/// A JSON value read with duplicate object keys refused (serde_json's
+/// `Value` keeps the last one).
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(v) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "the key `{key}` appears twice in one object"
+                )));
+            }
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 fn malformed(bytes: &[u8], e: &serde_json::Error) -> ValidationError {
@@ -1336,6 +1400,13 @@ mod tests {
         assert!(e.message.contains("line 1 column"), "{e}");
         let e = parse_err("", ErrorCode::MalformedJson, "body");
         assert!(e.message.contains("empty"), "{e}");
+        let e = parse_err(
+            r#"{"command": {"argv": ["x"]}, "command": {"argv": ["y"]}}"#,
+            ErrorCode::MalformedJson,
+            "body",
+        );
+        assert!(e.message.contains("`command` appears twice"), "{e}");
+        assert!(e.message.contains("line 1 column"), "{e}");
         parse_err("[1, 2]", ErrorCode::InvalidType, "body");
         parse_err("null", ErrorCode::InvalidType, "body");
     }
