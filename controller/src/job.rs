@@ -1536,4 +1536,73 @@ mod tests {
             "reduce.argv[0]",
         );
     }
+
+    fn command_strategy() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::collection::vec(".{0,8}", 0..4).prop_map(Command::Argv),
+            (".{0,8}", ".{0,20}").prop_map(|(interpreter, source)| Command::Script {
+                interpreter,
+                source
+            }),
+        ]
+    }
+
+    fn request_strategy() -> impl proptest::strategy::Strategy<Value = JobRequest> {
+        use proptest::prelude::*;
+        let split = prop_oneof![
+            (any::<i64>(), any::<i64>(), any::<u64>())
+                .prop_map(|(start, end, chunk)| Split::Range { start, end, chunk }),
+            (prop::collection::vec(".{0,6}", 0..4), any::<u64>())
+                .prop_map(|(items, batch)| Split::Items { items, batch }),
+            (".{0,30}", any::<u64>()).prop_map(|(input, block)| Split::Lines { input, block }),
+        ];
+        let resources =
+            (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(v, m, t)| Resources {
+                vcpus: v,
+                memory_mib: m,
+                timeout_secs: t,
+            });
+        let mode = prop_oneof![
+            Just(DispatchMode::Push),
+            Just(DispatchMode::Pull),
+            Just(DispatchMode::P2p)
+        ];
+        (
+            ".{0,10}",
+            command_strategy(),
+            split,
+            resources,
+            any::<u32>(),
+            any::<i32>(),
+            mode,
+            proptest::option::of(command_strategy()),
+        )
+            .prop_map(
+                |(name, command, split, resources, max_attempts, priority, mode, reduce)| {
+                    JobRequest {
+                        name,
+                        command,
+                        split,
+                        resources,
+                        max_attempts,
+                        priority,
+                        mode,
+                        reduce,
+                    }
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(128))]
+
+        /// The hand-written reader and the serde derive agree on every
+        /// request the derive can write.
+        #[test]
+        fn parse_json_reads_what_serde_writes(req in request_strategy()) {
+            let body = serde_json::to_vec(&req).unwrap();
+            proptest::prop_assert_eq!(parse_json(&body).unwrap(), req);
+        }
+    }
 }
