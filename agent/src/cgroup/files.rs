@@ -218,6 +218,60 @@ impl CpuRate {
     }
 }
 
+/// The outcome of waiting for a freeze or thaw. A freeze still pending after
+/// [`FREEZE_WAIT`] counts as done (tasks not yet scheduled stop before they
+/// run user code again); a thaw that did not finish is an error.
+pub(crate) fn freeze_outcome(
+    done: Option<()>,
+    frozen: bool,
+    path: &Path,
+    thawed_name: &str,
+) -> Result<bool, CgroupError> {
+    if done.is_some() {
+        return Ok(true);
+    }
+    if frozen {
+        tracing::warn!(
+            path = %path.display(),
+            "freeze still pending after {FREEZE_WAIT:?}: tasks not scheduled yet stop before they run again"
+        );
+        return Ok(true);
+    }
+    Err(CgroupError::Timeout {
+        path: path.to_path_buf(),
+        message: format!("not {thawed_name} after {FREEZE_WAIT:?}"),
+    })
+}
+
+/// Writes `data` to `path` from a forked child before exec: only
+/// async-signal-safe calls (open, write, close), no allocation.
+pub(crate) fn write_in_child(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
+    // SAFETY: `path` is a valid NUL-terminated string; open has no other preconditions.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open and `data` is a valid buffer of its length.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `fd` is open and owned here.
+    unsafe { libc::close(fd) };
+    if n != data.len() as isize {
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Joins a child group in every hierarchy from a forked child before exec,
+/// by writing "0" (the writer itself) to each `cgroup.procs` file
+/// (`Partition::procs_files`), so none of its work runs outside the group.
+pub(crate) fn join_in_child(procs_files: &[std::ffi::CString]) -> std::io::Result<()> {
+    for f in procs_files {
+        write_in_child(f, b"0")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,29 +370,4 @@ mod tests {
         let got = poll_until(Duration::from_secs(1), || Ok(Some(7))).unwrap();
         assert_eq!(got, Some(7));
     }
-}
-
-/// The outcome of waiting for a freeze or thaw. A freeze still pending after
-/// [`FREEZE_WAIT`] counts as done (tasks not yet scheduled stop before they
-/// run user code again); a thaw that did not finish is an error.
-pub(crate) fn freeze_outcome(
-    done: Option<()>,
-    frozen: bool,
-    path: &Path,
-    thawed_name: &str,
-) -> Result<bool, CgroupError> {
-    if done.is_some() {
-        return Ok(true);
-    }
-    if frozen {
-        tracing::warn!(
-            path = %path.display(),
-            "freeze still pending after {FREEZE_WAIT:?}: tasks not scheduled yet stop before they run again"
-        );
-        return Ok(true);
-    }
-    Err(CgroupError::Timeout {
-        path: path.to_path_buf(),
-        message: format!("not {thawed_name} after {FREEZE_WAIT:?}"),
-    })
 }

@@ -23,7 +23,7 @@
 //! Each child of the partition is one grid VM or process, named after it.
 //! Child names are single path components (no `/`, not `.` or `..`).
 
-mod files;
+pub(crate) mod files;
 pub mod v1;
 pub mod v2;
 

@@ -94,28 +94,6 @@ fn pids_or_none(part: &dyn Partition, name: &str) -> Result<Vec<u32>, CgroupErro
     }
 }
 
-/// Runs in the forked child before exec: joins the child group in every
-/// hierarchy by writing "0" (the writer itself) to each procs file. Only
-/// async-signal-safe calls (open, write, close), no allocation.
-fn join_cgroup(files: &[CString]) -> std::io::Result<()> {
-    for f in files {
-        // SAFETY: `f` is a valid NUL-terminated path; open has no other preconditions.
-        let fd = unsafe { libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is open and the buffer is one valid byte.
-        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        let err = std::io::Error::last_os_error();
-        // SAFETY: `fd` is open and owned here.
-        unsafe { libc::close(fd) };
-        if n != 1 {
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
 impl ProcessRuntime {
     /// A runtime that places its processes under the grid partition. The
     /// partition must have been set up (`Partition::setup`); the runtime
@@ -286,7 +264,7 @@ impl Runtime for ProcessRuntime {
         // SAFETY: the hook only calls open/write/close on paths prepared
         // above; it neither allocates nor takes locks.
         unsafe {
-            cmd.pre_exec(move || join_cgroup(&files));
+            cmd.pre_exec(move || crate::cgroup::files::join_in_child(&files));
         }
         let child = match cmd.spawn() {
             Ok(c) => c,

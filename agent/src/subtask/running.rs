@@ -115,28 +115,8 @@ fn check_input(a: &Assignment) -> Result<(), String> {
 /// close), no allocation.
 fn pre_exec_hook(oom: &CString, files: &[CString]) -> std::io::Result<()> {
     // Failing to raise the OOM score is not worth failing the subtask.
-    let _ = write_file(oom, b"1000");
-    for f in files {
-        write_file(f, b"0")?;
-    }
-    Ok(())
-}
-
-fn write_file(path: &CString, data: &[u8]) -> std::io::Result<()> {
-    // SAFETY: `path` is a valid NUL-terminated string; open has no other preconditions.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is open and `data` is a valid buffer of its length.
-    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: `fd` is open and owned here.
-    unsafe { libc::close(fd) };
-    if n != data.len() as isize {
-        return Err(err);
-    }
-    Ok(())
+    let _ = crate::cgroup::files::write_in_child(oom, b"1000");
+    crate::cgroup::files::join_in_child(files)
 }
 
 /// Whether child `pid` has exited, without reaping it (`WNOWAIT`).
