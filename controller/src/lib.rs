@@ -3,10 +3,13 @@
 //!
 //! - [`job`]: the work request a researcher submits, its validation, and the
 //!   subtasks, jobs and attempts the controller tracks;
+//! - [`registry`]: agents' registrations and heartbeats, and the two-set
+//!   rule that decides which hosts may hold work (pure, no I/O);
 //! - [`split`]: cutting a request into subtasks (`range`, `items`, `lines`);
 //! - [`store`]: where jobs, subtasks, attempts and hosts live (SQLite behind
 //!   a trait).
 
 pub mod job;
+pub mod registry;
 pub mod split;
 pub mod store;
