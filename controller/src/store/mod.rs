@@ -295,6 +295,15 @@ impl Outcome {
     }
 }
 
+/// One completion report, for [`Store::complete_many`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub job: JobId,
+    pub index: u64,
+    pub epoch: u32,
+    pub outcome: Outcome,
+}
+
 /// What a completion did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "result")]
@@ -447,6 +456,12 @@ pub trait Store: Send + Sync {
         epoch: u32,
         outcome: &Outcome,
     ) -> Result<CompletionResult>;
+
+    /// Records many completions in one transaction (agents report in
+    /// batches), each exactly as [`Store::complete`] would. An unknown job
+    /// or subtask fails only its own report; a database error fails the
+    /// batch and records none of it.
+    fn complete_many(&self, reports: &[Report]) -> Result<Vec<Result<CompletionResult>>>;
 
     /// Takes one assigned subtask back to the queue if `epoch` is still its
     /// current attempt (the attempt is marked withdrawn with `reason`).

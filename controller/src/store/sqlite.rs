@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::{
     Assignment, AttemptRecord, AttemptState, CancelOutcome, CompletionResult, HostRecord,
-    HostState, JobCounts, JobId, JobRecord, JobState, Outcome, Result, Store, StoreError,
+    HostState, JobCounts, JobId, JobRecord, JobState, Outcome, Report, Result, Store, StoreError,
     SubtaskRecord, SubtaskRef, SubtaskState,
 };
 use crate::job::{JobRequest, SubtaskSpec};
@@ -325,6 +325,140 @@ fn missing_subtask(conn: &Connection, job: &JobId, seq: i64, index: u64) -> Stor
 
 fn cap(bytes: &[u8], limit: usize) -> &[u8] {
     &bytes[..bytes.len().min(limit)]
+}
+
+/// Records one completion inside `tx`; see [`Store::complete`].
+fn complete_tx(
+    tx: &Transaction<'_>,
+    cap_len: usize,
+    job: &JobId,
+    seq: i64,
+    index: u64,
+    epoch: u32,
+    outcome: &Outcome,
+) -> Result<CompletionResult> {
+    let row: Option<(i64, u32, u32, u32)> = tx
+        .prepare_cached(
+            "SELECT s.state, s.epoch, s.failures, j.max_attempts \
+                 FROM subtasks s JOIN jobs j ON j.seq = s.job \
+                 WHERE s.job = ?1 AND s.idx = ?2",
+        )?
+        .query_row(params![seq, index], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((state, current, failures, max_attempts)) = row else {
+        return Err(missing_subtask(tx, job, seq, index));
+    };
+    if state == DONE {
+        return Ok(CompletionResult::Duplicate);
+    }
+    if state != ASSIGNED || current != epoch {
+        // Already reported (a failure that was requeued, or the
+        // last failure of a dead subtask)? Otherwise the attempt
+        // was withdrawn, cancelled, superseded or never existed.
+        let reported: Option<i64> = tx
+            .prepare_cached(
+                "SELECT state FROM attempts WHERE job = ?1 AND idx = ?2 AND attempt = ?3",
+            )?
+            .query_row(params![seq, index, epoch], |r| r.get(0))
+            .optional()?;
+        let finished = [AttemptState::Succeeded.code(), AttemptState::Failed.code()];
+        return Ok(match reported {
+            Some(s) if finished.contains(&s) => CompletionResult::Duplicate,
+            _ => CompletionResult::Stale,
+        });
+    }
+
+    let ok = outcome.succeeded();
+    let error = match (&outcome.error, ok) {
+        (Some(e), _) => Some(e.clone()),
+        (None, true) => None,
+        (None, false) => Some(match outcome.exit_code {
+            Some(code) => format!("exited with code {code}"),
+            None => "ended without an exit code".to_owned(),
+        }),
+    };
+    let attempt_state = if ok {
+        AttemptState::Succeeded
+    } else {
+        AttemptState::Failed
+    };
+    let now = now_ms();
+    tx.prepare_cached(
+        "UPDATE attempts SET state = ?4, finished_ms = ?5, exit_code = ?6, error = ?7, \
+             stdout = ?8, stdout_size = ?9, stderr = ?10, stderr_size = ?11, \
+             duration_ms = ?12 WHERE job = ?1 AND idx = ?2 AND attempt = ?3",
+    )?
+    .execute(params![
+        seq,
+        index,
+        epoch,
+        attempt_state.code(),
+        now,
+        outcome.exit_code,
+        error,
+        cap(&outcome.stdout, cap_len),
+        outcome.stdout_size.max(outcome.stdout.len() as u64),
+        cap(&outcome.stderr, cap_len),
+        outcome.stderr_size.max(outcome.stderr.len() as u64),
+        outcome.duration_ms,
+    ])?;
+
+    let (next, delta) = if ok {
+        (
+            SubtaskState::Done,
+            Delta {
+                done: 1,
+                ..Delta::default()
+            },
+        )
+    } else if failures + 1 >= max_attempts.max(1) {
+        (
+            SubtaskState::Dead,
+            Delta {
+                dead: 1,
+                ..Delta::default()
+            },
+        )
+    } else {
+        (
+            SubtaskState::Queued,
+            Delta {
+                queued: 1,
+                ..Delta::default()
+            },
+        )
+    };
+    let failures = failures + u32::from(!ok);
+    if next == SubtaskState::Queued {
+        tx.prepare_cached(
+            "UPDATE subtasks SET state = ?3, failures = ?4, host = NULL \
+                 WHERE job = ?1 AND idx = ?2",
+        )?
+        .execute(params![seq, index, next.code(), failures])?;
+    } else {
+        tx.prepare_cached(
+            "UPDATE subtasks SET state = ?3, failures = ?4 WHERE job = ?1 AND idx = ?2",
+        )?
+        .execute(params![seq, index, next.code(), failures])?;
+    }
+    if next == SubtaskState::Dead {
+        tracing::info!(job = %job, index, failures, "subtask dead");
+    }
+    apply(
+        tx,
+        seq,
+        Delta {
+            assigned: -1,
+            ..delta
+        },
+    )?;
+    let job_state = rollup(tx, seq, now)?;
+    Ok(CompletionResult::Accepted {
+        subtask: next,
+        job: job_state,
+    })
 }
 
 impl SqliteStore {
@@ -687,129 +821,31 @@ impl Store for SqliteStore {
         self.write(
             "complete",
             &format_args!("job {job} subtask {index} attempt {epoch}"),
+            |tx| complete_tx(tx, cap_len, job, seq, index, epoch, outcome),
+        )
+    }
+
+    fn complete_many(&self, reports: &[Report]) -> Result<Vec<Result<CompletionResult>>> {
+        let cap_len = self.opts.output_cap;
+        self.write(
+            "complete_many",
+            &format_args!("{} reports", reports.len()),
             |tx| {
-                let row: Option<(i64, u32, u32, u32)> = tx
-                    .prepare_cached(
-                        "SELECT s.state, s.epoch, s.failures, j.max_attempts \
-                         FROM subtasks s JOIN jobs j ON j.seq = s.job \
-                         WHERE s.job = ?1 AND s.idx = ?2",
-                    )?
-                    .query_row(params![seq, index], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })
-                    .optional()?;
-                let Some((state, current, failures, max_attempts)) = row else {
-                    return Err(missing_subtask(tx, job, seq, index));
-                };
-                if state == DONE {
-                    return Ok(CompletionResult::Duplicate);
-                }
-                if state != ASSIGNED || current != epoch {
-                    // Already reported (a failure that was requeued, or the
-                    // last failure of a dead subtask)? Otherwise the attempt
-                    // was withdrawn, cancelled, superseded or never existed.
-                    let reported: Option<i64> = tx
-                        .prepare_cached(
-                            "SELECT state FROM attempts WHERE job = ?1 AND idx = ?2 AND attempt = ?3",
-                        )?
-                        .query_row(params![seq, index, epoch], |r| r.get(0))
-                        .optional()?;
-                    let finished = [AttemptState::Succeeded.code(), AttemptState::Failed.code()];
-                    return Ok(match reported {
-                        Some(s) if finished.contains(&s) => CompletionResult::Duplicate,
-                        _ => CompletionResult::Stale,
+                let mut out = Vec::with_capacity(reports.len());
+                for r in reports {
+                    let one = job_seq(&r.job).and_then(|seq| {
+                        complete_tx(tx, cap_len, &r.job, seq, r.index, r.epoch, &r.outcome)
                     });
+                    match one {
+                        // A database failure aborts the whole batch; a
+                        // report about an unknown job or subtask does not.
+                        Err(e @ (StoreError::Db { .. } | StoreError::Corrupt { .. })) => {
+                            return Err(e)
+                        }
+                        other => out.push(other),
+                    }
                 }
-
-                let ok = outcome.succeeded();
-                let error = match (&outcome.error, ok) {
-                    (Some(e), _) => Some(e.clone()),
-                    (None, true) => None,
-                    (None, false) => Some(match outcome.exit_code {
-                        Some(code) => format!("exited with code {code}"),
-                        None => "ended without an exit code".to_owned(),
-                    }),
-                };
-                let attempt_state = if ok {
-                    AttemptState::Succeeded
-                } else {
-                    AttemptState::Failed
-                };
-                let now = now_ms();
-                tx.prepare_cached(
-                    "UPDATE attempts SET state = ?4, finished_ms = ?5, exit_code = ?6, error = ?7, \
-                     stdout = ?8, stdout_size = ?9, stderr = ?10, stderr_size = ?11, \
-                     duration_ms = ?12 WHERE job = ?1 AND idx = ?2 AND attempt = ?3",
-                )?
-                .execute(params![
-                    seq,
-                    index,
-                    epoch,
-                    attempt_state.code(),
-                    now,
-                    outcome.exit_code,
-                    error,
-                    cap(&outcome.stdout, cap_len),
-                    outcome.stdout_size.max(outcome.stdout.len() as u64),
-                    cap(&outcome.stderr, cap_len),
-                    outcome.stderr_size.max(outcome.stderr.len() as u64),
-                    outcome.duration_ms,
-                ])?;
-
-                let (next, delta) = if ok {
-                    (
-                        SubtaskState::Done,
-                        Delta {
-                            done: 1,
-                            ..Delta::default()
-                        },
-                    )
-                } else if failures + 1 >= max_attempts.max(1) {
-                    (
-                        SubtaskState::Dead,
-                        Delta {
-                            dead: 1,
-                            ..Delta::default()
-                        },
-                    )
-                } else {
-                    (
-                        SubtaskState::Queued,
-                        Delta {
-                            queued: 1,
-                            ..Delta::default()
-                        },
-                    )
-                };
-                let failures = failures + u32::from(!ok);
-                if next == SubtaskState::Queued {
-                    tx.prepare_cached(
-                        "UPDATE subtasks SET state = ?3, failures = ?4, host = NULL \
-                         WHERE job = ?1 AND idx = ?2",
-                    )?
-                    .execute(params![seq, index, next.code(), failures])?;
-                } else {
-                    tx.prepare_cached(
-                        "UPDATE subtasks SET state = ?3, failures = ?4 WHERE job = ?1 AND idx = ?2",
-                    )?
-                    .execute(params![seq, index, next.code(), failures])?;
-                }
-                if next == SubtaskState::Dead {
-                    tracing::info!(job = %job, index, failures, "subtask dead");
-                }
-                apply(
-                    tx,
-                    seq,
-                    Delta {
-                        assigned: -1,
-                        ..delta
-                    },
-                )?;
-                let job_state = rollup(tx, seq, now)?;
-                Ok(CompletionResult::Accepted {
-                    subtask: next,
-                    job: job_state,
-                })
+                Ok(out)
             },
         )
     }

@@ -304,6 +304,48 @@ fn completion_is_idempotent_and_fenced() {
 }
 
 #[test]
+fn complete_many_is_one_transaction_with_per_report_results() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = create(&store, "j", 3, 3, 0);
+    store.upsert_host("a", "a").unwrap();
+    let got = store.claim("a", 3).unwrap();
+    let report = |job: &JobId, index, epoch, out| Report {
+        job: job.clone(),
+        index,
+        epoch,
+        outcome: out,
+    };
+    let reports = vec![
+        report(&id, 0, got[0].epoch, ok("zero")),
+        report(&id, 0, got[0].epoch, ok("zero again")),
+        report(&"j-77".into(), 0, 1, ok("")),
+        report(&id, 1, got[1].epoch + 1, ok("stale")),
+        report(&id, 1, got[1].epoch, fail("bad")),
+        report(&id, 2, got[2].epoch, ok("two")),
+    ];
+    let results = store.complete_many(&reports).unwrap();
+    assert_eq!(results.len(), 6);
+    assert_eq!(
+        results[0].as_ref().unwrap(),
+        &accepted(SubtaskState::Done, JobState::Running)
+    );
+    assert_eq!(results[1].as_ref().unwrap(), &CompletionResult::Duplicate);
+    assert!(matches!(results[2], Err(StoreError::JobNotFound(_))));
+    assert_eq!(results[3].as_ref().unwrap(), &CompletionResult::Stale);
+    assert_eq!(
+        results[4].as_ref().unwrap(),
+        &accepted(SubtaskState::Queued, JobState::Running)
+    );
+    assert_eq!(
+        results[5].as_ref().unwrap(),
+        &accepted(SubtaskState::Done, JobState::Running)
+    );
+    check_counts(&store, &id);
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!((rec.counts.done, rec.counts.queued), (2, 1));
+}
+
+#[test]
 fn withdraw_is_fenced_by_epoch() {
     let store = SqliteStore::open_in_memory().unwrap();
     let id = create(&store, "j", 1, 3, 0);
@@ -863,18 +905,34 @@ fn insert_throughput() {
     }
     let claim = t.elapsed();
     let t = Instant::now();
-    for i in 0..N {
+    for i in 0..N / 2 {
         store.complete(&id, i, 1, &ok("x")).unwrap();
     }
-    let complete = t.elapsed();
+    let complete = t.elapsed() * 2;
+    let t = Instant::now();
+    let reports: Vec<Report> = (N / 2..N)
+        .map(|index| Report {
+            job: id.clone(),
+            index,
+            epoch: 1,
+            outcome: ok("x"),
+        })
+        .collect();
+    for batch in reports.chunks(100) {
+        for r in store.complete_many(batch).unwrap() {
+            assert!(matches!(r, Ok(CompletionResult::Accepted { .. })));
+        }
+    }
+    let batched = t.elapsed() * 2;
     assert_eq!(claimed as u64, N);
     assert_eq!(store.get_job(&id).unwrap().state, JobState::Done);
     let rate = |d: std::time::Duration| N as f64 / d.as_secs_f64();
     eprintln!(
         "{N} subtasks: insert {:.0}/s ({insert:?}), claim in batches of 1000 {:.0}/s ({claim:?}), \
-         complete one per transaction {:.0}/s ({complete:?})",
+         complete one per transaction {:.0}/s, complete in batches of 100 {:.0}/s",
         rate(insert),
         rate(claim),
-        rate(complete)
+        rate(complete),
+        rate(batched)
     );
 }
