@@ -7,8 +7,12 @@
 //!   rule that decides which hosts may hold work (pure, no I/O);
 //! - [`split`]: cutting a request into subtasks (`range`, `items`, `lines`);
 //! - [`store`]: where jobs, subtasks, attempts and hosts live (SQLite behind
-//!   a trait).
+//!   a trait);
+//! - [`config`]: the controller's TOML config;
+//! - [`api`]: the HTTP/JSON job API, `/metrics` and `/openapi.json`.
 
+pub mod api;
+pub mod config;
 pub mod job;
 pub mod registry;
 pub mod split;

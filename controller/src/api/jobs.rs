@@ -1,0 +1,657 @@
+//! The job routes: submit, list, get, cancel, results and the progress event
+//! stream, with their response types. Every store call runs on the blocking
+//! pool ([`tokio::task::spawn_blocking`]); nothing here blocks the runtime.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::openapi::{JobCountsDoc, JobRequestDoc, JobStateDoc};
+use super::AppState;
+use crate::job::{self, DispatchMode, ErrorCode, JobRequest, ValidationError};
+use crate::split::Plan;
+use crate::store::{AttemptRecord, JobCounts, JobId, JobRecord, JobState, Store, StoreError};
+
+/// Jobs a listing returns when `limit` is not given.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+/// The largest `limit` a listing accepts.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Results read from the store per page while a results body streams.
+const RESULTS_PAGE: usize = 256;
+
+/// Runs `f` against the store on the blocking pool.
+pub(crate) async fn blocking<T, F>(store: &Arc<dyn Store>, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| ApiError::Task(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+// ---------------------------------------------------------------------------
+// Response types
+// ---------------------------------------------------------------------------
+
+/// `POST /v1/jobs` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SubmitResponse {
+    /// The new job's id (`j-1`, …).
+    #[schema(value_type = String, example = "j-1")]
+    pub id: JobId,
+    /// Subtasks the job was cut into.
+    pub subtasks: u64,
+}
+
+/// A job as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobSummary {
+    #[schema(value_type = String, example = "j-1")]
+    pub id: JobId,
+    pub name: String,
+    #[schema(value_type = JobStateDoc)]
+    pub state: JobState,
+    pub priority: i32,
+    pub max_attempts: u32,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// When the first subtask was assigned.
+    pub started_ms: Option<i64>,
+    /// When the job became done, failed or cancelled.
+    pub finished_ms: Option<i64>,
+    /// Subtasks by state.
+    #[schema(value_type = JobCountsDoc)]
+    pub counts: JobCounts,
+}
+
+impl From<JobRecord> for JobSummary {
+    fn from(r: JobRecord) -> Self {
+        JobSummary {
+            id: r.id,
+            name: r.name,
+            state: r.state,
+            priority: r.priority,
+            max_attempts: r.max_attempts,
+            created_ms: r.created_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            counts: r.counts,
+        }
+    }
+}
+
+/// `GET /v1/jobs` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<JobSummary>,
+}
+
+/// `GET /v1/jobs/{id}` answer: the summary and the request it was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: JobSummary,
+    #[schema(value_type = JobRequestDoc)]
+    pub request: JobRequest,
+}
+
+/// `DELETE /v1/jobs/{id}` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CancelResponse {
+    #[schema(value_type = String, example = "j-1")]
+    pub id: JobId,
+    /// The job's state after the cancel (`cancelled`, or the final state it
+    /// already had).
+    #[schema(value_type = JobStateDoc)]
+    pub state: JobState,
+    /// False when the job had already finished or been cancelled.
+    pub changed: bool,
+    /// Queued subtasks that will now never run.
+    pub dropped_queued: u64,
+    /// Subtasks that were running and are being stopped.
+    pub stopping: u64,
+}
+
+/// One done subtask's accepted result (`?format=json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SubtaskResult {
+    pub index: u64,
+    /// The attempt (epoch) whose result was accepted.
+    pub attempt: u32,
+    pub host: String,
+    pub exit_code: Option<i32>,
+    pub duration_ms: Option<u64>,
+    /// Captured stdout as UTF-8 (invalid bytes replaced by U+FFFD).
+    pub stdout: String,
+    /// Stdout's size before any cap.
+    pub stdout_size: u64,
+    pub stderr: String,
+    pub stderr_size: u64,
+}
+
+impl From<AttemptRecord> for SubtaskResult {
+    fn from(a: AttemptRecord) -> Self {
+        SubtaskResult {
+            index: a.index,
+            attempt: a.attempt,
+            host: a.host,
+            exit_code: a.exit_code,
+            duration_ms: a.duration_ms,
+            stdout: String::from_utf8_lossy(&a.stdout).into_owned(),
+            stdout_size: a.stdout_size,
+            stderr: String::from_utf8_lossy(&a.stderr).into_owned(),
+            stderr_size: a.stderr_size,
+        }
+    }
+}
+
+/// `GET /v1/jobs/{id}/results?format=json` answer (streamed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobResults {
+    #[schema(value_type = String, example = "j-1")]
+    pub id: JobId,
+    #[schema(value_type = JobStateDoc)]
+    pub state: JobState,
+    /// True when every subtask is done, so `results` has one entry per
+    /// subtask.
+    pub complete: bool,
+    /// Done subtasks in index order.
+    pub results: Vec<SubtaskResult>,
+}
+
+/// The data of each `GET /v1/jobs/{id}/events` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProgressEvent {
+    #[schema(value_type = String, example = "j-1")]
+    pub id: JobId,
+    #[schema(value_type = JobStateDoc)]
+    pub state: JobState,
+    #[schema(value_type = JobCountsDoc)]
+    pub counts: JobCounts,
+}
+
+// ---------------------------------------------------------------------------
+// Query parameters
+// ---------------------------------------------------------------------------
+
+/// `GET /v1/jobs` parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    #[param(value_type = Option<JobStateDoc>)]
+    pub state: Option<String>,
+    /// At most this many jobs (1..=10000, default 100), newest first.
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}/results` parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ResultsQuery {
+    /// `raw` (default): the outputs concatenated in subtask order;
+    /// `json`: one entry per done subtask.
+    #[param(value_type = Option<String>, example = "json")]
+    pub format: Option<String>,
+    /// `1`/`true`: answer before the job has finished, with what is done.
+    #[param(value_type = Option<String>, example = "1")]
+    pub partial: Option<String>,
+}
+
+fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q).map_err(|e| ApiError::InvalidQuery {
+        param: "query",
+        message: e.body_text(),
+    })
+}
+
+fn parse_bool(param: &'static str, v: Option<&str>) -> Result<bool, ApiError> {
+    match v {
+        None => Ok(false),
+        Some("1" | "true" | "yes" | "") => Ok(true),
+        Some("0" | "false" | "no") => Ok(false),
+        Some(other) => Err(ApiError::InvalidQuery {
+            param,
+            message: format!("expected 1/true or 0/false, got {other:?}"),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------
+
+/// Whether `Content-Type` is `application/json` (parameters such as
+/// `charset` allowed).
+fn is_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let got = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let ok = got.as_deref().is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType {
+            got: got.unwrap_or_else(|| "no Content-Type".to_owned()),
+        })
+    }
+}
+
+/// Submit a job: the request is parsed, validated against the controller's
+/// limits, cut into subtasks and stored with all of them in one transaction.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    request_body(content = JobRequestDoc, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The job and all its subtasks were stored", body = SubmitResponse),
+        (status = 400, description = "Malformed JSON, an unknown or missing field, a wrong type or a refused value; `field` names it", body = ErrorBody),
+        (status = 413, description = "The body is over `max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 500, description = "The store failed; nothing was stored", body = ErrorBody),
+    )
+)]
+pub async fn submit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<SubmitResponse>), ApiError> {
+    is_json(&headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge {
+                limit: s.max_body_bytes,
+            }
+        } else {
+            ApiError::BodyRead(e.body_text())
+        }
+    })?;
+    let req = job::parse_json(&body)?;
+    req.validate(&s.limits)?;
+    if req.mode != DispatchMode::Push {
+        return Err(ValidationError::new(
+            ErrorCode::InvalidField,
+            "mode",
+            format!(
+                "dispatch mode {:?} is not available yet; this controller dispatches `push` jobs only",
+                serde_json::to_value(req.mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+        )
+        .into());
+    }
+    let plan = Plan::new(&req)?;
+    let count = plan.count();
+    let name = req.name.clone();
+    let id = blocking(&s.store, move |store| {
+        let mut subtasks = plan.subtasks(&req);
+        store.create_job(&req, &mut subtasks)
+    })
+    .await?;
+    tracing::info!(job = %id, name = %name, subtasks = count, "job submitted");
+    Ok((
+        StatusCode::CREATED,
+        Json(SubmitResponse {
+            id,
+            subtasks: count,
+        }),
+    ))
+}
+
+/// List jobs, newest first, with their states and subtask counts.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Jobs, newest first", body = JobList),
+        (status = 400, description = "A bad `state` or `limit`", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<JobList>, ApiError> {
+    let q = query(q)?;
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(JobState::parse(v).ok_or_else(|| ApiError::InvalidQuery {
+            param: "state",
+            message: format!(
+                "unknown job state {v:?}; one of queued, running, done, failed, cancelled"
+            ),
+        })?),
+    };
+    let limit = match q.limit.as_deref() {
+        None | Some("") => DEFAULT_LIST_LIMIT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::InvalidQuery {
+                    param: "limit",
+                    message: format!("expected a whole number in 1..={MAX_LIST_LIMIT}, got {v:?}"),
+                })
+            }
+        },
+    };
+    let jobs = blocking(&s.store, move |store| store.list_jobs(state, limit)).await?;
+    Ok(Json(JobList {
+        jobs: jobs.into_iter().map(JobSummary::from).collect(),
+    }))
+}
+
+/// One job: its state, subtask counts by state, and the request.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id", example = "j-1")),
+    responses(
+        (status = 200, description = "The job", body = JobDetail),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
+pub async fn get(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobDetail>, ApiError> {
+    let id = JobId::from(id);
+    let (record, request) = blocking(&s.store, move |store| {
+        let record = store.get_job(&id)?;
+        let request = store.job_request(&id)?;
+        Ok((record, request))
+    })
+    .await?;
+    Ok(Json(JobDetail {
+        job: record.into(),
+        request,
+    }))
+}
+
+/// Cancel a job: queued subtasks are dropped, running ones are stopped.
+/// Cancelling a finished job changes nothing and answers its state.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id", example = "j-1")),
+    responses(
+        (status = 200, description = "The job's state after the cancel", body = CancelResponse),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
+pub async fn cancel(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<CancelResponse>, ApiError> {
+    let id = JobId::from(id);
+    let (outcome, record) = blocking(&s.store, move |store| {
+        let outcome = store.cancel_job(&id)?;
+        let record = store.get_job(&id)?;
+        Ok((outcome, record))
+    })
+    .await?;
+    if outcome.changed {
+        tracing::info!(
+            job = %record.id,
+            dropped = outcome.dropped_queued,
+            stopping = outcome.stop.len(),
+            "job cancelled"
+        );
+    }
+    Ok(Json(CancelResponse {
+        id: record.id,
+        state: record.state,
+        changed: outcome.changed,
+        dropped_queued: outcome.dropped_queued,
+        stopping: outcome.stop.len() as u64,
+    }))
+}
+
+/// Pages of accepted results in index order, read lazily from the store.
+fn result_pages(
+    store: Arc<dyn Store>,
+    id: JobId,
+) -> impl Stream<Item = Result<Vec<AttemptRecord>, ApiError>> + Send {
+    stream::unfold(Some(0u64), move |from| {
+        let store = Arc::clone(&store);
+        let id = id.clone();
+        async move {
+            let from = from?;
+            let page = blocking(&store, move |st| st.results(&id, from, RESULTS_PAGE)).await;
+            match page {
+                Ok(page) if page.is_empty() => None,
+                Ok(page) => {
+                    let next = match page.last() {
+                        Some(last) if page.len() == RESULTS_PAGE => last.index.checked_add(1),
+                        _ => None,
+                    };
+                    Some((Ok(page), next))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    })
+}
+
+/// The job's results: every done subtask's stdout concatenated in subtask
+/// order (default), or one JSON entry per done subtask (`?format=json`).
+/// Until the job is done, failed or cancelled the answer is 409, unless
+/// `?partial=1` asks for what is there. The body streams from the store.
+/// The `Sparegrid-Results` header says `complete` (every subtask done) or
+/// `partial`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/results",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id", example = "j-1"), ResultsQuery),
+    responses(
+        (status = 200, description = "The results",
+            content(
+                (String = "application/octet-stream"),
+                (JobResults = "application/json"),
+            ),
+            headers(("Sparegrid-Results" = String, description = "`complete` or `partial`"))),
+        (status = 400, description = "A bad `format` or `partial`", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has not finished and `partial` was not asked for", body = ErrorBody),
+    )
+)]
+pub async fn results(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<ResultsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let json = match q.format.as_deref() {
+        None | Some("" | "raw") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(ApiError::InvalidQuery {
+                param: "format",
+                message: format!("expected raw or json, got {other:?}"),
+            })
+        }
+    };
+    let partial = parse_bool("partial", q.partial.as_deref())?;
+    let id = JobId::from(id);
+    let record = {
+        let id = id.clone();
+        blocking(&s.store, move |store| store.get_job(&id)).await?
+    };
+    if !record.state.is_terminal() && !partial {
+        return Err(ApiError::NotFinished {
+            id,
+            state: record.state.to_string(),
+        });
+    }
+    let complete = record.counts.total > 0 && record.counts.done == record.counts.total;
+    let pages = result_pages(Arc::clone(&s.store), id.clone());
+    let (content_type, body) = if json {
+        let head = serde_json::json!({
+            "id": id,
+            "state": record.state,
+            "complete": complete,
+        })
+        .to_string();
+        // `{"id":…,"state":…,"complete":…` then `,"results":[…]}`.
+        let head = format!("{},\"results\":[", head.trim_end_matches('}'));
+        let items = pages.scan(true, |first, page| {
+            let chunk = page.map(|page| {
+                let mut out = Vec::new();
+                for rec in page {
+                    if !std::mem::take(first) {
+                        out.push(b',');
+                    }
+                    // A struct of strings and numbers always serialises.
+                    let _ = serde_json::to_writer(&mut out, &SubtaskResult::from(rec));
+                }
+                Bytes::from(out)
+            });
+            std::future::ready(Some(chunk))
+        });
+        let body = stream::once(std::future::ready(Ok::<_, ApiError>(Bytes::from(head))))
+            .chain(items)
+            .chain(stream::once(std::future::ready(Ok(Bytes::from_static(
+                b"]}",
+            )))));
+        ("application/json", Body::from_stream(body))
+    } else {
+        let body = pages.map(|page| {
+            page.map(|page| {
+                let mut out = Vec::new();
+                for rec in page {
+                    out.extend_from_slice(&rec.stdout);
+                }
+                Bytes::from(out)
+            })
+        });
+        ("application/octet-stream", Body::from_stream(body))
+    };
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        "sparegrid-results",
+        HeaderValue::from_static(if complete { "complete" } else { "partial" }),
+    );
+    Ok(response)
+}
+
+struct EventsState {
+    store: Arc<dyn Store>,
+    id: JobId,
+    poll: Duration,
+    last: Option<(JobState, JobCounts)>,
+    pending: Option<JobRecord>,
+    ended: bool,
+}
+
+fn progress_event(rec: &JobRecord) -> Event {
+    let data = ProgressEvent {
+        id: rec.id.clone(),
+        state: rec.state,
+        counts: rec.counts,
+    };
+    let name = if rec.state.is_terminal() {
+        "end"
+    } else {
+        "progress"
+    };
+    Event::default()
+        .event(name)
+        .json_data(&data)
+        .unwrap_or_else(|_| Event::default().event(name))
+}
+
+/// The job's progress as server-sent events: one `progress` event with the
+/// state and counts at once and whenever they change, and a last `end`
+/// event when the job is done, failed or cancelled, after which the stream
+/// closes. A store failure mid-stream sends an `error` event (an
+/// [`ErrorBody`]) and closes.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    tag = "jobs",
+    params(("id" = String, Path, description = "Job id", example = "j-1")),
+    responses(
+        (status = 200, description = "`progress` events, then one `end` event; each carries a ProgressEvent as JSON data",
+            content_type = "text/event-stream", body = ProgressEvent),
+        (status = 404, description = "No such job", body = ErrorBody),
+    )
+)]
+pub async fn events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = JobId::from(id);
+    let first = {
+        let id = id.clone();
+        blocking(&s.store, move |store| store.get_job(&id)).await?
+    };
+    let init = EventsState {
+        store: Arc::clone(&s.store),
+        id,
+        poll: s.events_poll,
+        last: None,
+        pending: Some(first),
+        ended: false,
+    };
+    let stream = stream::unfold(init, |mut st| async move {
+        if st.ended {
+            return None;
+        }
+        loop {
+            let rec = match st.pending.take() {
+                Some(rec) => rec,
+                None => {
+                    tokio::time::sleep(st.poll).await;
+                    let id = st.id.clone();
+                    match blocking(&st.store, move |store| store.get_job(&id)).await {
+                        Ok(rec) => rec,
+                        Err(e) => {
+                            st.ended = true;
+                            let ev = Event::default()
+                                .event("error")
+                                .json_data(e.body())
+                                .unwrap_or_else(|_| Event::default().event("error"));
+                            return Some((Ok(ev), st));
+                        }
+                    }
+                }
+            };
+            let key = (rec.state, rec.counts);
+            if st.last != Some(key) {
+                st.last = Some(key);
+                st.ended = rec.state.is_terminal();
+                return Some((Ok(progress_event(&rec)), st));
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
