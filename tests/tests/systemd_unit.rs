@@ -62,9 +62,9 @@ fn with_existing_binaries(unit: &str) -> String {
 /// they are not installed, when the build host lacks them. Those lines are not
 /// about our unit file and are ignored; every line that names our file (it
 /// prefixes its own complaints with "<path>:<line>:" or "<unit>:") counts.
-fn verify(analyze: &Path, unit_text: &str) -> (bool, String, Vec<String>) {
+fn verify(analyze: &Path, unit: &str, unit_text: &str) -> (bool, String, Vec<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join(UNIT);
+    let path = dir.path().join(unit);
     std::fs::write(&path, unit_text).expect("write unit");
     let out = Command::new(analyze)
         .args(["verify", "--man=no"])
@@ -80,7 +80,7 @@ fn verify(analyze: &Path, unit_text: &str) -> (bool, String, Vec<String>) {
     );
     let about_us = text
         .lines()
-        .filter(|l| l.contains(UNIT))
+        .filter(|l| l.contains(unit))
         // A dependency that is not installed here is the host's business.
         .filter(|l| {
             let missing_dep = (l.contains("libvirtd.service")
@@ -100,11 +100,30 @@ fn unit_passes_systemd_analyze_verify() {
         return;
     };
     let unit = with_existing_binaries(&read(UNIT));
-    let (ok, text, complaints) = verify(&analyze, &unit);
+    let (ok, text, complaints) = verify(&analyze, UNIT, &unit);
     assert!(ok, "systemd-analyze verify failed:\n{text}");
     assert!(
         complaints.is_empty(),
         "systemd-analyze verify complains about {UNIT}:\n{}",
+        complaints.join("\n")
+    );
+}
+
+#[test]
+fn controller_unit_passes_systemd_analyze_verify() {
+    const CONTROLLER: &str = "sparegrid-controller.service";
+    let Some(analyze) = find_in_path("systemd-analyze") else {
+        eprintln!(
+            "SKIP controller_unit_passes_systemd_analyze_verify: systemd-analyze not installed"
+        );
+        return;
+    };
+    let unit = with_existing_binaries(&read(CONTROLLER));
+    let (ok, text, complaints) = verify(&analyze, CONTROLLER, &unit);
+    assert!(ok, "systemd-analyze verify failed:\n{text}");
+    assert!(
+        complaints.is_empty(),
+        "systemd-analyze verify complains about {CONTROLLER}:\n{}",
         complaints.join("\n")
     );
 }
@@ -120,7 +139,7 @@ fn systemd_analyze_verify_reports_unknown_directives() {
     };
     let unit = with_existing_binaries(&read(UNIT))
         .replace("[Service]\n", "[Service]\nProtectEverythingPlease=yes\n");
-    let (_, text, complaints) = verify(&analyze, &unit);
+    let (_, text, complaints) = verify(&analyze, UNIT, &unit);
     assert!(
         complaints
             .iter()
