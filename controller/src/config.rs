@@ -12,10 +12,21 @@
 //! [job_limits]                   # caps on what one request may ask for
 //! max_subtasks = 1000000
 //! max_input_bytes = 67108864
-//! ```
 //!
-//! The host registry's settings (`[registry]`) are defined by the registry
-//! module and will join this struct there.
+//! [registry]                     # the two-set rule (see crate::registry)
+//! dispatch_below = 0.5
+//! withdraw_above = 0.8
+//! withdraw_after = "1m"
+//! host_timeout = "15s"
+//! heartbeat_interval = "2s"
+//!
+//! [dispatch]                     # push dispatch to agents (see crate::agents)
+//! agent_token = "…"              # unset: agent routes are open (tests, demos)
+//! batch_size = 64                # most assignments in one POST to an agent
+//! interval = "100ms"             # dispatch round when nothing wakes it sooner
+//! push_timeout = "5s"            # a POST to an agent that takes longer failed
+//! max_agent_body_bytes = 33554432
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +35,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::job::Limits;
+use crate::registry::RegistryConfig;
 
 /// Default `listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -35,8 +47,64 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 65 * 1024 * 1024;
 /// Default `events_poll`.
 pub const DEFAULT_EVENTS_POLL: Duration = Duration::from_millis(250);
 
+/// Default `dispatch.batch_size`.
+pub const DEFAULT_BATCH_SIZE: u32 = 64;
+/// Default `dispatch.interval`.
+pub const DEFAULT_DISPATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// Default `dispatch.push_timeout`.
+pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `dispatch.max_agent_body_bytes`: room for a batch of completion
+/// reports with their captured output.
+pub const DEFAULT_MAX_AGENT_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The `[dispatch]` section: how the controller pushes work to agents and
+/// how agents authenticate.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// The bearer token of the agent role: agents send it to the controller
+    /// and the controller sends it to agents. Unset: agent routes are open.
+    pub agent_token: Option<String>,
+    /// Most assignments pushed to one agent in one POST.
+    pub batch_size: u32,
+    /// How often a dispatch round runs when no job, heartbeat or completion
+    /// wakes it sooner.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A POST to an agent that has not answered in this time failed; its
+    /// assignments go back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub push_timeout: Duration,
+    /// Largest MessagePack body accepted on the agent routes (413 above).
+    pub max_agent_body_bytes: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            agent_token: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            interval: DEFAULT_DISPATCH_INTERVAL,
+            push_timeout: DEFAULT_PUSH_TIMEOUT,
+            max_agent_body_bytes: DEFAULT_MAX_AGENT_BODY_BYTES,
+        }
+    }
+}
+
+impl std::fmt::Debug for DispatchConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchConfig")
+            .field("agent_token", &self.agent_token.as_ref().map(|_| "<set>"))
+            .field("batch_size", &self.batch_size)
+            .field("interval", &self.interval)
+            .field("push_timeout", &self.push_timeout)
+            .field("max_agent_body_bytes", &self.max_agent_body_bytes)
+            .finish()
+    }
+}
+
 /// The whole controller config file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
     /// Address and port the HTTP API listens on.
@@ -50,6 +118,10 @@ pub struct ControllerConfig {
     pub events_poll: Duration,
     /// Caps on what one job request may ask for.
     pub job_limits: Limits,
+    /// The host registry's thresholds and timers.
+    pub registry: RegistryConfig,
+    /// Push dispatch and agent authentication.
+    pub dispatch: DispatchConfig,
 }
 
 impl Default for ControllerConfig {
@@ -60,6 +132,8 @@ impl Default for ControllerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             events_poll: DEFAULT_EVENTS_POLL,
             job_limits: Limits::default(),
+            registry: RegistryConfig::default(),
+            dispatch: DispatchConfig::default(),
         }
     }
 }
@@ -158,6 +232,45 @@ impl ControllerConfig {
                 return Err(invalid(field, "is 0, so every job would be refused"));
             }
         }
+        self.registry
+            .validate()
+            .map_err(|e| invalid(e.field, e.message))?;
+        let d = &self.dispatch;
+        if let Some(t) = &d.agent_token {
+            if t.len() < 8 || t.chars().any(|c| !c.is_ascii_graphic()) {
+                return Err(invalid(
+                    "dispatch.agent_token",
+                    "must be at least 8 printable ASCII characters without spaces",
+                ));
+            }
+        }
+        if d.batch_size == 0 || d.batch_size > 10_000 {
+            return Err(invalid(
+                "dispatch.batch_size",
+                format!("must be 1..=10000, got {}", d.batch_size),
+            ));
+        }
+        if d.interval < Duration::from_millis(1) || d.interval > Duration::from_secs(60) {
+            return Err(invalid(
+                "dispatch.interval",
+                format!("{:?} is outside 1ms..=60s", d.interval),
+            ));
+        }
+        if d.push_timeout < Duration::from_millis(10) || d.push_timeout > Duration::from_secs(600) {
+            return Err(invalid(
+                "dispatch.push_timeout",
+                format!("{:?} is outside 10ms..=10m", d.push_timeout),
+            ));
+        }
+        if d.max_agent_body_bytes < 1024 || usize::try_from(d.max_agent_body_bytes).is_err() {
+            return Err(invalid(
+                "dispatch.max_agent_body_bytes",
+                format!(
+                    "{} bytes: use at least 1024 and what fits this machine",
+                    d.max_agent_body_bytes
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -232,6 +345,48 @@ mod tests {
             "job_limits.max_subtasks"
         );
         assert_eq!(bad(&|c| c.job_limits.max_vcpus = 0), "job_limits.max_vcpus");
+        assert_eq!(
+            bad(&|c| c.registry.withdraw_above = 2.0),
+            "registry.withdraw_above"
+        );
+        assert_eq!(
+            bad(&|c| c.dispatch.agent_token = Some("short".into())),
+            "dispatch.agent_token"
+        );
+        assert_eq!(bad(&|c| c.dispatch.batch_size = 0), "dispatch.batch_size");
+    }
+
+    #[test]
+    fn reads_registry_and_dispatch() {
+        let c = ControllerConfig::parse(
+            r#"
+            [registry]
+            withdraw_above = 0.9
+            heartbeat_interval = "500ms"
+            [dispatch]
+            agent_token = "s3cret-token"
+            batch_size = 8
+            interval = "50ms"
+            "#,
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.registry.withdraw_above, 0.9);
+        assert_eq!(c.registry.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(c.dispatch.agent_token.as_deref(), Some("s3cret-token"));
+        assert_eq!(c.dispatch.batch_size, 8);
+        assert_eq!(c.dispatch.interval, Duration::from_millis(50));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token stays out of Debug"
+        );
+        let e = ControllerConfig::parse(
+            "[dispatch]
+batch = 1",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("batch"), "{e}");
     }
 
     #[test]

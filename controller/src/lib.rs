@@ -9,8 +9,11 @@
 //! - [`store`]: where jobs, subtasks, attempts and hosts live (SQLite behind
 //!   a trait);
 //! - [`config`]: the controller's TOML config;
-//! - [`api`]: the HTTP/JSON job API, `/metrics` and `/openapi.json`.
+//! - [`api`]: the HTTP/JSON job API, `/metrics` and `/openapi.json`;
+//! - [`agents`]: the agent plane (register, heartbeat, completions over
+//!   MessagePack), `GET /v1/hosts`, and the push dispatcher.
 
+pub mod agents;
 pub mod api;
 pub mod config;
 pub mod job;

@@ -10,6 +10,8 @@
 //! | `DELETE /v1/jobs/{id}` | cancel; 200 with the state afterwards |
 //! | `GET /v1/jobs/{id}/results?format=raw\|json&partial=1` | outputs in subtask order |
 //! | `GET /v1/jobs/{id}/events` | server-sent `progress` events, then `end` |
+//! | `GET /v1/hosts` | hosts with load, dominant metric, free slots, state (see [`crate::agents`]) |
+//! | `POST /v1/agents/{register,heartbeat,completions}` | the agent plane, MessagePack (see [`crate::agents`]) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3 document of all of the above |
 //!
@@ -67,6 +69,7 @@ pub use jobs::{
 pub use metrics::ApiMetrics;
 pub use openapi::{document as openapi_document, ApiDoc};
 
+use crate::agents::{self, AgentPlane};
 use crate::config::ControllerConfig;
 use crate::job::Limits;
 use crate::store::{SqliteStore, Store};
@@ -81,6 +84,8 @@ pub struct AppState {
     /// How often an event stream polls its job.
     pub events_poll: Duration,
     pub metrics: Arc<ApiMetrics>,
+    /// The agent plane: registry, dispatcher state, agent routes.
+    pub agents: AgentPlane,
 }
 
 impl std::fmt::Debug for AppState {
@@ -98,6 +103,7 @@ impl AppState {
     /// `config` (which should have been validated).
     pub fn new(store: Arc<dyn Store>, config: &ControllerConfig) -> AppState {
         AppState {
+            agents: AgentPlane::new(Arc::clone(&store), config),
             store,
             limits: Arc::new(config.job_limits.clone()),
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
@@ -116,9 +122,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/metrics", get(metrics_route))
         .route("/openapi.json", get(openapi::openapi_json))
+        .merge(agents::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            agents::wake_on_submit,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -175,16 +186,20 @@ pub(crate) async fn metrics_route(State(s): State<AppState>) -> Result<Response,
         .into_response())
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` resolves.
+/// Serves `router(state)` on `listener` until `shutdown` resolves, with
+/// the push dispatcher running alongside.
 pub async fn serve_on(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
-    axum::serve(listener, router(state))
+    let dispatcher = agents::spawn_dispatcher(state.agents.clone());
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(ApiError::Serve)
+        .map_err(ApiError::Serve);
+    dispatcher.abort();
+    served
 }
 
 /// Validates `config`, opens the SQLite store at `db_path` (creating its

@@ -1,0 +1,543 @@
+//! The controller's agent plane: the routes agents call (MessagePack
+//! bodies, bearer-token auth), the users' view of the hosts, and the push
+//! dispatcher that hands queued subtasks to eligible hosts.
+//!
+//! | route | body in → out | what |
+//! |---|---|---|
+//! | `POST /v1/agents/register` | [`Register`] → [`Registered`] | join (or rejoin) the registry; the host is upserted in the store |
+//! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts; the reply lists attempts to stop |
+//! | `POST /v1/agents/completions` | `Vec<Completion>` → [`CompletionsReply`] | report finished attempts; each is accepted, duplicate, stale or rejected |
+//! | `GET /v1/hosts` | → JSON [`HostsView`] | every host's load, dominant metric, free slots, state and running count |
+//!
+//! The agent routes take and give `application/msgpack` (see [`msgpack`]);
+//! their errors are JSON `{code, message, field?}` like the rest of the API.
+//! When `dispatch.agent_token` is set they need `Authorization: Bearer
+//! <token>` (401 `unauthorized` without it or with a wrong one); the
+//! controller sends the same token when it pushes to agents.
+//!
+//! | code | status | when |
+//! |---|---|---|
+//! | `unauthorized` | 401 | no bearer token, or a wrong one |
+//! | `malformed_msgpack` | 400 | the body is not the expected MessagePack message (rmp-serde's description follows) |
+//! | `invalid_field` | 400 | a register or heartbeat field is refused (`field` names it) |
+//! | `body_unreadable` | 400 | the body could not be read off the connection |
+//! | `must_register` | 409 | a heartbeat from a host the controller does not know (yet, or any more): register, then heartbeat again |
+//! | `body_too_large` | 413 | the body is over `dispatch.max_agent_body_bytes` |
+//! | `unsupported_media_type` | 415 | the body is not `application/msgpack` |
+//! | `internal` | 500 | the store failed |
+//!
+//! # State
+//!
+//! [`AgentPlane`] holds the [`Registry`] behind a mutex (never held across
+//! an `.await`), the attempts each host must be told to stop in its next
+//! heartbeat reply, and the hosts whose last push failed. Time is the
+//! [`Instant`] since the plane was made. Every store call runs on the
+//! blocking pool. The dispatcher ([`spawn_dispatcher`]) is in [`dispatch`].
+
+pub mod dispatch;
+mod hosts;
+pub mod msgpack;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sparegrid_proto::grid::{
+    AttemptRef, Completion, Heartbeat, HeartbeatReply, Register, Registered,
+};
+use tokio::sync::Notify;
+
+pub use dispatch::spawn_dispatcher;
+pub use hosts::{HostView, HostsView};
+pub use msgpack::{MsgPack, MSGPACK};
+
+use crate::api::{AppState, ErrorBody};
+use crate::config::{ControllerConfig, DispatchConfig};
+use crate::job::Resources;
+use crate::registry::{Registry, RegistryError, RegistryEvent};
+use crate::store::{CompletionResult, JobId, Outcome, Report, Store, StoreError};
+
+/// What the agent plane refuses or fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No bearer token, or a wrong one (401).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The body is not `application/msgpack` (415).
+    #[error("expected Content-Type application/msgpack, got {got}")]
+    UnsupportedMediaType { got: String },
+    /// The body is over `dispatch.max_agent_body_bytes` (413).
+    #[error("the request body is over the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// The body could not be read off the connection (400).
+    #[error("reading the request body: {0}")]
+    BodyRead(String),
+    /// The body is not a valid MessagePack `what` (400).
+    #[error("the body is not a valid MessagePack {what}: {message}")]
+    BadMsgpack { what: String, message: String },
+    /// The registry refused a register or heartbeat (400, or 409 when the
+    /// host must register again).
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    /// A heartbeat from a host known only from the store, from before a
+    /// controller restart (409): it must register to give its slots again.
+    #[error("host {0:?} is known from before a controller restart; register again (POST /v1/agents/register)")]
+    Restored(String),
+    /// The store failed (500).
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// A blocking store task panicked or was cancelled (500).
+    #[error("store task: {0}")]
+    Task(String),
+    /// A reply could not be encoded (500).
+    #[error("encoding the reply: {0}")]
+    Encode(String),
+}
+
+impl AgentError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AgentError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AgentError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AgentError::BodyRead(_) | AgentError::BadMsgpack { .. } => StatusCode::BAD_REQUEST,
+            AgentError::Registry(e) if e.must_register() => StatusCode::CONFLICT,
+            AgentError::Restored(_) => StatusCode::CONFLICT,
+            AgentError::Registry(_) => StatusCode::BAD_REQUEST,
+            AgentError::Store(_) | AgentError::Task(_) | AgentError::Encode(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// The stable code of the error body (listed in the module header).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::Unauthorized(_) => "unauthorized",
+            AgentError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            AgentError::BodyTooLarge { .. } => "body_too_large",
+            AgentError::BodyRead(_) => "body_unreadable",
+            AgentError::BadMsgpack { .. } => "malformed_msgpack",
+            AgentError::Registry(e) if e.must_register() => "must_register",
+            AgentError::Restored(_) => "must_register",
+            AgentError::Registry(_) => "invalid_field",
+            AgentError::Store(_) | AgentError::Task(_) | AgentError::Encode(_) => "internal",
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let field = match self {
+            AgentError::Registry(
+                RegistryError::BadRegister { field, .. }
+                | RegistryError::BadHeartbeat { field, .. },
+            ) => Some((*field).to_owned()),
+            AgentError::BadMsgpack { .. } => Some("body".to_owned()),
+            _ => None,
+        };
+        ErrorBody {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+            field,
+        }
+    }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), "{self}");
+        }
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Mutable bookkeeping of the plane, behind one mutex.
+#[derive(Debug)]
+pub(crate) struct Book {
+    pub(crate) registry: Registry,
+    /// Attempts to list in each host's next heartbeat reply.
+    pub(crate) stop: BTreeMap<String, Vec<AttemptRef>>,
+    /// Hosts whose last push failed: no work until their next heartbeat.
+    pub(crate) skip: HashSet<String>,
+    /// Hosts restored from the store that have not registered since.
+    pub(crate) restored: HashSet<String>,
+    /// Registry events whose store side failed; retried next round.
+    pub(crate) retry: Vec<RegistryEvent>,
+    /// Each job's per-subtask resources, for building assignments.
+    pub(crate) resources: BTreeMap<JobId, Resources>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) book: Mutex<Book>,
+    pub(crate) start: Instant,
+    pub(crate) config: DispatchConfig,
+    pub(crate) wake: Notify,
+    pub(crate) client: reqwest::Client,
+}
+
+/// The agent plane's shared state; cheap to clone. Lives in
+/// [`AppState::agents`].
+#[derive(Clone)]
+pub struct AgentPlane {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AgentPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentPlane")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentPlane {
+    /// A plane over `store` with the registry and dispatch settings of
+    /// `config` (which should have been validated). Its clock starts now.
+    pub fn new(store: Arc<dyn Store>, config: &ControllerConfig) -> AgentPlane {
+        let client = reqwest::Client::builder()
+            .timeout(config.dispatch.push_timeout)
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::warn!("building the agent HTTP client: {e}; using the defaults");
+                reqwest::Client::new()
+            });
+        AgentPlane {
+            inner: Arc::new(Inner {
+                store,
+                book: Mutex::new(Book {
+                    registry: Registry::new(config.registry.clone()),
+                    stop: BTreeMap::new(),
+                    skip: HashSet::new(),
+                    restored: HashSet::new(),
+                    retry: Vec::new(),
+                    resources: BTreeMap::new(),
+                }),
+                start: Instant::now(),
+                config: config.dispatch.clone(),
+                wake: Notify::new(),
+                client,
+            }),
+        }
+    }
+
+    /// Time since the plane was made: the registry's clock.
+    pub fn now(&self) -> Duration {
+        self.inner.start.elapsed()
+    }
+
+    /// Wakes the dispatcher for a round now (a job was created, a host
+    /// heartbeat, a subtask went back to the queue).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Largest agent-plane body accepted.
+    pub fn max_body_bytes(&self) -> usize {
+        usize::try_from(self.inner.config.max_agent_body_bytes).unwrap_or(usize::MAX)
+    }
+
+    pub(crate) fn book(&self) -> MutexGuard<'_, Book> {
+        // A panic while holding the lock leaves plain data behind; carry on.
+        self.inner
+            .book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` against the store on the blocking pool.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, AgentError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(&self.inner.store);
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))?
+            .map_err(AgentError::from)
+    }
+
+    /// True when `presented` is the agent token, or no token is configured.
+    fn token_ok(&self, presented: Option<&str>) -> Result<(), AgentError> {
+        let Some(expected) = &self.inner.config.agent_token else {
+            return Ok(());
+        };
+        let Some(presented) = presented else {
+            return Err(AgentError::Unauthorized(
+                "this route needs the agent token: Authorization: Bearer <token>",
+            ));
+        };
+        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(AgentError::Unauthorized(
+                "the bearer token is not the agent token",
+            ))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The bearer token of an `Authorization` header, if it has one.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// Extractor: the request carries the agent token (when one is set).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentAuth;
+
+impl FromRequestParts<AppState> for AgentAuth {
+    type Rejection = AgentError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AgentError> {
+        state.agents.token_ok(bearer(parts)).map(|()| AgentAuth)
+    }
+}
+
+/// The agent plane's routes, to merge into the API router.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents/register", post(register))
+        .route("/v1/agents/heartbeat", post(heartbeat))
+        .route("/v1/agents/completions", post(completions))
+        .route("/v1/hosts", get(hosts::list))
+}
+
+/// Middleware: wakes the dispatcher when `POST /v1/jobs` created a job.
+pub async fn wake_on_submit(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let submit = req.method() == Method::POST && req.uri().path() == "/v1/jobs";
+    let response = next.run(req).await;
+    if submit && response.status() == StatusCode::CREATED {
+        s.agents.wake();
+    }
+    response
+}
+
+/// `POST /v1/agents/register`.
+async fn register(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(reg): MsgPack<Register>,
+) -> Result<MsgPack<Registered>, AgentError> {
+    let plane = &s.agents;
+    let host = reg.host.clone();
+    let address = reg.agent_url.clone().unwrap_or_default();
+    let registered = {
+        let mut book = plane.book();
+        let registered = book.registry.register(reg, plane.now())?;
+        book.restored.remove(&host);
+        book.skip.remove(&host);
+        book.stop.remove(&host);
+        registered
+    };
+    plane
+        .blocking(move |store| store.upsert_host(&host, &address))
+        .await?;
+    plane.wake();
+    Ok(MsgPack(registered))
+}
+
+/// The load report kept in the store for `GET /v1/hosts` after a restart.
+fn load_json(hb: &Heartbeat) -> serde_json::Value {
+    serde_json::json!({
+        "load": hb.load,
+        "dominant": hb.dominant,
+        "breakdown": hb.breakdown,
+        "free_slots": hb.free_slots,
+        "running": hb.running.len(),
+        "vms": hb.vms,
+        "suspended_ms": hb.suspended_ms,
+    })
+}
+
+/// `POST /v1/agents/heartbeat`.
+async fn heartbeat(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(hb): MsgPack<Heartbeat>,
+) -> Result<MsgPack<HeartbeatReply>, AgentError> {
+    let plane = &s.agents;
+    let host = hb.host.clone();
+    if plane.book().restored.contains(&host) {
+        return Err(AgentError::Restored(host));
+    }
+    let load = load_json(&hb);
+    let h = host.clone();
+    let current: HashSet<(String, u64, u32)> = plane
+        .blocking(move |store| store.assigned_to(&h))
+        .await?
+        .into_iter()
+        .map(|r| (r.job.0, r.index, r.epoch))
+        .collect();
+    let (mut outcome, events) = {
+        let mut book = plane.book();
+        let now = plane.now();
+        let outcome = book.registry.heartbeat(hb, now, |a| {
+            current.contains(&(a.job.clone(), a.index, a.epoch))
+        })?;
+        book.skip.remove(&host);
+        let events = book.registry.tick(now);
+        (outcome, events)
+    };
+    dispatch::apply_events(plane, events).await;
+    if let Some(stop) = plane.book().stop.remove(&host) {
+        let mut seen: BTreeSet<(String, u64, u32)> = outcome
+            .withdraw
+            .iter()
+            .map(|a| (a.job.clone(), a.index, a.epoch))
+            .collect();
+        for a in stop {
+            if seen.insert((a.job.clone(), a.index, a.epoch)) {
+                outcome.withdraw.push(a);
+            }
+        }
+    }
+    let h = host.clone();
+    if let Err(e) = plane
+        .blocking(move |store| store.heartbeat(&h, &load))
+        .await
+    {
+        // The registry has the heartbeat; the stored copy is for display.
+        tracing::warn!(host = %host, "recording a heartbeat in the store: {e}");
+    }
+    if !outcome.withdraw.is_empty() {
+        tracing::info!(host = %host, withdraw = outcome.withdraw.len(), "telling agent to stop attempts");
+    }
+    plane.wake();
+    Ok(MsgPack(outcome.into_reply()))
+}
+
+/// What became of one completion report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ack {
+    /// Counted: the subtask is done, queued for a retry, or dead.
+    Accepted,
+    /// Already reported or the subtask is already done; nothing changed.
+    Duplicate,
+    /// Not the subtask's current attempt (withdrawn, superseded,
+    /// cancelled); nothing changed.
+    Stale,
+    /// Unknown job or subtask; nothing changed.
+    Rejected,
+}
+
+/// One report's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionAck {
+    pub attempt: AttemptRef,
+    pub result: Ack,
+    /// Why a report was rejected.
+    pub error: Option<String>,
+}
+
+/// The answer to `POST /v1/agents/completions`: one ack per report, in
+/// order, and the counts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CompletionsReply {
+    pub accepted: u32,
+    pub duplicate: u32,
+    pub stale: u32,
+    pub rejected: u32,
+    pub results: Vec<CompletionAck>,
+}
+
+/// A completion as the store records it. A signal is kept in the error.
+pub fn report_of(c: Completion) -> Report {
+    let error = match (c.error, c.signal) {
+        (Some(e), Some(sig)) => Some(format!("{e} (killed by signal {sig})")),
+        (Some(e), None) => Some(e),
+        (None, Some(sig)) => Some(format!("killed by signal {sig}")),
+        (None, None) => None,
+    };
+    let stdout_size = c.stdout_size.max(c.stdout.len() as u64);
+    let stderr_size = c.stderr_size.max(c.stderr.len() as u64);
+    Report {
+        job: JobId(c.attempt.job),
+        index: c.attempt.index,
+        epoch: c.attempt.epoch,
+        outcome: Outcome {
+            exit_code: c.exit_code,
+            error,
+            stdout: c.stdout,
+            stdout_size,
+            stderr: c.stderr,
+            stderr_size,
+            duration_ms: c.duration_ms,
+        },
+    }
+}
+
+/// `POST /v1/agents/completions`.
+async fn completions(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(reports): MsgPack<Vec<Completion>>,
+) -> Result<MsgPack<CompletionsReply>, AgentError> {
+    let plane = &s.agents;
+    let attempts: Vec<AttemptRef> = reports.iter().map(|c| c.attempt.clone()).collect();
+    let reports: Vec<Report> = reports.into_iter().map(report_of).collect();
+    let results = if reports.is_empty() {
+        Vec::new()
+    } else {
+        plane
+            .blocking(move |store| store.complete_many(&reports))
+            .await?
+    };
+    let mut reply = CompletionsReply::default();
+    for (attempt, result) in attempts.into_iter().zip(results) {
+        let (ack, error) = match result {
+            Ok(CompletionResult::Accepted { .. }) => (Ack::Accepted, None),
+            Ok(CompletionResult::Duplicate) => (Ack::Duplicate, None),
+            Ok(CompletionResult::Stale) => (Ack::Stale, None),
+            Err(e) => (Ack::Rejected, Some(e.to_string())),
+        };
+        let count = match ack {
+            Ack::Accepted => &mut reply.accepted,
+            Ack::Duplicate => &mut reply.duplicate,
+            Ack::Stale => &mut reply.stale,
+            Ack::Rejected => &mut reply.rejected,
+        };
+        *count += 1;
+        reply.results.push(CompletionAck {
+            attempt,
+            result: ack,
+            error,
+        });
+    }
+    if reply.accepted > 0 {
+        // Failed attempts went back to the queue; a job may have more work.
+        plane.wake();
+    }
+    Ok(MsgPack(reply))
+}
