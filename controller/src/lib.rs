@@ -15,6 +15,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod job;
 pub mod registry;

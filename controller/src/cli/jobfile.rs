@@ -1,0 +1,146 @@
+//! Reading a job file for `sparegrid submit`: `*.toml` is converted to a
+//! JSON value, `*.json` is read as JSON, and either is checked locally with
+//! [`job::parse_value`] and [`JobRequest::validate`] against
+//! [`Limits::default`], so a bad field is named before any request is made.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::CliError;
+use crate::job::{self, JobRequest, Limits};
+
+/// The format of a job file, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Json,
+}
+
+impl Format {
+    /// `.toml` or `.json` (any case); anything else is refused.
+    pub fn of(path: &Path) -> Result<Format, CliError> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("toml") => Ok(Format::Toml),
+            Some("json") => Ok(Format::Json),
+            _ => Err(CliError::JobFile {
+                path: path.to_owned(),
+                message: "a job file must end in .toml or .json".to_owned(),
+            }),
+        }
+    }
+}
+
+/// Reads, parses and validates the job file at `path`.
+pub fn load(path: &Path) -> Result<JobRequest, CliError> {
+    let format = Format::of(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, format, &text)
+}
+
+/// Parses and validates `text` as a job in `format`; `path` names it in
+/// errors.
+pub fn parse(path: &Path, format: Format, text: &str) -> Result<JobRequest, CliError> {
+    let file_err = |message: String| CliError::JobFile {
+        path: PathBuf::from(path),
+        message,
+    };
+    let invalid = |error| CliError::Invalid {
+        path: PathBuf::from(path),
+        error,
+    };
+    let req = match format {
+        Format::Toml => {
+            let value: toml::Value = toml::from_str(text)
+                .map_err(|e| file_err(format!("not valid TOML: {}", e.to_string().trim_end())))?;
+            let json: Value = serde_json::to_value(value)
+                .map_err(|e| file_err(format!("cannot convert TOML to JSON: {e}")))?;
+            job::parse_value(&json).map_err(invalid)?
+        }
+        // `parse_json` also refuses duplicate keys, as the controller does.
+        Format::Json => job::parse_json(text.as_bytes()).map_err(invalid)?,
+    };
+    req.validate(&Limits::default()).map_err(invalid)?;
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Command, ErrorCode, Split};
+
+    const TOML_JOB: &str = r#"
+name = "sweep"
+command = { argv = ["echo", "{start}", "{end}"] }
+max_attempts = 2
+
+[split.range]
+start = 0
+end = 100
+chunk = 10
+"#;
+
+    #[test]
+    fn toml_jobs_read_like_json_jobs() {
+        let t = parse(Path::new("j.toml"), Format::Toml, TOML_JOB).unwrap();
+        assert_eq!(t.name, "sweep");
+        assert_eq!(t.max_attempts, 2);
+        assert_eq!(
+            t.command,
+            Command::Argv(vec!["echo".into(), "{start}".into(), "{end}".into()])
+        );
+        assert_eq!(
+            t.split,
+            Split::Range {
+                start: 0,
+                end: 100,
+                chunk: 10
+            }
+        );
+        let json = serde_json::to_string(&t).unwrap();
+        let j = parse(Path::new("j.json"), Format::Json, &json).unwrap();
+        assert_eq!(t, j);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_field() {
+        let bad = TOML_JOB.replace("chunk = 10", "chunk = 0");
+        match parse(Path::new("j.toml"), Format::Toml, &bad) {
+            Err(CliError::Invalid { path, error }) => {
+                assert_eq!(path, Path::new("j.toml"));
+                assert_eq!(error.field, "split.range.chunk");
+                assert_eq!(error.code, ErrorCode::InvalidField);
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = format!("{TOML_JOB}\ncolour = \"red\"\n");
+        // A key after a table header belongs to the table.
+        match parse(Path::new("j.toml"), Format::Toml, &bad) {
+            Err(CliError::Invalid { error, .. }) => {
+                assert_eq!(error.field, "split.range.colour");
+                assert_eq!(error.code, ErrorCode::UnknownField);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(Path::new("j.toml"), Format::Toml, "name = "),
+            Err(CliError::JobFile { .. })
+        ));
+        match parse(Path::new("j.json"), Format::Json, "{\"a\":1,\"a\":2}") {
+            Err(CliError::Invalid { error, .. }) => assert_eq!(error.field, "body"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Format::of(Path::new("job.yaml")),
+            Err(CliError::JobFile { .. })
+        ));
+        assert_eq!(Format::of(Path::new("JOB.JSON")).unwrap(), Format::Json);
+    }
+}

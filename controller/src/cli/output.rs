@@ -1,0 +1,284 @@
+//! Human output of the `sparegrid` CLI: aligned tables ([`Table`]) and the
+//! one-line renderings of jobs, counts, hosts and durations. `--json`
+//! output does not come through here; it is the API's JSON as received.
+
+use std::io::{self, Write};
+
+use serde_json::Value;
+
+use crate::api::{JobDetail, JobSummary};
+use crate::store::JobCounts;
+
+/// A table with a header row; columns are padded to their widest cell.
+/// Columns marked numeric are right-aligned.
+#[derive(Debug, Clone)]
+pub struct Table {
+    headers: Vec<String>,
+    numeric: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Columns named by `headers`; a header starting with `>` (dropped from
+    /// the text) is a right-aligned column.
+    pub fn new(headers: &[&str]) -> Table {
+        Table {
+            headers: headers
+                .iter()
+                .map(|h| h.trim_start_matches('>').to_owned())
+                .collect(),
+            numeric: headers.iter().map(|h| h.starts_with('>')).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row (missing cells are blank, extra cells are dropped).
+    pub fn row(&mut self, mut cells: Vec<String>) {
+        cells.resize(self.headers.len(), String::new());
+        self.rows.push(cells);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Writes the header and rows, two spaces between columns, no trailing
+    /// spaces.
+    pub fn write(&self, out: &mut dyn Write) -> io::Result<()> {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        for row in std::iter::once(&self.headers).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                let pad = widths[i] - cell.chars().count();
+                if self.numeric[i] {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// `3 done, 2 running, 5 queued, 0 failed, 0 cancelled of 10`.
+pub fn counts_line(c: &JobCounts) -> String {
+    format!(
+        "{} done, {} running, {} queued, {} failed, {} cancelled of {}",
+        c.done, c.assigned, c.queued, c.dead, c.cancelled, c.total
+    )
+}
+
+/// `1.5 s`, `2 min 3 s`, `1 h 2 min`.
+pub fn duration_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{} h {} min", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// How long the job has run (or ran): from its start to its end or now.
+fn elapsed(job: &JobSummary) -> Option<String> {
+    let start = job.started_ms?;
+    let end = job.finished_ms.unwrap_or_else(now_ms);
+    Some(duration_ms(end - start))
+}
+
+/// The `status ID` text.
+pub fn job_detail(out: &mut dyn Write, d: &JobDetail) -> io::Result<()> {
+    let j = &d.job;
+    let name = if j.name.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", j.name)
+    };
+    writeln!(out, "job {}{}: {}", j.id, name, j.state)?;
+    writeln!(out, "  subtasks: {}", counts_line(&j.counts))?;
+    writeln!(
+        out,
+        "  priority {}, max attempts {}",
+        j.priority, j.max_attempts
+    )?;
+    match elapsed(j) {
+        Some(e) if j.finished_ms.is_some() => writeln!(out, "  ran for {e}")?,
+        Some(e) => writeln!(out, "  running for {e}")?,
+        None => writeln!(
+            out,
+            "  waiting for {}",
+            duration_ms(now_ms() - j.created_ms)
+        )?,
+    }
+    Ok(())
+}
+
+/// The `status` (list) table.
+pub fn job_table(out: &mut dyn Write, jobs: &[JobSummary]) -> io::Result<()> {
+    if jobs.is_empty() {
+        return writeln!(out, "no jobs");
+    }
+    let mut t = Table::new(&[
+        "ID", "NAME", "STATE", ">DONE", ">TOTAL", ">RUNNING", ">FAILED", ">ELAPSED",
+    ]);
+    for j in jobs {
+        t.row(vec![
+            j.id.to_string(),
+            j.name.clone(),
+            j.state.to_string(),
+            j.counts.done.to_string(),
+            j.counts.total.to_string(),
+            j.counts.assigned.to_string(),
+            j.counts.dead.to_string(),
+            elapsed(j).unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    t.write(out)
+}
+
+/// The first of `paths` (dotted, into nested objects) present in `v`.
+fn pick<'a>(v: &'a Value, paths: &[&str]) -> Option<&'a Value> {
+    paths.iter().find_map(|p| {
+        let mut cur = v;
+        for key in p.split('.') {
+            cur = cur.get(key)?;
+        }
+        (!cur.is_null()).then_some(cur)
+    })
+}
+
+fn text(v: Option<&Value>) -> String {
+    match v {
+        None => "-".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => a.len().to_string(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The hosts of a `GET /v1/hosts` answer: `{"hosts": [...]}` or a bare list.
+pub fn host_list(v: &Value) -> Option<&Vec<Value>> {
+    v.get("hosts").unwrap_or(v).as_array()
+}
+
+/// The `hosts` table. Fields are looked up by name, at the top of each
+/// host or inside its last heartbeat, so the table reads the registry's
+/// host view as it stands: `id`/`host`, `state`, `load` (0..1, shown as a
+/// percentage), `dominant`, `free_slots`, `running` (a count or a list),
+/// `vms` (counts by VM state).
+pub fn host_table(out: &mut dyn Write, hosts: &[Value]) -> io::Result<()> {
+    if hosts.is_empty() {
+        return writeln!(out, "no hosts registered");
+    }
+    let mut t = Table::new(&[
+        "HOST", "STATE", ">LOAD", "DOMINANT", ">FREE", ">RUNNING", "VMS",
+    ]);
+    for h in hosts {
+        let load = pick(h, &["load", "load_factor", "last.load", "heartbeat.load"])
+            .and_then(Value::as_f64)
+            .map(|l| format!("{:.0}%", l * 100.0))
+            .unwrap_or_else(|| "-".to_owned());
+        let vms = match pick(h, &["vms", "last.vms", "heartbeat.vms"]) {
+            Some(Value::Object(m)) if !m.is_empty() => m
+                .iter()
+                .map(|(k, v)| format!("{k}={}", text(Some(v))))
+                .collect::<Vec<_>>()
+                .join(","),
+            Some(Value::Object(_)) | None => "-".to_owned(),
+            other => text(other),
+        };
+        let state = match (pick(h, &["state"]), pick(h, &["membership"])) {
+            (Some(s), Some(m)) => format!("{}/{}", text(Some(s)), text(Some(m))),
+            (s, None) => text(s),
+            (None, m) => text(m),
+        };
+        t.row(vec![
+            text(pick(h, &["id", "host", "name"])),
+            state,
+            load,
+            text(pick(
+                h,
+                &["dominant", "last.dominant", "heartbeat.dominant"],
+            )),
+            text(pick(
+                h,
+                &["free_slots", "last.free_slots", "heartbeat.free_slots"],
+            )),
+            text(pick(h, &["running", "last.running", "heartbeat.running"])),
+            vms,
+        ]);
+    }
+    t.write(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align_and_right_align_numbers() {
+        let mut t = Table::new(&["ID", ">N", "NAME"]);
+        t.row(vec!["j-1".into(), "5".into(), "a".into()]);
+        t.row(vec!["j-10".into(), "12345".into()]);
+        let mut out = Vec::new();
+        t.write(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ID        N  NAME\nj-1       5  a\nj-10  12345\n"
+        );
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration_ms(1500), "1.5 s");
+        assert_eq!(duration_ms(123_000), "2 min 3 s");
+        assert_eq!(duration_ms(3_720_000), "1 h 2 min");
+        assert_eq!(duration_ms(-5), "0.0 s");
+    }
+
+    #[test]
+    fn host_table_reads_top_level_and_heartbeat_fields() {
+        let hosts = json!({"hosts": [
+            {"id": "h1", "state": "active", "membership": "eligible",
+             "last": {"load": 0.125, "dominant": "cpu", "free_slots": 3,
+                      "running": [{"job": "j-1", "index": 0, "epoch": 1}],
+                      "vms": {"running": 1}}},
+            {"host": "h2", "state": "lost", "load": 0.9, "free_slots": 0, "running": 0}
+        ]});
+        let mut out = Vec::new();
+        host_table(&mut out, host_list(&hosts).unwrap()).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 3, "{s}");
+        assert!(lines[0].starts_with("HOST"), "{s}");
+        assert!(lines[1].contains("h1") && lines[1].contains("active/eligible"));
+        assert!(lines[1].contains("12%") || lines[1].contains("13%"), "{s}");
+        assert!(
+            lines[1].contains("cpu") && lines[1].contains("running=1"),
+            "{s}"
+        );
+        assert!(lines[2].contains("h2") && lines[2].contains("90%"), "{s}");
+    }
+}
