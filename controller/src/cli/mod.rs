@@ -468,7 +468,25 @@ fn results(
         path = format!("{path}?{}", q.join("&"));
     }
     let url = client.url(&path);
-    let mut resp = client.get_stream(&path)?;
+    let mut resp = match client.get_stream(&path) {
+        Ok(r) => r,
+        // The API's hint names its query parameter; say the flag instead.
+        Err(CliError::Api {
+            status,
+            url,
+            mut body,
+        }) if body.code == "job_not_finished" => {
+            body.message = match body.message.find(" (add ?partial") {
+                Some(i) => format!(
+                    "{} (use --partial for what is there now)",
+                    &body.message[..i]
+                ),
+                None => format!("{}; use --partial for what is there now", body.message),
+            };
+            return Err(CliError::Api { status, url, body });
+        }
+        Err(e) => return Err(e),
+    };
     let complete = resp
         .headers()
         .get("sparegrid-results")

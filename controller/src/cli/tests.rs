@@ -389,6 +389,7 @@ fn results_of_a_finished_job() {
     let r = s.cli(&["results", "j-1"]);
     assert_eq!(r.code, 2);
     assert!(r.err.contains("code: job_not_finished"), "{}", r.err);
+    assert!(r.err.contains("use --partial"), "{}", r.err);
     let r = s.cli(&["results", "j-1", "--partial"]);
     assert_eq!(r.code, 0, "{}", r.err);
     assert_eq!(r.out, "");
@@ -559,20 +560,27 @@ fn hosts_on_a_controller_without_the_route_says_so() {
 
 #[test]
 fn hosts_on_the_real_controller() {
-    // Until `GET /v1/hosts` is part of the router this is the clear
-    // message; once it is, the table (or "no hosts registered").
     let s = start();
     let r = s.cli(&["hosts"]);
-    if r.code == 0 {
-        assert!(
-            r.out.starts_with("HOST") || r.out == "no hosts registered\n",
-            "{}",
-            r.out
-        );
-    } else {
-        assert_eq!(r.code, 2);
-        assert!(r.err.contains("does not serve GET /v1/hosts"), "{}", r.err);
-    }
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.out, "no hosts registered\n");
+
+    // A host the store knows (no heartbeat since this controller started).
+    s.store.upsert_host("hv-7", "127.0.0.1:1").unwrap();
+    let r = s.cli(&["hosts"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let lines: Vec<&str> = r.out.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.out);
+    assert!(lines[0].starts_with("HOST"), "{}", r.out);
+    assert!(
+        lines[1].starts_with("hv-7 ") && lines[1].contains("active"),
+        "{}",
+        r.out
+    );
+
+    let r = s.cli(&["--json", "hosts"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.json()["hosts"][0]["id"], "hv-7");
 }
 
 #[test]
