@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use sparegrid_controller::config::ControllerConfig;
 
 #[derive(Parser)]
@@ -16,8 +16,18 @@ use sparegrid_controller::config::ControllerConfig;
 )]
 struct Cli {
     /// Config file (TOML). Without it the built-in defaults apply.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the API (the default).
+    Run,
+    /// Print the effective config as TOML.
+    PrintConfig,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +51,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Cmd::PrintConfig) = cli.command {
+        return match toml::to_string_pretty(&cfg) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sparegrid-controller: cannot render config: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -217,7 +217,11 @@ fn keys_in_toml(text: &str) -> BTreeSet<String> {
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = name.trim().to_string();
         } else if let Some((key, _)) = line.split_once('=') {
-            keys.insert(format!("{section}.{}", key.trim()));
+            keys.insert(if section.is_empty() {
+                key.trim().to_string()
+            } else {
+                format!("{section}.{}", key.trim())
+            });
         }
     }
     keys
@@ -235,4 +239,28 @@ fn example_config_writes_out_every_key() {
         "agent.toml.example does not document {missing:?}; add them with their defaults"
     );
     assert!(want.len() > 40, "suspiciously few config keys: {want:?}");
+}
+
+#[test]
+fn controller_example_config_is_the_defaults_and_complete() {
+    use sparegrid_controller::config::ControllerConfig;
+    let text = read("controller.toml.example");
+    let cfg = ControllerConfig::parse(&text, "controller.toml.example")
+        .unwrap_or_else(|e| panic!("controller.toml.example: {e}"));
+    assert_eq!(
+        cfg,
+        ControllerConfig::default(),
+        "controller.toml.example differs from ControllerConfig::default()"
+    );
+    // Every key the config has is written out (agent_token is optional and
+    // shown commented out).
+    let mut want = BTreeSet::new();
+    leaves(&serde_json::to_value(&cfg).unwrap(), "", &mut want);
+    want.remove("dispatch.agent_token");
+    let have = keys_in_toml(&text);
+    let missing: Vec<_> = want.difference(&have).collect();
+    assert!(
+        missing.is_empty(),
+        "controller.toml.example lacks {missing:?}"
+    );
 }
