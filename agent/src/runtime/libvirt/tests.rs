@@ -448,8 +448,10 @@ fn libvirtd_cycle(partition: Option<&str>) {
         eprintln!("libvirtd test: skipped, no /boot/vmlinuz-*cloud* and /boot/initrd.img-*cloud*");
         return;
     };
-    let run_dir = PathBuf::from(format!("/run/sparegrid-test-{}", std::process::id()));
+    // One run dir per test, not per process: the two libvirtd tests run in
+    // parallel and each removes its dir at the end.
     let owner = owner("libvirtd");
+    let run_dir = PathBuf::from(format!("/run/sparegrid-test-{owner}"));
     let mut o = opts(&owner, &run_dir);
     o.domain_type = DomainType::Auto;
     o.partition = partition.map(str::to_string);
