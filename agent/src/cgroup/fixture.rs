@@ -340,3 +340,54 @@ pub(crate) fn busy_child_freeze_thaw_kill(p: &dyn Partition) {
     assert!(!p.path().join("busy").exists());
     p.remove_child("busy").unwrap();
 }
+
+/// A real grid partition for a root test: the host's default hierarchy
+/// (`/sys/fs/cgroup`, v1 or v2) set up with a 256 MiB ceiling. None (after
+/// printing why) when not root or the host has no usable hierarchy.
+pub(crate) fn real_partition(test: &str, tag: &str) -> Option<super::GridCgroup> {
+    if !is_root() {
+        eprintln!("skipping {test}: needs root");
+        return None;
+    }
+    let name = unique_name(tag);
+    let cgroup = match super::GridCgroup::detect(
+        Path::new("/sys/fs/cgroup"),
+        &name,
+        crate::config::CgroupVersion::Auto,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            return None;
+        }
+    };
+    cgroup
+        .as_partition()
+        .setup(&super::PartitionLimits {
+            memory_max_bytes: 256 << 20,
+        })
+        .unwrap();
+    Some(cgroup)
+}
+
+/// A partition on the real unified hierarchy. On a hybrid host the
+/// controllers stay with v1, so setup may be refused; the bare directory is
+/// then made by hand (freezer, `cpu.stat` and `cgroup.kill` still work).
+pub(crate) fn real_unified_partition(test: &str, tag: &str) -> Option<super::GridCgroup> {
+    if !is_root() {
+        eprintln!("skipping {test}: needs root");
+        return None;
+    }
+    let Some(root) = real_v2_root() else {
+        eprintln!("skipping {test}: no cgroup v2");
+        return None;
+    };
+    let p = super::v2::V2Partition::new(&root, &unique_name(tag));
+    if let Err(e) = p.setup(&super::PartitionLimits {
+        memory_max_bytes: 256 << 20,
+    }) {
+        eprintln!("setup refused ({e}); using a bare partition directory");
+        std::fs::create_dir_all(p.path()).unwrap();
+    }
+    Some(super::GridCgroup::V2(p))
+}

@@ -390,8 +390,6 @@ mod tests {
     use super::*;
     use crate::cgroup::fixture::{self, read_trim, wait_for, V1Layout, GROW_TIMEOUT};
     use crate::cgroup::v1::V1Partition;
-    use crate::cgroup::v2::V2Partition;
-    use crate::cgroup::PartitionLimits;
     use std::path::{Path, PathBuf};
 
     fn spec(name: &str, script: &str) -> VmSpec {
@@ -649,29 +647,9 @@ mod tests {
 
     #[test]
     fn root_process_runtime_on_real_host() {
-        if !fixture::is_root() {
-            eprintln!("skipping root_process_runtime_on_real_host: needs root");
-            return;
+        if let Some(cgroup) = fixture::real_partition("root_process_runtime_on_real_host", "proc") {
+            real_cycle(cgroup);
         }
-        let name = fixture::unique_name("proc");
-        let cgroup = match GridCgroup::detect(
-            Path::new("/sys/fs/cgroup"),
-            &name,
-            crate::config::CgroupVersion::Auto,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping root_process_runtime_on_real_host: {e}");
-                return;
-            }
-        };
-        cgroup
-            .as_partition()
-            .setup(&PartitionLimits {
-                memory_max_bytes: 256 << 20,
-            })
-            .unwrap();
-        real_cycle(cgroup);
     }
 
     /// The same on the real unified hierarchy of a hybrid host (controllers
@@ -679,22 +657,10 @@ mod tests {
     /// v2 freezer, cpu.stat and cgroup.kill paths of the runtime.
     #[test]
     fn root_process_runtime_on_real_unified_tree() {
-        if !fixture::is_root() {
-            eprintln!("skipping root_process_runtime_on_real_unified_tree: needs root");
-            return;
+        if let Some(cgroup) =
+            fixture::real_unified_partition("root_process_runtime_on_real_unified_tree", "proc-v2")
+        {
+            real_cycle(cgroup);
         }
-        let Some(root) = fixture::real_v2_root() else {
-            eprintln!("skipping root_process_runtime_on_real_unified_tree: no cgroup v2");
-            return;
-        };
-        let name = fixture::unique_name("proc-v2");
-        let p = V2Partition::new(&root, &name);
-        if let Err(e) = p.setup(&PartitionLimits {
-            memory_max_bytes: 256 << 20,
-        }) {
-            eprintln!("setup refused ({e}); using a bare partition directory");
-            std::fs::create_dir_all(p.path()).unwrap();
-        }
-        real_cycle(GridCgroup::V2(p));
     }
 }

@@ -2,7 +2,6 @@
 //! ones on a unique partition of the real `/sys/fs/cgroup`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,8 +9,7 @@ use sparegrid_proto::grid::{Assignment, AttemptRef};
 
 use super::*;
 use crate::cgroup::fixture::{self, wait_for, GROW_TIMEOUT};
-use crate::cgroup::v2::V2Partition;
-use crate::cgroup::{GridCgroup, Partition, PartitionLimits};
+use crate::cgroup::{GridCgroup, Partition};
 
 fn attempt(job: &str, index: u64) -> AttemptRef {
     AttemptRef {
@@ -433,29 +431,9 @@ fn real_cycle(cgroup: GridCgroup) {
 
 #[test]
 fn root_subtask_executor_on_real_host() {
-    if !fixture::is_root() {
-        eprintln!("skipping root_subtask_executor_on_real_host: needs root");
-        return;
+    if let Some(cgroup) = fixture::real_partition("root_subtask_executor_on_real_host", "subtask") {
+        real_cycle(cgroup);
     }
-    let name = fixture::unique_name("subtask");
-    let cgroup = match GridCgroup::detect(
-        Path::new("/sys/fs/cgroup"),
-        &name,
-        crate::config::CgroupVersion::Auto,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping root_subtask_executor_on_real_host: {e}");
-            return;
-        }
-    };
-    cgroup
-        .as_partition()
-        .setup(&PartitionLimits {
-            memory_max_bytes: 256 << 20,
-        })
-        .unwrap();
-    real_cycle(cgroup);
 }
 
 /// The same on the real unified hierarchy (on a hybrid host the controllers
@@ -463,21 +441,9 @@ fn root_subtask_executor_on_real_host() {
 /// the v2 freezer and `cgroup.kill` paths.
 #[test]
 fn root_subtask_executor_on_real_unified_tree() {
-    if !fixture::is_root() {
-        eprintln!("skipping root_subtask_executor_on_real_unified_tree: needs root");
-        return;
+    if let Some(cgroup) =
+        fixture::real_unified_partition("root_subtask_executor_on_real_unified_tree", "subtask-v2")
+    {
+        real_cycle(cgroup);
     }
-    let Some(root) = fixture::real_v2_root() else {
-        eprintln!("skipping root_subtask_executor_on_real_unified_tree: no cgroup v2");
-        return;
-    };
-    let name = fixture::unique_name("subtask-v2");
-    let p = V2Partition::new(&root, &name);
-    if let Err(e) = p.setup(&PartitionLimits {
-        memory_max_bytes: 256 << 20,
-    }) {
-        eprintln!("setup refused ({e}); using a bare partition directory");
-        std::fs::create_dir_all(p.path()).unwrap();
-    }
-    real_cycle(GridCgroup::V2(p));
 }
