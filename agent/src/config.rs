@@ -42,6 +42,7 @@ pub struct Config {
     pub cgroup: CgroupSection,
     pub runtime: RuntimeSection,
     pub vm: VmTemplate,
+    pub controller: ControllerSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -347,6 +348,82 @@ impl Default for VmTemplate {
     }
 }
 
+/// Joining a controller for push dispatch (see [`crate::grid`]). Off while
+/// `url` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSection {
+    /// Controller base URL (`http://host:port`); empty: do not join a controller.
+    pub url: String,
+    /// Agent token, sent to the controller and required on `POST /v1/subtasks`;
+    /// empty: no token.
+    pub token: String,
+    /// Subtasks this agent runs at once.
+    pub slots: u32,
+    /// URL the controller pushes subtasks to; empty: `http://` + `agent.listen`
+    /// (with the host name in place of an unspecified address).
+    pub advertise_url: String,
+}
+
+impl Default for ControllerSection {
+    fn default() -> Self {
+        ControllerSection {
+            url: String::new(),
+            token: String::new(),
+            slots: 1,
+            advertise_url: String::new(),
+        }
+    }
+}
+
+impl ControllerSection {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn http_url(field: &str, v: &str) -> Result<(), ConfigError> {
+            let rest = v.strip_prefix("http://").ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("must start with http:// (this build has no TLS client), got {v:?}"),
+                )
+            })?;
+            if rest.is_empty() || rest.starts_with('/') || v.chars().any(|c| c.is_whitespace()) {
+                return Err(invalid(
+                    field,
+                    format!("must be http://host[:port], got {v:?}"),
+                ));
+            }
+            Ok(())
+        }
+        if !self.enabled() {
+            return Ok(());
+        }
+        http_url("controller.url", &self.url)?;
+        if !self.advertise_url.is_empty() {
+            http_url("controller.advertise_url", &self.advertise_url)?;
+        }
+        if self
+            .token
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "controller.token",
+                "must not contain whitespace or control characters",
+            ));
+        }
+        if !(1..=1024).contains(&self.slots) {
+            return Err(invalid(
+                "controller.slots",
+                format!("must be between 1 and 1024, got {}", self.slots),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -515,7 +592,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(())
+        self.controller.validate()
     }
 
     /// The partition's memory ceiling in bytes.
@@ -620,6 +697,41 @@ mod tests {
             field_of("[policy]\nmemory_budget_mib = 64\n"),
             "policy.memory_budget_mib"
         );
+    }
+
+    #[test]
+    fn controller_section_is_off_by_default_and_checked_when_on() {
+        let c = Config::default();
+        assert!(!c.controller.enabled());
+        assert_eq!(c.controller.slots, 1);
+        // Off: the other fields are not looked at.
+        Config::parse("[controller]\nslots = 0\n").unwrap();
+        let on = "[controller]\nurl = \"http://ctl:7400\"\n";
+        let c = Config::parse(&format!("{on}slots = 4\ntoken = \"s3cret\"\n")).unwrap();
+        assert!(c.controller.enabled());
+        assert_eq!(c.controller.slots, 4);
+        assert_eq!(
+            field_of("[controller]\nurl = \"ctl:7400\"\n"),
+            "controller.url"
+        );
+        assert_eq!(
+            field_of("[controller]\nurl = \"https://ctl\"\n"),
+            "controller.url"
+        );
+        assert_eq!(field_of(&format!("{on}slots = 0\n")), "controller.slots");
+        assert_eq!(field_of(&format!("{on}slots = 5000\n")), "controller.slots");
+        assert_eq!(
+            field_of(&format!("{on}token = \"a b\"\n")),
+            "controller.token"
+        );
+        assert_eq!(
+            field_of(&format!("{on}advertise_url = \"10.0.0.1:7410\"\n")),
+            "controller.advertise_url"
+        );
+        let err = Config::parse("[controller]\nurll = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("urll"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`cgroup`]: the low-priority grid partition (v1 and v2).
 //! - [`runtime`]: libvirt and process backends behind one trait.
 //! - [`subtask`]: runs a pushed subtask as a host process in the grid cgroup.
+//! - [`grid`]: joins a controller: register, heartbeat, run pushed subtasks.
 //! - [`daemon`]: control loop, HTTP status/metrics, signals, systemd.
 //! - [`check`]: what this host supports.
 
@@ -15,6 +16,7 @@ pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod grid;
 pub mod load;
 pub mod policy;
 pub mod runtime;

@@ -161,6 +161,16 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
         vms: Vec::new(),
         transitions: Vec::new(),
     }));
+    // Push dispatch: only when a controller is configured (started below,
+    // once the listener is bound).
+    let executor = cfg.controller.enabled().then(|| {
+        crate::subtask::Executor::new(
+            cgroup.clone(),
+            host.clone(),
+            crate::subtask::Limits::default(),
+        )
+    });
+    let grid_host = host.clone();
     let control = ControlLoop::new(cfg.clone(), host, runtime, can_save, cgroup, shared.clone())?;
 
     // Bind before starting anything so a busy port fails the start cleanly.
@@ -171,6 +181,15 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
         })?;
     listener.set_nonblocking(true)?;
     tracing::info!("status and metrics on http://{}", cfg.agent.listen);
+    let grid = match executor {
+        Some(ex) => Some(crate::grid::Grid::start(
+            &cfg,
+            &grid_host,
+            ex,
+            shared.clone(),
+        )?),
+        None => None,
+    };
 
     let (tx, rx) = mpsc::channel::<Command>();
     spawn_signal_thread(tx.clone(), config_path)?;
@@ -182,7 +201,10 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let app = http::router(shared, tx);
+    let mut app = http::router(shared, tx);
+    if let Some(g) = &grid {
+        app = app.merge(g.routes());
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -200,6 +222,9 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
     });
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
+    if let Some(g) = grid {
+        g.stop();
+    }
     tracing::info!("stopped");
     result
 }

@@ -1,0 +1,194 @@
+//! The runner: a queue of pushed [`Assignment`]s, the [`RunningSubtask`]s
+//! started from it with [`Executor`], and the outbox of [`Completion`]s the
+//! client thread reports.
+//!
+//! Everything that touches processes happens in [`Runner::tick`], called by
+//! the runner thread; the HTTP handler only queues ([`Runner::submit`]) and
+//! the client thread only reads the running set, withdraws and drains the
+//! outbox. An assignment whose attempt is already queued or running is
+//! ignored (a repeated push). A withdrawn attempt is killed and not reported:
+//! the controller has already handed it to another host.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
+
+use crate::subtask::{label, Executor, RunningSubtask};
+
+pub struct Runner {
+    executor: Executor,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queued: VecDeque<Assignment>,
+    running: Vec<RunningSubtask>,
+    outbox: Vec<Completion>,
+    /// When the runner suspended its subtasks, while it has them suspended.
+    suspended_since: Option<Instant>,
+}
+
+impl Runner {
+    pub fn new(executor: Executor) -> Runner {
+        Runner {
+            executor,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues assignments; the next tick starts them. Returns how many were
+    /// new (not already queued or running).
+    pub fn submit(&self, batch: Vec<Assignment>) -> usize {
+        let mut st = self.lock();
+        let mut added = 0;
+        for a in batch {
+            let known = st.queued.iter().any(|q| q.attempt == a.attempt)
+                || st.running.iter().any(|r| *r.attempt() == a.attempt);
+            if known {
+                tracing::debug!(
+                    "subtask {}: already here, ignoring the repeat",
+                    label(&a.attempt)
+                );
+                continue;
+            }
+            st.queued.push_back(a);
+            added += 1;
+        }
+        added
+    }
+
+    /// Attempts queued or running (not yet reported).
+    pub fn attempts(&self) -> Vec<AttemptRef> {
+        let st = self.lock();
+        st.running
+            .iter()
+            .map(|r| r.attempt().clone())
+            .chain(st.queued.iter().map(|a| a.attempt.clone()))
+            .collect()
+    }
+
+    /// How long the runner has kept its subtasks suspended, ms (0 if not).
+    pub fn suspended_ms(&self) -> u64 {
+        self.lock()
+            .suspended_since
+            .map_or(0, |t| t.elapsed().as_millis() as u64)
+    }
+
+    /// Kills (and forgets) the listed attempts, queued or running.
+    pub fn withdraw(&self, refs: &[AttemptRef]) {
+        if refs.is_empty() {
+            return;
+        }
+        let dropped: Vec<RunningSubtask> = {
+            let mut st = self.lock();
+            st.queued.retain(|a| !refs.contains(&a.attempt));
+            let (gone, keep) = std::mem::take(&mut st.running)
+                .into_iter()
+                .partition(|r| refs.contains(r.attempt()));
+            st.running = keep;
+            st.outbox.retain(|c| !refs.contains(&c.attempt));
+            gone
+        };
+        for mut r in dropped {
+            tracing::info!(
+                "subtask {}: withdrawn by the controller",
+                label(r.attempt())
+            );
+            r.cancel("withdrawn by the controller");
+            // Dropping a running subtask kills its group and reaps it.
+        }
+    }
+
+    /// Takes up to `max` completions to report.
+    pub fn take_outbox(&self, max: usize) -> Vec<Completion> {
+        let mut st = self.lock();
+        let n = st.outbox.len().min(max);
+        st.outbox.drain(..n).collect()
+    }
+
+    /// Puts completions that could not be reported back at the front.
+    pub fn requeue_outbox(&self, mut c: Vec<Completion>) {
+        let mut st = self.lock();
+        c.append(&mut st.outbox);
+        st.outbox = c;
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.lock().outbox.len()
+    }
+
+    /// One round: starts what is queued (unless `suspend`), suspends or
+    /// resumes the running subtasks to match `suspend`, and moves finished
+    /// ones to the outbox.
+    pub fn tick(&self, suspend: bool) {
+        let mut st = self.lock();
+        if !suspend {
+            while let Some(a) = st.queued.pop_front() {
+                match self.executor.start(&a) {
+                    Ok(r) => st.running.push(r),
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        let c = self.executor.error_completion(&a, &e);
+                        st.outbox.push(c);
+                    }
+                }
+            }
+        }
+        let mut changed = false;
+        for r in st.running.iter_mut() {
+            if r.is_done() || r.is_suspended() == suspend {
+                continue;
+            }
+            let res = if suspend { r.suspend() } else { r.resume() };
+            match res {
+                Ok(()) => changed = true,
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        if changed {
+            tracing::info!(
+                "{} grid subtasks",
+                if suspend { "suspended" } else { "resumed" }
+            );
+        }
+        st.suspended_since = match (suspend && !st.running.is_empty(), st.suspended_since) {
+            (true, Some(t)) => Some(t),
+            (true, None) => Some(Instant::now()),
+            (false, _) => None,
+        };
+        let mut i = 0;
+        while i < st.running.len() {
+            if let Some(c) = st.running[i].try_wait() {
+                st.running.swap_remove(i);
+                tracing::info!(
+                    "subtask {}: done (exit {:?}, error {:?})",
+                    label(&c.attempt),
+                    c.exit_code,
+                    c.error
+                );
+                st.outbox.push(c);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Kills everything queued or running; nothing is reported.
+    pub fn stop(&self) {
+        let running = {
+            let mut st = self.lock();
+            st.queued.clear();
+            std::mem::take(&mut st.running)
+        };
+        for mut r in running {
+            r.cancel("the agent is stopping");
+        }
+    }
+}
