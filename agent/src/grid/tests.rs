@@ -78,19 +78,23 @@ async fn fake_completions(State(s): State<FakeState>, body: Bytes) -> Response {
 
 /// Serves `app` on 127.0.0.1:0 from a background thread; returns its URL.
 fn serve(app: Router) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
+    serve_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), app)
+}
+
+fn serve_on(listener: std::net::TcpListener, app: Router) -> String {
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(l, app).await.unwrap();
         });
     });
-    format!("http://{}", rx.recv().unwrap())
+    url
 }
 
 fn fake_controller() -> (String, FakeState) {
@@ -166,7 +170,7 @@ fn sh(job: &str, index: u64, script: &str) -> Assignment {
     }
 }
 
-fn config(url: &str, token: &str, slots: u32) -> Config {
+fn config_for(url: &str, token: &str, slots: u32) -> Config {
     let mut cfg = Config::default();
     cfg.controller.url = url.into();
     cfg.controller.token = token.into();
@@ -204,7 +208,7 @@ fn registers_heartbeats_runs_pushed_subtasks_and_reports_them() {
     let (ctl, fake) = fake_controller();
     fake.lock().unwrap().fail_completions = 2;
     let shared = Arc::new(Shared::new(status(0.1, &[VmState::Running])));
-    let cfg = config(&ctl, "tok", 4);
+    let cfg = config_for(&ctl, "tok", 4);
     let grid = Grid::start(
         &cfg,
         "h1",
@@ -273,7 +277,7 @@ fn withdrawn_attempts_are_killed_and_not_reported() {
     let (ctl, fake) = fake_controller();
     let shared = Arc::new(Shared::new(status(0.0, &[])));
     let grid = Grid::start(
-        &config(&ctl, "", 2),
+        &config_for(&ctl, "", 2),
         "h2",
         Executor::new(None, "h2", Limits::default()),
         shared,
@@ -382,4 +386,78 @@ fn a_refused_completion_batch_is_not_retried_forever() {
         body: String::new(),
     };
     assert!(e.retryable());
+}
+
+/// The real controller (router, dispatcher, in-memory SQLite store) pushes
+/// a 10-subtask range job to one agent whose grid client and runner run it.
+#[test]
+fn a_real_controller_job_completes_through_the_runner() {
+    use sparegrid_controller::api::{router, AppState};
+    use sparegrid_controller::config::ControllerConfig;
+    use sparegrid_controller::store::{JobId, JobState, SqliteStore, Store};
+
+    const TOKEN: &str = "agent-token-for-the-grid-test";
+    let mut config = ControllerConfig::default();
+    config.registry.heartbeat_interval = Duration::from_millis(100);
+    config.dispatch.agent_token = Some(TOKEN.to_owned());
+    config.dispatch.interval = Duration::from_millis(20);
+    config.validate().unwrap();
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let ctl_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ctl = format!("http://{}", ctl_listener.local_addr().unwrap());
+    ctl_listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let state = AppState::new(dyn_store, &config);
+            sparegrid_controller::agents::spawn_dispatcher(state.agents.clone());
+            let l = tokio::net::TcpListener::from_std(ctl_listener).unwrap();
+            axum::serve(l, router(state)).await.unwrap();
+        });
+    });
+
+    let agent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config_for(&ctl, TOKEN, 3);
+    cfg.controller.advertise_url = format!("http://{}", agent_listener.local_addr().unwrap());
+    let shared = Arc::new(Shared::new(status(0.05, &[])));
+    let grid = Grid::start(
+        &cfg,
+        "real-1",
+        Executor::new(None, "real-1", Limits::default()),
+        shared,
+    )
+    .unwrap();
+    serve_on(agent_listener, grid.routes());
+
+    let resp = reqwest::blocking::Client::new()
+        .post(format!("{ctl}/v1/jobs"))
+        .json(&serde_json::json!({
+            "name": "sweep",
+            "command": {"argv": ["echo", "{start}"]},
+            "split": {"range": {"start": 0, "end": 10, "chunk": 1}}
+        }))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let v: serde_json::Value = resp.json().unwrap();
+    let job = JobId(v["id"].as_str().unwrap().to_owned());
+
+    wait_until("the job to finish", Duration::from_secs(30), || {
+        store.get_job(&job).unwrap().state == JobState::Done
+    });
+    let record = store.get_job(&job).unwrap();
+    assert_eq!(record.counts.done, 10, "{record:?}");
+    let results = store.results(&job, 0, 100).unwrap();
+    assert_eq!(results.len(), 10);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.index, i as u64);
+        assert_eq!(r.stdout, format!("{i}\n").into_bytes());
+        assert_eq!(r.host, "real-1");
+    }
+    grid.stop();
 }
