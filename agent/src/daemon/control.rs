@@ -525,6 +525,9 @@ impl ControlLoop {
             }
         };
         if record_after {
+            if result.is_ok() {
+                self.policy.confirm(&name, self.now());
+            }
             self.record(&d);
         }
         let op = match d.action {

@@ -212,6 +212,15 @@ impl Policy {
             .collect()
     }
 
+    /// The runtime has finished carrying out the VM's last transition (a
+    /// suspend or resume): its time in the new state counts from `now`, so
+    /// `reclaim_after` measures time actually paused.
+    pub fn confirm(&mut self, name: &str, now: Duration) {
+        if let Some(slot) = self.vms.get_mut(name) {
+            slot.since = now;
+        }
+    }
+
     /// The runtime has started a launching VM.
     pub fn on_started(&mut self, name: &str, now: Duration) -> Option<Decision> {
         match self.vms.get(name)?.state {

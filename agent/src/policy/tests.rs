@@ -478,3 +478,27 @@ fn same_script_same_decisions() {
         }
     }
 }
+
+#[test]
+fn confirm_restarts_the_clock_of_the_current_state() {
+    let mut p = launched_one();
+    run(
+        &mut p,
+        &[step(
+            6 * S,
+            0.9,
+            &[("sg-1", VmState::Suspended, Reason::CpuPressure)],
+        )],
+    );
+    // The suspend took 2 s to complete: reclaim_after (60 s) counts from then.
+    p.confirm("sg-1", Duration::from_secs(8));
+    run(&mut p, &[step(66 * S, 0.9, &[])]);
+    run(
+        &mut p,
+        &[step(
+            68 * S,
+            0.9,
+            &[("sg-1", VmState::Reclaimed, Reason::SuspendedTooLong)],
+        )],
+    );
+}
