@@ -77,6 +77,19 @@ impl LoadModel {
             Combine::WeightedMean if weight_sum > 0.0 => sum / weight_sum,
             Combine::WeightedMean => 0.0,
         };
+        // The same with the CPU's short pre-sample window, where it is higher.
+        let w = self.cfg.weights.get(Metric::Cpu);
+        let cpu = &metrics[Metric::Cpu.index()];
+        let peak = match sample.cpu_window {
+            Some(win) if cpu.available && w > 0.0 && win.normalised > cpu.normalised => {
+                let extra = w * (win.normalised.clamp(0.0, 1.0) - cpu.normalised);
+                match self.cfg.combine {
+                    Combine::Max => instant.max(w * win.normalised.clamp(0.0, 1.0)),
+                    Combine::WeightedMean => (sum + extra) / weight_sum,
+                }
+            }
+            _ => instant,
+        };
         let smoothed = match self.smoothed {
             None => instant,
             Some(prev) => {
@@ -92,6 +105,7 @@ impl LoadModel {
         LoadBreakdown {
             instant,
             smoothed,
+            peak,
             dominant: best.filter(|(_, c)| *c > 0.0).map(|(m, _)| m),
             combine: self.cfg.combine.as_str().to_string(),
             metrics,
@@ -211,6 +225,34 @@ mod tests {
         lm.evaluate(&sample(&[(Metric::Cpu, 0.0)], 250));
         let b = lm.evaluate(&sample(&[(Metric::Cpu, 1.0)], 1000));
         assert!((b.smoothed - (1.0 - (-1.0f64).exp())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_cpu_window_raises_peak_only() {
+        for combine in [Combine::Max, Combine::WeightedMean] {
+            let mut lm = LoadModel::new(cfg(combine));
+            let mut s = sample(&[(Metric::Cpu, 0.2), (Metric::Disk, 0.2)], 250);
+            s.cpu_window = Some(RawReading {
+                raw: 0.9,
+                grid: 0.0,
+                normalised: 0.9,
+            });
+            let b = lm.evaluate(&s);
+            assert!((b.instant - 0.2).abs() < 1e-9, "{combine:?}: {b:?}");
+            assert!((b.smoothed - 0.2).abs() < 1e-9, "{combine:?}: {b:?}");
+            let want = match combine {
+                Combine::Max => 0.9,
+                Combine::WeightedMean => (0.9 + 0.2) / 2.0,
+            };
+            assert!((b.peak - want).abs() < 1e-9, "{combine:?}: {b:?}");
+            // A window below the interval reading changes nothing.
+            s.cpu_window = Some(RawReading {
+                raw: 0.1,
+                grid: 0.0,
+                normalised: 0.1,
+            });
+            assert!((lm.evaluate(&s).peak - 0.2).abs() < 1e-9);
+        }
     }
 
     #[test]

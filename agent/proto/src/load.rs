@@ -87,8 +87,13 @@ pub struct MetricReading {
 pub struct LoadBreakdown {
     /// Combined value before smoothing, 0..1.
     pub instant: f64,
-    /// Smoothed value (fast attack, slow decay), 0..1. Policy acts on this.
+    /// Smoothed value (fast attack, slow decay), 0..1. Resume and launch
+    /// decisions use this.
     pub smoothed: f64,
+    /// The instant value with the CPU's short pre-sample window in place of
+    /// its interval reading, when larger. Suspend uses max(smoothed, peak),
+    /// so a load step is acted on in the sample that first sees it.
+    pub peak: f64,
     /// The metric with the largest weighted contribution, if any metric is available.
     pub dominant: Option<Metric>,
     /// `max` or `weighted_mean`.

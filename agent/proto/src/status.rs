@@ -43,6 +43,7 @@ mod tests {
             load: Some(LoadBreakdown {
                 instant: 0.5,
                 smoothed: 0.6,
+                peak: 0.7,
                 dominant: Some(Metric::Cpu),
                 combine: "max".into(),
                 metrics: vec![MetricReading {

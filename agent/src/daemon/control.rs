@@ -450,6 +450,7 @@ impl ControlLoop {
         let obs = Observation {
             now: self.now(),
             load: breakdown.smoothed,
+            peak: breakdown.peak,
             dominant: breakdown.dominant,
             mem_available_bytes: sample.mem_available_bytes,
         };
@@ -624,6 +625,7 @@ impl ControlLoop {
         let obs = Observation {
             now: self.now(),
             load: self.last_load.as_ref().map_or(0.0, |b| b.smoothed),
+            peak: 0.0,
             dominant: None,
             mem_available_bytes: u64::MAX,
         };

@@ -85,7 +85,7 @@ impl AgentMetrics {
         };
         registry.register(
             "load_factor",
-            "Composite load factor, 0..1 (kind=instant|smoothed)",
+            "Composite load factor, 0..1 (kind=instant|smoothed|peak)",
             m.load.clone(),
         );
         registry.register(
@@ -144,6 +144,7 @@ impl AgentMetrics {
         self.tick_seconds.set(tick_seconds);
         self.load.get_or_create(&kind("instant")).set(b.instant);
         self.load.get_or_create(&kind("smoothed")).set(b.smoothed);
+        self.load.get_or_create(&kind("peak")).set(b.peak);
         self.mem_available.set(b.mem_available_bytes as i64);
         for r in &b.metrics {
             let l = MetricLabel {
@@ -223,6 +224,7 @@ mod tests {
             &LoadBreakdown {
                 instant: 0.9,
                 smoothed: 0.8,
+                peak: 0.85,
                 dominant: Some(Metric::Cpu),
                 combine: "max".into(),
                 metrics: vec![MetricReading {

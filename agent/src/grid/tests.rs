@@ -116,6 +116,7 @@ fn status(load: f64, vms: &[VmState]) -> AgentStatus {
         load: Some(LoadBreakdown {
             instant: load,
             smoothed: load,
+            peak: load,
             dominant: Some(Metric::Cpu),
             combine: "max".into(),
             metrics: vec![

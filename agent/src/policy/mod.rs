@@ -43,8 +43,11 @@ impl PolicyConfig {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Observation {
     pub now: Duration,
-    /// Smoothed composite load factor, 0..1.
+    /// Smoothed composite load factor, 0..1 (resume and launch use it).
     pub load: f64,
+    /// The load with the CPU's short pre-sample window, 0..1; suspend uses
+    /// the larger of this and `load` (see `LoadBreakdown::peak`).
+    pub peak: f64,
     /// The metric that dominates the load factor.
     pub dominant: Option<Metric>,
     pub mem_available_bytes: u64,
@@ -319,8 +322,13 @@ impl Policy {
         }
 
         // Pressure: suspend every running VM at once.
-        if obs.load > p.suspend_above {
-            let reason = pressure_reason(obs.dominant);
+        if obs.load.max(obs.peak) > p.suspend_above {
+            // Above only through the CPU window: the CPU is what rose.
+            let reason = if obs.load > p.suspend_above {
+                pressure_reason(obs.dominant)
+            } else {
+                Reason::CpuPressure
+            };
             for name in self.names_in(VmState::Running) {
                 out.push(self.transition(&name, VmState::Suspended, reason, Action::Suspend, now));
             }

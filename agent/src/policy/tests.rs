@@ -55,6 +55,7 @@ fn run(policy: &mut Policy, steps: &[Step]) {
         let obs = Observation {
             now,
             load: s.load,
+            peak: s.load,
             dominant: s.dominant,
             mem_available_bytes: s.mem_mib * MIB,
         };
@@ -200,6 +201,7 @@ fn suspend_reason_follows_the_dominant_metric() {
             &Observation {
                 now: Duration::from_secs(6),
                 load: 0.8,
+                peak: 0.8,
                 dominant: Some(metric),
                 mem_available_bytes: FREE * MIB,
             },
@@ -372,6 +374,7 @@ fn obs(t_ms: u64, load: f64) -> Observation {
     Observation {
         now: Duration::from_millis(t_ms),
         load,
+        peak: load,
         dominant: Some(Metric::Cpu),
         mem_available_bytes: FREE * MIB,
     }
@@ -462,6 +465,7 @@ fn same_script_same_decisions() {
         .map(|i| Observation {
             now: Duration::from_millis(i * 250),
             load: ((i * 37 % 100) as f64) / 100.0,
+            peak: ((i * 37 % 100) as f64) / 100.0,
             dominant: Some(Metric::ALL[(i % 9) as usize]),
             mem_available_bytes: if i % 50 == 0 { 512 * MIB } else { FREE * MIB },
         })
@@ -501,4 +505,28 @@ fn confirm_restarts_the_clock_of_the_current_state() {
             &[("sg-1", VmState::Reclaimed, Reason::SuspendedTooLong)],
         )],
     );
+}
+
+#[test]
+fn a_cpu_peak_suspends_but_does_not_break_calm() {
+    let mut p = launched_one();
+    // Smoothed load is calm, but the CPU's short window saw a step.
+    let mut o = obs(6 * S, 0.1);
+    o.peak = 0.9;
+    o.dominant = Some(Metric::Memory);
+    let d = p.evaluate(&o, false);
+    assert_eq!(
+        (d[0].to, d[0].reason),
+        (VmState::Suspended, Reason::CpuPressure)
+    );
+    // Peaks below suspend_above do not restart the resume clock.
+    for t in 7..16 {
+        let mut o = obs(t * S, 0.1);
+        o.peak = 0.6;
+        assert!(p.evaluate(&o, false).is_empty(), "t = {t}");
+    }
+    let mut o = obs(17 * S, 0.1);
+    o.peak = 0.6;
+    let d = p.evaluate(&o, false);
+    assert_eq!((d[0].to, d[0].reason), (VmState::Running, Reason::Idle));
 }

@@ -11,11 +11,11 @@
 //! themselves.
 //!
 //! A sample may also be *marked* shortly before it is taken
-//! ([`Cpu::mark`]): the reading is then the larger of the busy fraction over
-//! the whole interval and over the short window since the mark. A load step
-//! that starts just before a sample is seen in that sample instead of one
-//! interval later, while a burst that ended before the mark is ignored
-//! (the kernel's CPU weights deal with those).
+//! ([`Cpu::mark`]): the busy fraction over the short window since the mark is
+//! then reported beside the interval's ([`Cpu::window`]). A load step that
+//! starts just before a sample shows in that window at once; the load model
+//! uses it only for the suspend decision, so its noise never delays a
+//! resume.
 //!
 //! Parsed by hand, not with `procfs::KernelStats`: that parser allocates a
 //! `String` per line and a `CpuTime` per CPU and must read past the `intr`
@@ -96,6 +96,8 @@ pub(crate) struct Cpu {
     prev: Option<Baseline>,
     /// Set by [`Cpu::mark`], consumed by the next [`Cpu::sample`].
     recent: Option<Baseline>,
+    /// The last sample's reading over the window since the mark.
+    window: Option<RawReading>,
     last: Option<RawReading>,
     ncpu: usize,
 }
@@ -106,6 +108,7 @@ impl Cpu {
             file: ProcFile::open(root, "stat")?,
             prev: None,
             recent: None,
+            window: None,
             last: None,
             ncpu: 1,
         })
@@ -134,7 +137,15 @@ impl Cpu {
         Ok(())
     }
 
-    /// Reads `/proc/stat`; the customer CPU reading, None on the first sample.
+    /// The last sample's customer CPU over the short window since its mark
+    /// (None when it was not marked).
+    pub(crate) fn window(&self) -> Option<RawReading> {
+        self.window
+    }
+
+    /// Reads `/proc/stat`; the customer CPU reading over the whole interval,
+    /// None on the first sample. The short window's reading is kept for
+    /// [`Cpu::window`].
     pub(crate) fn sample(
         &mut self,
         grid_cpu_ns: u64,
@@ -150,12 +161,9 @@ impl Cpu {
         let window = recent
             .filter(|r| r.at > prev.at)
             .and_then(|r| reading(&r, &cur, ncpu));
+        self.window = window;
         match reading(&prev, &cur, ncpu) {
             Some(r) => {
-                let r = match window {
-                    Some(w) if w.normalised > r.normalised => w,
-                    _ => r,
-                };
                 self.prev = Some(cur);
                 self.last = Some(r);
                 Ok(Some(r))
@@ -220,7 +228,12 @@ cpu_not_a_cpu_line 1\n";
             .sample(0, t0 + Duration::from_millis(250))
             .unwrap()
             .unwrap();
-        assert_eq!(r.normalised, 1.0, "the short window dominates: {r:?}");
+        assert!(
+            (r.normalised - 0.2).abs() < 1e-9,
+            "interval: 10 of 50 ticks: {r:?}"
+        );
+        let w = cpu.window().unwrap();
+        assert_eq!(w.normalised, 1.0, "the short window sees the step: {w:?}");
         // The next interval, idle and unmarked, reads idle.
         stat(10, 80);
         let r = cpu
@@ -228,6 +241,7 @@ cpu_not_a_cpu_line 1\n";
             .unwrap()
             .unwrap();
         assert!((r.normalised - 0.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(cpu.window(), None);
         // A burst that ended before the mark is not magnified.
         stat(20, 80);
         cpu.mark(0, t0 + Duration::from_millis(650)).unwrap();
@@ -237,6 +251,7 @@ cpu_not_a_cpu_line 1\n";
             .unwrap()
             .unwrap();
         assert!((r.normalised - 10.0 / 20.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(cpu.window().unwrap().normalised, 0.0);
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct RawSample {
     pub mem_available_bytes: u64,
     /// Wall time between this sample and the previous one.
     pub elapsed: Duration,
+    /// Customer CPU over the short window before this sample, when the
+    /// sample was marked (see [`Sampler::mark`]).
+    pub cpu_window: Option<RawReading>,
 }
 
 impl RawSample {
@@ -200,6 +203,7 @@ impl Sampler {
         let r = &mut s.readings;
         // /proc/stat first: load average per CPU needs its CPU count.
         r[Metric::Cpu.index()] = self.cpu.sample(grid.cpu_ns, now)?;
+        s.cpu_window = self.cpu.window();
         let ncpu = self.cpu.ncpu();
         r[Metric::LoadAvg.index()] = Some(self.load_avg.sample(ncpu, grid.runnable)?);
         let (memory, info) = self.memory.sample(grid.memory_bytes)?;

@@ -57,6 +57,7 @@ fn bench_sample_cost(iterations: usize) {
             &Observation {
                 now: origin.elapsed(),
                 load: b.smoothed,
+                peak: b.peak,
                 dominant: b.dominant,
                 mem_available_bytes: s.mem_available_bytes,
             },
