@@ -105,6 +105,19 @@ fn libvirt_conf(h: &Harness, image: &std::path::Path, host: &str, burn: bool) ->
     c
 }
 
+/// Removes the domains an agent of `host` left (SIGTERM saves them with
+/// managed save, which would keep their memory images on disk).
+fn remove_domains(host: &str) {
+    let prefix = format!("sg-{host}-");
+    for d in sparegrid_tests::all_domains()
+        .iter()
+        .filter(|d| d.starts_with(&prefix))
+    {
+        let _ = sparegrid_tests::try_virsh(&["destroy", d]);
+        let _ = sparegrid_tests::try_virsh(&["undefine", d, "--managed-save"]);
+    }
+}
+
 fn running(s: &AgentStatus) -> usize {
     s.vms.iter().filter(|v| v.state == VmState::Running).count()
 }
@@ -128,7 +141,8 @@ fn proc_cpu_secs(pid: u32) -> Option<f64> {
 /// Part 2: RSS and CPU of the agent with 4 grid VMs.
 fn bench_footprint(image: &std::path::Path, window: Duration) {
     let mut h = Harness::new();
-    let mut c = libvirt_conf(&h, image, &unique("fp"), false);
+    let host = unique("fp");
+    let mut c = libvirt_conf(&h, image, &host, false);
     c.set("policy", "max_grid_vms", 4)
         .set("policy", "vcpu_budget", 4)
         .set("policy", "memory_budget_mib", 1024)
@@ -171,12 +185,14 @@ fn bench_footprint(image: &std::path::Path, window: Duration) {
         window.as_secs_f64()
     );
     drop(agent);
+    remove_domains(&host);
 }
 
 /// Part 3: load step → grid VM paused.
 fn bench_reaction(image: &std::path::Path, trials: usize) {
     let mut h = Harness::new();
-    let mut c = libvirt_conf(&h, image, &unique("rx"), true);
+    let host = unique("rx");
+    let mut c = libvirt_conf(&h, image, &host, true);
     c.set("policy", "max_grid_vms", 1)
         .set("policy", "suspend_above", 0.5)
         .set("policy", "resume_below", 0.3)
@@ -249,6 +265,8 @@ fn bench_reaction(image: &std::path::Path, trials: usize) {
         t.last().copied().unwrap_or(f64::NAN),
         t.len()
     );
+    drop(agent);
+    remove_domains(&host);
 }
 
 /// A CPU-bound customer benchmark: one thread per CPU doing integer work
@@ -292,7 +310,8 @@ fn bench_interference(image: &std::path::Path, run: Duration, rounds: usize) {
     let mut kernel_only = Vec::new();
     for (label, suspend_above) in [("agent policy", 0.75), ("kernel priority only", 1.0)] {
         let mut h = Harness::new();
-        let mut c = libvirt_conf(&h, image, &unique("if"), true);
+        let host = unique("if");
+        let mut c = libvirt_conf(&h, image, &host, true);
         c.set("policy", "max_grid_vms", 2)
             .set("policy", "vcpu_budget", 2)
             .set("policy", "memory_budget_mib", 512)
@@ -327,6 +346,7 @@ fn bench_interference(image: &std::path::Path, run: Duration, rounds: usize) {
             }
         }
         drop(agent);
+        remove_domains(&host);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     println!(
