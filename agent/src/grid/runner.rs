@@ -27,8 +27,24 @@ struct State {
     queued: VecDeque<Assignment>,
     running: Vec<RunningSubtask>,
     outbox: Vec<Completion>,
+    /// Attempts that finished recently (bounded by `RECENT_DONE`), so a
+    /// repeated push of one never runs it twice.
+    done: VecDeque<AttemptRef>,
     /// When the runner suspended its subtasks, while it has them suspended.
     suspended_since: Option<Instant>,
+}
+
+/// How many finished attempts the runner remembers to refuse repeats.
+const RECENT_DONE: usize = 4096;
+
+impl State {
+    fn finished(&mut self, c: Completion) {
+        if self.done.len() == RECENT_DONE {
+            self.done.pop_front();
+        }
+        self.done.push_back(c.attempt.clone());
+        self.outbox.push(c);
+    }
 }
 
 impl Runner {
@@ -44,13 +60,14 @@ impl Runner {
     }
 
     /// Queues assignments; the next tick starts them. Returns how many were
-    /// new (not already queued or running).
+    /// new (not already queued, running or recently finished).
     pub fn submit(&self, batch: Vec<Assignment>) -> usize {
         let mut st = self.lock();
         let mut added = 0;
         for a in batch {
             let known = st.queued.iter().any(|q| q.attempt == a.attempt)
-                || st.running.iter().any(|r| *r.attempt() == a.attempt);
+                || st.running.iter().any(|r| *r.attempt() == a.attempt)
+                || st.done.contains(&a.attempt);
             if known {
                 tracing::debug!(
                     "subtask {}: already here, ignoring the repeat",
@@ -136,7 +153,7 @@ impl Runner {
                     Err(e) => {
                         tracing::warn!("{e}");
                         let c = self.executor.error_completion(&a, &e);
-                        st.outbox.push(c);
+                        st.finished(c);
                     }
                 }
             }
@@ -173,7 +190,7 @@ impl Runner {
                     c.exit_code,
                     c.error
                 );
-                st.outbox.push(c);
+                st.finished(c);
             } else {
                 i += 1;
             }
