@@ -113,6 +113,7 @@ pub struct Transition {
     pub reason: Reason,
     /// Milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
-    /// Smoothed load factor when it happened.
+    /// The load factor the decision used: the smoothed value, or for a
+    /// suspend the larger of smoothed and peak.
     pub load: f64,
 }

@@ -565,7 +565,14 @@ impl ControlLoop {
     }
 
     fn record(&mut self, d: &Decision) {
-        let load = self.last_load.as_ref().map_or(0.0, |b| b.smoothed);
+        // The load the decision used: a suspend acts on the peak too.
+        let load = self.last_load.as_ref().map_or(0.0, |b| {
+            if d.to == VmState::Suspended {
+                b.smoothed.max(b.peak)
+            } else {
+                b.smoothed
+            }
+        });
         tracing::info!(
             vm = %d.vm,
             from = %d.from,
