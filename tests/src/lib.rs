@@ -840,6 +840,49 @@ pub fn transitions_of<'a>(s: &'a AgentStatus, vm: &str) -> Vec<&'a Transition> {
     s.transitions.iter().filter(|t| t.vm == vm).collect()
 }
 
+/// Story step shared by the end-to-end tests: with customer load already
+/// applied at `since_ms`, `vm` must be suspended for cpu_pressure within
+/// `suspend_within`, then reclaimed (suspended_too_long) within
+/// `reclaim_within` of the load, after `reclaim_after_ms` suspended, give or
+/// take `-100 ms .. +slack_ms`.
+pub fn expect_suspend_then_reclaim(
+    agent: &mut Agent,
+    vm: &str,
+    since_ms: u64,
+    suspend_within: Duration,
+    reclaim_within: Duration,
+    reclaim_after_ms: u64,
+    slack_ms: u64,
+) {
+    let suspended = agent.wait_for(
+        &format!("{vm} to be Suspended again"),
+        suspend_within,
+        |s| transition_after(s, vm, VmState::Suspended, since_ms).cloned(),
+    );
+    assert_transition(
+        &suspended,
+        VmState::Running,
+        VmState::Suspended,
+        Reason::CpuPressure,
+    );
+    let reclaimed = agent.wait_for(
+        &format!("{vm} to be Reclaimed after {reclaim_after_ms} ms suspended"),
+        reclaim_within,
+        |s| transition_after(s, vm, VmState::Reclaimed, since_ms).cloned(),
+    );
+    assert_transition(
+        &reclaimed,
+        VmState::Suspended,
+        VmState::Reclaimed,
+        Reason::SuspendedTooLong,
+    );
+    let held = reclaimed.at_unix_ms - suspended.at_unix_ms;
+    assert!(
+        (reclaim_after_ms - 100..reclaim_after_ms + slack_ms).contains(&held),
+        "reclaimed after {held} ms suspended; reclaim_after is {reclaim_after_ms} ms"
+    );
+}
+
 /// Asserts a transition's from, to and reason.
 pub fn assert_transition(t: &Transition, from: VmState, to: VmState, reason: Reason) {
     assert!(
