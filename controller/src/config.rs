@@ -21,12 +21,24 @@
 //! heartbeat_interval = "2s"
 //!
 //! [dispatch]                     # push dispatch to agents (see crate::agents)
-//! agent_token = "…"              # unset: agent routes are open (tests, demos)
 //! batch_size = 64                # most assignments in one POST to an agent
 //! interval = "100ms"             # dispatch round when nothing wakes it sooner
 //! push_timeout = "5s"            # a POST to an agent that takes longer failed
 //! max_agent_body_bytes = 33554432
+//!
+//! [auth]                         # bearer tokens by role (see crate::api::auth)
+//! agent_token = "…"              # agents → /v1/agents/*; sent to agents on push
+//! submit_tokens = ["…"]          # users → /v1/jobs*
+//! admin_tokens = ["…"]           # operators → everything, /v1/hosts, /metrics
+//!
+//! [tls]                          # HTTPS with rustls; both or neither
+//! cert = "/etc/sparegrid/tls/cert.pem"
+//! key = "/etc/sparegrid/tls/key.pem"
 //! ```
+//!
+//! With no token at all the API is open: allowed only on a loopback
+//! `listen` address (tests, demos); any token closes every route but
+//! `/openapi.json` to requests without a token of a role the route allows.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,14 +69,10 @@ pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// reports with their captured output.
 pub const DEFAULT_MAX_AGENT_BODY_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The `[dispatch]` section: how the controller pushes work to agents and
-/// how agents authenticate.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The `[dispatch]` section: how the controller pushes work to agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
-    /// The bearer token of the agent role: agents send it to the controller
-    /// and the controller sends it to agents. Unset: agent routes are open.
-    pub agent_token: Option<String>,
     /// Most assignments pushed to one agent in one POST.
     pub batch_size: u32,
     /// How often a dispatch round runs when no job, heartbeat or completion
@@ -82,7 +90,6 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
-            agent_token: None,
             batch_size: DEFAULT_BATCH_SIZE,
             interval: DEFAULT_DISPATCH_INTERVAL,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
@@ -91,15 +98,143 @@ impl Default for DispatchConfig {
     }
 }
 
-impl std::fmt::Debug for DispatchConfig {
+/// The `[auth]` section: bearer tokens by role. The roles and what each
+/// may call are in [`crate::api::auth`]. No token at all: the API is open
+/// (only on a loopback `listen`). Tokens stay out of `Debug`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The agent role's token: agents send it on `/v1/agents/*` and the
+    /// controller sends it to agents when it pushes work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_token: Option<String>,
+    /// Tokens of the submit role: the job routes (`/v1/jobs*`).
+    pub submit_tokens: Vec<String>,
+    /// Tokens of the admin role: every route.
+    pub admin_tokens: Vec<String>,
+}
+
+impl AuthConfig {
+    /// True when no token of any role is configured: the API is open.
+    pub fn is_open(&self) -> bool {
+        self.agent_token.is_none() && self.submit_tokens.is_empty() && self.admin_tokens.is_empty()
+    }
+
+    /// Every configured token with its field name (`auth.submit_tokens[1]`).
+    pub fn named_tokens(&self) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        if let Some(t) = &self.agent_token {
+            out.push(("auth.agent_token".to_owned(), t.as_str()));
+        }
+        for (list, name) in [
+            (&self.submit_tokens, "auth.submit_tokens"),
+            (&self.admin_tokens, "auth.admin_tokens"),
+        ] {
+            for (i, t) in list.iter().enumerate() {
+                out.push((format!("{name}[{i}]"), t.as_str()));
+            }
+        }
+        out
+    }
+
+    /// Checks each token's form, that no token is listed twice (within or
+    /// across roles), and that a closed API has someone who can use the
+    /// job routes. `listen` decides whether an open API is allowed.
+    fn validate(&self, listen: SocketAddr) -> Result<(), ConfigError> {
+        if self.is_open() {
+            if !listen.ip().is_loopback() {
+                return Err(invalid(
+                    "auth",
+                    format!(
+                        "no tokens are configured, so the API would be open to anyone who \
+                         reaches {listen}; set auth.submit_tokens, auth.admin_tokens and \
+                         auth.agent_token, or listen on a loopback address"
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        let named = self.named_tokens();
+        for (i, (field, token)) in named.iter().enumerate() {
+            if token.len() < MIN_TOKEN_LEN || token.chars().any(|c| !c.is_ascii_graphic()) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "must be at least {MIN_TOKEN_LEN} printable ASCII characters without \
+                         spaces (for example `openssl rand -hex 32`)"
+                    ),
+                ));
+            }
+            if let Some((other, _)) = named[..i].iter().find(|(_, t)| t == token) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "is the same token as {other}; every token must be distinct so that \
+                         it names one role"
+                    ),
+                ));
+            }
+        }
+        if self.submit_tokens.is_empty() && self.admin_tokens.is_empty() {
+            return Err(invalid(
+                "auth.submit_tokens",
+                "auth.agent_token closes the API, but there are no submit_tokens or \
+                 admin_tokens, so no one could submit or read jobs; add one",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DispatchConfig")
+        f.debug_struct("AuthConfig")
             .field("agent_token", &self.agent_token.as_ref().map(|_| "<set>"))
-            .field("batch_size", &self.batch_size)
-            .field("interval", &self.interval)
-            .field("push_timeout", &self.push_timeout)
-            .field("max_agent_body_bytes", &self.max_agent_body_bytes)
+            .field("submit_tokens", &self.submit_tokens.len())
+            .field("admin_tokens", &self.admin_tokens.len())
             .finish()
+    }
+}
+
+/// Shortest token accepted.
+pub const MIN_TOKEN_LEN: usize = 8;
+
+/// The `[tls]` section: serve HTTPS with rustls from PEM files. Both or
+/// neither; neither serves plain HTTP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The cert and key paths when TLS is on.
+    pub fn paths(&self) -> Option<(&Path, &Path)> {
+        Some((self.cert.as_deref()?, self.key.as_deref()?))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [("tls.cert", &self.cert), ("tls.key", &self.key)] {
+            if value.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(invalid(field, "is empty; name a PEM file"));
+            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(_), None) => Err(invalid(
+                "tls.key",
+                "tls.cert is set but tls.key is not; set both (TLS) or neither (plain HTTP)",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "tls.cert",
+                "tls.key is set but tls.cert is not; set both (TLS) or neither (plain HTTP)",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -120,8 +255,12 @@ pub struct ControllerConfig {
     pub job_limits: Limits,
     /// The host registry's thresholds and timers.
     pub registry: RegistryConfig,
-    /// Push dispatch and agent authentication.
+    /// Push dispatch to agents.
     pub dispatch: DispatchConfig,
+    /// Bearer tokens by role.
+    pub auth: AuthConfig,
+    /// HTTPS.
+    pub tls: TlsConfig,
 }
 
 impl Default for ControllerConfig {
@@ -134,6 +273,8 @@ impl Default for ControllerConfig {
             job_limits: Limits::default(),
             registry: RegistryConfig::default(),
             dispatch: DispatchConfig::default(),
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -236,14 +377,6 @@ impl ControllerConfig {
             .validate()
             .map_err(|e| invalid(e.field, e.message))?;
         let d = &self.dispatch;
-        if let Some(t) = &d.agent_token {
-            if t.len() < 8 || t.chars().any(|c| !c.is_ascii_graphic()) {
-                return Err(invalid(
-                    "dispatch.agent_token",
-                    "must be at least 8 printable ASCII characters without spaces",
-                ));
-            }
-        }
         if d.batch_size == 0 || d.batch_size > 10_000 {
             return Err(invalid(
                 "dispatch.batch_size",
@@ -271,6 +404,8 @@ impl ControllerConfig {
                 ),
             ));
         }
+        self.auth.validate(self.listen)?;
+        self.tls.validate()?;
         Ok(())
     }
 }
@@ -305,6 +440,8 @@ mod tests {
             events_poll = "1s"
             [job_limits]
             max_subtasks = 10
+            [auth]
+            admin_tokens = ["admin-s3cret"]
             "#,
             "t.toml",
         )
@@ -349,10 +486,6 @@ mod tests {
             bad(&|c| c.registry.withdraw_above = 2.0),
             "registry.withdraw_above"
         );
-        assert_eq!(
-            bad(&|c| c.dispatch.agent_token = Some("short".into())),
-            "dispatch.agent_token"
-        );
         assert_eq!(bad(&|c| c.dispatch.batch_size = 0), "dispatch.batch_size");
     }
 
@@ -364,7 +497,6 @@ mod tests {
             withdraw_above = 0.9
             heartbeat_interval = "500ms"
             [dispatch]
-            agent_token = "s3cret-token"
             batch_size = 8
             interval = "50ms"
             "#,
@@ -373,13 +505,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.registry.withdraw_above, 0.9);
         assert_eq!(c.registry.heartbeat_interval, Duration::from_millis(500));
-        assert_eq!(c.dispatch.agent_token.as_deref(), Some("s3cret-token"));
         assert_eq!(c.dispatch.batch_size, 8);
         assert_eq!(c.dispatch.interval, Duration::from_millis(50));
-        assert!(
-            !format!("{c:?}").contains("s3cret"),
-            "the token stays out of Debug"
-        );
         let e = ControllerConfig::parse(
             "[dispatch]
 batch = 1",
@@ -387,6 +514,133 @@ batch = 1",
         )
         .unwrap_err();
         assert!(e.to_string().contains("batch"), "{e}");
+    }
+
+    fn closed() -> ControllerConfig {
+        ControllerConfig {
+            auth: AuthConfig {
+                agent_token: Some("agent-s3cret".into()),
+                submit_tokens: vec!["submit-s3cret-1".into(), "submit-s3cret-2".into()],
+                admin_tokens: vec!["admin-s3cret".into()],
+            },
+            ..ControllerConfig::default()
+        }
+    }
+
+    #[test]
+    fn reads_auth_and_tls() {
+        let c = ControllerConfig::parse(
+            r#"
+            listen = "0.0.0.0:7400"
+            [auth]
+            agent_token = "agent-s3cret"
+            submit_tokens = ["submit-s3cret-1", "submit-s3cret-2"]
+            admin_tokens = ["admin-s3cret"]
+            [tls]
+            cert = "/etc/sparegrid/tls/cert.pem"
+            key = "/etc/sparegrid/tls/key.pem"
+            "#,
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.auth, closed().auth);
+        assert!(!c.auth.is_open());
+        assert_eq!(
+            c.tls.paths(),
+            Some((
+                Path::new("/etc/sparegrid/tls/cert.pem"),
+                Path::new("/etc/sparegrid/tls/key.pem")
+            ))
+        );
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "tokens stay out of Debug: {c:?}"
+        );
+        let e = ControllerConfig::parse("[auth]\nagent = \"x\"", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("agent"), "{e}");
+        let e = ControllerConfig::parse("[dispatch]\nagent_token = \"agent-s3cret\"", "t.toml")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("agent_token"),
+            "moved to [auth]: {e}"
+        );
+    }
+
+    #[test]
+    fn auth_validation_names_the_field() {
+        let bad = |f: &dyn Fn(&mut ControllerConfig)| {
+            let mut c = closed();
+            f(&mut c);
+            let e = c.validate().unwrap_err();
+            let text = e.to_string();
+            (field_of(e), text)
+        };
+        closed().validate().unwrap();
+        let (f, m) = bad(&|c| c.auth.agent_token = Some("short".into()));
+        assert_eq!(f, "auth.agent_token", "{m}");
+        let (f, m) = bad(&|c| c.auth.submit_tokens[1] = "has a space".into());
+        assert_eq!(f, "auth.submit_tokens[1]", "{m}");
+        // The same token in two roles: the later field is named, the
+        // earlier one is in the message.
+        let (f, m) = bad(&|c| c.auth.admin_tokens[0] = "submit-s3cret-2".into());
+        assert_eq!(f, "auth.admin_tokens[0]");
+        assert!(m.contains("auth.submit_tokens[1]"), "{m}");
+        let (f, m) = bad(&|c| c.auth.agent_token = Some("admin-s3cret".into()));
+        assert_eq!(f, "auth.admin_tokens[0]");
+        assert!(m.contains("auth.agent_token"), "{m}");
+        let (f, _) = bad(&|c| c.auth.submit_tokens.push("submit-s3cret-1".into()));
+        assert_eq!(f, "auth.submit_tokens[2]");
+        // Only an agent token: no one could use the job routes.
+        let (f, _) = bad(&|c| {
+            c.auth.submit_tokens.clear();
+            c.auth.admin_tokens.clear();
+        });
+        assert_eq!(f, "auth.submit_tokens");
+        // Admin tokens alone are enough.
+        let mut c = closed();
+        c.auth.submit_tokens.clear();
+        c.auth.agent_token = None;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn an_open_api_must_listen_on_loopback() {
+        let mut c = ControllerConfig::default();
+        assert!(c.auth.is_open());
+        c.validate().unwrap();
+        c.listen = "[::1]:7400".parse().unwrap();
+        c.validate().unwrap();
+        for addr in ["0.0.0.0:7400", "192.0.2.1:7400", "[::]:7400"] {
+            c.listen = addr.parse().unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(
+                e.to_string().contains(addr.rsplit_once(':').unwrap().0),
+                "{e}"
+            );
+            assert_eq!(field_of(e), "auth", "{addr}");
+        }
+        let mut c = closed();
+        c.listen = "0.0.0.0:7400".parse().unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn tls_needs_both_paths() {
+        let bad = |cert: Option<&str>, key: Option<&str>| {
+            let c = ControllerConfig {
+                tls: TlsConfig {
+                    cert: cert.map(PathBuf::from),
+                    key: key.map(PathBuf::from),
+                },
+                ..ControllerConfig::default()
+            };
+            c.validate().err().map(field_of)
+        };
+        assert_eq!(bad(None, None), None);
+        assert_eq!(bad(Some("/c.pem"), Some("/k.pem")), None);
+        assert_eq!(bad(Some("/c.pem"), None).as_deref(), Some("tls.key"));
+        assert_eq!(bad(None, Some("/k.pem")).as_deref(), Some("tls.cert"));
+        assert_eq!(bad(Some(""), Some("/k.pem")).as_deref(), Some("tls.cert"));
     }
 
     #[test]

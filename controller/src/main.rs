@@ -1,6 +1,7 @@
 //! `sparegrid-controller`: thin entry point. Parses arguments, loads the
-//! config and serves the job API (`api::serve`). Agent registration and push
-//! dispatch are being built (issue 3).
+//! config and serves the API (`api::serve`: jobs, hosts, the agent plane
+//! and push dispatch; HTTPS with `[tls]`). A bad config (a field, or TLS
+//! files that cannot be used) exits 2 naming it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,7 +78,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sparegrid-controller: {e}");
-            ExitCode::FAILURE
+            if e.is_config() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

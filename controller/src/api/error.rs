@@ -5,12 +5,14 @@
 
 use std::net::SocketAddr;
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::auth::AuthError;
+use super::tls::TlsError;
 use crate::config::ConfigError;
 use crate::job::ValidationError;
 use crate::store::{JobId, StoreError};
@@ -40,6 +42,9 @@ pub enum ApiError {
         param: &'static str,
         message: String,
     },
+    /// No bearer token or a wrong one (401), or the wrong role (403).
+    #[error("{0}")]
+    Auth(#[from] AuthError),
     /// The body is over `max_body_bytes` (413).
     #[error("the request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
@@ -70,6 +75,9 @@ pub enum ApiError {
     /// The config is unusable (only from [`serve`](super::serve)).
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// The TLS cert or key cannot be used (only from [`serve`](super::serve)).
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     /// Opening the store failed (only from [`serve`](super::serve)).
     #[error("opening the store: {0}")]
     OpenStore(StoreError),
@@ -95,12 +103,20 @@ impl From<StoreError> for ApiError {
 }
 
 impl ApiError {
+    /// True for errors of the config (bad values, unusable TLS files): the
+    /// binary exits 2 for these.
+    pub fn is_config(&self) -> bool {
+        matches!(self, ApiError::Config(_) | ApiError::Tls(_))
+    }
+
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Invalid(_) | ApiError::InvalidQuery { .. } | ApiError::BodyRead(_) => {
                 StatusCode::BAD_REQUEST
             }
+            ApiError::Auth(e) if e.is_unauthorized() => StatusCode::UNAUTHORIZED,
+            ApiError::Auth(_) => StatusCode::FORBIDDEN,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::JobNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
@@ -109,6 +125,7 @@ impl ApiError {
             ApiError::Store(_)
             | ApiError::Task(_)
             | ApiError::Config(_)
+            | ApiError::Tls(_)
             | ApiError::OpenStore(_)
             | ApiError::Bind { .. }
             | ApiError::Serve(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -120,6 +137,8 @@ impl ApiError {
         match self {
             ApiError::Invalid(v) => v.code.as_str(),
             ApiError::InvalidQuery { .. } => "invalid_query",
+            ApiError::Auth(e) if e.is_unauthorized() => "unauthorized",
+            ApiError::Auth(_) => "forbidden",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BodyRead(_) => "body_unreadable",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
@@ -129,6 +148,7 @@ impl ApiError {
             ApiError::NotFinished { .. } => "job_not_finished",
             ApiError::Store(_) | ApiError::Task(_) => "internal",
             ApiError::Config(_) => "config",
+            ApiError::Tls(_) => "tls",
             ApiError::OpenStore(_) => "store_open",
             ApiError::Bind { .. } | ApiError::Serve(_) => "serve",
         }
@@ -162,7 +182,14 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(code = self.code(), "{self}");
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: a 401 names the scheme the client should use.
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 

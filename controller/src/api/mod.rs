@@ -17,6 +17,11 @@
 //!
 //! Only `push` jobs are accepted until the other dispatch modes exist.
 //!
+//! Every route but `/openapi.json` needs a bearer token of a role it
+//! admits once `[auth]` has any token (see [`auth`] for the roles); with
+//! none the API is open, which config validation allows only on a
+//! loopback `listen`. With `[tls]` the API is HTTPS (rustls, see [`tls`]).
+//!
 //! # Errors
 //!
 //! Every error is JSON `{code, message, field?}`; `field` is the request
@@ -38,14 +43,20 @@
 //! | `method_not_allowed` | 405 | the route exists, not with this method |
 //! | `job_not_finished` | 409 | results asked for before the job ended, without `partial` |
 //! | `body_too_large` | 413 | the body is over `max_body_bytes` |
+//! | `unauthorized` | 401 | no bearer token, or one no role has (with `WWW-Authenticate: Bearer`) |
+//! | `forbidden` | 403 | a token of a role this route does not admit |
 //! | `unsupported_media_type` | 415 | the body is not `application/json` |
 //! | `internal` | 500 | the store failed; nothing was half-done |
 
+pub mod auth;
 mod error;
 mod jobs;
 mod metrics;
 mod openapi;
+pub mod tls;
 
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod tests;
 
@@ -61,6 +72,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
+pub use auth::{Access, Auth, AuthError, Role};
 pub use error::{ApiError, ErrorBody};
 pub use jobs::{
     CancelResponse, JobDetail, JobList, JobResults, JobSummary, ProgressEvent, SubmitResponse,
@@ -86,6 +98,8 @@ pub struct AppState {
     pub metrics: Arc<ApiMetrics>,
     /// The agent plane: registry, dispatcher state, agent routes.
     pub agents: AgentPlane,
+    /// Bearer tokens by role.
+    pub auth: Arc<Auth>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -109,6 +123,7 @@ impl AppState {
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
             events_poll: config.events_poll,
             metrics: Arc::new(ApiMetrics::new()),
+            auth: Arc::new(Auth::new(&config.auth)),
         }
     }
 }
@@ -123,6 +138,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_route))
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(agents::routes())
+        // Only routed requests: an unknown path answers 404 with or without
+        // a token, as it names nothing.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_role,
+        ))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -202,10 +223,32 @@ pub async fn serve_on(
     served
 }
 
-/// Validates `config`, opens the SQLite store at `db_path` (creating its
-/// directory), listens on `listen` and serves until SIGINT or SIGTERM.
+/// [`serve_on`] over HTTPS with the rustls config `tls` (see
+/// [`tls::server_config`]); on shutdown, open connections get
+/// [`tls::SHUTDOWN_GRACE`] to finish.
+pub async fn serve_tls_on(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
+    let dispatcher = agents::spawn_dispatcher(state.agents.clone());
+    let served = tls::serve_tls_on(listener, tls, router(state), shutdown)
+        .await
+        .map_err(ApiError::Serve);
+    dispatcher.abort();
+    served
+}
+
+/// Validates `config`, reads the TLS files if `[tls]` names them, opens
+/// the SQLite store at `db_path` (creating its directory), listens on
+/// `listen` and serves (HTTPS with `[tls]`) until SIGINT or SIGTERM.
 pub async fn serve(config: ControllerConfig) -> Result<(), ApiError> {
     config.validate()?;
+    let tls = match config.tls.paths() {
+        Some((cert, key)) => Some(tls::server_config(cert, key)?),
+        None => None,
+    };
     let path = config.db_path.clone();
     let store = tokio::task::spawn_blocking(move || {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -224,9 +267,21 @@ pub async fn serve(config: ControllerConfig) -> Result<(), ApiError> {
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(config.listen);
-    tracing::info!(%addr, db = %config.db_path.display(), "controller API listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, db = %config.db_path.display(), "controller API listening");
+    if config.auth.is_open() {
+        tracing::warn!(
+            %addr,
+            "NO AUTH: [auth] has no tokens, so anyone who reaches {addr} may submit and cancel \
+             jobs, act as an agent and read hosts and metrics; set auth.submit_tokens, \
+             auth.admin_tokens and auth.agent_token outside tests and demos"
+        );
+    }
     let state = AppState::new(Arc::new(store), &config);
-    serve_on(listener, state, shutdown_signal()).await
+    match tls {
+        Some(tls) => serve_tls_on(listener, tls, state, shutdown_signal()).await,
+        None => serve_on(listener, state, shutdown_signal()).await,
+    }
 }
 
 /// SIGINT or SIGTERM.

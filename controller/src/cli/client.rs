@@ -2,10 +2,13 @@
 //! controller with. It adds the bearer token, turns every non-2xx answer
 //! into [`CliError::Api`] (the API's `{code, message, field?}` body) or
 //! [`CliError::Status`] (a body that is not one), names the controller's URL
-//! when it cannot be reached, and reads the `events` stream
-//! ([`SseReader`]).
+//! when it cannot be reached (or its certificate is not trusted), and reads
+//! the `events` stream ([`SseReader`]). `https://` controllers are reached
+//! with rustls, trusting the public web roots plus an optional private CA
+//! ([`Client::with_ca_cert`]).
 
 use std::io::{BufRead, Read};
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::blocking::{RequestBuilder, Response};
@@ -31,6 +34,17 @@ impl Client {
     /// A client of the controller at `base` (`http://host:port`, a trailing
     /// `/` is dropped), sending `token` as a bearer token when there is one.
     pub fn new(base: &str, token: Option<String>) -> Result<Client, CliError> {
+        Client::with_ca_cert(base, token, None)
+    }
+
+    /// [`Client::new`] that also trusts the CA certificates in the PEM file
+    /// `ca_cert` (a private CA, or the controller's self-signed
+    /// certificate) for `https://` controllers.
+    pub fn with_ca_cert(
+        base: &str,
+        token: Option<String>,
+        ca_cert: Option<&Path>,
+    ) -> Result<Client, CliError> {
         let base = base.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(CliError::Usage(format!(
@@ -39,14 +53,18 @@ impl Client {
         }
         // No overall timeout on the client: result bodies and event streams
         // may take long. Short requests set their own.
-        let http = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(None)
-            .build()
-            .map_err(|e| CliError::Http {
-                url: base.clone(),
-                message: error_chain(&e),
-            })?;
+            .timeout(None);
+        if let Some(path) = ca_cert {
+            for cert in read_ca_cert(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| CliError::Http {
+            url: base.clone(),
+            message: error_chain(&e),
+        })?;
         Ok(Client { base, token, http })
     }
 
@@ -76,8 +94,16 @@ impl Client {
         check(resp, url)
     }
 
-    /// Maps a transport failure: unreachable controllers name the base URL.
+    /// Maps a transport failure: unreachable controllers name the base URL;
+    /// a certificate that is not trusted says how to trust it.
     pub(crate) fn transport_error(&self, url: &str, e: &reqwest::Error) -> CliError {
+        let chain = error_chain(e);
+        if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+            return CliError::Certificate {
+                url: self.base.clone(),
+                message: innermost(e),
+            };
+        }
         if e.is_connect() {
             CliError::Connect {
                 url: self.base.clone(),
@@ -131,6 +157,25 @@ impl Client {
             .header(ACCEPT, HeaderValue::from_static("text/event-stream"));
         self.send(rb, &url)
     }
+}
+
+/// The certificates in the PEM file at `path` (`--ca-cert`).
+fn read_ca_cert(path: &Path) -> Result<Vec<reqwest::Certificate>, CliError> {
+    let pem = std::fs::read(path).map_err(|source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let bad = |message: String| {
+        CliError::Usage(format!(
+            "--ca-cert {}: {message} (expected PEM \"-----BEGIN CERTIFICATE-----\" blocks)",
+            path.display()
+        ))
+    };
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(error_chain(&e)))?;
+    if certs.is_empty() {
+        return Err(bad("no certificate in it".to_owned()));
+    }
+    Ok(certs)
 }
 
 /// Reads a 2xx response's body as text, naming `url` on failure.

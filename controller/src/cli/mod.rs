@@ -3,7 +3,7 @@
 //! here so tests drive it in-process with captured output ([`run_with`]).
 //!
 //! ```text
-//! sparegrid [--controller URL] [--token T] [--json] <command>
+//! sparegrid [--controller URL] [--token T] [--ca-cert FILE] [--json] <command>
 //!   submit FILE [--watch]           job.toml or job.json, checked locally first
 //!   status [ID] [--state S] [--limit N]
 //!   watch ID [--poll]               progress bar; exit 0 done, 1 failed/cancelled
@@ -14,10 +14,15 @@
 //!
 //! `--controller` falls back to `SPAREGRID_CONTROLLER`, then
 //! `http://127.0.0.1:7400`; `--token` to `SPAREGRID_TOKEN` (sent as a
-//! bearer token). Human output by default, `--json` prints the API's JSON
-//! (one document per line).
+//! bearer token on every request; `submit`, `status`, `watch`, `results`
+//! and `cancel` need a submit or admin token, `hosts` an admin token, once
+//! the controller has tokens); `--ca-cert` to `SPAREGRID_CA_CERT` (a PEM
+//! CA to trust for an `https://` controller, besides the public roots).
+//! Human output by default, `--json` prints the API's JSON (one document
+//! per line).
 //!
-//! Errors print as `error: <message> (field: <field>, code: <code>)`. Exit
+//! Errors print as `error: <message> (field: <field>, code: <code>)`; a
+//! refused token (401 `unauthorized`, 403 `forbidden`) adds what to do. Exit
 //! codes: 0 success; 1 a failed or cancelled job (`watch`), an unreachable
 //! controller or any other failure; 2 a refused request (HTTP 4xx), a bad
 //! job file or bad arguments.
@@ -50,6 +55,8 @@ pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7400";
 pub const ENV_CONTROLLER: &str = "SPAREGRID_CONTROLLER";
 /// Environment variable for `--token`.
 pub const ENV_TOKEN: &str = "SPAREGRID_TOKEN";
+/// Environment variable for `--ca-cert`.
+pub const ENV_CA_CERT: &str = "SPAREGRID_CA_CERT";
 
 /// Exit code of success.
 pub const EXIT_OK: i32 = 0;
@@ -74,6 +81,9 @@ pub struct Cli {
     /// Bearer token [env: SPAREGRID_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// PEM file of a CA to trust for an https:// controller [env: SPAREGRID_CA_CERT]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     /// Print the API's JSON instead of tables and text
     #[arg(long, global = true)]
     pub json: bool,
@@ -146,6 +156,9 @@ pub enum CliError {
         url: String,
         body: String,
     },
+    /// The controller's TLS certificate is not trusted (or not valid).
+    #[error("the TLS certificate of {url} is not trusted: {message} (trust its CA with --ca-cert FILE or {ENV_CA_CERT})")]
+    Certificate { url: String, message: String },
     /// The controller could not be reached.
     #[error(
         "cannot reach the controller at {url}: {message} (set --controller or {ENV_CONTROLLER})"
@@ -206,6 +219,16 @@ impl CliError {
     /// The `error: …` line.
     pub fn render(&self) -> String {
         match self {
+            CliError::Api { body, .. } if body.code == "unauthorized" => format!(
+                "error: the controller refused the token: {} (code: unauthorized); \
+                 give a token of the right role with --token or {ENV_TOKEN}",
+                body.message
+            ),
+            CliError::Api { body, .. } if body.code == "forbidden" => format!(
+                "error: this token may not do that: {} (code: forbidden); \
+                 use a token of that role (--token or {ENV_TOKEN})",
+                body.message
+            ),
             CliError::Api { body, .. } => match &body.field {
                 Some(f) => format!("error: {} (field: {f}, code: {})", body.message, body.code),
                 None => format!("error: {} (code: {})", body.message, body.code),
@@ -241,6 +264,8 @@ pub struct RunOptions {
     pub controller: Option<String>,
     /// `--token` when not given; `None` reads `SPAREGRID_TOKEN`.
     pub token: Option<String>,
+    /// `--ca-cert` when not given; `None` reads `SPAREGRID_CA_CERT`.
+    pub ca_cert: Option<PathBuf>,
     pub watch: WatchOptions,
 }
 
@@ -250,6 +275,7 @@ impl Default for RunOptions {
             progress: std::io::stderr().is_terminal(),
             controller: None,
             token: None,
+            ca_cert: None,
             watch: WatchOptions::default(),
         }
     }
@@ -322,7 +348,12 @@ fn client(cli: &Cli, opts: &RunOptions) -> Result<Client, CliError> {
         .clone()
         .or_else(|| opts.token.clone())
         .or_else(|| env_nonempty(ENV_TOKEN));
-    Client::new(&base, token)
+    let ca_cert = cli
+        .ca_cert
+        .clone()
+        .or_else(|| opts.ca_cert.clone())
+        .or_else(|| env_nonempty(ENV_CA_CERT).map(PathBuf::from));
+    Client::with_ca_cert(&base, token, ca_cert.as_deref())
 }
 
 /// Percent-encodes `s` for a path segment or query value.

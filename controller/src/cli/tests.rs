@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::*;
-use crate::api::{serve_on, AppState};
-use crate::config::ControllerConfig;
+use crate::api::{serve_on, serve_tls_on, AppState};
+use crate::config::{AuthConfig, ControllerConfig};
 use crate::store::{JobId, Outcome, SqliteStore, Store};
 
 /// A controller on a background runtime; stops when dropped.
@@ -68,11 +68,21 @@ impl Drop for Server0 {
 }
 
 fn start() -> Server {
+    start_with(
+        ControllerConfig {
+            events_poll: Duration::from_millis(20),
+            ..ControllerConfig::default()
+        },
+        None,
+    )
+}
+
+/// A controller with `config`, over HTTPS (`https://127.0.0.1:…`) with
+/// `tls`.
+fn start_with(config: ControllerConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
+    config.validate().unwrap();
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
-    let config = ControllerConfig {
-        events_poll: Duration::from_millis(20),
-        ..ControllerConfig::default()
-    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = AppState::new(store.clone() as Arc<dyn Store>, &config);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -85,16 +95,19 @@ fn start() -> Server {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            serve_on(listener, state, async {
+            let stop = async {
                 let _ = stop_rx.await;
-            })
-            .await
+            };
+            match tls {
+                Some(tls) => serve_tls_on(listener, tls, state, stop).await,
+                None => serve_on(listener, state, stop).await,
+            }
             .unwrap();
         });
     });
     let addr = addr_rx.recv().unwrap();
     Server {
-        url: format!("http://{addr}"),
+        url: format!("{scheme}://{addr}"),
         store,
         stop: Some(stop_tx),
     }
@@ -118,6 +131,7 @@ fn opts() -> RunOptions {
         progress: false,
         controller: None,
         token: None,
+        ca_cert: None,
         watch: WatchOptions {
             poll_only: false,
             poll_interval: Duration::from_millis(20),
@@ -629,4 +643,129 @@ fn help_and_usage_errors() {
         2
     );
     assert!(!err.is_empty());
+}
+
+const SUBMIT: &str = "submit-token-cli";
+const ADMIN: &str = "admin-token-cli";
+const AGENT: &str = "agent-token-cli";
+
+fn closed_config() -> ControllerConfig {
+    ControllerConfig {
+        events_poll: Duration::from_millis(20),
+        auth: AuthConfig {
+            agent_token: Some(AGENT.into()),
+            submit_tokens: vec![SUBMIT.into()],
+            admin_tokens: vec![ADMIN.into()],
+        },
+        ..ControllerConfig::default()
+    }
+}
+
+/// Every command sends `--token`: against a controller with tokens each one
+/// works with a submit token (`hosts` with an admin token), and without a
+/// token or with the wrong role it prints what to do and exits 2.
+#[test]
+fn every_command_sends_the_token_and_refusals_are_clear() {
+    let s = start_with(closed_config(), None);
+    let dir = tempfile::tempdir().unwrap();
+    let job = write(dir.path(), "job.json", &items_json(3));
+
+    let r = s.cli(&["submit", job.as_str()]);
+    assert_eq!(r.code, EXIT_USAGE, "{}", r.err);
+    assert!(r.err.contains("code: unauthorized"), "{}", r.err);
+    assert!(
+        r.err.contains("--token") && r.err.contains(ENV_TOKEN),
+        "{}",
+        r.err
+    );
+    let r = s.cli(&["--token", "not-a-known-token", "status"]);
+    assert_eq!(r.code, EXIT_USAGE, "{}", r.err);
+    assert!(r.err.contains("refused the token"), "{}", r.err);
+
+    let t = ["--token", SUBMIT];
+    let with = |args: &[&str]| {
+        let mut a = t.to_vec();
+        a.extend_from_slice(args);
+        s.cli(&a)
+    };
+    let r = with(&["--json", "submit", job.as_str()]);
+    assert_eq!(r.code, EXIT_OK, "{}", r.err);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    s.finish_all();
+    for args in [
+        vec!["status"],
+        vec!["status", id.as_str()],
+        vec!["watch", id.as_str()],
+        vec!["watch", "--poll", id.as_str()],
+        vec!["results", id.as_str()],
+        vec!["cancel", id.as_str()],
+    ] {
+        let r = with(&args);
+        assert_eq!(r.code, EXIT_OK, "{args:?}: {}", r.err);
+    }
+    // `hosts` is the admin's.
+    let r = with(&["hosts"]);
+    assert_eq!(r.code, EXIT_USAGE, "{}", r.err);
+    assert!(r.err.contains("code: forbidden"), "{}", r.err);
+    assert!(r.err.contains("submit role"), "{}", r.err);
+    let r = s.cli(&["--token", ADMIN, "hosts"]);
+    assert_eq!(r.code, EXIT_OK, "{}", r.err);
+    // The agent token is not a user's.
+    let r = s.cli(&["--token", AGENT, "status", id.as_str()]);
+    assert_eq!(r.code, EXIT_USAGE, "{}", r.err);
+    assert!(r.err.contains("code: forbidden"), "{}", r.err);
+}
+
+/// An https:// controller with a self-signed certificate: refused with a
+/// hint until `--ca-cert` (or `SPAREGRID_CA_CERT` via [`RunOptions`])
+/// trusts it.
+#[test]
+fn https_controllers_need_their_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::api::tls::tests::self_signed(dir.path());
+    let tls = crate::api::tls::server_config(&cert, &key).unwrap();
+    let s = start_with(closed_config(), Some(tls));
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+    let job = write(dir.path(), "job.json", &items_json(2));
+
+    let r = s.cli(&["--token", SUBMIT, "status"]);
+    assert_eq!(r.code, EXIT_FAILURE, "{}", r.err);
+    assert!(r.err.contains("not trusted"), "{}", r.err);
+    assert!(r.err.contains("--ca-cert"), "{}", r.err);
+
+    let ca = cert.to_str().unwrap();
+    let r = s.cli(&[
+        "--ca-cert",
+        ca,
+        "--token",
+        SUBMIT,
+        "--json",
+        "submit",
+        job.as_str(),
+    ]);
+    assert_eq!(r.code, EXIT_OK, "{}", r.err);
+    assert_eq!(r.json()["subtasks"], 2);
+    // The same through the RunOptions default (what SPAREGRID_CA_CERT sets).
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut o = opts();
+    o.ca_cert = Some(cert.clone());
+    o.token = Some(SUBMIT.into());
+    let code = run_with(
+        ["sparegrid", "--controller", &s.url, "status"],
+        &mut out,
+        &mut err,
+        o,
+    );
+    assert_eq!(code, EXIT_OK, "{}", String::from_utf8_lossy(&err));
+    assert!(String::from_utf8_lossy(&out).contains("queued"));
+
+    // A CA file that is not PEM, or is missing, is named.
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "hello").unwrap();
+    let r = s.cli(&["--ca-cert", junk.to_str().unwrap(), "status"]);
+    assert_eq!(r.code, EXIT_USAGE, "{}", r.err);
+    assert!(r.err.contains("junk.pem"), "{}", r.err);
+    let r = s.cli(&["--ca-cert", "/nonexistent/ca.pem", "status"]);
+    assert_ne!(r.code, EXIT_OK, "{}", r.err);
+    assert!(r.err.contains("/nonexistent/ca.pem"), "{}", r.err);
 }
