@@ -33,7 +33,7 @@ KERNEL_PACKAGE := linux-image-cloud-amd64
 # Environment for everything that may talk to a real libvirtd and boot the image.
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
 
-.PHONY: help deps deps-system deps-rust libvirtd image boot-check build test demo \
+.PHONY: help deps deps-system deps-rust libvirtd image boot-check build test demo demo-agent \
 	bench-agent clean-image fmt lint
 
 help:
@@ -43,7 +43,8 @@ help:
 	@echo "make boot-check   boot the guest image once under libvirt (workloads/boot-check.sh)"
 	@echo "make build        cargo build --workspace"
 	@echo "make test         deps, libvirtd, image, boot-check, then cargo test with real-VM tests on"
-	@echo "make demo         run tests/demo.sh against a real libvirtd"
+	@echo "make demo         controller + 2 local agents run workloads/jobs/sample.toml (tests/demo.sh)"
+	@echo "make demo-agent   one agent's grid VM under load on a real libvirtd (tests/demo-agent.sh)"
 	@echo "make bench-agent  run the agent benchmark (release build)"
 	@echo "make clean-image  remove the built guest image"
 	@echo "make fmt | lint   cargo fmt / cargo clippy -D warnings"
@@ -112,12 +113,15 @@ test: deps libvirtd image boot-check
 	$(CARGO) build --workspace
 	$(VM_ENV) RUST_BACKTRACE=1 $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
-demo: deps libvirtd image build
-	@if [ ! -f tests/demo.sh ]; then \
-	    echo "demo: tests/demo.sh does not exist yet; the demo script has not been written" >&2; \
-	    exit 1; \
-	fi
-	$(VM_ENV) bash tests/demo.sh
+# The grid end to end: a controller, two local agents (process runtime), the
+# sample job submitted with the CLI. Needs root (cgroups), not libvirt.
+demo: deps build
+	bash tests/demo.sh
+
+# The agent alone on a real libvirtd: a grid VM suspended under load, resumed,
+# reclaimed.
+demo-agent: deps libvirtd image build
+	$(VM_ENV) bash tests/demo-agent.sh
 
 bench-agent: deps libvirtd image
 	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests

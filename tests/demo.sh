@@ -1,174 +1,240 @@
 #!/usr/bin/env bash
-# `make demo`: the agent's main job, end to end, on a real libvirtd with a TCG
-# grid VM. Every step is checked; the script fails loudly if one does not
-# happen in time.
+# `make demo`: the grid end to end on this machine, with real processes.
 #
-#   1. `sparegrid-agent check` reports what the host supports.
-#   2. The agent launches a grid VM on spare capacity. The guest burns its
-#      vCPU, and the VM keeps running: the grid's own load is subtracted.
-#   3. A customer load step (stress-ng, outside the grid partition): the VM
-#      is paused at once (cpu_pressure), libvirt says "paused".
-#   4. The load ends: after resume_after the VM runs again (idle).
-#   5. The load comes back and stays: the VM is reclaimed after reclaim_after
-#      (suspended_too_long) and its domain is gone.
-#   6. SIGTERM: the agent drains and exits 0.
+#   1. A controller starts (SQLite store and logs in a temporary directory,
+#      one bearer token per role).
+#   2. Two agents start (process runtime: subtasks run as host processes in
+#      each agent's own low-priority cgroup partition) and register.
+#   3. `sparegrid hosts` shows them; `sparegrid submit --watch` sends the
+#      sample job (workloads/jobs/sample.toml: count the primes below
+#      200,000 in 20 subtasks) and follows it with a progress bar.
+#   4. `sparegrid results` prints what each subtask printed, in order; the
+#      demo checks that every subtask is there exactly once.
+#   5. Everything stops; the temporary directory and the cgroup partitions
+#      are removed (DEMO_KEEP=1 keeps the directory).
 #
-# Needs root, libvirtd, the guest image (SPAREGRID_IMAGE_DIR) and a built
-# agent; `make demo` provides all of them.
+# Exits 0 only when the results are complete. Needs root (cgroups) and the
+# built binaries; `make demo` provides both. DEMO_PORT (default 7480) is the
+# controller's port, the agents take the next two; DEMO_JOB names another
+# job file.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-AGENT=${SPAREGRID_AGENT_BIN:-target/debug/sparegrid-agent}
-IMAGE=${SPAREGRID_IMAGE_DIR:-/var/lib/sparegrid/images/default}
-PORT=${DEMO_PORT:-7471}
-HOST=demo-$$
-PARTITION=sparegrid-demo-$$
+BIN=${SPAREGRID_BIN_DIR:-target/debug}
+CONTROLLER=$BIN/sparegrid-controller
+AGENT=$BIN/sparegrid-agent
+CLI=$BIN/sparegrid
+SAMPLE=workloads/jobs/sample.toml
+JOB=${DEMO_JOB:-$SAMPLE}
+PORT=${DEMO_PORT:-7480}
+AGENTS=2
 WORK=$(mktemp -d /tmp/sparegrid-demo.XXXXXX)
-chmod 0755 "$WORK"
-LOG=$WORK/agent.log
-AGENT_PID=
-LOAD_PID=
+CONTROLLER_PID=
+AGENT_PIDS=()
+PARTITIONS=()
+OK=0
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-fail() { echo "demo: FAILED: $*" >&2; echo "--- agent log (tail) ---" >&2; tail -n 30 "$LOG" >&2 || true; exit 1; }
-cleanup() {
-    [ -n "$LOAD_PID" ] && kill "$LOAD_PID" 2>/dev/null || true
-    if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true; fi
-    for d in $(virsh -c qemu:///system list --all --name 2>/dev/null | grep "^sg-$HOST-" || true); do
-        virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
-        virsh -c qemu:///system undefine "$d" --managed-save >/dev/null 2>&1 || true
+bold() { printf '\033[1m%s\033[0m\n' "$*"; }
+say() { printf '\n'; bold "== $*"; }
+note() { printf '   %s\n' "$*"; }
+logs() {
+    echo "--- controller log (tail) ---" >&2
+    tail -n 25 "$WORK/controller.log" >&2 2>/dev/null || true
+    for i in $(seq "$AGENTS"); do
+        echo "--- agent $i log (tail) ---" >&2
+        tail -n 15 "$WORK/agent-$i.log" >&2 2>/dev/null || true
     done
-    echo "demo: files kept in $WORK"
+}
+fail() { echo "demo: FAILED: $*" >&2; logs; exit 1; }
+
+# Removes a cgroup partition from every hierarchy, children first; frozen
+# tasks are thawed and anything left inside is killed.
+remove_partition() {
+    local part=$1 d
+    for d in $(find /sys/fs/cgroup -maxdepth 2 -type d -name "$part" 2>/dev/null); do
+        find "$d" -depth -type d 2>/dev/null | while read -r g; do
+            [ -f "$g/freezer.state" ] && { echo THAWED >"$g/freezer.state"; } 2>/dev/null || true
+            [ -f "$g/cgroup.freeze" ] && { echo 0 >"$g/cgroup.freeze"; } 2>/dev/null || true
+            for _ in 1 2 3 4 5 6 7 8 9 10; do
+                for p in $(cat "$g/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+                rmdir "$g" 2>/dev/null && break
+                [ -d "$g" ] || break
+                sleep 0.2
+            done
+        done
+    done
+}
+
+stop() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid part
+    for pid in "${AGENT_PIDS[@]}"; do stop "$pid"; done
+    [ -n "$CONTROLLER_PID" ] && stop "$CONTROLLER_PID"
+    for part in "${PARTITIONS[@]}"; do remove_partition "$part"; done
+    for part in "${PARTITIONS[@]}"; do
+        if find /sys/fs/cgroup -maxdepth 2 -type d -name "$part" 2>/dev/null | grep -q .; then
+            echo "demo: could not remove cgroup partition $part" >&2
+        fi
+    done
+    if [ "${DEMO_KEEP:-0}" = 1 ]; then
+        echo "demo: files kept in $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    [ "$OK" = 1 ] && echo && bold "demo: OK"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-for f in "$AGENT" "$IMAGE/vmlinuz" "$IMAGE/initrd.img"; do
-    [ -e "$f" ] || fail "$f is missing (run 'make demo', which builds it)"
+[ "$(id -u)" = 0 ] || fail "needs root (the agents create cgroup partitions); run 'make demo' as root"
+for f in "$CONTROLLER" "$AGENT" "$CLI"; do
+    [ -x "$f" ] || fail "$f is missing (run 'make demo', which builds it)"
 done
+[ -f "$JOB" ] || fail "job file $JOB does not exist"
 command -v jq >/dev/null || fail "jq is missing (make deps installs it)"
-command -v stress-ng >/dev/null || fail "stress-ng is missing (make deps installs it)"
-NCPU=$(nproc)
+for p in $(seq "$PORT" $((PORT + AGENTS))); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        fail "port $p is in use; set DEMO_PORT to a free range"
+    fi
+done
 
-cat > "$WORK/agent.toml" <<TOML
-[agent]
-host_name = "$HOST"
+token() { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+AGENT_TOKEN=$(token)
+SUBMIT_TOKEN=$(token)
+ADMIN_TOKEN=$(token)
+export SPAREGRID_CONTROLLER="http://127.0.0.1:$PORT"
+export SPAREGRID_TOKEN=$SUBMIT_TOKEN
+sg() { "$CLI" "$@"; }
+sg_admin() { "$CLI" --token "$ADMIN_TOKEN" "$@"; }
+
+# ---------------------------------------------------------------------------
+say "1. Start the controller on 127.0.0.1:$PORT"
+cat >"$WORK/controller.toml" <<TOML
 listen = "127.0.0.1:$PORT"
-run_dir = "$WORK/run"
-data_dir = "$WORK/data"
+db_path = "$WORK/controller.db"
 
-[sampler]
-interval = "250ms"
+[registry]
+heartbeat_interval = "500ms"
+host_timeout = "10s"
 
-[load]
-decay = "1s"
+[auth]
+agent_token = "$AGENT_TOKEN"
+submit_tokens = ["$SUBMIT_TOKEN"]
+admin_tokens = ["$ADMIN_TOKEN"]
+TOML
+"$CONTROLLER" --config "$WORK/controller.toml" run >"$WORK/controller.log" 2>&1 &
+CONTROLLER_PID=$!
+for _ in $(seq 100); do
+    sg_admin hosts >/dev/null 2>&1 && break
+    kill -0 "$CONTROLLER_PID" 2>/dev/null || fail "the controller exited"
+    sleep 0.1
+done
+sg_admin hosts >/dev/null || fail "the controller does not answer"
+note "store: $WORK/controller.db; tokens for the agent, submit and admin roles"
+
+# ---------------------------------------------------------------------------
+say "2. Start $AGENTS agents (process runtime, 2 slots each)"
+note "Both agents share this machine, so each would count the other's subtasks"
+note "as customer CPU load: the demo agents weigh memory only (a real host"
+note "weighs every metric)."
+for i in $(seq "$AGENTS"); do
+    part="sparegrid-demo-$$-$i"
+    PARTITIONS+=("$part")
+    mkdir -p "$WORK/agent-$i/run" "$WORK/agent-$i/data"
+    cat >"$WORK/agent-$i.toml" <<TOML
+[agent]
+host_name = "demo-agent-$i"
+listen = "127.0.0.1:$((PORT + i))"
+run_dir = "$WORK/agent-$i/run"
+data_dir = "$WORK/agent-$i/data"
 
 [load.weights]
-# The 1-minute load average stays high for a minute after each load step,
-# which would make this demo slow; everything else keeps its default weight.
+cpu = 0.0
 load_avg = 0.0
+memory = 1.0
+network = 0.0
+disk = 0.0
+psi_cpu = 0.0
+psi_memory = 0.0
+psi_io = 0.0
+rtt = 0.0
 
 [policy]
-suspend_above = 0.6
-resume_below = 0.4
-resume_after = "3s"
-launch_below = 0.4
-launch_after = "2s"
-reclaim_after = "12s"
-boot_timeout = "120s"
-memory_reserve_mib = 512
-max_grid_vms = 1
+# No grid VMs of their own: the agents only run the subtasks pushed to them.
+max_grid_vms = 0
 
 [cgroup]
-partition = "$PARTITION"
+partition = "$part"
 
 [runtime]
-kind = "libvirt"
-libvirt_uri = "qemu:///system"
-domain_type = "auto"
+kind = "process"
 
-[vm]
-vcpus = 1
-memory_mib = 256
-kernel = "$IMAGE/vmlinuz"
-initrd = "$IMAGE/initrd.img"
-cmdline = "console=ttyS0 quiet panic=-1 sparegrid.burn=1"
+[controller]
+url = "http://127.0.0.1:$PORT"
+token = "$AGENT_TOKEN"
+slots = 2
 TOML
-
-status() { curl -sf "http://127.0.0.1:$PORT/v1/status"; }
-show() {
-    status | jq -r '"  load \(.load.smoothed // 0 | . * 100 | floor)% (dominant: \(.load.dominant // "-"))  vms: \([.vms[] | "\(.name)=\(.state)"] | join(", ") | if . == "" then "none" else . end)"'
-}
-# wait_until <seconds> <description> <jq filter that is true when done>
-wait_until() {
-    local secs=$1 what=$2 filter=$3 deadline=$((SECONDS + $1)) last=0
-    while [ $SECONDS -lt $deadline ]; do
-        if status | jq -e "$filter" >/dev/null 2>&1; then show; return 0; fi
-        if [ $((SECONDS - last)) -ge 2 ]; then show || true; last=$SECONDS; fi
-        kill -0 "$AGENT_PID" 2>/dev/null || fail "the agent exited"
-        sleep 0.5
-    done
-    fail "$what: not within ${secs}s"
-}
-vm_in() { echo "[.vms[] | select(.state == \"$1\")] | length == 1"; }
-last_reason() { echo "[.transitions[] | select(.to == \"$1\")] | last | .reason == \"$2\""; }
-vm_name() { status | jq -r '.vms[0].name'; }
-
-say "1. What this host supports"
-"$AGENT" --config "$WORK/agent.toml" check || fail "sparegrid-agent check found a failure"
-
-say "2. Start the agent; it launches a grid VM on spare capacity"
-"$AGENT" --config "$WORK/agent.toml" >"$LOG" 2>&1 &
-AGENT_PID=$!
-wait_until 20 "agent answers" '.host != null'
-wait_until 180 "grid VM running" "$(vm_in running)"
-VM=$(vm_name)
-echo "  grid VM $VM is running; its guest burns its vCPU. Holding 5 s: its own load must not suspend it."
-for _ in $(seq 10); do
-    status | jq -e "$(vm_in running)" >/dev/null || fail "the grid VM left running because of its own load"
-    sleep 0.5
+    "$AGENT" --config "$WORK/agent-$i.toml" run >"$WORK/agent-$i.log" 2>&1 &
+    AGENT_PIDS+=($!)
 done
-show
-echo "  libvirt: $(virsh -c qemu:///system domstate "$VM")"
-
-say "3. A customer load step: stress-ng --cpu $NCPU (outside the grid partition)"
-T0=$(date +%s%N)
-stress-ng --cpu "$NCPU" --timeout 600s --quiet &
-LOAD_PID=$!
-wait_until 10 "grid VM paused" "$(vm_in suspended)"
-T1=$(date +%s%N)
-status | jq -e "$(last_reason suspended cpu_pressure)" >/dev/null || fail "suspend reason is not cpu_pressure"
-STATE=$(virsh -c qemu:///system domstate "$VM")
-[ "$STATE" = paused ] || fail "libvirt says '$STATE', not paused"
-echo "  paused $(( (T1 - T0) / 1000000 )) ms after the load began (reason cpu_pressure); libvirt: $STATE"
-
-say "4. The customer load ends: the VM resumes after resume_after (3 s) of calm"
-kill "$LOAD_PID"; wait "$LOAD_PID" 2>/dev/null || true; LOAD_PID=
-wait_until 30 "grid VM resumed" "$(vm_in running)"
-status | jq -e "$(last_reason running idle)" >/dev/null || fail "resume reason is not idle"
-echo "  libvirt: $(virsh -c qemu:///system domstate "$VM")"
-
-say "5. The load returns and stays: reclaimed after reclaim_after (12 s) suspended"
-stress-ng --cpu "$NCPU" --timeout 600s --quiet &
-LOAD_PID=$!
-wait_until 10 "grid VM paused again" "$(vm_in suspended)"
-wait_until 40 "grid VM reclaimed" "$(last_reason reclaimed suspended_too_long)"
-# The destroy runs on the agent's runtime worker; give libvirt a moment.
-for _ in $(seq 60); do
-    virsh -c qemu:///system list --all --name | grep -qx "$VM" || break
-    sleep 0.5
+eligible=0
+for _ in $(seq 150); do
+    eligible=$(sg_admin --json hosts 2>/dev/null | jq '[.hosts[] | select(.eligible)] | length' || echo 0)
+    [ "$eligible" = "$AGENTS" ] && break
+    for pid in "${AGENT_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || fail "an agent exited"; done
+    sleep 0.2
 done
-virsh -c qemu:///system list --all --name | grep -qx "$VM" && fail "domain $VM still exists 30 s after reclaim"
-echo "  domain $VM is gone from libvirt"
-kill "$LOAD_PID"; wait "$LOAD_PID" 2>/dev/null || true; LOAD_PID=
+[ "$eligible" = "$AGENTS" ] || fail "only $eligible of $AGENTS agents became eligible within 30 s"
 
-say "Transitions (what the agent decided and why)"
-status | jq -r '.transitions[] | "  \(.vm): \(.from) → \(.to)  (\(.reason), load \(.load * 100 | floor)%)"'
-say "Metrics (excerpt)"
-curl -sf "http://127.0.0.1:$PORT/metrics" | grep -E '^sparegrid_(transitions_total|load_factor|grid_vms)' | sed 's/^/  /'
+say "3. sparegrid hosts"
+sg_admin hosts
 
-say "6. SIGTERM: drain and exit"
-kill -TERM "$AGENT_PID"
-if wait "$AGENT_PID"; then echo "  agent exited 0"; else fail "agent exited with $?"; fi
-AGENT_PID=
-echo
-echo "demo: OK"
+# ---------------------------------------------------------------------------
+say "4. sparegrid submit $JOB --watch"
+grep -E '^(name|end|chunk|start) ' "$JOB" | sed 's/^/   /' || true
+sg submit "$JOB" --watch || fail "the job did not finish"
+ID=$(sg --json status --limit 1 | jq -r '.jobs[0].id')
+[ -n "$ID" ] && [ "$ID" != null ] || fail "cannot find the submitted job"
+
+say "5. sparegrid hosts (after the job)"
+sg_admin hosts
+
+say "6. sparegrid results $ID"
+sg results "$ID" | sed 's/^/   /'
+
+# ---------------------------------------------------------------------------
+say "7. Check: every subtask exactly once"
+sg --json results "$ID" >"$WORK/results.json" || fail "cannot read the results"
+TOTAL=$(sg --json status "$ID" | jq '.counts.total')
+CHECK=$(jq --argjson n "$TOTAL" '
+    [.results[].index] as $ix
+    | {complete, results: (.results | length), unique: ($ix | unique | length),
+       in_order: ($ix == [range(0; $n)]),
+       failed: ([.results[] | select(.exit_code != 0)] | length),
+       hosts: ([.results[].host] | group_by(.) | map({(.[0]): length}) | add)}' \
+    "$WORK/results.json")
+note "$(echo "$CHECK" | jq -c .)"
+echo "$CHECK" | jq -e --argjson n "$TOTAL" \
+    '.complete and .results == $n and .unique == $n and .in_order and .failed == 0' >/dev/null \
+    || fail "results are not complete: $CHECK"
+if [ "$JOB" = "$SAMPLE" ]; then
+    SUM=$(jq -r '.results[].stdout' "$WORK/results.json" | awk -F': ' '{ n += $2 } END { print n }')
+    note "primes below 200,000: $SUM (the known count is 17984)"
+    [ "$SUM" = 17984 ] || fail "the subtasks' counts add up to $SUM, not 17984"
+fi
+note "$TOTAL of $TOTAL subtasks, each exactly once"
+
+say "8. Stop the agents and the controller"
+for pid in "${AGENT_PIDS[@]}"; do stop "$pid"; done
+AGENT_PIDS=()
+stop "$CONTROLLER_PID"
+CONTROLLER_PID=
+note "stopped; cleaning up $WORK and the cgroup partitions"
+OK=1

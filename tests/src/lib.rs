@@ -38,6 +38,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sparegrid_proto::{AgentStatus, GridVmStatus, Reason, Transition, VmState};
 
+pub mod controller;
+
 /// How often [`Agent::wait_for`] polls status.
 pub const POLL: Duration = Duration::from_millis(50);
 
