@@ -24,10 +24,11 @@ BENCH_ARGS ?=
 
 # Debian packages: the hypervisor stack, libvirt headers for the `virt` crate,
 # the guest image's ingredients, stress-ng for load tests, systemd for
-# systemd-analyze (unit test), socat to read guest channels (boot-check).
+# systemd-analyze (unit test), socat to read guest channels (boot-check),
+# iproute2 for the controller test's dedicated uplink (a veth pair).
 # qemu-utils and the cloud kernel come in separate apt calls (deps-system).
 APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
-	busybox-static cpio stress-ng pkg-config systemd socat jq curl
+	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2
 KERNEL_PACKAGE := linux-image-cloud-amd64
 
 # Environment for everything that may talk to a real libvirtd and boot the image.
