@@ -2,20 +2,34 @@
 //! utoipa from the handlers' `#[utoipa::path]` attributes and the API's
 //! types.
 //!
-//! The request model ([`crate::job`]) and the store's states and counts
-//! ([`crate::store`]) do not derive `ToSchema`, so this module carries
-//! schema-only mirrors of them (`JobRequestDoc`, `CommandDoc`, …, shown in
-//! the document under the real names `JobRequest`, `Command`, …). A test
-//! keeps each mirror's field and variant names equal to what the real
-//! type's serde derive writes.
+//! The request model ([`crate::job`]), the store's states and counts
+//! ([`crate::store`]), the agent plane's MessagePack messages
+//! ([`sparegrid_proto::grid`]) and the hosts view ([`crate::agents`]) do
+//! not derive `ToSchema`, so this module carries schema-only mirrors of them
+//! (`JobRequestDoc`, `HeartbeatDoc`, …, shown in the document under the real
+//! names `JobRequest`, `Heartbeat`, …). Tests keep each mirror's field and
+//! variant names equal to what the real type's serde derive writes. The
+//! agent routes and `GET /v1/hosts` are described here too (`agent_*`,
+//! `hosts` below: documentation-only functions with the routes' paths).
+//!
+//! Security: three bearer schemes, one per role (`submit_token`,
+//! `agent_token`, `admin_token`). [`RoleSecurity`] gives every operation
+//! the schemes its route admits ([`Access::of`], the same rule the router
+//! enforces) and its 401/403 answers, so the document cannot disagree with
+//! the auth middleware. A test checks that every route of the router is
+//! documented with every method.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use axum::http::header;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Ref, RefOr, ResponseBuilder};
+use utoipa::{Modify, OpenApi, ToSchema};
 
+use super::auth::{Access, Role};
 use super::error::ErrorBody;
 use super::jobs::{
     CancelResponse, JobDetail, JobList, JobResults, JobSummary, ProgressEvent, SubmitResponse,
@@ -134,11 +148,404 @@ pub struct JobCountsDoc {
     pub cancelled: u64,
 }
 
+/// One attempt at one subtask; a report with another `epoch` is stale.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = AttemptRef)]
+pub struct AttemptRefDoc {
+    pub job: String,
+    pub index: u64,
+    /// The attempt number the controller handed out.
+    pub epoch: u32,
+}
+
+/// A load metric (the keys of `breakdown`, the value of `dominant`).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Metric)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricDoc {
+    Cpu,
+    LoadAvg,
+    Memory,
+    Network,
+    Disk,
+    PsiCpu,
+    PsiMemory,
+    PsiIo,
+    Rtt,
+}
+
+/// A grid VM's state (the keys of `vms`).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = VmState)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStateDoc {
+    Absent,
+    Launching,
+    Running,
+    Suspended,
+    Reclaimed,
+}
+
+/// `POST /v1/agents/register` body (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Register)]
+pub struct RegisterDoc {
+    /// The host's id: letters, digits, `.`, `-`, `_`.
+    pub host: String,
+    pub version: String,
+    /// Where the controller reaches this agent (`http://addr:port`) to push
+    /// work; absent: it cannot.
+    pub agent_url: Option<String>,
+    /// Subtasks this agent can run at once.
+    pub slots: u32,
+}
+
+/// The answer to a register (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Registered)]
+pub struct RegisteredDoc {
+    pub host: String,
+    /// How often the agent should heartbeat.
+    pub heartbeat_ms: u64,
+}
+
+/// `POST /v1/agents/heartbeat` body (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Heartbeat)]
+pub struct HeartbeatDoc {
+    pub host: String,
+    /// Smoothed composite load factor, 0..1.
+    pub load: f64,
+    pub dominant: Option<MetricDoc>,
+    /// Normalised value per available metric (keys: `Metric` names).
+    pub breakdown: BTreeMap<String, f64>,
+    pub free_slots: u32,
+    /// The attempts it is running.
+    pub running: Vec<AttemptRefDoc>,
+    /// Grid VMs by state (keys: `VmState` names).
+    pub vms: BTreeMap<String, u32>,
+    /// How long the longest-suspended grid VM has been suspended, ms.
+    pub suspended_ms: u64,
+}
+
+/// The answer to a heartbeat (MessagePack): attempts the agent must stop.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = HeartbeatReply)]
+pub struct HeartbeatReplyDoc {
+    pub withdraw: Vec<AttemptRefDoc>,
+}
+
+/// How one attempt ended (an element of the `POST /v1/agents/completions`
+/// body, MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Completion)]
+pub struct CompletionDoc {
+    pub attempt: AttemptRefDoc,
+    pub host: String,
+    /// Exit code when the command exited.
+    pub exit_code: Option<i32>,
+    /// Signal number when it was killed.
+    pub signal: Option<i32>,
+    /// Why it could not run or finish, if so.
+    pub error: Option<String>,
+    /// Captured output (MessagePack `bin`), capped.
+    #[schema(value_type = String, format = Binary)]
+    pub stdout: Vec<u8>,
+    #[schema(value_type = String, format = Binary)]
+    pub stderr: Vec<u8>,
+    /// Sizes before capping.
+    pub stdout_size: u64,
+    pub stderr_size: u64,
+    pub duration_ms: u64,
+}
+
+/// What became of one completion report.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Ack)]
+#[serde(rename_all = "snake_case")]
+pub enum AckDoc {
+    /// Counted: the subtask is done, queued for a retry, or dead.
+    Accepted,
+    /// Already reported; nothing changed.
+    Duplicate,
+    /// Not the subtask's current attempt; nothing changed.
+    Stale,
+    /// Unknown job or subtask; nothing changed.
+    Rejected,
+}
+
+/// One report's answer.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = CompletionAck)]
+pub struct CompletionAckDoc {
+    pub attempt: AttemptRefDoc,
+    pub result: AckDoc,
+    /// Why a report was rejected.
+    pub error: Option<String>,
+}
+
+/// The answer to `POST /v1/agents/completions` (MessagePack): one ack per
+/// report, in order, and the counts.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = CompletionsReply)]
+pub struct CompletionsReplyDoc {
+    pub accepted: u32,
+    pub duplicate: u32,
+    pub stale: u32,
+    pub rejected: u32,
+    pub results: Vec<CompletionAckDoc>,
+}
+
+/// `POST /v1/agents/release` body (MessagePack): attempts the agent hands
+/// back unfinished (it drains or shuts down).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Release)]
+pub struct ReleaseDoc {
+    pub host: String,
+    pub attempts: Vec<AttemptRefDoc>,
+    /// Why, for the attempt records and logs.
+    pub reason: String,
+}
+
+/// The answer to a release (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Released)]
+pub struct ReleasedDoc {
+    /// Attempts put back in the queue; the others were no longer current.
+    pub requeued: u32,
+}
+
+/// A host's standing.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = HostState)]
+#[serde(rename_all = "snake_case")]
+pub enum HostStateDoc {
+    Active,
+    /// Heartbeats stopped; its subtasks went back to the queue.
+    Lost,
+}
+
+/// Where a host stands in the two-set rule.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Membership)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipDoc {
+    /// Registered since the controller started, not evaluated yet.
+    New,
+    /// May hold work.
+    In,
+    /// Withdrawn or lost: holds no work, gets none.
+    Out,
+}
+
+/// One host as `GET /v1/hosts` shows it.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = HostView)]
+pub struct HostViewDoc {
+    pub id: String,
+    pub state: HostStateDoc,
+    /// Absent for hosts known only from the store.
+    pub membership: Option<MembershipDoc>,
+    /// True while it can take new work.
+    pub eligible: bool,
+    pub agent_url: Option<String>,
+    pub version: Option<String>,
+    pub slots: Option<u32>,
+    pub free_slots: u32,
+    /// Last reported composite load factor, 0..1.
+    pub load: Option<f64>,
+    /// The metric that drives the load factor.
+    pub dominant: Option<MetricDoc>,
+    /// Normalised value per metric (keys: `Metric` names).
+    pub breakdown: BTreeMap<String, f64>,
+    /// Attempts it last reported running.
+    pub running: u64,
+    /// Grid VMs by state (keys: `VmState` names).
+    pub vms: BTreeMap<String, u32>,
+    pub suspended_ms: u64,
+    /// Milliseconds since its last register or heartbeat (since this
+    /// controller started).
+    pub last_seen_ms_ago: Option<u64>,
+    /// Its last heartbeat, ms since the Unix epoch, as the store has it.
+    pub last_heartbeat_ms: Option<i64>,
+}
+
+/// The `GET /v1/hosts` answer, hosts by id.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = HostsView)]
+pub struct HostsViewDoc {
+    pub hosts: Vec<HostViewDoc>,
+}
+
+/// Every host: state, load factor, dominant metric, free slots, grid VMs.
+#[utoipa::path(
+    get,
+    path = "/v1/hosts",
+    tag = "hosts",
+    responses(
+        (status = 200, description = "Every host, registered since the controller started or known from the store", body = HostsViewDoc),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn hosts() {}
+
+/// Join (or rejoin) the registry; the host is upserted in the store.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/register",
+    tag = "agents",
+    request_body(content = RegisterDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "Registered", content_type = "application/msgpack", body = RegisteredDoc),
+        (status = 400, description = "`malformed_msgpack`, or `invalid_field` naming the field", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_register() {}
+
+/// Report load and running attempts; the reply lists attempts to stop.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/heartbeat",
+    tag = "agents",
+    request_body(content = HeartbeatDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "Attempts to stop (withdrawn from this host)", content_type = "application/msgpack", body = HeartbeatReplyDoc),
+        (status = 400, description = "`malformed_msgpack`, or `invalid_field` naming the field", body = ErrorBody),
+        (status = 409, description = "`must_register`: the controller does not know this host (any more); register, then heartbeat again", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_heartbeat() {}
+
+/// Report finished attempts; each is accepted, duplicate, stale or
+/// rejected. Idempotent: a repeated report changes nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/completions",
+    tag = "agents",
+    request_body(content = Vec<CompletionDoc>, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "One ack per report, in order", content_type = "application/msgpack", body = CompletionsReplyDoc),
+        (status = 400, description = "`malformed_msgpack`", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_completions() {}
+
+/// Hand attempts back unfinished (the agent drains or shuts down): each one
+/// still current on this host goes back to the queue, not as a failure.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/release",
+    tag = "agents",
+    request_body(content = ReleaseDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "How many went back to the queue", content_type = "application/msgpack", body = ReleasedDoc),
+        (status = 400, description = "`malformed_msgpack`", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_release() {}
+
+/// The bearer scheme name of each role in the document.
+pub fn scheme_of(role: Role) -> &'static str {
+    match role {
+        Role::Submit => "submit_token",
+        Role::Admin => "admin_token",
+        Role::Agent => "agent_token",
+    }
+}
+
+/// Adds the three bearer schemes and gives each operation the schemes its
+/// route admits ([`Access::of`]) and its 401/403 answers.
+pub struct RoleSecurity;
+
+impl Modify for RoleSecurity {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        for (role, what) in [
+            (Role::Submit, "`auth.submit_tokens`: the job routes"),
+            (Role::Agent, "`auth.agent_token`: the agent routes"),
+            (Role::Admin, "`auth.admin_tokens`: every route"),
+        ] {
+            let scheme = HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(format!(
+                    "The {role} role, {what}. Needed once the controller has any token."
+                )))
+                .build();
+            components.add_security_scheme(scheme_of(role), SecurityScheme::Http(scheme));
+        }
+        let error = || RefOr::Ref(Ref::from_schema_name("ErrorBody"));
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let access = Access::of(path);
+            if access == Access::Public {
+                continue;
+            }
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security = Some(
+                    access
+                        .roles()
+                        .iter()
+                        .map(|r| SecurityRequirement::new(scheme_of(*r), Vec::<String>::new()))
+                        .collect(),
+                );
+                let body = |description: &str| {
+                    ResponseBuilder::new()
+                        .description(description)
+                        .content(
+                            "application/json",
+                            utoipa::openapi::ContentBuilder::new()
+                                .schema(Some(error()))
+                                .build(),
+                        )
+                        .build()
+                };
+                op.responses.responses.insert(
+                    "401".to_owned(),
+                    RefOr::T(body(
+                        "`unauthorized`: no bearer token, or one this controller does not know",
+                    )),
+                );
+                op.responses.responses.insert(
+                    "403".to_owned(),
+                    RefOr::T(body(
+                        "`forbidden`: a token of a role this route does not admit",
+                    )),
+                );
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "sparegrid controller",
-        description = "Submit jobs, follow their progress and fetch their results. Every error is JSON `{code, message, field?}`."
+        description = "Submit jobs, follow their progress and fetch their results; the agent plane; the hosts. Every error is JSON `{code, message, field?}`. Once the controller has tokens every route but this document needs `Authorization: Bearer <token>` of a role it admits (401 `unauthorized` without one or with a wrong one, 403 `forbidden` for another role's)."
     ),
     paths(
         super::jobs::submit,
@@ -149,6 +556,11 @@ pub struct JobCountsDoc {
         super::jobs::events,
         super::metrics_route,
         openapi_json,
+        hosts,
+        agent_register,
+        agent_heartbeat,
+        agent_completions,
+        agent_release,
     ),
     components(schemas(
         ErrorBody,
@@ -167,8 +579,16 @@ pub struct JobCountsDoc {
         DispatchModeDoc,
         JobStateDoc,
         JobCountsDoc,
+        MetricDoc,
+        VmStateDoc,
     )),
-    tags((name = "jobs", description = "Job submission and tracking"))
+    modifiers(&RoleSecurity),
+    tags(
+        (name = "jobs", description = "Job submission and tracking (submit or admin role)"),
+        (name = "hosts", description = "The host registry as users see it (admin role)"),
+        (name = "agents", description = "The agent plane: MessagePack bodies (`application/msgpack`, named fields), agent or admin role"),
+        (name = "meta", description = "Metrics (admin role) and this document (public)"),
+    )
 )]
 pub struct ApiDoc;
 
@@ -320,5 +740,176 @@ mod tests {
         }
         let counts = serde_json::to_value(JobCounts::default()).unwrap();
         assert_eq!(props(schema(&doc, "JobCounts")), keys(&counts));
+    }
+
+    /// Asserts the schema `name` has exactly the fields `value` (a real
+    /// type, serialised) has.
+    fn same_fields(doc: &Value, name: &str, value: impl serde::Serialize) {
+        let v = serde_json::to_value(value).unwrap();
+        assert_eq!(props(schema(doc, name)), keys(&v), "{name}");
+    }
+
+    /// The enum schema `name` lists exactly `values` (real variants,
+    /// serialised).
+    fn same_values<T: serde::Serialize>(doc: &Value, name: &str, values: &[T]) {
+        let listed: BTreeSet<String> = schema(doc, name)["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} is not an enum schema"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        let real: BTreeSet<String> = values
+            .iter()
+            .map(|v| {
+                serde_json::to_value(v)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(listed, real, "{name}");
+    }
+
+    #[test]
+    fn agent_plane_and_hosts_mirrors_match_the_real_types() {
+        use crate::agents::{Ack, CompletionAck, CompletionsReply, HostView, HostsView};
+        use crate::registry::Membership;
+        use crate::store::HostState;
+        use sparegrid_proto::grid::{
+            AttemptRef, Completion, Heartbeat, HeartbeatReply, Register, Registered, Release,
+            Released,
+        };
+        use sparegrid_proto::{Metric, VmState};
+        let doc = doc();
+        let attempt = AttemptRef {
+            job: "j-1".into(),
+            index: 0,
+            epoch: 1,
+        };
+        same_fields(&doc, "AttemptRef", &attempt);
+        same_fields(
+            &doc,
+            "Register",
+            Register {
+                host: "h".into(),
+                version: "v".into(),
+                agent_url: Some("http://a".into()),
+                slots: 1,
+            },
+        );
+        same_fields(
+            &doc,
+            "Registered",
+            Registered {
+                host: "h".into(),
+                heartbeat_ms: 1,
+            },
+        );
+        same_fields(
+            &doc,
+            "Heartbeat",
+            Heartbeat {
+                host: "h".into(),
+                load: 0.1,
+                dominant: Some(Metric::Cpu),
+                breakdown: [(Metric::Cpu, 0.1)].into(),
+                free_slots: 1,
+                running: vec![attempt.clone()],
+                vms: [(VmState::Running, 1)].into(),
+                suspended_ms: 0,
+            },
+        );
+        same_fields(
+            &doc,
+            "HeartbeatReply",
+            HeartbeatReply {
+                withdraw: vec![attempt.clone()],
+            },
+        );
+        same_fields(
+            &doc,
+            "Completion",
+            Completion {
+                attempt: attempt.clone(),
+                host: "h".into(),
+                exit_code: Some(0),
+                signal: None,
+                error: None,
+                stdout: vec![],
+                stderr: vec![],
+                stdout_size: 0,
+                stderr_size: 0,
+                duration_ms: 1,
+            },
+        );
+        let ack = CompletionAck {
+            attempt: attempt.clone(),
+            result: Ack::Accepted,
+            error: None,
+        };
+        same_fields(&doc, "CompletionAck", &ack);
+        same_fields(
+            &doc,
+            "CompletionsReply",
+            CompletionsReply {
+                results: vec![ack],
+                ..CompletionsReply::default()
+            },
+        );
+        same_fields(
+            &doc,
+            "Release",
+            Release {
+                host: "h".into(),
+                attempts: vec![attempt],
+                reason: "r".into(),
+            },
+        );
+        same_fields(&doc, "Released", Released { requeued: 1 });
+        let host = HostView {
+            id: "h".into(),
+            state: HostState::Active,
+            membership: Some(Membership::In),
+            eligible: true,
+            agent_url: None,
+            version: None,
+            slots: Some(1),
+            free_slots: 1,
+            load: Some(0.1),
+            dominant: Some(Metric::Cpu),
+            breakdown: Default::default(),
+            running: 0,
+            vms: Default::default(),
+            suspended_ms: 0,
+            last_seen_ms_ago: Some(1),
+            last_heartbeat_ms: None,
+        };
+        same_fields(&doc, "HostView", &host);
+        same_fields(&doc, "HostsView", HostsView { hosts: vec![host] });
+        same_values(
+            &doc,
+            "Ack",
+            &[Ack::Accepted, Ack::Duplicate, Ack::Stale, Ack::Rejected],
+        );
+        same_values(&doc, "HostState", &[HostState::Active, HostState::Lost]);
+        same_values(
+            &doc,
+            "Membership",
+            &[Membership::New, Membership::In, Membership::Out],
+        );
+        // All of them, so a new metric fails here until it is documented.
+        same_values(&doc, "Metric", &Metric::ALL);
+        same_values(
+            &doc,
+            "VmState",
+            &[
+                VmState::Absent,
+                VmState::Launching,
+                VmState::Running,
+                VmState::Suspended,
+                VmState::Reclaimed,
+            ],
+        );
     }
 }
