@@ -24,6 +24,15 @@
 //!   a newline stays as it is, `\r\n` is kept byte for byte, so the
 //!   subtasks' stdin concatenated is the input exactly.
 //!
+//! - the reduce subtask ([`reduce_subtask`], index = the number of map
+//!   subtasks): the reduce command's argv (no placeholders filled), env
+//!   `SPAREGRID_REDUCE=1` and `SPAREGRID_SUBTASK_COUNT` (the number of map
+//!   subtasks), stdin the map outputs concatenated in index order.
+//!
+//! A [`Part`] is two integers ([`Part::bounds`]); a store keeps those per
+//! subtask and gets the part back with [`Part::from_bounds`], which refuses
+//! bounds that do not lie inside the request.
+//!
 //! Scripts become an argv by [`Command::to_argv`]. A split never makes an
 //! empty or overlapping subtask: the checks of [`JobRequest::validate`]
 //! (non-empty input, `chunk`/`batch`/`block` ≥ 1, `end > start`) guarantee
@@ -46,6 +55,8 @@ pub const ENV_SUBTASK_COUNT: &str = "SPAREGRID_SUBTASK_COUNT";
 pub const ENV_START: &str = "SPAREGRID_START";
 /// Env var holding a `range` subtask's end (exclusive).
 pub const ENV_END: &str = "SPAREGRID_END";
+/// Env var set to `1` for a job's reduce subtask.
+pub const ENV_REDUCE: &str = "SPAREGRID_REDUCE";
 
 /// Which slice of the request one subtask covers. Small and `Copy`, so a
 /// controller can keep or store one per queued subtask and build the argv,
@@ -59,6 +70,43 @@ pub enum Part {
     Items { first: u64, end: u64 },
     /// Bytes `input[offset..end]` of a `lines` input (whole lines).
     Lines { offset: u64, end: u64 },
+}
+
+impl Part {
+    /// The part as two integers, `(lo, hi)`: the numbers `[start, end)`,
+    /// the items `[first, end)` or the bytes `[offset, end)`. Item and byte
+    /// offsets index data held in memory, so they fit an `i64`.
+    pub fn bounds(self) -> (i64, i64) {
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        match self {
+            Part::Range { start, end } => (start, end),
+            Part::Items { first, end } => (int(first), int(end)),
+            Part::Lines { offset, end } => (int(offset), int(end)),
+        }
+    }
+
+    /// The part of `req`'s split with bounds `(lo, hi)` (as
+    /// [`Part::bounds`] gave them); `None` unless `lo < hi` and both lie
+    /// inside the request (the range, the items, the input), so
+    /// [`materialise`] cannot fail on what this returns.
+    pub fn from_bounds(req: &JobRequest, lo: i64, hi: i64) -> Option<Part> {
+        if lo >= hi {
+            return None;
+        }
+        match &req.split {
+            &Split::Range { start, end, .. } => {
+                (start <= lo && hi <= end).then_some(Part::Range { start: lo, end: hi })
+            }
+            Split::Items { items, .. } => {
+                let (first, end) = (u64::try_from(lo).ok()?, u64::try_from(hi).ok()?);
+                (end <= items.len() as u64).then_some(Part::Items { first, end })
+            }
+            Split::Lines { input, .. } => {
+                let (offset, end) = (u64::try_from(lo).ok()?, u64::try_from(hi).ok()?);
+                (end <= input.len() as u64).then_some(Part::Lines { offset, end })
+            }
+        }
+    }
 }
 
 /// How a request is cut: everything needed to find any subtask by index
@@ -345,6 +393,24 @@ pub fn reduce_argv(req: &JobRequest) -> Option<Vec<String>> {
     req.reduce.as_ref().map(Command::to_argv)
 }
 
+/// The reduce subtask of a job whose request has a `reduce` command and
+/// `map_count` map subtasks: index `map_count`, the reduce argv, env
+/// [`ENV_REDUCE`] and [`ENV_SUBTASK_COUNT`], and `stdin` (the map outputs
+/// concatenated in index order). `None` when the request has no reduce.
+pub fn reduce_subtask(req: &JobRequest, map_count: u64, stdin: Vec<u8>) -> Option<SubtaskSpec> {
+    let argv = reduce_argv(req)?;
+    let mut env = BTreeMap::new();
+    env.insert(ENV_REDUCE.to_string(), "1".to_string());
+    env.insert(ENV_SUBTASK.to_string(), map_count.to_string());
+    env.insert(ENV_SUBTASK_COUNT.to_string(), map_count.to_string());
+    Some(SubtaskSpec {
+        index: map_count,
+        argv,
+        env,
+        stdin,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +648,54 @@ mod tests {
             source: "{s+=$1} END {print s}".into(),
         });
         assert_eq!(reduce_argv(&r).unwrap(), ["awk", "{s+=$1} END {print s}"]);
+    }
+
+    #[test]
+    fn reduce_subtask_follows_the_maps() {
+        let mut r = range(0, 10, 5);
+        assert_eq!(reduce_subtask(&r, 2, b"x".to_vec()), None);
+        r.reduce = Some(argv(&["sort", "{start}"]));
+        let s = reduce_subtask(&r, 2, b"a\nb\n".to_vec()).unwrap();
+        assert_eq!(s.index, 2);
+        assert_eq!(s.argv, ["sort", "{start}"], "no placeholders in a reduce");
+        assert_eq!(s.env[ENV_REDUCE], "1");
+        assert_eq!(s.env[ENV_SUBTASK_COUNT], "2");
+        assert!(!s.env.contains_key(ENV_START));
+        assert_eq!(s.stdin, b"a\nb\n");
+    }
+
+    #[test]
+    fn bounds_round_trip_and_foreign_bounds_are_refused() {
+        let reqs = [
+            range(-7, 20, 4),
+            lines("a\nbb\nccc\n", 1),
+            req(
+                argv(&["x"]),
+                Split::Items {
+                    items: vec!["p".into(), "q".into(), "r".into()],
+                    batch: 2,
+                },
+            ),
+        ];
+        for r in &reqs {
+            let plan = Plan::new(r).unwrap();
+            for (i, part) in plan.parts() {
+                let (lo, hi) = part.bounds();
+                assert_eq!(Part::from_bounds(r, lo, hi), Some(part), "{i}");
+            }
+        }
+        // Outside the range, the items or the input; empty; reversed.
+        assert_eq!(Part::from_bounds(&reqs[0], -8, 0), None);
+        assert_eq!(Part::from_bounds(&reqs[0], 0, 21), None);
+        assert_eq!(Part::from_bounds(&reqs[0], 3, 3), None);
+        assert_eq!(Part::from_bounds(&reqs[1], 0, 11), None);
+        assert_eq!(Part::from_bounds(&reqs[1], -1, 2), None);
+        assert_eq!(Part::from_bounds(&reqs[2], 2, 4), None);
+        assert_eq!(Part::from_bounds(&reqs[2], 2, 1), None);
+        assert_eq!(
+            Part::from_bounds(&reqs[2], 2, 3),
+            Some(Part::Items { first: 2, end: 3 })
+        );
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! The job routes: submit, list, get, cancel, results and the progress event
 //! stream, with their response types. Every store call runs on the blocking
 //! pool ([`tokio::task::spawn_blocking`]); nothing here blocks the runtime.
+//!
+//! A job with a `reduce` command has two stages (see [`crate::store`]): its
+//! map subtasks, then one reduce subtask on their concatenated outputs.
+//! Its summary says how many map subtasks it has (`map_subtasks`) and where
+//! the reduce is (`reduce`); `counts.total` includes the reduce subtask once
+//! it exists, that is once every map subtask is done. Its results are the
+//! reduce's output by default; `?stage=map` gives the map outputs.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,8 +28,10 @@ use super::error::{ApiError, ErrorBody};
 use super::openapi::{JobCountsDoc, JobRequestDoc, JobStateDoc};
 use super::AppState;
 use crate::job::{self, DispatchMode, ErrorCode, JobRequest, ValidationError};
-use crate::split::Plan;
-use crate::store::{AttemptRecord, JobCounts, JobId, JobRecord, JobState, Store, StoreError};
+use crate::split;
+use crate::store::{
+    AttemptRecord, JobCounts, JobId, JobRecord, JobState, ReduceState, Store, StoreError,
+};
 
 /// Jobs a listing returns when `limit` is not given.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
@@ -54,8 +63,46 @@ pub struct SubmitResponse {
     /// The new job's id (`j-1`, …).
     #[schema(value_type = String, example = "j-1")]
     pub id: JobId,
-    /// Subtasks the job was cut into.
+    /// Map subtasks the job was cut into (a reduce subtask, when the job
+    /// has one, comes on top once they are done).
     pub subtasks: u64,
+}
+
+/// Where a job's reduce step is (schema of [`ReduceState`]).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = ReduceState)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceStateDoc {
+    /// Some map subtask is not done yet; the reduce subtask does not exist.
+    Waiting,
+    Queued,
+    Assigned,
+    Done,
+    /// Failed `max_attempts` times, or refused before it ran (`error` says why).
+    Dead,
+    Cancelled,
+    /// The job ended before its map subtasks were all done.
+    Skipped,
+}
+
+/// Which outputs a results answer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The map subtasks' outputs, in index order.
+    #[default]
+    Map,
+    /// The reduce subtask's output.
+    Reduce,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Map => "map",
+            Stage::Reduce => "reduce",
+        }
+    }
 }
 
 /// A job as listings show it.
@@ -74,9 +121,21 @@ pub struct JobSummary {
     pub started_ms: Option<i64>,
     /// When the job became done, failed or cancelled.
     pub finished_ms: Option<i64>,
-    /// Subtasks by state.
+    /// Subtasks by state. `total` counts the subtasks that exist: the map
+    /// subtasks, plus the reduce subtask once every map subtask is done.
     #[schema(value_type = JobCountsDoc)]
     pub counts: JobCounts,
+    /// Map subtasks; the reduce subtask, when there is one, has this index.
+    #[serde(default)]
+    pub map_subtasks: u64,
+    /// Where the reduce step is; `null` when the job has none.
+    #[serde(default)]
+    #[schema(value_type = Option<ReduceStateDoc>)]
+    pub reduce: Option<ReduceState>,
+    /// Why the job failed when the controller refused to go on (a reduce
+    /// that would have run on cut or oversized input); `null` otherwise.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 impl From<JobRecord> for JobSummary {
@@ -91,6 +150,9 @@ impl From<JobRecord> for JobSummary {
             started_ms: r.started_ms,
             finished_ms: r.finished_ms,
             counts: r.counts,
+            map_subtasks: r.map_subtasks,
+            reduce: r.reduce,
+            error: r.error,
         }
     }
 }
@@ -132,6 +194,9 @@ pub struct CancelResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SubtaskResult {
     pub index: u64,
+    /// `reduce` for the reduce subtask's result, `map` otherwise.
+    #[serde(default)]
+    pub stage: Stage,
     /// The attempt (epoch) whose result was accepted.
     pub attempt: u32,
     pub host: String,
@@ -149,6 +214,7 @@ impl From<AttemptRecord> for SubtaskResult {
     fn from(a: AttemptRecord) -> Self {
         SubtaskResult {
             index: a.index,
+            stage: Stage::Map,
             attempt: a.attempt,
             host: a.host,
             exit_code: a.exit_code,
@@ -168,10 +234,15 @@ pub struct JobResults {
     pub id: JobId,
     #[schema(value_type = JobStateDoc)]
     pub state: JobState,
-    /// True when every subtask is done, so `results` has one entry per
-    /// subtask.
+    /// Which outputs `results` holds: `reduce` (the default for a job with
+    /// a reduce step: one entry, the reduce's output) or `map` (one entry
+    /// per done map subtask).
+    #[serde(default)]
+    pub stage: Stage,
+    /// True when the stage is finished: every map subtask done (`map`), or
+    /// the reduce subtask done (`reduce`).
     pub complete: bool,
-    /// Done subtasks in index order.
+    /// Done subtasks of the stage in index order.
     pub results: Vec<SubtaskResult>,
 }
 
@@ -210,9 +281,14 @@ pub struct ResultsQuery {
     /// `json`: one entry per done subtask.
     #[param(value_type = Option<String>, example = "json")]
     pub format: Option<String>,
-    /// `1`/`true`: answer before the job has finished, with what is done.
+    /// `1`/`true`: answer before the stage has finished, with what is done.
     #[param(value_type = Option<String>, example = "1")]
     pub partial: Option<String>,
+    /// `reduce` (the default for a job with a reduce step): the reduce
+    /// subtask's output; `map` (the default otherwise): the map subtasks'
+    /// outputs. `reduce` on a job without one is a 400.
+    #[param(value_type = Option<String>, example = "map")]
+    pub stage: Option<String>,
 }
 
 fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -259,7 +335,9 @@ fn is_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Submit a job: the request is parsed, validated against the controller's
-/// limits, cut into subtasks and stored with all of them in one transaction.
+/// limits, cut into subtasks and stored with all of them in one transaction
+/// (the request once, and each subtask's slice of it; argv, env and stdin
+/// are built when a subtask is dispatched).
 #[utoipa::path(
     post,
     path = "/v1/jobs",
@@ -304,14 +382,10 @@ pub async fn submit(
         )
         .into());
     }
-    let plan = Plan::new(&req)?;
-    let count = plan.count();
+    // Validated above, so the count is that of the plan the store makes.
+    let count = split::subtask_count(&req);
     let name = req.name.clone();
-    let id = blocking(&s.store, move |store| {
-        let mut subtasks = plan.subtasks(&req);
-        store.create_job(&req, &mut subtasks)
-    })
-    .await?;
+    let id = blocking(&s.store, move |store| store.create_planned_job(&req)).await?;
     tracing::info!(job = %id, name = %name, subtasks = count, "job submitted");
     Ok((
         StatusCode::CREATED,
@@ -461,10 +535,13 @@ fn result_pages(
 
 /// The job's results: every done subtask's stdout concatenated in subtask
 /// order (default), or one JSON entry per done subtask (`?format=json`).
-/// Until the job is done, failed or cancelled the answer is 409, unless
-/// `?partial=1` asks for what is there. The body streams from the store.
-/// The `Sparegrid-Results` header says `complete` (every subtask done) or
-/// `partial`.
+/// For a job with a reduce step they are the reduce subtask's output
+/// (`stage` `reduce`), unless `?stage=map` asks for the map outputs.
+/// Until the job is done, failed or cancelled (or, for `stage=map`, every
+/// map subtask is done) the answer is 409, unless `?partial=1` asks for
+/// what is there. The body streams from the store. The `Sparegrid-Results`
+/// header says `complete` (the stage is finished) or `partial`, and
+/// `Sparegrid-Stage` says `map` or `reduce`.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/results",
@@ -476,10 +553,13 @@ fn result_pages(
                 (String = "application/octet-stream"),
                 (JobResults = "application/json"),
             ),
-            headers(("Sparegrid-Results" = String, description = "`complete` or `partial`"))),
-        (status = 400, description = "A bad `format` or `partial`", body = ErrorBody),
+            headers(
+                ("Sparegrid-Results" = String, description = "`complete` or `partial`"),
+                ("Sparegrid-Stage" = String, description = "`map` or `reduce`: which outputs the body holds"),
+            )),
+        (status = 400, description = "A bad `format`, `partial` or `stage` (`reduce` on a job without one)", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
-        (status = 409, description = "The job has not finished and `partial` was not asked for", body = ErrorBody),
+        (status = 409, description = "The job (or for `stage=map`, its map stage) has not finished and `partial` was not asked for", body = ErrorBody),
     )
 )]
 pub async fn results(
@@ -499,29 +579,73 @@ pub async fn results(
         }
     };
     let partial = parse_bool("partial", q.partial.as_deref())?;
+    let asked = match q.stage.as_deref() {
+        None | Some("") => None,
+        Some("map") => Some(Stage::Map),
+        Some("reduce") => Some(Stage::Reduce),
+        Some(other) => {
+            return Err(ApiError::InvalidQuery {
+                param: "stage",
+                message: format!("expected map or reduce, got {other:?}"),
+            })
+        }
+    };
     let id = JobId::from(id);
     let record = {
         let id = id.clone();
         blocking(&s.store, move |store| store.get_job(&id)).await?
     };
-    if !record.state.is_terminal() && !partial {
+    let stage = match (asked, record.reduce.is_some()) {
+        (Some(Stage::Reduce), false) => {
+            return Err(ApiError::InvalidQuery {
+                param: "stage",
+                message: format!(
+                    "job {id} has no reduce step; its results are its map outputs (stage=map)"
+                ),
+            })
+        }
+        (Some(stage), _) => stage,
+        (None, true) => Stage::Reduce,
+        (None, false) => Stage::Map,
+    };
+    let reduce_done = record.reduce == Some(ReduceState::Done);
+    let complete = match stage {
+        Stage::Map => {
+            let maps_done = record.counts.done.saturating_sub(u64::from(reduce_done));
+            record.map_subtasks > 0 && maps_done == record.map_subtasks
+        }
+        Stage::Reduce => reduce_done,
+    };
+    // The map stage can be read in full while the reduce runs.
+    if !record.state.is_terminal() && !complete && !partial {
         return Err(ApiError::NotFinished {
             id,
             state: record.state.to_string(),
         });
     }
-    let complete = record.counts.total > 0 && record.counts.done == record.counts.total;
-    let pages = result_pages(Arc::clone(&s.store), id.clone());
+    let pages = match stage {
+        Stage::Map => result_pages(Arc::clone(&s.store), id.clone()).boxed(),
+        Stage::Reduce => {
+            let (store, id) = (Arc::clone(&s.store), id.clone());
+            stream::once(async move {
+                blocking(&store, move |st| st.reduce_result(&id))
+                    .await
+                    .map(|r| r.into_iter().collect::<Vec<_>>())
+            })
+            .boxed()
+        }
+    };
     let (content_type, body) = if json {
         let head = serde_json::json!({
             "id": id,
             "state": record.state,
+            "stage": stage,
             "complete": complete,
         })
         .to_string();
         // `{"id":…,"state":…,"complete":…` then `,"results":[…]}`.
         let head = format!("{},\"results\":[", head.trim_end_matches('}'));
-        let items = pages.scan(true, |first, page| {
+        let items = pages.scan(true, move |first, page| {
             let chunk = page.map(|page| {
                 let mut out = Vec::new();
                 for rec in page {
@@ -529,7 +653,11 @@ pub async fn results(
                         out.push(b',');
                     }
                     // A struct of strings and numbers always serialises.
-                    let _ = serde_json::to_writer(&mut out, &SubtaskResult::from(rec));
+                    let result = SubtaskResult {
+                        stage,
+                        ..SubtaskResult::from(rec)
+                    };
+                    let _ = serde_json::to_writer(&mut out, &result);
                 }
                 Bytes::from(out)
             });
@@ -560,6 +688,7 @@ pub async fn results(
         "sparegrid-results",
         HeaderValue::from_static(if complete { "complete" } else { "partial" }),
     );
+    headers.insert("sparegrid-stage", HeaderValue::from_static(stage.as_str()));
     Ok(response)
 }
 

@@ -84,7 +84,7 @@ pub use openapi::{document as openapi_document, ApiDoc};
 use crate::agents::{self, AgentPlane};
 use crate::config::ControllerConfig;
 use crate::job::Limits;
-use crate::store::{SqliteStore, Store};
+use crate::store::{SqliteStore, Store, StoreOptions};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -250,12 +250,16 @@ pub async fn serve(config: ControllerConfig) -> Result<(), ApiError> {
         None => None,
     };
     let path = config.db_path.clone();
+    let opts = StoreOptions {
+        max_reduce_input: config.job_limits.max_input_bytes,
+        ..StoreOptions::default()
+    };
     let store = tokio::task::spawn_blocking(move || {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // A failure here shows up, with the path, when the file is opened.
             let _ = std::fs::create_dir_all(dir);
         }
-        SqliteStore::open(&path)
+        SqliteStore::open_with(&path, opts)
     })
     .await
     .map_err(|e| ApiError::Task(e.to_string()))?

@@ -10,6 +10,12 @@
 //! - **All or nothing.** Each call is one transaction: a job is created with
 //!   all of its subtasks or not at all; a claim, completion, requeue or cancel
 //!   moves subtasks, attempts and the job's counts together.
+//! - **Specs are built at claim time.** [`Store::create_planned_job`] keeps
+//!   the request once and, per subtask, only the bounds of its split
+//!   [`Part`](crate::split::Part); [`Store::claim`] builds the argv, env and
+//!   stdin ([`crate::split::materialise`]). A million queued subtasks cost
+//!   a few integers each, on disk. [`Store::create_job`] stores explicit
+//!   specs as given (tests, and callers with their own splitting).
 //! - **Fenced, idempotent completion.** Each assignment bumps the subtask's
 //!   epoch (its attempt number). A completion counts only when it names the
 //!   current epoch of an assigned subtask; the first accepted completion
@@ -21,9 +27,29 @@
 //!   attempt's exit code, error and output stay in the attempts table.
 //!   Attempts withdrawn because their host was lost or overloaded do not
 //!   count as failures.
-//! - **Job rollup.** A job is `done` when every subtask is done and `failed`
-//!   when some subtask is dead and none is queued or assigned; `cancelled`
-//!   is final.
+//! - **Reduce.** A job whose request has a `reduce` command has
+//!   [`JobRecord::map_subtasks`] map subtasks (indices `0..n`) and, once
+//!   every one of them is done, one reduce subtask with index `n`. It is
+//!   enqueued in the same transaction as the accepted completion that made
+//!   the last map subtask done, so exactly once whatever duplicates or
+//!   late reports arrive. Its stdin is the accepted map outputs (stdout)
+//!   concatenated in index order, read when it is claimed; it runs like any
+//!   other subtask (same resources, `max_attempts`, retries, epochs). It is
+//!   never run on partial input: when a map output was cut (by the agent or
+//!   by the store's `output_cap`: stored bytes < reported size), or the
+//!   outputs together exceed [`StoreOptions::max_reduce_input`], the reduce
+//!   subtask is created dead with an error saying why
+//!   ([`SubtaskRecord::error`], [`JobRecord::error`]) and the job fails.
+//!   [`Store::results`] returns map results only; [`Store::reduce_result`]
+//!   the reduce's.
+//! - **Counts.** [`JobCounts::total`] counts the subtasks that exist: the
+//!   map subtasks from the start, plus the reduce subtask once it is
+//!   enqueued (so `total` grows by one when the maps are done, and the
+//!   counts by state always add up to `total`). [`JobRecord::reduce`] says
+//!   where the reduce step is, including "waiting" before it exists.
+//! - **Job rollup.** A job is `done` when every subtask is done (for a job
+//!   with a reduce, that includes the reduce subtask) and `failed` when some
+//!   subtask is dead and none is queued or assigned; `cancelled` is final.
 
 mod sqlite;
 
@@ -34,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::{JobRequest, SubtaskSpec};
 
-pub use sqlite::{SqliteStore, StoreOptions};
+pub use sqlite::{SqliteStore, StoreOptions, SCHEMA_VERSION};
 
 /// A job's id as the API shows it (`j-1`, `j-2`, …).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -238,6 +264,58 @@ pub struct JobRecord {
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
     pub counts: JobCounts,
+    /// Map subtasks (indices `0..map_subtasks`); the reduce subtask, when
+    /// the job has one, is index `map_subtasks`.
+    pub map_subtasks: u64,
+    /// Where the reduce step is; `None` when the job has none.
+    pub reduce: Option<ReduceState>,
+    /// Why the job failed, when the controller itself refused to go on
+    /// (a reduce that would have run on cut or oversized input).
+    pub error: Option<String>,
+}
+
+/// Where a job's reduce step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceState {
+    /// Some map subtask is not done yet.
+    Waiting,
+    Queued,
+    Assigned,
+    Done,
+    /// Failed `max_attempts` times, or refused before it ran (see
+    /// [`JobRecord::error`]).
+    Dead,
+    Cancelled,
+    /// The job ended (failed or cancelled) before its map subtasks were
+    /// all done, so the reduce never existed.
+    Skipped,
+}
+
+impl ReduceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReduceState::Waiting => "waiting",
+            ReduceState::Queued => "queued",
+            ReduceState::Assigned => "assigned",
+            ReduceState::Done => "done",
+            ReduceState::Dead => "dead",
+            ReduceState::Cancelled => "cancelled",
+            ReduceState::Skipped => "skipped",
+        }
+    }
+}
+
+impl From<SubtaskState> for ReduceState {
+    fn from(s: SubtaskState) -> Self {
+        match s {
+            SubtaskState::Queued => ReduceState::Queued,
+            SubtaskState::Assigned => ReduceState::Assigned,
+            SubtaskState::Done => ReduceState::Done,
+            SubtaskState::Dead => ReduceState::Dead,
+            SubtaskState::Cancelled => ReduceState::Cancelled,
+        }
+    }
 }
 
 /// One subtask handed to a host: run `spec`, then report with `epoch`.
@@ -269,6 +347,10 @@ pub struct SubtaskRecord {
     pub epoch: u32,
     pub failures: u32,
     pub host: Option<String>,
+    /// True for a job's reduce subtask.
+    pub reduce: bool,
+    /// Why the controller parked it as dead without running it.
+    pub error: Option<String>,
 }
 
 /// What an agent reports when an attempt ends.
@@ -408,6 +490,12 @@ pub enum StoreError {
         about: String,
         detail: String,
     },
+    #[error("job {name:?} cannot be planned: {source}")]
+    Unplannable {
+        name: String,
+        #[source]
+        source: crate::job::ValidationError,
+    },
     #[error("job {name:?}: encoding for the store: {source}")]
     Encode {
         name: String,
@@ -423,8 +511,17 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Object safe, `Send + Sync`: the controller holds an `Arc<dyn Store>`.
 /// Calls block on I/O; async callers use `spawn_blocking`.
 pub trait Store: Send + Sync {
-    /// Stores a job with all its subtasks, or nothing. Subtask indices must
-    /// be 0, 1, 2, … in order, and there must be at least one.
+    /// Stores a job and its map subtasks as planned from `req` by
+    /// [`crate::split::Plan`], or nothing: the request once, and per
+    /// subtask only its part's bounds; specs are built at claim time. The
+    /// plan is streamed into the store, never held as a list. A request
+    /// that cannot be split is [`StoreError::Unplannable`]; the caller
+    /// checks the controller's limits first.
+    fn create_planned_job(&self, req: &JobRequest) -> Result<JobId>;
+
+    /// Stores a job with the given explicit map subtasks, or nothing.
+    /// Subtask indices must be 0, 1, 2, … in order, and there must be at
+    /// least one. `req.reduce`, if any, runs after them as usual.
     fn create_job(
         &self,
         req: &JobRequest,
@@ -481,9 +578,13 @@ pub trait Store: Send + Sync {
     /// Every attempt at one subtask, oldest first.
     fn attempts(&self, job: &JobId, index: u64) -> Result<Vec<AttemptRecord>>;
 
-    /// The accepted attempt of each done subtask from index `from`, at most
-    /// `limit`, in index order: one per done subtask, never more.
+    /// The accepted attempt of each done map subtask from index `from`, at
+    /// most `limit`, in index order: one per done subtask, never more. The
+    /// reduce subtask is not among them (see [`Store::reduce_result`]).
     fn results(&self, job: &JobId, from: u64, limit: usize) -> Result<Vec<AttemptRecord>>;
+
+    /// The accepted attempt of the job's reduce subtask, once it is done.
+    fn reduce_result(&self, job: &JobId) -> Result<Option<AttemptRecord>>;
 
     /// Registers a host or refreshes its address; it becomes active.
     fn upsert_host(&self, id: &str, address: &str) -> Result<()>;

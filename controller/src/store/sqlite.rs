@@ -6,11 +6,16 @@
 //!
 //! One connection behind a mutex: SQLite writes one transaction at a time
 //! anyway, and hot statements are prepared once and cached.
+//!
+//! Planned subtasks are rows of a few integers (`lo`, `hi`: their split
+//! part's bounds); [`Store::claim`] builds their specs from the job's
+//! request, which it parses once and keeps in a small cache
+//! ([`RequestCache`]). See `schema_v2.sql` for the layout.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::types::Type;
@@ -18,13 +23,14 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::{
     Assignment, AttemptRecord, AttemptState, CancelOutcome, CompletionResult, HostRecord,
-    HostState, JobCounts, JobId, JobRecord, JobState, Outcome, Report, Result, Store, StoreError,
-    SubtaskRecord, SubtaskRef, SubtaskState,
+    HostState, JobCounts, JobId, JobRecord, JobState, Outcome, ReduceState, Report, Result, Store,
+    StoreError, SubtaskRecord, SubtaskRef, SubtaskState,
 };
-use crate::job::{JobRequest, SubtaskSpec};
+use crate::job::{JobRequest, Limits, SubtaskSpec};
+use crate::split::{self, Part, Plan};
 
 /// Migrations in order; `user_version` is how many have been applied.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("schema_v2.sql")];
 
 /// The schema version this code reads and writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -32,7 +38,14 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 // Subtask state codes used in SQL text, as in schema.sql.
 const ASSIGNED: i64 = 1;
 const DONE: i64 = 2;
+const DEAD: i64 = 3;
 const CANCELLED: i64 = 4;
+
+/// Parsed requests kept by [`RequestCache`]: at most this many jobs …
+const REQUEST_CACHE_ENTRIES: usize = 16;
+/// … and about this many bytes of request JSON (one larger request is
+/// still kept, alone, so a huge `lines` job is not parsed at every claim).
+const REQUEST_CACHE_BYTES: usize = 64 << 20;
 
 /// Tuning for [`SqliteStore`].
 #[derive(Debug, Clone)]
@@ -42,6 +55,10 @@ pub struct StoreOptions {
     /// Stdout and stderr kept per attempt; longer output is cut (its
     /// original size is still recorded).
     pub output_cap: usize,
+    /// The most bytes of map output a reduce subtask may get on stdin; a
+    /// job whose map outputs add up to more fails instead of running its
+    /// reduce. The controller sets it to `job_limits.max_input_bytes`.
+    pub max_reduce_input: u64,
 }
 
 impl Default for StoreOptions {
@@ -49,6 +66,42 @@ impl Default for StoreOptions {
         StoreOptions {
             busy_timeout: Duration::from_secs(5),
             output_cap: 1 << 20,
+            max_reduce_input: Limits::default().max_input_bytes,
+        }
+    }
+}
+
+/// Parsed requests of recently claimed jobs, so a claim builds specs
+/// without parsing the request's JSON again. Hand-written (a map and an
+/// insertion-order queue, oldest out first): claims walk jobs in priority
+/// order, so a few entries almost always hit, and no crate is needed for
+/// that. Requests never change, so entries are never stale.
+#[derive(Default)]
+struct RequestCache {
+    map: HashMap<i64, (Arc<JobRequest>, usize)>,
+    order: VecDeque<i64>,
+    bytes: usize,
+}
+
+impl RequestCache {
+    fn get(&self, seq: i64) -> Option<Arc<JobRequest>> {
+        self.map.get(&seq).map(|(r, _)| Arc::clone(r))
+    }
+
+    fn insert(&mut self, seq: i64, req: Arc<JobRequest>, bytes: usize) {
+        if self.map.insert(seq, (req, bytes)).is_some() {
+            return;
+        }
+        self.order.push_back(seq);
+        self.bytes += bytes;
+        while self.order.len() > 1
+            && (self.order.len() > REQUEST_CACHE_ENTRIES || self.bytes > REQUEST_CACHE_BYTES)
+        {
+            if let Some(old) = self.order.pop_front() {
+                if let Some((_, b)) = self.map.remove(&old) {
+                    self.bytes -= b;
+                }
+            }
         }
     }
 }
@@ -57,6 +110,7 @@ impl Default for StoreOptions {
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     opts: StoreOptions,
+    requests: Mutex<RequestCache>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -102,13 +156,30 @@ fn bad_column(idx: usize, ty: Type, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, ty, msg.into())
 }
 
-const JOB_COLUMNS: &str = "seq, name, state, priority, max_attempts, created_ms, started_ms, \
-     finished_ms, n_total, n_queued, n_assigned, n_done, n_dead, n_cancelled";
+/// A job row with its reduce subtask's state (NULL when it has none yet);
+/// callers append `WHERE`/`ORDER BY` on `j`.
+const JOB_SELECT: &str = "SELECT j.seq, j.name, j.state, j.priority, j.max_attempts, \
+     j.created_ms, j.started_ms, j.finished_ms, j.n_total, j.n_queued, j.n_assigned, j.n_done, \
+     j.n_dead, j.n_cancelled, j.n_map, j.has_reduce, j.error, r.state \
+     FROM jobs j LEFT JOIN subtasks r ON j.has_reduce = 1 AND r.job = j.seq AND r.idx = j.n_map";
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let state: String = row.get(2)?;
     let state = JobState::parse(&state)
         .ok_or_else(|| bad_column(2, Type::Text, format!("unknown job state {state:?}")))?;
+    let reduce = if row.get::<_, bool>(15)? {
+        Some(match row.get::<_, Option<i64>>(17)? {
+            Some(code) => SubtaskState::from_code(code)
+                .ok_or_else(|| {
+                    bad_column(17, Type::Integer, format!("unknown subtask state {code}"))
+                })?
+                .into(),
+            None if state.is_terminal() => ReduceState::Skipped,
+            None => ReduceState::Waiting,
+        })
+    } else {
+        None
+    };
     Ok(JobRecord {
         id: job_id(row.get(0)?),
         name: row.get(1)?,
@@ -126,6 +197,9 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
             dead: row.get(12)?,
             cancelled: row.get(13)?,
         },
+        map_subtasks: row.get(14)?,
+        reduce,
+        error: row.get(16)?,
     })
 }
 
@@ -153,25 +227,183 @@ fn attempt_from_row(row: &Row<'_>) -> rusqlite::Result<AttemptRecord> {
     })
 }
 
-/// Rebuilds a spec from its stored columns (`idx, argv, env, stdin` at
-/// `base..base+4`).
-fn spec_from_row(row: &Row<'_>, base: usize) -> rusqlite::Result<SubtaskSpec> {
-    let index: u64 = row.get(base)?;
-    let argv: String = row.get(base + 1)?;
-    let argv: Vec<String> = serde_json::from_str(&argv)
-        .map_err(|e| bad_column(base + 1, Type::Text, format!("argv: {e}")))?;
-    let env = match row.get::<_, Option<String>>(base + 2)? {
-        Some(env) => serde_json::from_str(&env)
-            .map_err(|e| bad_column(base + 2, Type::Text, format!("env: {e}")))?,
+/// A queued subtask as `claim` reads it: `epoch, idx, lo, hi, argv, env,
+/// stdin`.
+struct Picked {
+    epoch: u32,
+    index: u64,
+    bounds: Option<(i64, i64)>,
+    argv: Option<String>,
+    env: Option<String>,
+    stdin: Option<Vec<u8>>,
+}
+
+fn picked_from_row(row: &Row<'_>) -> rusqlite::Result<Picked> {
+    let lo: Option<i64> = row.get(2)?;
+    let hi: Option<i64> = row.get(3)?;
+    Ok(Picked {
+        epoch: row.get(0)?,
+        index: row.get(1)?,
+        bounds: lo.zip(hi),
+        argv: row.get(4)?,
+        env: row.get(5)?,
+        stdin: row.get(6)?,
+    })
+}
+
+fn corrupt(detail: String) -> StoreError {
+    StoreError::Corrupt {
+        op: "",
+        about: String::new(),
+        detail,
+    }
+}
+
+/// An explicit spec from its stored columns.
+fn explicit_spec(
+    index: u64,
+    argv: &str,
+    env: Option<&str>,
+    stdin: Option<Vec<u8>>,
+) -> Result<SubtaskSpec> {
+    let argv: Vec<String> =
+        serde_json::from_str(argv).map_err(|e| corrupt(format!("subtask {index}: argv: {e}")))?;
+    let env = match env {
+        Some(env) => {
+            serde_json::from_str(env).map_err(|e| corrupt(format!("subtask {index}: env: {e}")))?
+        }
         None => BTreeMap::new(),
     };
-    let stdin = row.get::<_, Option<Vec<u8>>>(base + 3)?.unwrap_or_default();
     Ok(SubtaskSpec {
         index,
         argv,
         env,
-        stdin,
+        stdin: stdin.unwrap_or_default(),
     })
+}
+
+/// The job's request, from `cache` or parsed from the jobs row.
+fn cached_request(
+    tx: &Transaction<'_>,
+    cache: &Mutex<RequestCache>,
+    seq: i64,
+) -> Result<Arc<JobRequest>> {
+    if let Some(req) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(seq) {
+        return Ok(req);
+    }
+    let text: String = tx
+        .prepare_cached("SELECT request FROM jobs WHERE seq = ?1")?
+        .query_row([seq], |r| r.get(0))?;
+    let req: JobRequest = serde_json::from_str(&text)
+        .map_err(|e| corrupt(format!("job {}: request JSON: {e}", job_id(seq))))?;
+    let req = Arc::new(req);
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(seq, Arc::clone(&req), text.len());
+    Ok(req)
+}
+
+/// The accepted map outputs of job `seq` concatenated in index order: the
+/// reduce subtask's stdin. Every map subtask is done when this is asked.
+fn map_outputs(tx: &Transaction<'_>, seq: i64, n_map: u64) -> Result<Vec<u8>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT a.stdout FROM subtasks s JOIN attempts a \
+         ON a.job = s.job AND a.idx = s.idx AND a.attempt = s.epoch \
+         WHERE s.job = ?1 AND s.idx < ?2 AND s.state = 2 ORDER BY s.idx",
+    )?;
+    let mut rows = stmt.query(params![seq, n_map])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let bytes = row
+            .get_ref(0)?
+            .as_blob_or_null()
+            .map_err(|e| bad_column(0, Type::Blob, format!("stdout: {e}")))?;
+        if let Some(bytes) = bytes {
+            out.extend_from_slice(bytes);
+        }
+    }
+    Ok(out)
+}
+
+/// Why a job's reduce must not run on its map outputs, if it must not: a
+/// cut output (stored bytes fewer than the reported size), or outputs that
+/// add up to more than `max_input` bytes.
+fn reduce_refusal(
+    tx: &Transaction<'_>,
+    seq: i64,
+    n_map: u64,
+    max_input: u64,
+) -> Result<Option<String>> {
+    let (total, cut): (i64, Option<u64>) = tx
+        .prepare_cached(
+            "SELECT ifnull(sum(length(a.stdout)), 0), \
+             min(CASE WHEN ifnull(a.stdout_size, 0) > ifnull(length(a.stdout), 0) THEN s.idx END) \
+             FROM subtasks s JOIN attempts a \
+             ON a.job = s.job AND a.idx = s.idx AND a.attempt = s.epoch \
+             WHERE s.job = ?1 AND s.idx < ?2 AND s.state = 2",
+        )?
+        .query_row(params![seq, n_map], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if let Some(index) = cut {
+        let (kept, size): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT ifnull(length(a.stdout), 0), a.stdout_size FROM subtasks s JOIN attempts a \
+                 ON a.job = s.job AND a.idx = s.idx AND a.attempt = s.epoch \
+                 WHERE s.job = ?1 AND s.idx = ?2",
+            )?
+            .query_row(params![seq, index], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        return Ok(Some(format!(
+            "reduce not run: the output of subtask {index} was cut to {kept} of its {size} \
+             bytes (an output cap of the agent or the controller), so the reduce would have \
+             run on partial input"
+        )));
+    }
+    if total as u64 > max_input {
+        return Ok(Some(format!(
+            "reduce not run: the map outputs add up to {total} bytes, over the reduce input \
+             limit of {max_input} bytes (job_limits.max_input_bytes)"
+        )));
+    }
+    Ok(None)
+}
+
+/// After map subtask `index` of job `seq` became done: when it was the last
+/// one and the job has a reduce step, adds the reduce subtask (index
+/// `n_map`), queued, or dead with the reason when [`reduce_refusal`] says
+/// it must not run. Runs in the completion's transaction, and only when
+/// every map is done and no reduce exists yet (`n_total == n_map`), so the
+/// reduce is added exactly once.
+fn maybe_enqueue_reduce(tx: &Transaction<'_>, seq: i64, index: u64, max_input: u64) -> Result<()> {
+    let (n_map, has_reduce, total, done): (u64, bool, u64, u64) = tx
+        .prepare_cached("SELECT n_map, has_reduce, n_total, n_done FROM jobs WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    if !has_reduce || index >= n_map || total != n_map || done != n_map {
+        return Ok(());
+    }
+    match reduce_refusal(tx, seq, n_map, max_input)? {
+        None => {
+            tx.prepare_cached("INSERT INTO subtasks (job, idx) VALUES (?1, ?2)")?
+                .execute(params![seq, n_map])?;
+            tx.prepare_cached(
+                "UPDATE jobs SET n_total = n_total + 1, n_queued = n_queued + 1 WHERE seq = ?1",
+            )?
+            .execute([seq])?;
+            tracing::info!(job = %job_id(seq), index = n_map, "map subtasks done; reduce queued");
+        }
+        Some(error) => {
+            tx.prepare_cached(
+                "INSERT INTO subtasks (job, idx, state, error) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![seq, n_map, DEAD, error])?;
+            tx.prepare_cached(
+                "UPDATE jobs SET n_total = n_total + 1, n_dead = n_dead + 1, error = ?2 \
+                 WHERE seq = ?1",
+            )?
+            .execute(params![seq, error])?;
+            tracing::warn!(job = %job_id(seq), "{error}");
+        }
+    }
+    Ok(())
 }
 
 /// Changes to a job's subtask counts, applied in one statement.
@@ -330,7 +562,7 @@ fn cap(bytes: &[u8], limit: usize) -> &[u8] {
 /// Records one completion inside `tx`; see [`Store::complete`].
 fn complete_tx(
     tx: &Transaction<'_>,
-    cap_len: usize,
+    opts: &StoreOptions,
     job: &JobId,
     seq: i64,
     index: u64,
@@ -398,9 +630,9 @@ fn complete_tx(
         now,
         outcome.exit_code,
         error,
-        cap(&outcome.stdout, cap_len),
+        cap(&outcome.stdout, opts.output_cap),
         outcome.stdout_size.max(outcome.stdout.len() as u64),
-        cap(&outcome.stderr, cap_len),
+        cap(&outcome.stderr, opts.output_cap),
         outcome.stderr_size.max(outcome.stderr.len() as u64),
         outcome.duration_ms,
     ])?;
@@ -454,6 +686,9 @@ fn complete_tx(
             ..delta
         },
     )?;
+    if next == SubtaskState::Done {
+        maybe_enqueue_reduce(tx, seq, index, opts.max_reduce_input)?;
+    }
     let job_state = rollup(tx, seq, now)?;
     Ok(CompletionResult::Accepted {
         subtask: next,
@@ -521,6 +756,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             opts,
+            requests: Mutex::new(RequestCache::default()),
         })
     }
 
@@ -564,7 +800,110 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The spec of a claimed subtask: stored explicitly, the reduce (its
+    /// stdin read now), or built from the job's request and the part's
+    /// bounds. Stored data that does not fit the request is `Corrupt`.
+    fn spec_for(
+        &self,
+        tx: &Transaction<'_>,
+        seq: i64,
+        n_map: u64,
+        has_reduce: bool,
+        p: Picked,
+    ) -> Result<SubtaskSpec> {
+        let index = p.index;
+        if let Some(argv) = &p.argv {
+            return explicit_spec(index, argv, p.env.as_deref(), p.stdin);
+        }
+        let req = cached_request(tx, &self.requests, seq)?;
+        let what = || format!("job {} subtask {index}", job_id(seq));
+        if has_reduce && index == n_map {
+            let stdin = map_outputs(tx, seq, n_map)?;
+            return split::reduce_subtask(&req, n_map, stdin)
+                .ok_or_else(|| corrupt(format!("{}: a reduce without a reduce command", what())));
+        }
+        let (lo, hi) = p
+            .bounds
+            .ok_or_else(|| corrupt(format!("{}: neither a spec nor a part", what())))?;
+        let part = Part::from_bounds(&req, lo, hi).ok_or_else(|| {
+            corrupt(format!(
+                "{}: part bounds {lo}..{hi} do not fit the request's split",
+                what()
+            ))
+        })?;
+        Ok(split::materialise(&req, index, n_map, part))
+    }
+
+    /// Inserts the jobs row (with `n` map subtasks counted as queued) and
+    /// then the subtasks with `insert_subtasks`, which returns how many it
+    /// inserted; `n` may be 0 when only that count knows it. All in one
+    /// transaction: an error from `insert_subtasks` leaves nothing.
+    fn insert_job(
+        &self,
+        req: &JobRequest,
+        n: u64,
+        insert_subtasks: impl FnOnce(&Transaction<'_>, i64) -> Result<u64>,
+    ) -> Result<JobId> {
+        let name = req.name.clone();
+        let request = serde_json::to_string(req).map_err(|source| StoreError::Encode {
+            name: name.clone(),
+            source,
+        })?;
+        let seq = self.write("create_job", &format_args!("job {name:?}"), |tx| {
+            tx.execute(
+                "INSERT INTO jobs (name, request, state, priority, max_attempts, created_ms, \
+                 n_total, n_queued, n_map, has_reduce) \
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?6, ?6, ?7)",
+                params![
+                    req.name,
+                    request,
+                    req.priority,
+                    req.max_attempts.max(1),
+                    now_ms(),
+                    n,
+                    req.reduce.is_some(),
+                ],
+            )?;
+            let seq = tx.last_insert_rowid();
+            let inserted = insert_subtasks(tx, seq)?;
+            if inserted == 0 {
+                return Err(StoreError::EmptyJob { name: name.clone() });
+            }
+            if inserted != n {
+                tx.execute(
+                    "UPDATE jobs SET n_total = ?2, n_queued = ?2, n_map = ?2 WHERE seq = ?1",
+                    params![seq, inserted],
+                )?;
+            }
+            tracing::info!(job = %job_id(seq), name = %name, subtasks = inserted,
+                reduce = req.reduce.is_some(), "job created");
+            Ok(seq)
+        })?;
+        Ok(job_id(seq))
+    }
+}
+
 impl Store for SqliteStore {
+    fn create_planned_job(&self, req: &JobRequest) -> Result<JobId> {
+        let plan = Plan::new(req).map_err(|source| StoreError::Unplannable {
+            name: req.name.clone(),
+            source,
+        })?;
+        self.insert_job(req, plan.count(), |tx, seq| {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO subtasks (job, idx, lo, hi) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut n = 0u64;
+            for (index, part) in plan.parts() {
+                let (lo, hi) = part.bounds();
+                insert.execute(params![seq, index, lo, hi])?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
     fn create_job(
         &self,
         req: &JobRequest,
@@ -575,20 +914,7 @@ impl Store for SqliteStore {
             name: name.clone(),
             source,
         };
-        let request = serde_json::to_string(req).map_err(encode)?;
-        let seq = self.write("create_job", &format_args!("job {name:?}"), |tx| {
-            tx.execute(
-                "INSERT INTO jobs (name, request, state, priority, max_attempts, created_ms, \
-                 n_total, n_queued) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, 0, 0)",
-                params![
-                    req.name,
-                    request,
-                    req.priority,
-                    req.max_attempts.max(1),
-                    now_ms()
-                ],
-            )?;
-            let seq = tx.last_insert_rowid();
+        self.insert_job(req, 0, |tx, seq| {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO subtasks (job, idx, argv, env, stdin) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -611,23 +937,14 @@ impl Store for SqliteStore {
                 insert.execute(params![seq, n, argv, env, stdin])?;
                 n += 1;
             }
-            if n == 0 {
-                return Err(StoreError::EmptyJob { name: name.clone() });
-            }
-            tx.execute(
-                "UPDATE jobs SET n_total = ?2, n_queued = ?2 WHERE seq = ?1",
-                params![seq, n],
-            )?;
-            tracing::info!(job = %job_id(seq), name = %name, subtasks = n, "job created");
-            Ok(seq)
-        })?;
-        Ok(job_id(seq))
+            Ok(n)
+        })
     }
 
     fn get_job(&self, job: &JobId) -> Result<JobRecord> {
         let seq = job_seq(job)?;
         self.run("get_job", job, |conn| {
-            conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq = ?1"))?
+            conn.prepare_cached(&format!("{JOB_SELECT} WHERE j.seq = ?1"))?
                 .query_row([seq], job_from_row)
                 .optional()?
                 .ok_or_else(|| StoreError::JobNotFound(job.clone()))
@@ -656,14 +973,12 @@ impl Store for SqliteStore {
             let rows = match state {
                 Some(state) => conn
                     .prepare_cached(&format!(
-                        "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ?1 ORDER BY seq DESC LIMIT ?2"
+                        "{JOB_SELECT} WHERE j.state = ?1 ORDER BY j.seq DESC LIMIT ?2"
                     ))?
                     .query_map(params![state.as_str(), limit], job_from_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?,
                 None => conn
-                    .prepare_cached(&format!(
-                        "SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
-                    ))?
+                    .prepare_cached(&format!("{JOB_SELECT} ORDER BY j.seq DESC LIMIT ?1"))?
                     .query_map([limit], job_from_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?,
             };
@@ -748,16 +1063,17 @@ impl Store for SqliteStore {
                 return Ok(out);
             }
             let now = now_ms();
-            let jobs: Vec<(i64, String)> = tx
+            let jobs: Vec<(i64, String, u64, bool)> = tx
                 .prepare_cached(
-                    "SELECT seq, state FROM jobs WHERE state IN ('queued', 'running') \
-                     AND n_queued > 0 ORDER BY priority DESC, seq",
+                    "SELECT seq, state, n_map, has_reduce FROM jobs \
+                     WHERE state IN ('queued', 'running') AND n_queued > 0 \
+                     ORDER BY priority DESC, seq",
                 )?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut pick = tx.prepare_cached(
-                "SELECT epoch, idx, argv, env, stdin FROM subtasks WHERE job = ?1 AND state = 0 \
-                 ORDER BY idx LIMIT ?2",
+                "SELECT epoch, idx, lo, hi, argv, env, stdin FROM subtasks \
+                 WHERE job = ?1 AND state = 0 ORDER BY idx LIMIT ?2",
             )?;
             let mut assign = tx.prepare_cached(
                 "UPDATE subtasks SET state = 1, epoch = ?3, host = ?4 WHERE job = ?1 AND idx = ?2",
@@ -766,24 +1082,23 @@ impl Store for SqliteStore {
                 "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
                  VALUES (?1, ?2, ?3, ?4, 0, ?5)",
             )?;
-            for (seq, state) in jobs {
+            for (seq, state, n_map, has_reduce) in jobs {
                 let want = n - out.len();
                 if want == 0 {
                     break;
                 }
-                let picked: Vec<(u32, SubtaskSpec)> = pick
-                    .query_map(params![seq, want as i64], |r| {
-                        Ok((r.get(0)?, spec_from_row(r, 1)?))
-                    })?
+                let picked: Vec<Picked> = pick
+                    .query_map(params![seq, want as i64], picked_from_row)?
                     .collect::<rusqlite::Result<_>>()?;
                 let k = picked.len() as i64;
-                for (old_epoch, spec) in picked {
-                    let epoch = old_epoch + 1;
-                    assign.execute(params![seq, spec.index, epoch, host])?;
-                    attempt.execute(params![seq, spec.index, epoch, host, now])?;
+                for p in picked {
+                    let (index, epoch) = (p.index, p.epoch + 1);
+                    let spec = self.spec_for(tx, seq, n_map, has_reduce, p)?;
+                    assign.execute(params![seq, index, epoch, host])?;
+                    attempt.execute(params![seq, index, epoch, host, now])?;
                     out.push(Assignment {
                         job: job_id(seq),
-                        index: spec.index,
+                        index,
                         epoch,
                         spec,
                     });
@@ -817,16 +1132,16 @@ impl Store for SqliteStore {
         outcome: &Outcome,
     ) -> Result<CompletionResult> {
         let seq = job_seq(job)?;
-        let cap_len = self.opts.output_cap;
+        let opts = &self.opts;
         self.write(
             "complete",
             &format_args!("job {job} subtask {index} attempt {epoch}"),
-            |tx| complete_tx(tx, cap_len, job, seq, index, epoch, outcome),
+            |tx| complete_tx(tx, opts, job, seq, index, epoch, outcome),
         )
     }
 
     fn complete_many(&self, reports: &[Report]) -> Result<Vec<Result<CompletionResult>>> {
-        let cap_len = self.opts.output_cap;
+        let opts = &self.opts;
         self.write(
             "complete_many",
             &format_args!("{} reports", reports.len()),
@@ -834,7 +1149,7 @@ impl Store for SqliteStore {
                 let mut out = Vec::with_capacity(reports.len());
                 for r in reports {
                     let one = job_seq(&r.job).and_then(|seq| {
-                        complete_tx(tx, cap_len, &r.job, seq, r.index, r.epoch, &r.outcome)
+                        complete_tx(tx, opts, &r.job, seq, r.index, r.epoch, &r.outcome)
                     });
                     match one {
                         // A database failure aborts the whole batch; a
@@ -912,12 +1227,14 @@ impl Store for SqliteStore {
         let seq = job_seq(job)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run("subtasks", job, |conn| {
-            if !job_exists(conn, seq)? {
-                return Err(StoreError::JobNotFound(job.clone()));
-            }
+            let (n_map, has_reduce): (u64, bool) = conn
+                .prepare_cached("SELECT n_map, has_reduce FROM jobs WHERE seq = ?1")?
+                .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .ok_or_else(|| StoreError::JobNotFound(job.clone()))?;
             Ok(conn
                 .prepare_cached(
-                    "SELECT idx, state, epoch, failures, host FROM subtasks \
+                    "SELECT idx, state, epoch, failures, host, error FROM subtasks \
                      WHERE job = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
                 )?
                 .query_map(params![seq, from, limit], |r| {
@@ -930,6 +1247,8 @@ impl Store for SqliteStore {
                         epoch: r.get(2)?,
                         failures: r.get(3)?,
                         host: r.get(4)?,
+                        reduce: has_reduce && r.get::<_, u64>(0)? == n_map,
+                        error: r.get(5)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?)
@@ -973,10 +1292,29 @@ impl Store for SqliteStore {
                     "SELECT {ATTEMPT_COLUMNS} FROM subtasks s JOIN attempts a \
                      ON a.job = s.job AND a.idx = s.idx AND a.attempt = s.epoch \
                      WHERE s.job = ?1 AND s.state = {DONE} AND s.idx >= ?2 \
+                     AND s.idx < (SELECT n_map FROM jobs WHERE seq = ?1) \
                      ORDER BY s.idx LIMIT ?3"
                 ))?
                 .query_map(params![seq, from, limit], attempt_from_row)?
                 .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn reduce_result(&self, job: &JobId) -> Result<Option<AttemptRecord>> {
+        let seq = job_seq(job)?;
+        self.run("reduce_result", job, |conn| {
+            if !job_exists(conn, seq)? {
+                return Err(StoreError::JobNotFound(job.clone()));
+            }
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM jobs j JOIN subtasks s \
+                     ON s.job = j.seq AND s.idx = j.n_map JOIN attempts a \
+                     ON a.job = s.job AND a.idx = s.idx AND a.attempt = s.epoch \
+                     WHERE j.seq = ?1 AND j.has_reduce = 1 AND s.state = {DONE}"
+                ))?
+                .query_row([seq], attempt_from_row)
+                .optional()?)
         })
     }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::*;
 use crate::job::{Command, Resources, Split};
+use crate::split;
 
 fn request(name: &str, max_attempts: u32, priority: i32) -> JobRequest {
     JobRequest {
@@ -783,7 +784,10 @@ fn kill_9_mid_job_loses_no_accepted_completion() {
 
 /// Random claims, completions (ok, failed, repeated, late), withdrawals and
 /// host losses, then a drain: counts always match, every index ends up in
-/// the results exactly once, and nothing is ever accepted twice.
+/// the results exactly once, and nothing is ever accepted twice. Each
+/// history runs twice: on a plain job, and on a job with a reduce step,
+/// whose reduce subtask must appear exactly once, only after every map is
+/// done, with every map output in index order on its stdin.
 #[test]
 fn random_histories_finish_exactly_once() {
     use proptest::prelude::*;
@@ -809,74 +813,129 @@ fn random_histories_finish_exactly_once() {
         ..Config::default()
     });
     runner
-        .run(&proptest::collection::vec(op, 1..80), |ops| {
-            let store = SqliteStore::open_in_memory().unwrap();
-            let n = 12;
-            let id = create(&store, "p", n, 1000, 0);
-            let hosts = ["h0", "h1", "h2"];
-            for h in hosts {
-                store.upsert_host(h, h).unwrap();
-            }
-            let mut live: Vec<Assignment> = Vec::new();
-            let mut seen: Vec<(u64, u32)> = Vec::new();
-            let mut accepted_ok = std::collections::BTreeSet::new();
-            for op in ops {
-                match op {
-                    Op::Claim(h, k) => {
-                        store.heartbeat(hosts[h], &serde_json::json!({})).unwrap();
-                        live.extend(store.claim(hosts[h], k).unwrap());
+        .run(
+            &(proptest::collection::vec(op, 1..80), any::<bool>()),
+            |(ops, reduce)| {
+                let store = SqliteStore::open_in_memory().unwrap();
+                let n = 12;
+                let id = if reduce {
+                    store
+                        .create_job(&with_reduce("p", 1000), &mut (0..n).map(spec))
+                        .unwrap()
+                } else {
+                    create(&store, "p", n, 1000, 0)
+                };
+                let reduce_stdin: Vec<u8> = (0..n)
+                    .flat_map(|i| format!("out {i}").into_bytes())
+                    .collect();
+                let check_reduce = |got: &[Assignment]| -> Result<(), TestCaseError> {
+                    for a in got.iter().filter(|a| a.index == n) {
+                        prop_assert!(reduce, "a reduce in a job without one");
+                        prop_assert_eq!(&a.spec.stdin, &reduce_stdin);
                     }
-                    Op::Complete(i, success) if !live.is_empty() => {
-                        let a = live.remove(i % live.len());
-                        let out = if success {
-                            ok(&format!("out {}", a.index))
-                        } else {
-                            fail("x")
-                        };
-                        let r = store.complete(&id, a.index, a.epoch, &out).unwrap();
-                        seen.push((a.index, a.epoch));
-                        if let CompletionResult::Accepted {
-                            subtask: SubtaskState::Done,
-                            ..
-                        } = r
-                        {
-                            prop_assert!(accepted_ok.insert(a.index), "accepted twice");
+                    let rec = store.get_job(&id).unwrap();
+                    let maps_done = store
+                        .subtasks(&id, 0, n as usize)
+                        .unwrap()
+                        .iter()
+                        .all(|s| s.state == SubtaskState::Done);
+                    // The reduce exists exactly when every map is done.
+                    prop_assert_eq!(rec.counts.total, n + u64::from(reduce && maps_done));
+                    Ok(())
+                };
+                let hosts = ["h0", "h1", "h2"];
+                for h in hosts {
+                    store.upsert_host(h, h).unwrap();
+                }
+                let mut live: Vec<Assignment> = Vec::new();
+                let mut seen: Vec<(u64, u32)> = Vec::new();
+                let mut accepted_ok = std::collections::BTreeSet::new();
+                for op in ops {
+                    match op {
+                        Op::Claim(h, k) => {
+                            store.heartbeat(hosts[h], &serde_json::json!({})).unwrap();
+                            let got = store.claim(hosts[h], k).unwrap();
+                            check_reduce(&got)?;
+                            live.extend(got);
+                        }
+                        Op::Complete(i, success) if !live.is_empty() => {
+                            let a = live.remove(i % live.len());
+                            let out = if success {
+                                ok(&format!("out {}", a.index))
+                            } else {
+                                fail("x")
+                            };
+                            let r = store.complete(&id, a.index, a.epoch, &out).unwrap();
+                            seen.push((a.index, a.epoch));
+                            if let CompletionResult::Accepted {
+                                subtask: SubtaskState::Done,
+                                ..
+                            } = r
+                            {
+                                prop_assert!(accepted_ok.insert(a.index), "accepted twice");
+                            }
+                        }
+                        Op::Replay(i) if !seen.is_empty() => {
+                            let (index, epoch) = seen[i % seen.len()];
+                            let r = store.complete(&id, index, epoch, &ok("replay")).unwrap();
+                            prop_assert!(
+                                !matches!(r, CompletionResult::Accepted { .. }),
+                                "replay accepted: {:?}",
+                                r
+                            );
+                        }
+                        Op::Withdraw(i) if !live.is_empty() => {
+                            let a = &live[i % live.len()];
+                            store.withdraw(&id, a.index, a.epoch, "test").unwrap();
+                        }
+                        Op::Lose(h) => {
+                            store.mark_lost(hosts[h]).unwrap();
+                        }
+                        _ => {}
+                    }
+                    check_counts(&store, &id);
+                    check_reduce(&[])?;
+                }
+                // Whatever is still out there reports late, then the rest drains.
+                for a in live {
+                    store
+                        .complete(&id, a.index, a.epoch, &ok(&format!("out {}", a.index)))
+                        .unwrap();
+                }
+                for h in hosts {
+                    store.mark_lost(h).unwrap();
+                }
+                store.upsert_host("final", "f").unwrap();
+                if reduce {
+                    // The rest of the maps, then the reduce, checked as claimed.
+                    loop {
+                        let got = store.claim("final", 5).unwrap();
+                        check_reduce(&got)?;
+                        if got.is_empty() {
+                            break;
+                        }
+                        for a in got {
+                            let out = ok(&format!("out {}", a.index));
+                            let r = store.complete(&id, a.index, a.epoch, &out).unwrap();
+                            let accepted = matches!(r, CompletionResult::Accepted { .. });
+                            prop_assert!(accepted, "{:?}", r);
                         }
                     }
-                    Op::Replay(i) if !seen.is_empty() => {
-                        let (index, epoch) = seen[i % seen.len()];
-                        let r = store.complete(&id, index, epoch, &ok("replay")).unwrap();
-                        prop_assert!(
-                            !matches!(r, CompletionResult::Accepted { .. }),
-                            "replay accepted: {:?}",
-                            r
-                        );
-                    }
-                    Op::Withdraw(i) if !live.is_empty() => {
-                        let a = &live[i % live.len()];
-                        store.withdraw(&id, a.index, a.epoch, "test").unwrap();
-                    }
-                    Op::Lose(h) => {
-                        store.mark_lost(hosts[h]).unwrap();
-                    }
-                    _ => {}
+                    let rec = store.get_job(&id).unwrap();
+                    prop_assert_eq!((rec.state, rec.counts.total), (JobState::Done, n + 1));
+                    prop_assert_eq!(rec.reduce, Some(ReduceState::Done));
+                    let out = store.reduce_result(&id).unwrap().unwrap();
+                    prop_assert_eq!(out.index, n);
+                    let results = store.results(&id, 0, usize::MAX).unwrap();
+                    let idx: Vec<u64> = results.iter().map(|r| r.index).collect();
+                    prop_assert_eq!(idx, (0..n).collect::<Vec<_>>());
+                } else {
+                    drain(&store, "final");
+                    assert_exactly_once(&store, &id, n);
                 }
-                check_counts(&store, &id);
-            }
-            // Whatever is still out there reports late, then the rest drains.
-            for a in live {
-                store
-                    .complete(&id, a.index, a.epoch, &ok(&format!("out {}", a.index)))
-                    .unwrap();
-            }
-            for h in hosts {
-                store.mark_lost(h).unwrap();
-            }
-            store.upsert_host("final", "f").unwrap();
-            drain(&store, "final");
-            assert_exactly_once(&store, &id, n);
-            Ok(())
-        })
+                Ok(())
+            },
+        )
         .unwrap();
 }
 
@@ -935,4 +994,646 @@ fn insert_throughput() {
         rate(complete),
         rate(batched)
     );
+}
+
+// --- reduce ----------------------------------------------------------------
+
+fn with_reduce(name: &str, max_attempts: u32) -> JobRequest {
+    JobRequest {
+        reduce: Some(Command::Script {
+            interpreter: "sh".into(),
+            source: "sort -n".into(),
+        }),
+        ..request(name, max_attempts, 0)
+    }
+}
+
+fn reduce_job(store: &dyn Store, n: u64, max_attempts: u32) -> JobId {
+    store
+        .create_job(&with_reduce("reduce", max_attempts), &mut (0..n).map(spec))
+        .unwrap()
+}
+
+/// Claims everything claimable on `host`.
+fn claim_all(store: &dyn Store, host: &str) -> Vec<Assignment> {
+    store.claim(host, 1000).unwrap()
+}
+
+#[test]
+fn reduce_is_enqueued_once_after_the_last_map() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = reduce_job(&store, 3, 3);
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.map_subtasks, rec.reduce),
+        (3, Some(ReduceState::Waiting))
+    );
+    assert_eq!(rec.counts.total, 3, "the reduce does not exist yet");
+    store.upsert_host("a", "a").unwrap();
+    store.upsert_host("b", "b").unwrap();
+    let maps = claim_all(&store, "a");
+    assert_eq!(maps.len(), 3);
+    // Subtask 1 is withdrawn and rerun on b; a's late report is stale.
+    assert!(store.withdraw(&id, 1, maps[1].epoch, "test").unwrap());
+    let again = claim_all(&store, "b");
+    assert_eq!((again.len(), again[0].index, again[0].epoch), (1, 1, 2));
+    // Out of order, with a duplicate and a stale report in between.
+    assert_eq!(
+        store.complete(&id, 2, maps[2].epoch, &ok("two\n")).unwrap(),
+        accepted(SubtaskState::Done, JobState::Running)
+    );
+    assert_eq!(
+        store.complete(&id, 2, maps[2].epoch, &ok("two\n")).unwrap(),
+        CompletionResult::Duplicate
+    );
+    assert_eq!(
+        store
+            .complete(&id, 1, maps[1].epoch, &ok("stale\n"))
+            .unwrap(),
+        CompletionResult::Stale
+    );
+    store
+        .complete(&id, 0, maps[0].epoch, &ok("zero\n"))
+        .unwrap();
+    assert_eq!(store.get_job(&id).unwrap().counts.total, 3);
+    assert!(
+        claim_all(&store, "a").is_empty(),
+        "no reduce before the last map"
+    );
+    // The last map: the reduce is enqueued in the same transaction.
+    assert_eq!(
+        store.complete(&id, 1, 2, &ok("one\n")).unwrap(),
+        accepted(SubtaskState::Done, JobState::Running)
+    );
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(rec.reduce, Some(ReduceState::Queued));
+    assert_eq!(
+        (rec.counts.total, rec.counts.queued, rec.counts.done),
+        (4, 1, 3)
+    );
+    check_counts(&store, &id);
+    // Every repeat of a map report after that changes nothing.
+    for (index, epoch) in [(1, 2), (1, 1), (0, 1), (2, 1)] {
+        let r = store.complete(&id, index, epoch, &ok("again")).unwrap();
+        assert!(!matches!(r, CompletionResult::Accepted { .. }), "{r:?}");
+    }
+    let complete_many = store
+        .complete_many(&[Report {
+            job: id.clone(),
+            index: 1,
+            epoch: 2,
+            outcome: ok("again"),
+        }])
+        .unwrap();
+    assert_eq!(
+        complete_many[0].as_ref().unwrap(),
+        &CompletionResult::Duplicate
+    );
+    assert_eq!(store.get_job(&id).unwrap().counts.total, 4);
+
+    let reduce = claim_all(&store, "b");
+    assert_eq!(reduce.len(), 1, "exactly one reduce subtask");
+    let r = &reduce[0];
+    assert_eq!((r.index, r.epoch), (3, 1));
+    assert_eq!(r.spec.argv, ["sh", "-c", "sort -n"]);
+    assert_eq!(
+        r.spec.stdin, b"zero\none\ntwo\n",
+        "map outputs in index order"
+    );
+    assert_eq!(r.spec.env[split::ENV_REDUCE], "1");
+    assert_eq!(r.spec.env[split::ENV_SUBTASK_COUNT], "3");
+    assert_eq!(
+        store.get_job(&id).unwrap().reduce,
+        Some(ReduceState::Assigned)
+    );
+    let subs = store.subtasks(&id, 0, 10).unwrap();
+    assert_eq!(
+        subs.iter().map(|s| s.reduce).collect::<Vec<_>>(),
+        [false, false, false, true]
+    );
+    assert_eq!(store.reduce_result(&id).unwrap(), None);
+
+    assert_eq!(
+        store.complete(&id, 3, 1, &ok("sorted\n")).unwrap(),
+        accepted(SubtaskState::Done, JobState::Done)
+    );
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.state, rec.reduce),
+        (JobState::Done, Some(ReduceState::Done))
+    );
+    assert_eq!((rec.counts.total, rec.counts.done), (4, 4));
+    assert_eq!(rec.error, None);
+    check_counts(&store, &id);
+    let out = store.reduce_result(&id).unwrap().unwrap();
+    assert_eq!(
+        (out.index, &out.stdout[..], out.host.as_str()),
+        (3, &b"sorted\n"[..], "b")
+    );
+    // Results are the maps only, once each.
+    let maps: Vec<(u64, Vec<u8>)> = store
+        .results(&id, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.index, a.stdout))
+        .collect();
+    assert_eq!(
+        maps,
+        [
+            (0, b"zero\n".to_vec()),
+            (1, b"one\n".to_vec()),
+            (2, b"two\n".to_vec())
+        ]
+    );
+    // A job without a reduce has no reduce result.
+    let plain = create(&store, "plain", 1, 3, 0);
+    assert_eq!(store.get_job(&plain).unwrap().reduce, None);
+    assert_eq!(store.reduce_result(&plain).unwrap(), None);
+    assert!(matches!(
+        store.reduce_result(&"j-99".into()),
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+#[test]
+fn a_failing_reduce_retries_with_the_same_input_then_fails_the_job() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = reduce_job(&store, 2, 2);
+    store.upsert_host("a", "a").unwrap();
+    store.upsert_host("b", "b").unwrap();
+    for a in claim_all(&store, "a") {
+        store
+            .complete(&id, a.index, a.epoch, &ok(&format!("m{}\n", a.index)))
+            .unwrap();
+    }
+    let first = claim_all(&store, "a");
+    assert_eq!((first[0].index, first[0].epoch), (2, 1));
+    assert_eq!(
+        store.complete(&id, 2, 1, &fail("reduce crashed")).unwrap(),
+        accepted(SubtaskState::Queued, JobState::Running)
+    );
+    // The retry goes anywhere, with the same stdin, built again.
+    let second = claim_all(&store, "b");
+    assert_eq!((second[0].index, second[0].epoch), (2, 2));
+    assert_eq!(second[0].spec, first[0].spec);
+    assert_eq!(second[0].spec.stdin, b"m0\nm1\n");
+    assert_eq!(
+        store.complete(&id, 2, 2, &fail("again")).unwrap(),
+        accepted(SubtaskState::Dead, JobState::Failed)
+    );
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.state, rec.reduce),
+        (JobState::Failed, Some(ReduceState::Dead))
+    );
+    assert_eq!((rec.counts.done, rec.counts.dead), (2, 1));
+    check_counts(&store, &id);
+    let errors: Vec<Option<String>> = store
+        .attempts(&id, 2)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.error)
+        .collect();
+    assert_eq!(
+        errors,
+        [Some("reduce crashed".into()), Some("again".into())]
+    );
+    assert_eq!(store.reduce_result(&id).unwrap(), None);
+}
+
+#[test]
+fn a_job_that_fails_in_its_maps_never_reduces() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = reduce_job(&store, 2, 1);
+    store.upsert_host("a", "a").unwrap();
+    let maps = claim_all(&store, "a");
+    store.complete(&id, 0, maps[0].epoch, &fail("bad")).unwrap();
+    assert_eq!(
+        store.complete(&id, 1, maps[1].epoch, &ok("fine")).unwrap(),
+        accepted(SubtaskState::Done, JobState::Failed)
+    );
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.reduce, rec.counts.total),
+        (Some(ReduceState::Skipped), 2)
+    );
+    assert!(claim_all(&store, "a").is_empty());
+}
+
+#[test]
+fn cancel_while_reducing_stops_the_reduce() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = reduce_job(&store, 2, 3);
+    store.upsert_host("a", "a").unwrap();
+    for a in claim_all(&store, "a") {
+        store.complete(&id, a.index, a.epoch, &ok("x")).unwrap();
+    }
+    let r = claim_all(&store, "a");
+    assert_eq!(r[0].index, 2);
+    let c = store.cancel_job(&id).unwrap();
+    assert!(c.changed);
+    assert_eq!(c.dropped_queued, 0);
+    let stop: Vec<(u64, u32, Option<&str>)> = c
+        .stop
+        .iter()
+        .map(|s| (s.index, s.epoch, s.host.as_deref()))
+        .collect();
+    assert_eq!(stop, [(2, 1, Some("a"))], "the reduce is told to stop");
+    assert_eq!(
+        store.complete(&id, 2, 1, &ok("late")).unwrap(),
+        CompletionResult::Stale
+    );
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.state, rec.reduce),
+        (JobState::Cancelled, Some(ReduceState::Cancelled))
+    );
+    assert_eq!((rec.counts.done, rec.counts.cancelled), (2, 1));
+    check_counts(&store, &id);
+    assert_eq!(store.reduce_result(&id).unwrap(), None);
+
+    // Cancelled while the maps run: the reduce never exists.
+    let id = reduce_job(&store, 2, 3);
+    claim_all(&store, "a");
+    store.cancel_job(&id).unwrap();
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.reduce, rec.counts.total),
+        (Some(ReduceState::Skipped), 2)
+    );
+    assert_eq!(
+        store.complete(&id, 1, 1, &ok("late")).unwrap(),
+        CompletionResult::Stale
+    );
+    assert_eq!(store.get_job(&id).unwrap().counts.total, 2);
+}
+
+#[test]
+fn restart_mid_job_still_reduces_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let id = reduce_job(&store, 4, 3);
+    store.upsert_host("a", "a").unwrap();
+    let maps = claim_all(&store, "a");
+    for a in &maps[..3] {
+        store
+            .complete(&id, a.index, a.epoch, &ok(&format!("{}\n", a.index)))
+            .unwrap();
+    }
+    drop(store);
+
+    // Restart before the last map; the last map lands after it.
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.get_job(&id).unwrap().reduce,
+        Some(ReduceState::Waiting)
+    );
+    store.complete(&id, 3, maps[3].epoch, &ok("3\n")).unwrap();
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.reduce, rec.counts.total),
+        (Some(ReduceState::Queued), 5)
+    );
+    let r = claim_all(&store, "a");
+    assert_eq!(r.len(), 1);
+    drop(store);
+
+    // Restart with the reduce running: its host is lost, it runs again.
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.get_job(&id).unwrap().reduce,
+        Some(ReduceState::Assigned)
+    );
+    store.mark_lost("a").unwrap();
+    store.upsert_host("b", "b").unwrap();
+    let again = claim_all(&store, "b");
+    assert_eq!((again.len(), again[0].index, again[0].epoch), (1, 4, 2));
+    assert_eq!(again[0].spec.stdin, b"0\n1\n2\n3\n");
+    assert_eq!(again[0].spec, r[0].spec);
+    assert_eq!(
+        store.complete(&id, 4, 1, &ok("from a")).unwrap(),
+        CompletionResult::Stale
+    );
+    store.complete(&id, 4, 2, &ok("6\n")).unwrap();
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.state, rec.counts.total, rec.counts.done),
+        (JobState::Done, 5, 5)
+    );
+    assert_eq!(store.reduce_result(&id).unwrap().unwrap().stdout, b"6\n");
+    check_counts(&store, &id);
+}
+
+#[test]
+fn a_cut_map_output_fails_the_job_instead_of_reducing() {
+    // Cut by the agent: the reported size is larger than what it sent.
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = reduce_job(&store, 3, 3);
+    store.upsert_host("a", "a").unwrap();
+    let maps = claim_all(&store, "a");
+    store
+        .complete(&id, 0, maps[0].epoch, &ok("full\n"))
+        .unwrap();
+    let cut = Outcome {
+        stdout_size: 5000,
+        ..ok("first 17 bytes...")
+    };
+    store.complete(&id, 2, maps[2].epoch, &cut).unwrap();
+    assert_eq!(
+        store
+            .complete(&id, 1, maps[1].epoch, &ok("full\n"))
+            .unwrap(),
+        accepted(SubtaskState::Done, JobState::Failed)
+    );
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(
+        (rec.state, rec.reduce),
+        (JobState::Failed, Some(ReduceState::Dead))
+    );
+    let error = rec.error.expect("the job says why");
+    assert!(error.contains("subtask 2"), "{error}");
+    assert!(error.contains("17 of its 5000 bytes"), "{error}");
+    assert_eq!(
+        (rec.counts.total, rec.counts.dead, rec.counts.done),
+        (4, 1, 3)
+    );
+    check_counts(&store, &id);
+    let reduce = &store.subtasks(&id, 3, 1).unwrap()[0];
+    assert!(reduce.reduce);
+    assert_eq!(
+        (reduce.state, reduce.epoch),
+        (SubtaskState::Dead, 0),
+        "never ran"
+    );
+    assert_eq!(reduce.error.as_deref(), Some(error.as_str()));
+    assert!(claim_all(&store, "a").is_empty());
+
+    // Cut by the store's own output cap.
+    let store = SqliteStore::open_with(
+        dir_db().path().join("s.db"),
+        StoreOptions {
+            output_cap: 4,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let id = reduce_job(&store, 2, 3);
+    store.upsert_host("a", "a").unwrap();
+    for a in claim_all(&store, "a") {
+        let out = if a.index == 0 { "abc" } else { "abcdef" };
+        store.complete(&id, a.index, a.epoch, &ok(out)).unwrap();
+    }
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(rec.state, JobState::Failed);
+    assert!(rec
+        .error
+        .unwrap()
+        .contains("subtask 1 was cut to 4 of its 6 bytes"));
+}
+
+fn dir_db() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn oversized_map_outputs_fail_the_job_instead_of_reducing() {
+    let dir = dir_db();
+    let store = SqliteStore::open_with(
+        dir.path().join("s.db"),
+        StoreOptions {
+            max_reduce_input: 10,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    // 2 × 5 bytes fit exactly; 3 × 5 do not.
+    let fits = reduce_job(&store, 2, 3);
+    let over = reduce_job(&store, 3, 3);
+    store.upsert_host("a", "a").unwrap();
+    for a in store.claim("a", 5).unwrap() {
+        store
+            .complete(&a.job, a.index, a.epoch, &ok("12345"))
+            .unwrap();
+    }
+    assert_eq!(
+        store.get_job(&fits).unwrap().reduce,
+        Some(ReduceState::Queued)
+    );
+    let rec = store.get_job(&over).unwrap();
+    assert_eq!(
+        (rec.state, rec.reduce),
+        (JobState::Failed, Some(ReduceState::Dead))
+    );
+    let error = rec.error.unwrap();
+    assert!(error.contains("15 bytes"), "{error}");
+    assert!(error.contains("limit of 10 bytes"), "{error}");
+    let r = claim_all(&store, "a");
+    assert_eq!(
+        (r.len(), r[0].job.clone(), r[0].spec.stdin.len()),
+        (1, fits, 10)
+    );
+}
+
+// --- planned jobs ----------------------------------------------------------
+
+fn planned(split: Split) -> JobRequest {
+    JobRequest {
+        command: Command::Argv(vec!["run".into(), "{start}-{end}".into()]),
+        split,
+        ..request("planned", 3, 0)
+    }
+}
+
+#[test]
+fn planned_jobs_build_each_spec_at_claim_as_the_splitter_does() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    store.upsert_host("a", "a").unwrap();
+    let reqs = [
+        planned(Split::Range {
+            start: -10,
+            end: 95,
+            chunk: 7,
+        }),
+        planned(Split::Items {
+            items: (0..23).map(|i| format!("item {i}")).collect(),
+            batch: 4,
+        }),
+        planned(Split::Lines {
+            input: "a\nb\r\n\nlast line without newline".into(),
+            block: 2,
+        }),
+    ];
+    for req in &reqs {
+        let id = store.create_planned_job(req).unwrap();
+        let want = split::split(req).unwrap();
+        let rec = store.get_job(&id).unwrap();
+        assert_eq!(rec.counts.total, want.len() as u64);
+        assert_eq!(rec.map_subtasks, want.len() as u64);
+        assert_eq!(store.job_request(&id).unwrap(), *req);
+        // Claimed in a few rounds, so specs come from several queries.
+        let mut got = Vec::new();
+        loop {
+            let batch = store.claim("a", 3).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch.into_iter().map(|a| a.spec));
+        }
+        assert_eq!(got, want);
+        check_counts(&store, &id);
+    }
+}
+
+#[test]
+fn planned_reduce_job_runs_through() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let req = JobRequest {
+        reduce: Some(Command::Argv(vec!["paste".into(), "-sd+".into()])),
+        ..planned(Split::Range {
+            start: 0,
+            end: 10,
+            chunk: 4,
+        })
+    };
+    let id = store.create_planned_job(&req).unwrap();
+    store.upsert_host("a", "a").unwrap();
+    for a in claim_all(&store, "a") {
+        let sum: i64 = (a.spec.env["SPAREGRID_START"].parse::<i64>().unwrap()
+            ..a.spec.env["SPAREGRID_END"].parse().unwrap())
+            .sum();
+        store
+            .complete(&id, a.index, a.epoch, &ok(&format!("{sum}\n")))
+            .unwrap();
+    }
+    let r = claim_all(&store, "a");
+    assert_eq!(r[0].spec.argv, ["paste", "-sd+"]);
+    assert_eq!(r[0].spec.stdin, b"6\n22\n17\n");
+    store.complete(&id, 3, 1, &ok("45\n")).unwrap();
+    assert_eq!(store.get_job(&id).unwrap().state, JobState::Done);
+}
+
+#[test]
+fn an_unplannable_request_stores_nothing() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let bad = planned(Split::Range {
+        start: 5,
+        end: 5,
+        chunk: 1,
+    });
+    match store.create_planned_job(&bad) {
+        Err(StoreError::Unplannable { name, source }) => {
+            assert_eq!(
+                (name.as_str(), source.field.as_str()),
+                ("planned", "split.range.end")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(store.list_jobs(None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn bounds_that_do_not_fit_the_request_are_corrupt_not_a_panic() {
+    let dir = dir_db();
+    let path = dir.path().join("s.db");
+    let store = SqliteStore::open(&path).unwrap();
+    let id = store
+        .create_planned_job(&planned(Split::Items {
+            items: vec!["x".into(), "y".into()],
+            batch: 1,
+        }))
+        .unwrap();
+    store.upsert_host("a", "a").unwrap();
+    drop(store);
+    let conn = Connection::open(&path).unwrap();
+    conn.execute("UPDATE subtasks SET hi = 99 WHERE idx = 0", [])
+        .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    match store.claim("a", 1) {
+        Err(StoreError::Corrupt { op, detail, .. }) => {
+            assert_eq!(op, "claim");
+            assert!(
+                detail.contains("0..99") && detail.contains(id.as_str()),
+                "{detail}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing was claimed: the transaction rolled back.
+    assert_eq!(store.get_job(&id).unwrap().counts.queued, 2);
+}
+
+#[test]
+fn a_version_1_store_is_migrated_with_its_jobs() {
+    let dir = dir_db();
+    let path = dir.path().join("v1.db");
+    {
+        // What a controller of schema version 1 left behind.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let req = serde_json::to_string(&with_reduce("old", 3)).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (name, request, state, priority, max_attempts, created_ms, \
+             n_total, n_queued, n_assigned, n_done) VALUES ('old', ?1, 'running', 0, 3, 1, 3, 2, 0, 1)",
+            [req],
+        )
+        .unwrap();
+        for i in 0..3u64 {
+            let s = spec(i);
+            conn.execute(
+                "INSERT INTO subtasks (job, idx, state, epoch, argv, env, stdin) \
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    i,
+                    if i == 0 { 2 } else { 0 },
+                    u32::from(i == 0),
+                    serde_json::to_string(&s.argv).unwrap(),
+                    serde_json::to_string(&s.env).unwrap(),
+                    (!s.stdin.is_empty()).then_some(s.stdin),
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO attempts (job, idx, attempt, host, state, started_ms, stdout, stdout_size) \
+             VALUES (1, 0, 1, 'a', 1, 1, x'6f7574203000', 6)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let version: i64 = store
+        .conn
+        .lock()
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let id = JobId::from("j-1");
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!((rec.map_subtasks, rec.counts.total), (3, 3));
+    assert_eq!(
+        rec.reduce, None,
+        "a version-1 job keeps its promise: no reduce"
+    );
+    check_counts(&store, &id);
+    store.upsert_host("a", "a").unwrap();
+    let got = claim_all(&store, "a");
+    assert_eq!(
+        got.iter().map(|a| a.spec.clone()).collect::<Vec<_>>(),
+        [spec(1), spec(2)],
+        "stored specs survive the migration"
+    );
+    for a in &got {
+        store
+            .complete(&id, a.index, a.epoch, &ok(&format!("out {}", a.index)))
+            .unwrap();
+    }
+    assert_eq!(store.get_job(&id).unwrap().state, JobState::Done);
+    assert_eq!(store.results(&id, 0, 10).unwrap().len(), 3);
+    // And a new job in the migrated store gets the next id.
+    assert_eq!(create(&store, "new", 1, 3, 0).as_str(), "j-2");
 }
