@@ -600,6 +600,10 @@ async fn events_follow_a_job_until_it_ends() {
     }
 }
 
+/// The document lists exactly the router's routes, each with every method
+/// (the route list is read from the sources, so a new route fails this
+/// until it is documented), and each operation carries the bearer schemes
+/// of the roles the auth middleware admits on it.
 #[tokio::test]
 async fn openapi_document_lists_every_route() {
     let a = app();
@@ -607,24 +611,88 @@ async fn openapi_document_lists_every_route() {
     assert_eq!(r.status, StatusCode::OK);
     let v = r.json();
     assert!(v["openapi"].as_str().unwrap().starts_with("3."), "{v}");
-    let paths = &v["paths"];
-    for (path, methods) in [
-        ("/v1/jobs", &["get", "post"][..]),
-        ("/v1/jobs/{id}", &["get", "delete"][..]),
-        ("/v1/jobs/{id}/results", &["get"][..]),
-        ("/v1/jobs/{id}/events", &["get"][..]),
-        ("/metrics", &["get"][..]),
-        ("/openapi.json", &["get"][..]),
-    ] {
-        for m in methods {
-            assert!(paths[path][m].is_object(), "{m} {path} missing");
+    let paths = v["paths"].as_object().unwrap();
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in paths {
+        for method in ["get", "post", "put", "delete", "patch", "head", "options"] {
+            if item.get(method).is_some() {
+                documented.insert((method.to_owned(), path.clone()));
+            }
         }
     }
-    assert_eq!(paths.as_object().unwrap().len(), 6, "{}", paths);
-    // The submit body is the request schema.
+    let routed = super::auth_tests::routes_in_source();
+    assert!(routed.len() >= 12, "{routed:?}");
+    let undocumented: Vec<_> = routed.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from /openapi.json: {undocumented:?}"
+    );
+    let stale: Vec<_> = documented.difference(&routed).collect();
+    assert!(stale.is_empty(), "documented but not routed: {stale:?}");
+
+    // Security follows the auth rule of each route.
+    let schemes = &v["components"]["securitySchemes"];
+    for role in [Role::Submit, Role::Agent, Role::Admin] {
+        let s = &schemes[openapi::scheme_of(role)];
+        assert_eq!(s["type"], "http", "{s}");
+        assert_eq!(s["scheme"], "bearer", "{s}");
+    }
+    for (method, path) in &documented {
+        let op = &paths[path][method];
+        let access = Access::of(path);
+        let listed: std::collections::BTreeSet<String> = op["security"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|req| req.as_object().unwrap().keys().cloned())
+            .collect();
+        let want: std::collections::BTreeSet<String> = match access {
+            Access::Public => Default::default(),
+            _ => access
+                .roles()
+                .iter()
+                .map(|r| openapi::scheme_of(*r).to_owned())
+                .collect(),
+        };
+        assert_eq!(listed, want, "{method} {path}");
+        for status in ["401", "403"] {
+            assert_eq!(
+                op["responses"].get(status).is_some(),
+                access != Access::Public,
+                "{method} {path} {status}"
+            );
+        }
+    }
+
+    // The submit body is the request schema; the agent plane speaks
+    // MessagePack with its messages' schemas.
     let body = &paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"];
     assert_eq!(body["$ref"], "#/components/schemas/JobRequest");
+    for (path, schema) in [
+        ("/v1/agents/register", "Register"),
+        ("/v1/agents/heartbeat", "Heartbeat"),
+        ("/v1/agents/release", "Release"),
+    ] {
+        let post = &paths[path]["post"];
+        let body = &post["requestBody"]["content"]["application/msgpack"]["schema"];
+        assert_eq!(body["$ref"], format!("#/components/schemas/{schema}"), "{path}");
+        assert!(
+            post["responses"]["200"]["content"]["application/msgpack"].is_object(),
+            "{path}: {post}"
+        );
+    }
+    let completions = &paths["/v1/agents/completions"]["post"]["requestBody"]["content"]
+        ["application/msgpack"]["schema"];
+    assert_eq!(completions["type"], "array", "{completions}");
+    assert_eq!(
+        completions["items"]["$ref"],
+        "#/components/schemas/Completion"
+    );
+    let hosts = &paths["/v1/hosts"]["get"]["responses"]["200"]["content"]["application/json"]
+        ["schema"];
+    assert_eq!(hosts["$ref"], "#/components/schemas/HostsView");
     assert!(v["components"]["schemas"]["ErrorBody"].is_object());
+    assert!(v["components"]["schemas"]["HostView"].is_object());
 }
 
 #[tokio::test]
