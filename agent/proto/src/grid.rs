@@ -1,7 +1,7 @@
 //! Agent ↔ controller messages (HTTP bodies in MessagePack): registration,
 //! heartbeats with the load factor and running subtasks, subtask batches
-//! pushed to an agent, and completion reports. Work in progress for the
-//! controller issue; the shapes are fixed here so both sides share them.
+//! pushed to an agent, stops pushed to an agent, completion reports, and
+//! releases (attempts an agent hands back unfinished when it drains).
 
 use std::collections::BTreeMap;
 
@@ -78,6 +78,34 @@ pub struct Assignment {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssignBatch {
     pub assignments: Vec<Assignment>,
+}
+
+/// `POST /v1/subtasks/stop` on the agent: attempts to kill at once (their
+/// job was cancelled, or they were dispatched elsewhere). The agent does not
+/// report them; a late report would be stale anyway.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StopBatch {
+    pub attempts: Vec<AttemptRef>,
+}
+
+/// `POST /v1/agents/release`: attempts the agent hands back unfinished
+/// (it drains or shuts down). The controller puts each one that is still
+/// its current attempt on this host back in the queue; a release is not a
+/// failure and does not count against `max_attempts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub host: String,
+    pub attempts: Vec<AttemptRef>,
+    /// Why (for the attempt records and logs), e.g. "agent draining".
+    pub reason: String,
+}
+
+/// The controller's answer to [`Release`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Released {
+    /// Attempts put back in the queue; the others were no longer current
+    /// (already withdrawn, cancelled or done) and changed nothing.
+    pub requeued: u32,
 }
 
 /// How one attempt ended.

@@ -12,7 +12,9 @@
 //!    `HostLost` → `Store::mark_lost`; the requeued attempts are remembered
 //!    for the host's next heartbeat reply;
 //! 2. for each eligible host (least loaded first), claims up to its free
-//!    slots (at most `dispatch.batch_size`) with `Store::claim`, and POSTs
+//!    slots (at most `dispatch.batch_size`; counted between heartbeats by
+//!    the plane's slot book, so a completion frees its slot at once) with
+//!    `Store::claim`, and POSTs
 //!    them as one [`AssignBatch`] (MessagePack, agent token) to
 //!    `<agent_url>/v1/subtasks` on its own task. When the POST fails, the
 //!    claimed attempts go back to the queue (`Store::withdraw`) and the host
@@ -25,6 +27,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::http::header;
+#[cfg(doc)]
+use sparegrid_proto::grid::StopBatch;
 use sparegrid_proto::grid::{AssignBatch, Assignment as WireAssignment, AttemptRef, Register};
 use tokio::task::JoinHandle;
 
@@ -112,7 +116,7 @@ pub(crate) async fn round(plane: &AgentPlane) {
         let book = plane.book();
         let now = plane.now();
         book.registry
-            .eligible(now)
+            .eligible_with(now, |h| book.slots.free(h))
             .into_iter()
             .filter(|h| !book.skip.contains(h.host.as_str()))
             .collect::<Vec<_>>()
@@ -138,7 +142,9 @@ pub(crate) async fn round(plane: &AgentPlane) {
         }
         let fit = {
             let mut book = plane.book();
-            book.registry.note_assigned(&host, claimed.len() as u32);
+            let now = plane.now();
+            book.slots
+                .pushed(&host, claimed.iter().map(attempt_of_assignment), now);
             let fit =
                 book.registry.host(&host).is_some_and(|x| {
                     x.state == HostState::Active && x.membership == Membership::In
@@ -250,14 +256,33 @@ pub enum PushError {
 
 /// POSTs an encoded [`AssignBatch`] to `<agent_url>/v1/subtasks`.
 async fn push(plane: &AgentPlane, agent_url: &str, body: Vec<u8>) -> Result<(), PushError> {
-    let url = format!("{}/v1/subtasks", agent_url.trim_end_matches('/'));
+    post_to_agent(plane, agent_url, "/v1/subtasks", body).await
+}
+
+/// POSTs an encoded [`StopBatch`] to `<agent_url>/v1/subtasks/stop`.
+pub(crate) async fn push_stop(
+    plane: &AgentPlane,
+    agent_url: &str,
+    body: Vec<u8>,
+) -> Result<(), PushError> {
+    post_to_agent(plane, agent_url, "/v1/subtasks/stop", body).await
+}
+
+/// POSTs a MessagePack `body` to `<agent_url><path>` with the agent token.
+async fn post_to_agent(
+    plane: &AgentPlane,
+    agent_url: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(), PushError> {
+    let url = format!("{}{path}", agent_url.trim_end_matches('/'));
     let mut req = plane
         .inner
         .client
         .post(&url)
         .header(header::CONTENT_TYPE, MSGPACK)
         .body(body);
-    if let Some(token) = &plane.inner.config.agent_token {
+    if let Some(token) = &plane.inner.agent_token {
         req = req.bearer_auth(token);
     }
     let resp = req.send().await.map_err(|source| PushError::Http {
@@ -279,6 +304,12 @@ async fn push(plane: &AgentPlane, agent_url: &str, body: Vec<u8>) -> Result<(), 
 
 /// Puts claimed attempts back in the queue (those still current).
 async fn give_back(plane: &AgentPlane, host: &str, claimed: &[Assignment], reason: &'static str) {
+    {
+        let mut book = plane.book();
+        for a in claimed {
+            book.slots.release(host, &attempt_of_assignment(a));
+        }
+    }
     let refs: Vec<(JobId, u64, u32)> = claimed
         .iter()
         .map(|a| (a.job.clone(), a.index, a.epoch))
@@ -300,7 +331,15 @@ async fn give_back(plane: &AgentPlane, host: &str, claimed: &[Assignment], reaso
     }
 }
 
-fn attempt_of(r: SubtaskRef) -> AttemptRef {
+fn attempt_of_assignment(a: &Assignment) -> AttemptRef {
+    AttemptRef {
+        job: a.job.0.clone(),
+        index: a.index,
+        epoch: a.epoch,
+    }
+}
+
+pub(crate) fn attempt_of(r: SubtaskRef) -> AttemptRef {
     AttemptRef {
         job: r.job.0,
         index: r.index,
@@ -327,6 +366,7 @@ pub(crate) async fn apply_events(plane: &AgentPlane, events: Vec<RegistryEvent>)
                 )
             }
             RegistryEvent::HostLost { attempts, .. } => {
+                plane.book().slots.forget(&host);
                 let h = host.clone();
                 let result = plane
                     .blocking(move |s| match s.mark_lost(&h) {

@@ -75,7 +75,7 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<Json<HostsView>, A
         let now = plane.now();
         let eligible: std::collections::HashSet<String> = book
             .registry
-            .eligible(now)
+            .eligible_with(now, |h| book.slots.free(h))
             .into_iter()
             .map(|h| h.host.0)
             .collect();
@@ -92,7 +92,7 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<Json<HostsView>, A
                     agent_url: h.agent_url.clone(),
                     version: Some(h.version.clone()).filter(|v| !v.is_empty()),
                     slots: Some(h.slots),
-                    free_slots: h.free_slots(),
+                    free_slots: book.slots.free(h),
                     load: h.load(),
                     dominant: last.and_then(|hb| hb.dominant),
                     breakdown: last.map(|hb| hb.breakdown.clone()).unwrap_or_default(),

@@ -7,17 +7,21 @@
 //! | `POST /v1/agents/register` | [`Register`] → [`Registered`] | join (or rejoin) the registry; the host is upserted in the store |
 //! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts; the reply lists attempts to stop |
 //! | `POST /v1/agents/completions` | `Vec<Completion>` → [`CompletionsReply`] | report finished attempts; each is accepted, duplicate, stale or rejected |
+//! | `POST /v1/agents/release` | [`Release`] → [`Released`] | hand attempts back unfinished (the agent drains or stops): each still current on that host goes back to the queue, not as a failure |
 //! | `GET /v1/hosts` | → JSON [`HostsView`] | every host's load, dominant metric, free slots, state and running count |
 //!
 //! The agent routes take and give `application/msgpack` (see [`msgpack`]);
 //! their errors are JSON `{code, message, field?}` like the rest of the API.
-//! When `dispatch.agent_token` is set they need `Authorization: Bearer
-//! <token>` (401 `unauthorized` without it or with a wrong one); the
-//! controller sends the same token when it pushes to agents.
+//! When `[auth]` has tokens they need `Authorization: Bearer <token>` with
+//! `auth.agent_token` (or an admin token; 401 `unauthorized` without one or
+//! with a wrong one, 403 `forbidden` with another role's; see
+//! [`crate::api::auth`]); the controller sends `auth.agent_token` when it
+//! pushes to agents.
 //!
 //! | code | status | when |
 //! |---|---|---|
 //! | `unauthorized` | 401 | no bearer token, or a wrong one |
+//! | `forbidden` | 403 | a submit token (agent routes) or an agent token (`/v1/hosts`) |
 //! | `malformed_msgpack` | 400 | the body is not the expected MessagePack message (rmp-serde's description follows) |
 //! | `invalid_field` | 400 | a register or heartbeat field is refused (`field` names it) |
 //! | `body_unreadable` | 400 | the body could not be read off the connection |
@@ -30,13 +34,28 @@
 //!
 //! [`AgentPlane`] holds the [`Registry`] behind a mutex (never held across
 //! an `.await`), the attempts each host must be told to stop in its next
-//! heartbeat reply, and the hosts whose last push failed. Time is the
+//! heartbeat reply, the hosts whose last push failed or that just released
+//! work (no new work until their next heartbeat), and each host's free
+//! slots between heartbeats ([`slots`]: a push debits, a completion, stop,
+//! withdrawal or release credits, the heartbeat resets). Time is the
 //! [`Instant`] since the plane was made. Every store call runs on the
-//! blocking pool. The dispatcher ([`spawn_dispatcher`]) is in [`dispatch`].
+//! blocking pool. The dispatcher ([`spawn_dispatcher`]) is in [`dispatch`];
+//! a completion that frees a slot or requeues work wakes it.
+//!
+//! # Stopping attempts
+//!
+//! Attempts a host must stop reach it two ways. At once: when a job is
+//! cancelled, [`AgentPlane::stop_attempts`] pushes a [`StopBatch`] to each
+//! host that runs one (`POST <agent_url>/v1/subtasks/stop`, agent token).
+//! As the fallback: every heartbeat reply withdraws the reported attempts
+//! that are no longer current in the store (cancelled, requeued,
+//! superseded), and those the plane queued for the host (a stop push that
+//! failed, a host that left the set).
 
 pub mod dispatch;
 mod hosts;
 pub mod msgpack;
+mod slots;
 
 #[cfg(test)]
 mod tests;
@@ -54,7 +73,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sparegrid_proto::grid::{
-    AttemptRef, Completion, Heartbeat, HeartbeatReply, Register, Registered,
+    AttemptRef, Completion, Heartbeat, HeartbeatReply, Register, Registered, Release, Released,
+    StopBatch,
 };
 use tokio::sync::Notify;
 
@@ -66,7 +86,8 @@ use crate::api::{AppState, ErrorBody};
 use crate::config::{ControllerConfig, DispatchConfig};
 use crate::job::Resources;
 use crate::registry::{Registry, RegistryError, RegistryEvent};
-use crate::store::{CompletionResult, JobId, Outcome, Report, Store, StoreError};
+use crate::store::{CompletionResult, JobId, Outcome, Report, Store, StoreError, SubtaskRef};
+use slots::SlotBook;
 
 /// What the agent plane refuses or fails with.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +204,8 @@ pub(crate) struct Book {
     pub(crate) retry: Vec<RegistryEvent>,
     /// Each job's per-subtask resources, for building assignments.
     pub(crate) resources: BTreeMap<JobId, Resources>,
+    /// Free slots between heartbeats (see [`slots`]).
+    pub(crate) slots: SlotBook,
 }
 
 pub(crate) struct Inner {
@@ -190,6 +213,8 @@ pub(crate) struct Inner {
     pub(crate) book: Mutex<Book>,
     pub(crate) start: Instant,
     pub(crate) config: DispatchConfig,
+    /// The agent token (`auth.agent_token`), sent on every push to an agent.
+    pub(crate) agent_token: Option<String>,
     pub(crate) wake: Notify,
     pub(crate) client: reqwest::Client,
 }
@@ -230,9 +255,11 @@ impl AgentPlane {
                     restored: HashSet::new(),
                     retry: Vec::new(),
                     resources: BTreeMap::new(),
+                    slots: SlotBook::new(config.registry.host_timeout),
                 }),
                 start: Instant::now(),
                 config: config.dispatch.clone(),
+                agent_token: config.auth.agent_token.clone(),
                 wake: Notify::new(),
                 client,
             }),
@@ -275,52 +302,77 @@ impl AgentPlane {
             .map_err(|e| AgentError::Task(e.to_string()))?
             .map_err(AgentError::from)
     }
+}
 
-    /// True when `presented` is the agent token, or no token is configured.
-    fn token_ok(&self, presented: Option<&str>) -> Result<(), AgentError> {
-        let Some(expected) = &self.inner.config.agent_token else {
-            return Ok(());
-        };
-        let Some(presented) = presented else {
-            return Err(AgentError::Unauthorized(
-                "this route needs the agent token: Authorization: Bearer <token>",
-            ));
-        };
-        if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            Ok(())
-        } else {
-            Err(AgentError::Unauthorized(
-                "the bearer token is not the agent token",
-            ))
+impl AgentPlane {
+    /// Tells the hosts of `refs` (a cancelled job's running subtasks) to
+    /// stop those attempts now: one `POST <agent_url>/v1/subtasks/stop`
+    /// ([`StopBatch`]) per host, each on its own task, so this returns at
+    /// once. A host that cannot be reached (or has no URL) learns it from
+    /// its next heartbeat reply instead. A stopped attempt's slot is free
+    /// again as soon as the agent confirms.
+    pub fn stop_attempts(&self, refs: &[SubtaskRef]) {
+        let mut by_host: BTreeMap<String, Vec<AttemptRef>> = BTreeMap::new();
+        for r in refs {
+            if let Some(host) = &r.host {
+                by_host
+                    .entry(host.clone())
+                    .or_default()
+                    .push(dispatch::attempt_of(r.clone()));
+            }
+        }
+        let mut book = self.book();
+        for (host, attempts) in by_host {
+            let url = book.registry.host(&host).and_then(|h| h.agent_url.clone());
+            let body = msgpack::encode(&StopBatch {
+                attempts: attempts.clone(),
+            });
+            let (Some(url), Ok(body)) = (url, body) else {
+                book.stop.entry(host).or_default().extend(attempts);
+                continue;
+            };
+            let plane = self.clone();
+            tokio::spawn(async move {
+                match dispatch::push_stop(&plane, &url, body).await {
+                    Ok(()) => {
+                        tracing::info!(host = %host, stopped = attempts.len(), "agent stopped attempts");
+                        {
+                            let mut book = plane.book();
+                            for a in &attempts {
+                                book.slots.release(&host, a);
+                            }
+                        }
+                        plane.wake();
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %host, "pushing a stop failed, the next heartbeat reply carries it: {e}");
+                        plane.book().stop.entry(host).or_default().extend(attempts);
+                    }
+                }
+            });
         }
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The bearer token of an `Authorization` header, if it has one.
-pub fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
-}
-
-/// Extractor: the request carries the agent token (when one is set).
+/// Extractor: the request carries the agent (or admin) token, when
+/// `[auth]` has tokens. The router's auth middleware
+/// ([`crate::api::auth`]) checks this first; the extractor checks again so
+/// the agent routes stay closed wherever they are mounted.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentAuth;
 
 impl FromRequestParts<AppState> for AgentAuth {
-    type Rejection = AgentError;
+    type Rejection = crate::api::ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AgentError> {
-        state.agents.token_ok(bearer(parts)).map(|()| AgentAuth)
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, crate::api::ApiError> {
+        state
+            .auth
+            .check(crate::api::Access::Agent, &parts.headers)
+            .map(|_| AgentAuth)
+            .map_err(Into::into)
     }
 }
 
@@ -330,6 +382,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/register", post(register))
         .route("/v1/agents/heartbeat", post(heartbeat))
         .route("/v1/agents/completions", post(completions))
+        .route("/v1/agents/release", post(release))
         .route("/v1/hosts", get(hosts::list))
 }
 
@@ -358,6 +411,7 @@ async fn register(
         book.restored.remove(&host);
         book.skip.remove(&host);
         book.stop.remove(&host);
+        book.slots.forget(&host);
         registered
     };
     plane
@@ -400,11 +454,17 @@ async fn heartbeat(
         .map(|r| (r.job.0, r.index, r.epoch))
         .collect();
     let (mut outcome, events) = {
-        let mut book = plane.book();
+        let mut guard = plane.book();
+        let book = &mut *guard;
         let now = plane.now();
         let outcome = book.registry.heartbeat(hb, now, |a| {
             current.contains(&(a.job.clone(), a.index, a.epoch))
         })?;
+        if let Some(h) = book.registry.host(&host) {
+            if let Some(last) = &h.last {
+                book.slots.heartbeat(last, h.slots, now);
+            }
+        }
         book.skip.remove(&host);
         let events = book.registry.tick(now);
         (outcome, events)
@@ -432,9 +492,89 @@ async fn heartbeat(
     }
     if !outcome.withdraw.is_empty() {
         tracing::info!(host = %host, withdraw = outcome.withdraw.len(), "telling agent to stop attempts");
+        let mut book = plane.book();
+        for a in &outcome.withdraw {
+            book.slots.release(&host, a);
+        }
     }
     plane.wake();
     Ok(MsgPack(outcome.into_reply()))
+}
+
+/// Longest reason kept from a [`Release`].
+const MAX_RELEASE_REASON: usize = 200;
+
+/// `POST /v1/agents/release`: the agent hands attempts back unfinished.
+/// Each one that is still the current attempt of a subtask assigned to
+/// that host goes back to the queue (`Store::withdraw`, not a failure);
+/// the others change nothing. The host gets no new work until its next
+/// heartbeat (a draining agent reports no free slot).
+#[utoipa::path(
+    post,
+    path = "/v1/agents/release",
+    tag = "agents",
+    request_body(
+        content = Vec<u8>,
+        content_type = "application/msgpack",
+        description = "A MessagePack `Release`: `{host, attempts: [{job, index, epoch}], reason}`"
+    ),
+    responses(
+        (status = 200, description = "MessagePack `Released`: `{requeued}`, the attempts put back in the queue",
+            content_type = "application/msgpack", body = Vec<u8>),
+        (status = 400, description = "The body is not a MessagePack `Release`", body = ErrorBody),
+        (status = 401, description = "No bearer token, or a wrong one", body = ErrorBody),
+        (status = 403, description = "A token of a role other than agent or admin", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+pub(crate) async fn release(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(rel): MsgPack<Release>,
+) -> Result<MsgPack<Released>, AgentError> {
+    let plane = &s.agents;
+    let Release {
+        host,
+        attempts,
+        reason,
+    } = rel;
+    let mut reason: String = reason.chars().take(MAX_RELEASE_REASON).collect();
+    if reason.is_empty() {
+        reason = "released by the agent".to_owned();
+    }
+    let (h, list, why) = (host.clone(), attempts.clone(), reason.clone());
+    let requeued = plane
+        .blocking(move |store| {
+            let assigned: HashSet<(String, u64, u32)> = store
+                .assigned_to(&h)?
+                .into_iter()
+                .map(|r| (r.job.0, r.index, r.epoch))
+                .collect();
+            let mut n = 0u32;
+            for a in &list {
+                if assigned.contains(&(a.job.clone(), a.index, a.epoch))
+                    && store.withdraw(&JobId(a.job.clone()), a.index, a.epoch, &why)?
+                {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await?;
+    {
+        let mut book = plane.book();
+        for a in &attempts {
+            book.slots.release(&host, a);
+        }
+        book.skip.insert(host.clone());
+    }
+    tracing::info!(host = %host, released = attempts.len(), requeued, reason = %reason, "agent handed attempts back");
+    if requeued > 0 {
+        plane.wake();
+    }
+    Ok(MsgPack(Released { requeued }))
 }
 
 /// What became of one completion report.
@@ -505,6 +645,13 @@ async fn completions(
     MsgPack(reports): MsgPack<Vec<Completion>>,
 ) -> Result<MsgPack<CompletionsReply>, AgentError> {
     let plane = &s.agents;
+    let freed = {
+        let mut book = plane.book();
+        reports
+            .iter()
+            .filter(|c| book.slots.release(&c.host, &c.attempt))
+            .count()
+    };
     let attempts: Vec<AttemptRef> = reports.iter().map(|c| c.attempt.clone()).collect();
     let reports: Vec<Report> = reports.into_iter().map(report_of).collect();
     let results = if reports.is_empty() {
@@ -535,8 +682,8 @@ async fn completions(
             error,
         });
     }
-    if reply.accepted > 0 {
-        // Failed attempts went back to the queue; a job may have more work.
+    if reply.accepted > 0 || freed > 0 {
+        // Slots came free, or failed attempts went back to the queue.
         plane.wake();
     }
     Ok(MsgPack(reply))

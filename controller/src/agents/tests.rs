@@ -15,7 +15,7 @@ use axum::routing::post;
 use axum::Router;
 use serde_json::{json, Value};
 use sparegrid_proto::grid::{
-    AssignBatch, AttemptRef, Completion, Heartbeat, HeartbeatReply, Register,
+    AssignBatch, AttemptRef, Completion, Heartbeat, HeartbeatReply, Register, StopBatch,
 };
 use tokio::net::TcpListener;
 
@@ -24,6 +24,9 @@ use crate::api::router;
 use crate::store::{AttemptState, JobState, SqliteStore};
 
 const TOKEN: &str = "agent-token-for-tests";
+/// The admin token (the job and hosts routes need one once `[auth]` has
+/// tokens).
+const ADMIN: &str = "admin-token-for-tests";
 
 struct Ctl {
     url: String,
@@ -32,16 +35,23 @@ struct Ctl {
 }
 
 async fn controller() -> Ctl {
+    controller_with(|_| {}).await
+}
+
+/// The test controller with `tweak` applied to its config.
+async fn controller_with(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
     let mut config = ControllerConfig::default();
     config.registry.heartbeat_interval = Duration::from_millis(100);
     config.registry.host_timeout = Duration::from_millis(400);
-    config.dispatch.agent_token = Some(TOKEN.to_owned());
+    config.auth.agent_token = Some(TOKEN.to_owned());
+    config.auth.admin_tokens = vec![ADMIN.to_owned()];
     config.dispatch.interval = Duration::from_millis(20);
     // Small enough that an oversized test body fits in the socket buffers:
     // the server answers 413 after reading past the cap and closes, and a
     // client still writing a 33 MiB body would see a broken pipe instead of
     // the answer.
     config.dispatch.max_agent_body_bytes = 64 * 1024;
+    tweak(&mut config);
     config.validate().unwrap();
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
     let dyn_store: Arc<dyn Store> = store.clone();
@@ -75,6 +85,7 @@ impl Ctl {
         let r = self
             .client
             .post(format!("{}/v1/jobs", self.url))
+            .bearer_auth(ADMIN)
             .json(&json!({
                 "name": "sweep",
                 "command": {"argv": ["echo", "{start}"]},
@@ -130,6 +141,11 @@ struct FakeState {
     withdrawn: Vec<AttemptRef>,
     reported: Vec<Completion>,
     acks: Vec<CompletionAck>,
+    /// Heartbeats sent, and the most attempts ever held at once.
+    heartbeats: u32,
+    max_running: usize,
+    /// Attempts the controller told it to stop with a push.
+    stopped: Vec<AttemptRef>,
 }
 
 struct Fake {
@@ -141,6 +157,8 @@ struct Fake {
     client: reqwest::Client,
     heartbeating: AtomicBool,
     working: AtomicBool,
+    /// Whether it serves `POST /v1/subtasks/stop` (404 otherwise).
+    stop_route: AtomicBool,
     st: Mutex<FakeState>,
 }
 
@@ -156,6 +174,7 @@ impl Fake {
             client: reqwest::Client::new(),
             heartbeating: AtomicBool::new(true),
             working: AtomicBool::new(true),
+            stop_route: AtomicBool::new(true),
             st: Mutex::new(FakeState::default()),
         });
         let f = fake.clone();
@@ -176,6 +195,32 @@ impl Fake {
                         assert_eq!(a.argv, vec!["echo".to_owned(), a.attempt.index.to_string()]);
                         st.received.push(a.attempt.clone());
                         st.running.push((a.attempt, Instant::now()));
+                    }
+                    st.max_running = st.max_running.max(st.running.len());
+                    StatusCode::OK
+                }
+            }),
+        );
+        let f = fake.clone();
+        let app = app.route(
+            "/v1/subtasks/stop",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let f = f.clone();
+                async move {
+                    if !f.stop_route.load(Ordering::SeqCst) {
+                        return StatusCode::NOT_FOUND;
+                    }
+                    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+                    if auth != Some(&format!("Bearer {TOKEN}")) {
+                        return StatusCode::UNAUTHORIZED;
+                    }
+                    let Ok(stop) = rmp_serde::from_slice::<StopBatch>(&body) else {
+                        return StatusCode::BAD_REQUEST;
+                    };
+                    let mut st = f.st.lock().unwrap();
+                    for a in stop.attempts {
+                        st.running.retain(|(r, _)| *r != a);
+                        st.stopped.push(a);
                     }
                     StatusCode::OK
                 }
@@ -247,6 +292,7 @@ impl Fake {
             }
         };
         let r = self.post("/v1/agents/heartbeat", enc(&hb)).await;
+        self.st.lock().unwrap().heartbeats += 1;
         if r.status() == StatusCode::CONFLICT {
             self.register().await;
             return;
@@ -357,7 +403,11 @@ async fn three_agents_finish_a_job_and_an_overloaded_one_hands_its_work_back() {
     assert!(b.accepted() > 0 && c.accepted() > 0);
 
     // The users' view shows host-a out of the set with its load.
-    let v: Value = reqwest::get(format!("{}/v1/hosts", ctl.url))
+    let v: Value = ctl
+        .client
+        .get(format!("{}/v1/hosts", ctl.url))
+        .bearer_auth(ADMIN)
+        .send()
         .await
         .unwrap()
         .json()
@@ -616,4 +666,121 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let reply: CompletionsReply = rmp_serde::from_slice(&body).unwrap();
     assert_eq!(reply.stale, 1, "{reply:?}");
     assert_eq!(ctl.store.get_job(&job).unwrap().counts.queued, 3);
+}
+
+/// Free slots refill from completions: a 1-slot host that heartbeats once
+/// runs a whole job, one subtask at a time, with no heartbeat in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_completion_frees_the_slot_without_waiting_for_a_heartbeat() {
+    let ctl = controller_with(|c| {
+        c.registry.heartbeat_interval = Duration::from_secs(30);
+        c.registry.host_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let a = Fake::start(&ctl, "host-a", 1, 5).await;
+    ctl.wait_for("host-a's first heartbeat", 10, |_| {
+        a.st.lock().unwrap().heartbeats >= 1
+    })
+    .await;
+    a.heartbeating.store(false, Ordering::SeqCst);
+    // Let a heartbeat that was already on its way land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let beats = a.st.lock().unwrap().heartbeats;
+
+    let job = ctl.submit_range(6).await;
+    ctl.wait_for("the job to finish", 30, |ctl| {
+        ctl.store.get_job(&job).unwrap().state.is_terminal()
+    })
+    .await;
+    let hosts = ctl.check_results(&job, 6);
+    assert!(hosts.values().all(|h| h == "host-a"));
+    let st = a.st.lock().unwrap();
+    assert_eq!(st.heartbeats, beats, "no heartbeat while the job ran");
+    assert_eq!(st.received.len(), 6, "each subtask pushed once");
+    assert_eq!(st.max_running, 1, "never more than its one slot");
+}
+
+/// Cancelling a job pushes a stop to the hosts running it at once; a host
+/// the push cannot reach learns it from its next heartbeat reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_pushes_a_stop_and_the_heartbeat_reply_is_the_fallback() {
+    let ctl = controller_with(|c| {
+        c.registry.heartbeat_interval = Duration::from_secs(30);
+        c.registry.host_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let a = Fake::start(&ctl, "host-a", 2, 0).await;
+    a.working.store(false, Ordering::SeqCst);
+    ctl.wait_for("host-a's first heartbeat", 10, |_| {
+        a.st.lock().unwrap().heartbeats >= 1
+    })
+    .await;
+    a.heartbeating.store(false, Ordering::SeqCst);
+    let job = ctl.submit_range(2).await;
+    ctl.wait_for("both pushed", 10, |_| {
+        a.st.lock().unwrap().received.len() == 2
+    })
+    .await;
+    let cancel = |job: JobId| {
+        let ctl = &ctl;
+        async move {
+            let r = ctl
+                .client
+                .delete(format!("{}/v1/jobs/{}", ctl.url, job.0))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let v: Value = r.json().await.unwrap();
+            v
+        }
+    };
+    let v = cancel(job.clone()).await;
+    assert_eq!(v["stopping"], 2, "{v}");
+    // No heartbeat in between (30 s apart and switched off): the push did it.
+    ctl.wait_for("the stop push", 10, |_| {
+        a.st.lock().unwrap().stopped.len() == 2
+    })
+    .await;
+    {
+        let st = a.st.lock().unwrap();
+        let mut stopped = st.stopped.clone();
+        stopped.sort_by_key(|x| x.index);
+        assert_eq!(stopped, st.received);
+        assert!(st.running.is_empty());
+        assert!(st.withdrawn.is_empty());
+    }
+
+    // A host whose stop route fails: the heartbeat reply withdraws them.
+    // host-a leaves the set first, so host-b gets the work.
+    a.st.lock().unwrap().load = 0.9;
+    let beats = a.st.lock().unwrap().heartbeats;
+    a.heartbeating.store(true, Ordering::SeqCst);
+    ctl.wait_for("host-a to report its load", 10, |_| {
+        a.st.lock().unwrap().heartbeats >= beats + 2
+    })
+    .await;
+    let b = Fake::start(&ctl, "host-b", 2, 0).await;
+    b.working.store(false, Ordering::SeqCst);
+    b.stop_route.store(false, Ordering::SeqCst);
+    ctl.wait_for("host-b's first heartbeat", 10, |_| {
+        b.st.lock().unwrap().heartbeats >= 1
+    })
+    .await;
+    let job = ctl.submit_range(2).await;
+    ctl.wait_for("host-b to get work", 10, |_| {
+        !b.st.lock().unwrap().received.is_empty()
+    })
+    .await;
+    b.heartbeating.store(false, Ordering::SeqCst);
+    let held = b.st.lock().unwrap().running.len();
+    cancel(job).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.st.lock().unwrap().withdrawn.len(), 0);
+    b.heartbeat().await;
+    let st = b.st.lock().unwrap();
+    assert!(st.stopped.is_empty());
+    assert_eq!(st.withdrawn.len(), held, "{:?}", st.withdrawn);
+    assert!(st.running.is_empty());
 }

@@ -489,6 +489,17 @@ impl Registry {
     /// within `host_timeout`, load below `dispatch_below` and a free slot.
     /// Least loaded first, then most free slots, then by id.
     pub fn eligible(&self, now: Duration) -> Vec<EligibleHost> {
+        self.eligible_with(now, Host::free_slots)
+    }
+
+    /// [`Registry::eligible`] with the caller's count of each host's free
+    /// slots (the agent plane credits slots as completions arrive, between
+    /// heartbeats).
+    pub fn eligible_with(
+        &self,
+        now: Duration,
+        free_slots: impl Fn(&Host) -> u32,
+    ) -> Vec<EligibleHost> {
         let cfg = &self.config;
         let mut out: Vec<EligibleHost> = self
             .hosts
@@ -500,7 +511,7 @@ impl Registry {
             })
             .filter_map(|h| {
                 let load = h.load()?;
-                let free_slots = h.free_slots();
+                let free_slots = free_slots(h);
                 (load < cfg.dispatch_below && free_slots > 0).then(|| EligibleHost {
                     host: h.id.clone(),
                     agent_url: h.agent_url.clone(),
