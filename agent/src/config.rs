@@ -353,7 +353,8 @@ impl Default for VmTemplate {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerSection {
-    /// Controller base URL (`http://host:port`); empty: do not join a controller.
+    /// Controller base URL (`http://host:port` or `https://host:port`);
+    /// empty: do not join a controller.
     pub url: String,
     /// Agent token, sent to the controller and required on `POST /v1/subtasks`;
     /// empty: no token.
@@ -363,6 +364,9 @@ pub struct ControllerSection {
     /// URL the controller pushes subtasks to; empty: `http://` + `agent.listen`
     /// (with the host name in place of an unspecified address).
     pub advertise_url: String,
+    /// PEM file of CA certificates to trust for an `https://` controller,
+    /// besides the built-in roots; empty: the built-in roots only.
+    pub ca_cert: PathBuf,
 }
 
 impl Default for ControllerSection {
@@ -372,6 +376,7 @@ impl Default for ControllerSection {
             token: String::new(),
             slots: 1,
             advertise_url: String::new(),
+            ca_cert: PathBuf::new(),
         }
     }
 }
@@ -382,17 +387,20 @@ impl ControllerSection {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        fn http_url(field: &str, v: &str) -> Result<(), ConfigError> {
-            let rest = v.strip_prefix("http://").ok_or_else(|| {
-                invalid(
-                    field,
-                    format!("must start with http:// (this build has no TLS client), got {v:?}"),
-                )
-            })?;
+        fn http_url(field: &str, v: &str, https: bool) -> Result<(), ConfigError> {
+            let schemes = if https {
+                "http:// or https://"
+            } else {
+                "http://"
+            };
+            let rest = v
+                .strip_prefix("http://")
+                .or_else(|| v.strip_prefix("https://").filter(|_| https))
+                .ok_or_else(|| invalid(field, format!("must start with {schemes}, got {v:?}")))?;
             if rest.is_empty() || rest.starts_with('/') || v.chars().any(|c| c.is_whitespace()) {
                 return Err(invalid(
                     field,
-                    format!("must be http://host[:port], got {v:?}"),
+                    format!("must be {schemes}host[:port], got {v:?}"),
                 ));
             }
             Ok(())
@@ -400,9 +408,27 @@ impl ControllerSection {
         if !self.enabled() {
             return Ok(());
         }
-        http_url("controller.url", &self.url)?;
+        http_url("controller.url", &self.url, true)?;
         if !self.advertise_url.is_empty() {
-            http_url("controller.advertise_url", &self.advertise_url)?;
+            // The agent serves plain HTTP.
+            http_url("controller.advertise_url", &self.advertise_url, false)?;
+        }
+        if !self.ca_cert.as_os_str().is_empty() {
+            if !self.url.starts_with("https://") {
+                return Err(invalid(
+                    "controller.ca_cert",
+                    format!(
+                        "is only used with an https:// controller.url, got {:?}",
+                        self.url
+                    ),
+                ));
+            }
+            if !self.ca_cert.is_absolute() {
+                return Err(invalid(
+                    "controller.ca_cert",
+                    format!("must be an absolute path, got {:?}", self.ca_cert),
+                ));
+            }
         }
         if self
             .token
@@ -715,8 +741,30 @@ mod tests {
             "controller.url"
         );
         assert_eq!(
-            field_of("[controller]\nurl = \"https://ctl\"\n"),
+            field_of("[controller]\nurl = \"ftp://ctl\"\n"),
             "controller.url"
+        );
+        assert_eq!(
+            field_of("[controller]\nurl = \"https://\"\n"),
+            "controller.url"
+        );
+        // https with a private CA.
+        let tls = "[controller]\nurl = \"https://ctl:7400\"\nca_cert = \"/etc/sparegrid/ca.pem\"\n";
+        let c = Config::parse(tls).unwrap();
+        assert_eq!(c.controller.ca_cert, PathBuf::from("/etc/sparegrid/ca.pem"));
+        assert_eq!(
+            field_of(&format!("{on}ca_cert = \"/etc/sparegrid/ca.pem\"\n")),
+            "controller.ca_cert",
+            "a CA for a plain-http controller is a mistake"
+        );
+        assert_eq!(
+            field_of("[controller]\nurl = \"https://ctl\"\nca_cert = \"ca.pem\"\n"),
+            "controller.ca_cert"
+        );
+        // The agent itself serves plain HTTP.
+        assert_eq!(
+            field_of(&format!("{on}advertise_url = \"https://10.0.0.1:7410\"\n")),
+            "controller.advertise_url"
         );
         assert_eq!(field_of(&format!("{on}slots = 0\n")), "controller.slots");
         assert_eq!(field_of(&format!("{on}slots = 5000\n")), "controller.slots");

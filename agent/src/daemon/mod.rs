@@ -3,7 +3,9 @@
 //!
 //! Threads: the control loop (every blocking runtime call), a signal thread
 //! (SIGTERM/SIGINT drain and stop, SIGHUP reloads the config) and a small
-//! tokio runtime for HTTP.
+//! tokio runtime for HTTP. With a controller configured, the grid client's
+//! threads too ([`crate::grid`]): the signal thread tells it at once to hand
+//! its subtasks back on SIGTERM, and passes a reloaded config on SIGHUP.
 
 pub mod boost;
 pub mod control;
@@ -192,7 +194,7 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
     };
 
     let (tx, rx) = mpsc::channel::<Command>();
-    spawn_signal_thread(tx.clone(), config_path)?;
+    spawn_signal_thread(tx.clone(), config_path, grid.as_ref().map(|g| g.handle()))?;
     let control = std::thread::Builder::new()
         .name("sparegrid-control".into())
         .spawn(move || control.run(rx))?;
@@ -232,6 +234,7 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
 fn spawn_signal_thread(
     tx: mpsc::Sender<Command>,
     config_path: Option<PathBuf>,
+    grid: Option<crate::grid::GridHandle>,
 ) -> Result<(), DaemonError> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
@@ -242,6 +245,15 @@ fn spawn_signal_thread(
                     SIGHUP => match &config_path {
                         Some(path) => match Config::load(path) {
                             Ok(cfg) => {
+                                match &grid {
+                                    Some(g) => {
+                                        g.reload(&cfg);
+                                    }
+                                    None if cfg.controller.enabled() => tracing::warn!(
+                                        "SIGHUP: joining a controller (controller.url) needs a restart"
+                                    ),
+                                    None => {}
+                                }
                                 let _ = tx.send(Command::Reload(Box::new(cfg)));
                             }
                             Err(e) => tracing::error!("SIGHUP: keeping the current config: {e}"),
@@ -252,6 +264,9 @@ fn spawn_signal_thread(
                     },
                     _ => {
                         tracing::info!("signal {sig}: draining and stopping");
+                        if let Some(g) = &grid {
+                            g.begin_shutdown();
+                        }
                         let _ = tx.send(Command::Shutdown);
                         return;
                     }

@@ -1,14 +1,24 @@
 //! Blocking HTTP client of the controller's agent routes (MessagePack bodies,
 //! `Authorization: Bearer <token>` when a token is set):
-//! `POST /v1/agents/register`, `/v1/agents/heartbeat` and
-//! `/v1/agents/completions`. Used only from the grid thread, never from the
-//! async runtime.
+//! `POST /v1/agents/register`, `/v1/agents/heartbeat`,
+//! `/v1/agents/completions` and `/v1/agents/release`. Used only from the
+//! grid thread, never from the async runtime.
+//!
+//! `https://` controllers are reached with rustls; the server certificate
+//! is checked against the Mozilla roots (webpki-roots) and, when
+//! `controller.ca_cert` is set, that PEM file's certificates too (a private
+//! CA or a self-signed controller).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sparegrid_proto::grid::{Completion, Heartbeat, HeartbeatReply, Register, Registered};
+use sparegrid_proto::grid::{
+    Completion, Heartbeat, HeartbeatReply, Register, Registered, Release, Released,
+};
+
+use crate::config::ControllerSection;
 
 /// Why a call to the controller failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +36,9 @@ pub enum ClientError {
     },
     #[error("{url}: {message}")]
     Decode { url: String, message: String },
+    /// `controller.ca_cert` could not be read or holds no PEM certificate.
+    #[error("controller.ca_cert {path}: {message}")]
+    CaCert { path: PathBuf, message: String },
 }
 
 impl ClientError {
@@ -36,6 +49,7 @@ impl ClientError {
             ClientError::Status { status, .. } => {
                 !matches!(status, 400 | 413 | 415 | 422) && *status >= 400
             }
+            ClientError::CaCert { .. } => false,
             _ => true,
         }
     }
@@ -48,21 +62,28 @@ pub struct ControllerClient {
 }
 
 impl ControllerClient {
-    /// A client of the controller at `base` (`http://host:port`); `token`
-    /// empty means no `Authorization` header.
-    pub fn new(base: &str, token: &str) -> Result<ControllerClient, ClientError> {
-        let http = reqwest::blocking::Client::builder()
+    /// A client of the controller `c.url` (`http://` or `https://`) with
+    /// `c.token` (empty: no `Authorization` header) and `c.ca_cert` (empty:
+    /// the built-in roots only).
+    pub fn new(c: &ControllerSection) -> Result<ControllerClient, ClientError> {
+        let base = c.url.as_str();
+        let mut builder = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|e| ClientError::Http {
-                url: base.to_string(),
-                message: e.to_string(),
-            })?;
+            .use_rustls_tls();
+        if !c.ca_cert.as_os_str().is_empty() {
+            for cert in ca_certs(&c.ca_cert)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| ClientError::Http {
+            url: base.to_string(),
+            message: e.to_string(),
+        })?;
         Ok(ControllerClient {
             http,
             base: base.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            token: c.token.clone(),
         })
     }
 
@@ -75,17 +96,36 @@ impl ControllerClient {
         self.call("/v1/agents/heartbeat", hb)
     }
 
-    /// Reports finished attempts. The controller's per-completion verdicts
-    /// (accepted, duplicate, stale, rejected) are not needed here.
-    pub fn completions(&self, c: &[Completion]) -> Result<(), ClientError> {
-        self.call::<_, serde::de::IgnoredAny>("/v1/agents/completions", &c)
+    /// Reports finished attempts, waiting at most `timeout` (else the
+    /// client's 15 s). The controller's per-completion verdicts (accepted,
+    /// duplicate, stale, rejected) are not needed here.
+    pub fn completions(
+        &self,
+        c: &[Completion],
+        timeout: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        self.call_with::<_, serde::de::IgnoredAny>("/v1/agents/completions", &c, timeout)
             .map(|_| ())
+    }
+
+    /// Hands attempts back unfinished, waiting at most `timeout`.
+    pub fn release(&self, r: &Release, timeout: Option<Duration>) -> Result<Released, ClientError> {
+        self.call_with("/v1/agents/release", r, timeout)
     }
 
     fn call<T: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,
         body: &T,
+    ) -> Result<R, ClientError> {
+        self.call_with(path, body, None)
+    }
+
+    fn call_with<T: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+        timeout: Option<Duration>,
     ) -> Result<R, ClientError> {
         let url = format!("{}{path}", self.base);
         let bytes = rmp_serde::to_vec_named(body).map_err(|e| ClientError::Decode {
@@ -99,6 +139,9 @@ impl ControllerClient {
             .body(bytes);
         if !self.token.is_empty() {
             req = req.bearer_auth(&self.token);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t.max(Duration::from_millis(50)));
         }
         let resp = req.send().map_err(|e| ClientError::Http {
             url: url.clone(),
@@ -125,4 +168,18 @@ impl ControllerClient {
             body: text,
         })
     }
+}
+
+/// The certificates of the PEM file `path`.
+fn ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let err = |message: String| ClientError::CaCert {
+        path: path.to_path_buf(),
+        message,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("holds no PEM certificate".into()));
+    }
+    Ok(certs)
 }

@@ -7,34 +7,61 @@
 //!   heartbeats every [`Registered::heartbeat_ms`] with the load read from the
 //!   shared status (see [`heartbeat`]), registers again when a heartbeat gets
 //!   409 `must_register`, kills the attempts a [`HeartbeatReply`] withdraws,
-//!   and reports finished attempts (`Vec<Completion>`, at most
-//!   [`COMPLETION_BATCH`] a request) with exponential backoff (0.2 s doubling
-//!   to 10 s) while the controller cannot be reached. Completions the
-//!   controller refuses outright (400/413/415) are logged and dropped.
+//!   reports finished attempts (`Vec<Completion>`, at most
+//!   [`COMPLETION_BATCH`] a request) and hands back released ones
+//!   ([`Release`], `POST /v1/agents/release`), with exponential backoff
+//!   (0.2 s doubling to 10 s) while the controller cannot be reached.
+//!   Completions or releases the controller refuses outright (400/413/415)
+//!   are logged and dropped.
 //! - **runner** (`sparegrid-grid-runner`): every 50 ms starts queued
 //!   assignments with [`Executor`] (as host processes in the daemon's grid
 //!   cgroup), applies the suspend decision and polls for ends; see
 //!   [`runner`].
 //!
-//! `POST /v1/subtasks` ([`routes`]) takes a MessagePack [`AssignBatch`] and
-//! only queues it: 202 `{"accepted": n}`. With `controller.token` set it needs
-//! `Authorization: Bearer <token>` (401 `unauthorized`); a body that is not an
-//! `AssignBatch` is a 400 `malformed_msgpack`; bodies are capped at
-//! [`MAX_BATCH_BYTES`].
+//! Routes ([`routes`]), MessagePack bodies; with `controller.token` set
+//! they need `Authorization: Bearer <token>` (401 `unauthorized`); a body
+//! that is not the expected message is a 400 `malformed_msgpack`; bodies
+//! are capped at [`MAX_BATCH_BYTES`]:
 //!
-//! **Suspension** ([`should_suspend`]), deliberately simple: the runner
-//! suspends all its subtasks while any grid VM is suspended or the smoothed
-//! load factor is above `policy.suspend_above`, and resumes them once no VM is
-//! suspended and the load is at or below `policy.resume_below` (the hysteresis
-//! is the policy's own; `resume_after` is not applied). Queued assignments do
-//! not start while suspended. How long the runner has kept them suspended
+//! | route | body | answer |
+//! |---|---|---|
+//! | `POST /v1/subtasks` | [`AssignBatch`] | 202 `{"accepted": n}` (queued only); 503 `draining` while the agent drains |
+//! | `POST /v1/subtasks/stop` | [`StopBatch`] | 200 `{"stopped": n}`: those attempts are killed at once and not reported |
+//!
+//! The controller pushes a stop when it cancels a job; the heartbeat reply
+//! stays the fallback (it withdraws every reported attempt that is no
+//! longer current).
+//!
+//! **Suspension** ([`SuspendGate`]): the runner suspends all its subtasks
+//! while any grid VM is suspended or the load factor (the larger of the
+//! smoothed load and the CPU-window peak, as the VM policy does) is above
+//! `policy.suspend_above`, and resumes them once no VM is suspended and the
+//! smoothed load has stayed below `policy.resume_below` for
+//! `policy.resume_after` (the VM policy's rule). Queued assignments do not
+//! start while suspended. How long the runner has kept them suspended
 //! counts in the heartbeat's `suspended_ms`, so the controller's
 //! `withdraw_after` moves them elsewhere.
 //!
-//! Limits: the controller settings and the policy thresholds are read at
-//! start; a SIGHUP reload does not change them. Draining does not hand
-//! subtasks back; on shutdown running subtasks are killed unreported (the
-//! controller requeues them when the host's heartbeats stop).
+//! **Drain and shutdown** hand work back. While the agent drains
+//! (`POST /v1/drain`, seen in the shared status) the runner kills what is
+//! queued or running and the client releases those attempts, so the
+//! controller requeues them at once (not as failures); the push route
+//! answers 503 and heartbeats report no free slot until the drain is
+//! lifted. On shutdown ([`GridHandle::begin_shutdown`] on SIGTERM, then
+//! [`Grid::stop`]) the same happens, and the client spends at most
+//! [`SHUTDOWN_WAIT`] sending the releases and the completions not yet
+//! reported before it exits; what it could not send is logged (the
+//! controller requeues it when the host's heartbeats stop).
+//!
+//! **Reload** ([`GridHandle::reload`] on SIGHUP): new `controller.slots`,
+//! `advertise_url`, `token` or `ca_cert` apply at once: the client
+//! registers again with them (running subtasks keep running; the next
+//! heartbeat reports them and the controller keeps them), and the push
+//! routes take the new token. A new `controller.url` first hands every
+//! subtask back to the old controller (one bounded try), then joins the new
+//! one. The `[policy]` thresholds apply from the next runner tick. Turning
+//! the grid client on or off (`url` empty ↔ set) needs a restart: the
+//! routes are mounted at start.
 
 pub mod client;
 pub mod runner;
@@ -45,7 +72,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,7 +82,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use sparegrid_proto::grid::{AssignBatch, Heartbeat, Register, Registered};
+use sparegrid_proto::grid::{AssignBatch, Heartbeat, Register, Registered, Release, StopBatch};
 use sparegrid_proto::{AgentStatus, VmState};
 
 use crate::config::{Config, ControllerSection, PolicySection};
@@ -67,19 +94,84 @@ use runner::Runner;
 
 /// Most completions sent in one request.
 pub const COMPLETION_BATCH: usize = 16;
+/// Most attempts released in one request.
+pub const RELEASE_BATCH: usize = 256;
 /// Largest `POST /v1/subtasks` body.
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
+/// Longest the client spends handing work back when the agent stops.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 const TICK: Duration = Duration::from_millis(50);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest one try at handing work back to a controller being left.
+const SWITCH_WAIT: Duration = Duration::from_secs(2);
+
+/// What the threads read on every round; replaced on reload.
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    host: String,
+    controller: ControllerSection,
+    policy: PolicySection,
+    /// Where the controller pushes to ([`agent_url`]).
+    agent_url: String,
+}
+
+impl Settings {
+    fn of(cfg: &Config, host: &str) -> Settings {
+        Settings {
+            host: host.to_string(),
+            controller: cfg.controller.clone(),
+            policy: cfg.policy.clone(),
+            agent_url: agent_url(cfg, host),
+        }
+    }
+
+    fn register(&self) -> Register {
+        Register {
+            host: self.host.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_url: Some(self.agent_url.clone()),
+            slots: self.controller.slots,
+        }
+    }
+}
+
+/// State shared by the threads, the routes and the handles.
+struct Inner {
+    runner: Arc<Runner>,
+    /// The settings and a generation bumped on every change.
+    settings: Mutex<(u64, Settings)>,
+    /// Set by [`GridHandle::begin_shutdown`]: hand everything back, flush,
+    /// exit.
+    finishing: AtomicBool,
+    /// When `finishing` was set.
+    finish_at: Mutex<Option<Instant>>,
+    /// Stops both threads now.
+    stop: AtomicBool,
+}
+
+impl Inner {
+    fn settings(&self) -> MutexGuard<'_, (u64, Settings)> {
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn token(&self) -> String {
+        self.settings().1.controller.token.clone()
+    }
+}
 
 /// The running grid client: its two threads and the runner.
 pub struct Grid {
-    runner: Arc<Runner>,
-    token: String,
-    stop: Arc<AtomicBool>,
+    inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// A cheap handle on a running [`Grid`] for the signal thread: reload and
+/// begin the shutdown.
+#[derive(Clone)]
+pub struct GridHandle {
+    inner: Arc<Inner>,
 }
 
 /// The URL the controller pushes to: `controller.advertise_url`, else
@@ -96,21 +188,52 @@ pub fn agent_url(cfg: &Config, host: &str) -> String {
     }
 }
 
-/// Whether the runner's subtasks should be suspended now; `now_suspended`
-/// is whether they are (for the hysteresis). See the module docs.
-pub fn should_suspend(status: &AgentStatus, policy: &PolicySection, now_suspended: bool) -> bool {
-    let vm_suspended = status.vms.iter().any(|v| v.state == VmState::Suspended);
-    let load = status.load.as_ref().map_or(0.0, |l| l.smoothed);
-    if vm_suspended || load > policy.suspend_above {
-        return true;
+/// The runner's suspend decision with the policy's hysteresis: suspend at
+/// once, resume only after the load stayed below `resume_below` for
+/// `resume_after`. Time is passed in, so tests drive it with any clock.
+#[derive(Debug, Clone, Default)]
+pub struct SuspendGate {
+    suspended: bool,
+    /// Since when the load has been below `resume_below` with no grid VM
+    /// suspended, while the gate is suspended.
+    calm_since: Option<Duration>,
+}
+
+impl SuspendGate {
+    /// Whether the subtasks should be suspended at `now` (any monotonic
+    /// clock) given `status`. See the module docs.
+    pub fn decide(&mut self, status: &AgentStatus, policy: &PolicySection, now: Duration) -> bool {
+        let vm_suspended = status.vms.iter().any(|v| v.state == VmState::Suspended);
+        let (load, peak) = status
+            .load
+            .as_ref()
+            .map_or((0.0, 0.0), |l| (l.smoothed, l.peak));
+        if vm_suspended || load.max(peak) > policy.suspend_above {
+            self.suspended = true;
+            self.calm_since = None;
+        } else if self.suspended {
+            if load < policy.resume_below {
+                let since = *self.calm_since.get_or_insert(now);
+                if now.saturating_sub(since) >= policy.resume_after {
+                    self.suspended = false;
+                    self.calm_since = None;
+                }
+            } else {
+                self.calm_since = None;
+            }
+        }
+        self.suspended
     }
-    now_suspended && load > policy.resume_below
+
+    pub fn suspended(&self) -> bool {
+        self.suspended
+    }
 }
 
 /// The heartbeat for `status`: smoothed load, dominant metric, normalised
 /// value of every available metric, free slots (`slots` − attempts queued or
-/// running), those attempts, grid VMs by state, and the longest suspension
-/// (of a grid VM, or of the runner's subtasks).
+/// running; none while draining), those attempts, grid VMs by state, and
+/// the longest suspension (of a grid VM, or of the runner's subtasks).
 pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) -> Heartbeat {
     let running = runner.attempts();
     let mut vms: BTreeMap<VmState, u32> = BTreeMap::new();
@@ -133,12 +256,17 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
         ),
         None => (0.0, None, BTreeMap::new()),
     };
+    let free_slots = if runner.draining().is_some() {
+        0
+    } else {
+        slots.saturating_sub(running.len() as u32)
+    };
     Heartbeat {
         host: host.to_string(),
         load,
         dominant,
         breakdown,
-        free_slots: slots.saturating_sub(running.len() as u32),
+        free_slots,
         running,
         vms,
         suspended_ms,
@@ -154,61 +282,71 @@ impl Grid {
         executor: Executor,
         shared: Arc<Shared>,
     ) -> std::io::Result<Grid> {
-        let c = cfg.controller.clone();
-        let client = ControllerClient::new(&c.url, &c.token).map_err(std::io::Error::other)?;
-        let runner = Arc::new(Runner::new(executor));
-        let stop = Arc::new(AtomicBool::new(false));
-        let register = Register {
-            host: host.to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            agent_url: Some(agent_url(cfg, host)),
-            slots: c.slots,
-        };
+        let settings = Settings::of(cfg, host);
+        let client = ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
+        let inner = Arc::new(Inner {
+            runner: Arc::new(Runner::new(executor)),
+            settings: Mutex::new((0, settings.clone())),
+            finishing: AtomicBool::new(false),
+            finish_at: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        });
         tracing::info!(
             "joining the controller at {} as {:?} ({} slots, pushes to {})",
-            c.url,
+            settings.controller.url,
             host,
-            c.slots,
-            register.agent_url.as_deref().unwrap_or("-")
+            settings.controller.slots,
+            settings.agent_url
         );
-        let policy = cfg.policy.clone();
         let mut threads = Vec::new();
         {
-            let (runner, stop, shared) = (runner.clone(), stop.clone(), shared.clone());
+            let (inner, shared) = (inner.clone(), shared.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("sparegrid-grid-runner".into())
-                    .spawn(move || run_runner(&runner, &stop, &shared, &policy))?,
+                    .spawn(move || run_runner(&inner, &shared))?,
             );
         }
         {
-            let (runner, stop) = (runner.clone(), stop.clone());
+            let inner = inner.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("sparegrid-grid-client".into())
-                    .spawn(move || run_client(&client, register, &c, &runner, &stop, &shared))?,
+                    .spawn(move || run_client(client, &inner, &shared))?,
             );
         }
-        Ok(Grid {
-            runner,
-            token: cfg.controller.token.clone(),
-            stop,
-            threads,
-        })
+        Ok(Grid { inner, threads })
     }
 
     pub fn runner(&self) -> &Arc<Runner> {
-        &self.runner
+        &self.inner.runner
     }
 
-    /// The `POST /v1/subtasks` route, to merge into the daemon's router.
+    /// A handle for reloads and the start of a shutdown.
+    pub fn handle(&self) -> GridHandle {
+        GridHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// The `POST /v1/subtasks` and `POST /v1/subtasks/stop` routes, to
+    /// merge into the daemon's router.
     pub fn routes(&self) -> Router {
-        routes(self.runner.clone(), self.token.clone())
+        routes_over(self.inner.clone())
     }
 
-    /// Stops both threads and kills what is still running.
+    /// Hands everything back to the controller (at most [`SHUTDOWN_WAIT`]
+    /// from [`GridHandle::begin_shutdown`], which this calls if nobody did),
+    /// then stops both threads and kills what is still running.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.handle().begin_shutdown();
+        // The client thread exits once it has handed everything back or the
+        // wait is over; then the runner stops.
+        let client = self.threads.pop();
+        if let Some(t) = client {
+            let _ = t.join();
+        }
+        self.inner.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -217,14 +355,74 @@ impl Grid {
 
 impl Drop for Grid {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.inner.stop.store(true, Ordering::SeqCst);
     }
 }
 
-fn run_runner(runner: &Runner, stop: &AtomicBool, shared: &Shared, policy: &PolicySection) {
-    let mut suspended = false;
-    while !stop.load(Ordering::SeqCst) {
-        suspended = should_suspend(&shared.status(), policy, suspended);
+impl GridHandle {
+    /// SIGTERM: stop taking work and hand everything queued or running
+    /// back to the controller now (the client sends it within
+    /// [`SHUTDOWN_WAIT`]).
+    pub fn begin_shutdown(&self) {
+        if self.inner.finishing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        *self
+            .inner
+            .finish_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.inner.runner.release_all("the agent is shutting down");
+    }
+
+    /// SIGHUP: applies `cfg`'s `[controller]` and `[policy]` (see the
+    /// module docs). Returns false when nothing changed.
+    pub fn reload(&self, cfg: &Config) -> bool {
+        let mut guard = self.inner.settings();
+        let host = guard.1.host.clone();
+        let new = Settings::of(cfg, &host);
+        if !new.controller.enabled() {
+            tracing::warn!(
+                "config reload: controller.url is now empty; leaving the controller needs a restart, keeping {:?}",
+                guard.1.controller.url
+            );
+            return false;
+        }
+        if new == guard.1 {
+            return false;
+        }
+        tracing::info!(
+            "config reload: grid client now joins {} ({} slots, pushes to {})",
+            new.controller.url,
+            new.controller.slots,
+            new.agent_url
+        );
+        guard.0 += 1;
+        guard.1 = new;
+        true
+    }
+}
+
+fn run_runner(inner: &Inner, shared: &Shared) {
+    let runner = &inner.runner;
+    let origin = Instant::now();
+    let mut gate = SuspendGate::default();
+    // Whether the runner drains because the agent does (POST /v1/drain).
+    let mut drained_by_status = false;
+    while !inner.stop.load(Ordering::SeqCst) {
+        let status = shared.status();
+        let finishing = inner.finishing.load(Ordering::SeqCst);
+        if status.draining && !drained_by_status && !finishing {
+            drained_by_status = true;
+            runner.release_all("the agent is draining");
+        } else if !status.draining && drained_by_status {
+            drained_by_status = false;
+            if !finishing {
+                runner.undrain();
+            }
+        }
+        let policy = inner.settings().1.policy.clone();
+        let suspended = gate.decide(&status, &policy, origin.elapsed());
         runner.tick(suspended);
         std::thread::sleep(TICK);
     }
@@ -235,86 +433,286 @@ fn next_backoff(d: Duration) -> Duration {
     (d * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
 }
 
-fn run_client(
+/// Retry timing of one kind of request.
+struct Backoff {
+    /// Not before this; `None`: now.
+    at: Option<Instant>,
+    step: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            at: None,
+            step: BACKOFF_MIN,
+        }
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.at.is_none_or(|at| now >= at)
+    }
+
+    fn ok(&mut self) {
+        self.at = None;
+        self.step = BACKOFF_MIN;
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.at = Some(now + self.step);
+        self.step = next_backoff(self.step);
+    }
+}
+
+/// Sends one batch of completions; true when the outbox may hold more to
+/// send now.
+fn send_completions(
     client: &ControllerClient,
-    register: Register,
-    c: &ControllerSection,
     runner: &Runner,
-    stop: &AtomicBool,
-    shared: &Shared,
-) {
-    let mut registered: Option<Registered> = None;
-    let mut reg_at = Instant::now();
-    let mut reg_backoff = BACKOFF_MIN;
-    let mut hb_at = Instant::now();
-    let mut send_at = Instant::now();
-    let mut send_backoff = BACKOFF_MIN;
-    while !stop.load(Ordering::SeqCst) {
+    b: &mut Backoff,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> bool {
+    if !b.due(now) || runner.outbox_len() == 0 {
+        return false;
+    }
+    let batch = runner.take_outbox(COMPLETION_BATCH);
+    match client.completions(&batch, timeout) {
+        Ok(()) => {
+            b.ok();
+            true
+        }
+        Err(e) if e.retryable() => {
+            tracing::warn!("reporting {} completions (will retry): {e}", batch.len());
+            runner.requeue_outbox(batch);
+            b.failed(now);
+            false
+        }
+        Err(e) => {
+            tracing::error!(
+                "the controller refused {} completions, dropped: {e}",
+                batch.len()
+            );
+            true
+        }
+    }
+}
+
+/// Sends one batch of released attempts; true when there may be more to
+/// send now.
+fn send_released(
+    client: &ControllerClient,
+    runner: &Runner,
+    host: &str,
+    b: &mut Backoff,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> bool {
+    if !b.due(now) || runner.released_len() == 0 {
+        return false;
+    }
+    let mut all = runner.take_released();
+    let rest = all.split_off(all.len().min(RELEASE_BATCH));
+    runner.requeue_released(rest);
+    let release = Release {
+        host: host.to_string(),
+        reason: runner
+            .draining()
+            .unwrap_or_else(|| "released by the agent".into()),
+        attempts: all,
+    };
+    match client.release(&release, timeout) {
+        Ok(r) => {
+            tracing::info!(
+                "handed {} subtasks back to the controller ({} requeued)",
+                release.attempts.len(),
+                r.requeued
+            );
+            b.ok();
+            true
+        }
+        Err(e) if e.retryable() => {
+            tracing::warn!(
+                "handing {} subtasks back (will retry): {e}",
+                release.attempts.len()
+            );
+            runner.requeue_released(release.attempts);
+            b.failed(now);
+            false
+        }
+        Err(e) => {
+            tracing::error!(
+                "the controller refused the release of {} subtasks, dropped: {e}",
+                release.attempts.len()
+            );
+            true
+        }
+    }
+}
+
+/// Hands back everything running and sends what is waiting to `client`
+/// (a controller being left), until `deadline`.
+fn flush(client: &ControllerClient, runner: &Runner, host: &str, deadline: Instant) {
+    loop {
         let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let left = Some(deadline - now);
+        let (mut rb, mut cb) = (Backoff::new(), Backoff::new());
+        let more = send_released(client, runner, host, &mut rb, now, left)
+            | send_completions(client, runner, &mut cb, now, left);
+        if !more {
+            break;
+        }
+    }
+}
+
+fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
+    let runner = &inner.runner;
+    let (mut generation, mut settings) = {
+        let g = inner.settings();
+        (g.0, g.1.clone())
+    };
+    let mut register = settings.register();
+    let mut registered: Option<Registered> = None;
+    let mut reg = Backoff::new();
+    let mut hb_at = Instant::now();
+    let mut sends = Backoff::new();
+    let mut releases = Backoff::new();
+    let mut was_finishing = false;
+    while !inner.stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        // Settings changed (SIGHUP): a new client and a new registration.
+        let latest = {
+            let g = inner.settings();
+            (g.0 != generation).then(|| (g.0, g.1.clone()))
+        };
+        if let Some((g, new)) = latest {
+            generation = g;
+            match ControllerClient::new(&new.controller) {
+                Ok(c) => {
+                    if new.controller.url != settings.controller.url {
+                        tracing::info!(
+                            "leaving the controller at {}: handing its subtasks back",
+                            settings.controller.url
+                        );
+                        runner.release_all("the agent moved to another controller");
+                        flush(&client, runner, &settings.host, now + SWITCH_WAIT);
+                        let (r, o) = (runner.take_released(), runner.take_outbox(usize::MAX));
+                        if !r.is_empty() || !o.is_empty() {
+                            tracing::warn!(
+                                "could not hand {} subtasks and {} completions back to {}; it requeues them when this host times out",
+                                r.len(),
+                                o.len(),
+                                settings.controller.url
+                            );
+                        }
+                        runner.undrain();
+                    }
+                    client = c;
+                    settings = new;
+                    register = settings.register();
+                    registered = None;
+                    reg = Backoff::new();
+                }
+                Err(e) => tracing::error!("config reload: keeping the old controller client: {e}"),
+            }
+        }
+        let finishing = inner.finishing.load(Ordering::SeqCst);
+        if finishing && !was_finishing {
+            // Try at once, whatever the backoff had planned.
+            was_finishing = true;
+            sends = Backoff::new();
+            releases = Backoff::new();
+        }
+        if finishing {
+            let started = inner
+                .finish_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or(now);
+            let deadline = started + SHUTDOWN_WAIT;
+            if runner.released_len() == 0 && runner.outbox_len() == 0 {
+                break;
+            }
+            if now >= deadline {
+                tracing::warn!(
+                    "stopping with {} subtasks and {} completions not handed back; the controller requeues them when this host times out",
+                    runner.released_len(),
+                    runner.outbox_len()
+                );
+                break;
+            }
+            let left = Some(deadline - now);
+            send_released(&client, runner, &settings.host, &mut releases, now, left);
+            send_completions(&client, runner, &mut sends, now, left);
+            std::thread::sleep(TICK);
+            continue;
+        }
         match &registered {
-            None if now >= reg_at => match client.register(&register) {
+            None if reg.due(now) => match client.register(&register) {
                 Ok(r) => {
                     tracing::info!("registered with the controller as {:?}", r.host);
-                    reg_backoff = BACKOFF_MIN;
+                    reg.ok();
                     hb_at = now;
                     registered = Some(r);
                 }
                 Err(e) => {
                     tracing::warn!("registering with the controller: {e}");
-                    reg_at = now + reg_backoff;
-                    reg_backoff = next_backoff(reg_backoff);
+                    reg.failed(now);
                 }
             },
             Some(r) if now >= hb_at => {
                 let period = Duration::from_millis(r.heartbeat_ms.clamp(50, 60_000));
                 hb_at = now + period;
-                let hb = heartbeat(&register.host, &shared.status(), c.slots, runner);
+                let hb = heartbeat(
+                    &settings.host,
+                    &shared.status(),
+                    settings.controller.slots,
+                    runner,
+                );
                 match client.heartbeat(&hb) {
-                    Ok(reply) => runner.withdraw(&reply.withdraw),
+                    Ok(reply) => {
+                        runner.withdraw(&reply.withdraw);
+                    }
                     Err(ClientError::MustRegister) => {
                         tracing::info!("the controller does not know this host; registering again");
                         registered = None;
-                        reg_at = now;
+                        reg = Backoff::new();
                     }
                     Err(e) => tracing::warn!("heartbeat: {e}"),
                 }
             }
             _ => {}
         }
-        if now >= send_at && runner.outbox_len() > 0 {
-            let batch = runner.take_outbox(COMPLETION_BATCH);
-            match client.completions(&batch) {
-                Ok(()) => send_backoff = BACKOFF_MIN,
-                Err(e) if e.retryable() => {
-                    tracing::warn!("reporting {} completions (will retry): {e}", batch.len());
-                    runner.requeue_outbox(batch);
-                    send_at = now + send_backoff;
-                    send_backoff = next_backoff(send_backoff);
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "the controller refused {} completions, dropped: {e}",
-                        batch.len()
-                    );
-                }
-            }
-        }
+        send_released(&client, runner, &settings.host, &mut releases, now, None);
+        send_completions(&client, runner, &mut sends, now, None);
         std::thread::sleep(TICK);
     }
 }
 
 #[derive(Clone)]
 struct RouteState {
-    runner: Arc<Runner>,
-    token: String,
+    inner: Arc<Inner>,
 }
 
-/// `POST /v1/subtasks` over `runner`; `token` empty means no auth.
-pub fn routes(runner: Arc<Runner>, token: String) -> Router {
+impl RouteState {
+    fn runner(&self) -> &Arc<Runner> {
+        &self.inner.runner
+    }
+}
+
+/// The push routes of a running grid; the token follows reloads.
+fn routes_over(inner: Arc<Inner>) -> Router {
+    router(RouteState { inner })
+}
+
+fn router(state: RouteState) -> Router {
     Router::new()
         .route("/v1/subtasks", post(subtasks))
+        .route("/v1/subtasks/stop", post(stop_subtasks))
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
-        .with_state(RouteState { runner, token })
+        .with_state(state)
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
@@ -344,28 +742,64 @@ fn token_ok(headers: &HeaderMap, want: &str) -> bool {
             == 0
 }
 
+fn unauthorized() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong bearer token".into(),
+    )
+}
+
+fn malformed(what: &str, e: rmp_serde::decode::Error) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "malformed_msgpack",
+        format!("the body is not a valid MessagePack {what}: {e}"),
+    )
+}
+
 async fn subtasks(State(s): State<RouteState>, headers: HeaderMap, body: Bytes) -> Response {
-    if !token_ok(&headers, &s.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token".into(),
-        );
+    if !token_ok(&headers, &s.inner.token()) {
+        return unauthorized();
     }
     let batch: AssignBatch = match rmp_serde::from_slice(&body) {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "malformed_msgpack",
-                format!("the body is not a valid MessagePack AssignBatch: {e}"),
-            )
-        }
+        Err(e) => return malformed("AssignBatch", e),
     };
-    let n = s.runner.submit(batch.assignments);
+    if let Some(why) = s.runner().draining() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            format!("this agent takes no new subtasks: {why}"),
+        );
+    }
+    let n = s.runner().submit(batch.assignments);
     (
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"accepted": n})),
     )
         .into_response()
+}
+
+async fn stop_subtasks(State(s): State<RouteState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !token_ok(&headers, &s.inner.token()) {
+        return unauthorized();
+    }
+    let stop: StopBatch = match rmp_serde::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return malformed("StopBatch", e),
+    };
+    // Killing waits for the processes to be reaped: off the async runtime.
+    let runner = s.runner().clone();
+    let n = match tokio::task::spawn_blocking(move || runner.withdraw(&stop.attempts)).await {
+        Ok(n) => n,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("stopping subtasks: {e}"),
+            )
+        }
+    };
+    (StatusCode::OK, Json(serde_json::json!({"stopped": n}))).into_response()
 }

@@ -2,12 +2,22 @@
 //! started from it with [`Executor`], and the outbox of [`Completion`]s the
 //! client thread reports.
 //!
-//! Everything that touches processes happens in [`Runner::tick`], called by
-//! the runner thread; the HTTP handler only queues ([`Runner::submit`]) and
-//! the client thread only reads the running set, withdraws and drains the
-//! outbox. An assignment whose attempt is already queued or running is
-//! ignored (a repeated push). A withdrawn attempt is killed and not reported:
-//! the controller has already handed it to another host.
+//! Starting processes happens in [`Runner::tick`], called by the runner
+//! thread; the push handler only queues ([`Runner::submit`]), and the client
+//! thread reads the running set and drains the outboxes. Killing happens
+//! where it is asked for ([`Runner::withdraw`] from a heartbeat reply or
+//! the stop route, [`Runner::release_all`] when draining), outside the
+//! lock. An assignment whose attempt is already queued, running or recently
+//! finished is ignored (a repeated push). A withdrawn attempt is killed and
+//! not reported: the controller has already handed it elsewhere or
+//! cancelled it.
+//!
+//! **Draining.** [`Runner::release_all`] kills everything queued or running
+//! and moves those attempts to the release outbox, which the client thread
+//! sends as a [`Release`](sparegrid_proto::grid::Release) so the controller
+//! requeues them at once. While draining the runner takes no new work
+//! ([`Runner::submit`] refuses it, the heartbeat reports no free slot);
+//! finished attempts already in the outbox are still reported.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
@@ -32,6 +42,10 @@ struct State {
     done: VecDeque<AttemptRef>,
     /// When the runner suspended its subtasks, while it has them suspended.
     suspended_since: Option<Instant>,
+    /// Attempts handed back unfinished, not yet sent to the controller.
+    released: Vec<AttemptRef>,
+    /// Why the runner drains (no new work), while it does.
+    draining: Option<String>,
 }
 
 /// How many finished attempts the runner remembers to refuse repeats.
@@ -39,11 +53,17 @@ const RECENT_DONE: usize = 4096;
 
 impl State {
     fn finished(&mut self, c: Completion) {
+        self.remember(c.attempt.clone());
+        self.outbox.push(c);
+    }
+
+    /// Remembers an attempt that is over here (finished, withdrawn or
+    /// released), so a repeated push never runs it again.
+    fn remember(&mut self, a: AttemptRef) {
         if self.done.len() == RECENT_DONE {
             self.done.pop_front();
         }
-        self.done.push_back(c.attempt.clone());
-        self.outbox.push(c);
+        self.done.push_back(a);
     }
 }
 
@@ -60,9 +80,13 @@ impl Runner {
     }
 
     /// Queues assignments; the next tick starts them. Returns how many were
-    /// new (not already queued, running or recently finished).
+    /// new (not already queued, running or recently finished). Takes
+    /// nothing while draining.
     pub fn submit(&self, batch: Vec<Assignment>) -> usize {
         let mut st = self.lock();
+        if st.draining.is_some() {
+            return 0;
+        }
         let mut added = 0;
         for a in batch {
             let known = st.queued.iter().any(|q| q.attempt == a.attempt)
@@ -98,21 +122,32 @@ impl Runner {
             .map_or(0, |t| t.elapsed().as_millis() as u64)
     }
 
-    /// Kills (and forgets) the listed attempts, queued or running.
-    pub fn withdraw(&self, refs: &[AttemptRef]) {
+    /// Kills (and forgets) the listed attempts, queued or running, and
+    /// drops their unsent completions. Returns how many it found queued or
+    /// running.
+    pub fn withdraw(&self, refs: &[AttemptRef]) -> usize {
         if refs.is_empty() {
-            return;
+            return 0;
         }
-        let dropped: Vec<RunningSubtask> = {
+        let (queued, dropped): (usize, Vec<RunningSubtask>) = {
             let mut st = self.lock();
+            let before = st.queued.len();
             st.queued.retain(|a| !refs.contains(&a.attempt));
+            let queued = before - st.queued.len();
             let (gone, keep) = std::mem::take(&mut st.running)
                 .into_iter()
                 .partition(|r| refs.contains(r.attempt()));
             st.running = keep;
             st.outbox.retain(|c| !refs.contains(&c.attempt));
-            gone
+            st.released.retain(|a| !refs.contains(a));
+            for a in refs {
+                if !st.done.contains(a) {
+                    st.remember(a.clone());
+                }
+            }
+            (queued, gone)
         };
+        let n = queued + dropped.len();
         for mut r in dropped {
             tracing::info!(
                 "subtask {}: withdrawn by the controller",
@@ -121,6 +156,66 @@ impl Runner {
             r.cancel("withdrawn by the controller");
             // Dropping a running subtask kills its group and reaps it.
         }
+        n
+    }
+
+    /// Starts draining for `reason` (no new work) and hands back everything
+    /// queued or running: killed, not reported, listed for the client to
+    /// release. Returns how many attempts it handed back.
+    pub fn release_all(&self, reason: &str) -> usize {
+        let (queued, running) = {
+            let mut st = self.lock();
+            st.draining.get_or_insert_with(|| reason.to_owned());
+            let queued: Vec<AttemptRef> = st.queued.drain(..).map(|a| a.attempt).collect();
+            let running = std::mem::take(&mut st.running);
+            let over: Vec<AttemptRef> = queued
+                .iter()
+                .cloned()
+                .chain(running.iter().map(|r| r.attempt().clone()))
+                .collect();
+            for a in &over {
+                st.remember(a.clone());
+            }
+            st.released.extend(over);
+            (queued, running)
+        };
+        let n = queued.len() + running.len();
+        if n > 0 {
+            tracing::info!("{reason}: handing {n} grid subtasks back to the controller");
+        }
+        for mut r in running {
+            r.cancel(reason.to_owned());
+        }
+        n
+    }
+
+    /// Why the runner drains, if it does.
+    pub fn draining(&self) -> Option<String> {
+        self.lock().draining.clone()
+    }
+
+    /// Ends a drain: new work is taken again.
+    pub fn undrain(&self) {
+        if self.lock().draining.take().is_some() {
+            tracing::info!("grid drain lifted: taking subtasks again");
+        }
+    }
+
+    /// Takes the attempts to release (all of them).
+    pub fn take_released(&self) -> Vec<AttemptRef> {
+        std::mem::take(&mut self.lock().released)
+    }
+
+    /// Puts attempts that could not be released back.
+    pub fn requeue_released(&self, mut a: Vec<AttemptRef>) {
+        let mut st = self.lock();
+        a.append(&mut st.released);
+        st.released = a;
+    }
+
+    /// Attempts waiting to be released.
+    pub fn released_len(&self) -> usize {
+        self.lock().released.len()
     }
 
     /// Takes up to `max` completions to report.
@@ -197,7 +292,8 @@ impl Runner {
         }
     }
 
-    /// Kills everything queued or running; nothing is reported.
+    /// Kills everything queued or running; nothing is reported (see
+    /// [`Runner::release_all`] to hand them back first).
     pub fn stop(&self) {
         let running = {
             let mut st = self.lock();

@@ -14,7 +14,7 @@ use axum::routing::post;
 use axum::Router;
 use sparegrid_proto::grid::{
     AssignBatch, Assignment, AttemptRef, Completion, Heartbeat, HeartbeatReply, Register,
-    Registered,
+    Registered, Release, Released, StopBatch,
 };
 use sparegrid_proto::{AgentStatus, GridVmStatus, LoadBreakdown, Metric, MetricReading, VmState};
 
@@ -32,6 +32,7 @@ struct Fake {
     withdraw: Vec<AttemptRef>,
     /// Answer completions with 503 this many more times.
     fail_completions: u32,
+    releases: Vec<Release>,
 }
 
 type FakeState = Arc<Mutex<Fake>>;
@@ -97,12 +98,20 @@ fn serve_on(listener: std::net::TcpListener, app: Router) -> String {
     url
 }
 
+async fn fake_release(State(s): State<FakeState>, body: Bytes) -> Response {
+    let r: Release = rmp_serde::from_slice(&body).unwrap();
+    let requeued = r.attempts.len() as u32;
+    s.lock().unwrap().releases.push(r);
+    mp(&Released { requeued })
+}
+
 fn fake_controller() -> (String, FakeState) {
     let state = FakeState::default();
     let app = Router::new()
         .route("/v1/agents/register", post(fake_register))
         .route("/v1/agents/heartbeat", post(fake_heartbeat))
         .route("/v1/agents/completions", post(fake_completions))
+        .route("/v1/agents/release", post(fake_release))
         .with_state(state.clone());
     (serve(app), state)
 }
@@ -314,22 +323,57 @@ fn withdrawn_attempts_are_killed_and_not_reported() {
 }
 
 #[test]
-fn suspend_decision_follows_vms_and_load_with_hysteresis() {
-    let p = PolicySection::default(); // suspend above 0.75, resume below 0.5
-    assert!(!should_suspend(&status(0.1, &[]), &p, false));
-    assert!(should_suspend(&status(0.8, &[]), &p, false));
-    assert!(should_suspend(
+fn suspend_decision_follows_vms_and_load_with_hysteresis_and_resume_after() {
+    let p = PolicySection::default(); // above 0.75, below 0.5 for 30 s
+    let at = Duration::from_secs;
+    let mut g = SuspendGate::default();
+    assert!(!g.decide(&status(0.1, &[]), &p, at(0)));
+    assert!(
+        !g.decide(&status(0.6, &[]), &p, at(1)),
+        "the band alone never suspends"
+    );
+    assert!(g.decide(&status(0.8, &[]), &p, at(2)));
+    // Calm, but not for resume_after yet.
+    assert!(g.decide(&status(0.1, &[]), &p, at(3)));
+    assert!(g.decide(&status(0.1, &[]), &p, at(32)));
+    // A wobble into the band restarts the clock.
+    assert!(g.decide(&status(0.6, &[]), &p, at(33)));
+    assert!(g.decide(&status(0.4, &[]), &p, at(34)));
+    assert!(g.decide(&status(0.4, &[]), &p, at(63)));
+    // At resume_below is not below it (as the VM policy).
+    let mut edge = SuspendGate::default();
+    edge.decide(&status(0.9, &[]), &p, at(0));
+    assert!(edge.decide(&status(0.5, &[]), &p, at(100)));
+    assert!(edge.decide(&status(0.5, &[]), &p, at(200)));
+    // Below for the whole resume_after: resumed.
+    assert!(!g.decide(&status(0.4, &[]), &p, at(64)));
+    assert!(!g.suspended());
+    // A suspended grid VM suspends at once and holds the clock.
+    assert!(g.decide(
         &status(0.1, &[VmState::Running, VmState::Suspended]),
         &p,
-        false
+        at(70)
     ));
-    // Between the thresholds: stay as we are.
-    assert!(should_suspend(&status(0.6, &[]), &p, true));
-    assert!(!should_suspend(&status(0.6, &[]), &p, false));
-    assert!(!should_suspend(&status(0.5, &[]), &p, true));
+    assert!(g.decide(&status(0.1, &[VmState::Suspended]), &p, at(200)));
+    assert!(g.decide(&status(0.1, &[]), &p, at(201)));
+    assert!(!g.decide(&status(0.1, &[]), &p, at(231)));
+    // The CPU-window peak suspends too, as it does for grid VMs.
+    let mut spike = status(0.1, &[]);
+    spike.load.as_mut().unwrap().peak = 0.9;
+    assert!(g.decide(&spike, &p, at(232)));
+    // No load reading counts as no load.
     let mut none = status(0.0, &[]);
     none.load = None;
-    assert!(!should_suspend(&none, &p, false));
+    let mut fresh = SuspendGate::default();
+    assert!(!fresh.decide(&none, &p, at(0)));
+    // resume_after 0: resume as soon as the load is below.
+    let quick = PolicySection {
+        resume_after: Duration::ZERO,
+        ..PolicySection::default()
+    };
+    let mut q = SuspendGate::default();
+    assert!(q.decide(&status(0.9, &[]), &quick, at(0)));
+    assert!(!q.decide(&status(0.4, &[]), &quick, at(0)));
 }
 
 #[test]
@@ -389,19 +433,23 @@ fn a_refused_completion_batch_is_not_retried_forever() {
     assert!(e.retryable());
 }
 
-/// The real controller (router, dispatcher, in-memory SQLite store) pushes
-/// a 10-subtask range job to one agent whose grid client and runner run it.
-#[test]
-fn a_real_controller_job_completes_through_the_runner() {
-    use sparegrid_controller::api::{router, AppState};
-    use sparegrid_controller::config::ControllerConfig;
-    use sparegrid_controller::store::{JobId, JobState, SqliteStore, Store};
+use sparegrid_controller::config::ControllerConfig;
+use sparegrid_controller::store::{AttemptState, JobId, JobState, SqliteStore, Store};
 
-    const TOKEN: &str = "agent-token-for-the-grid-test";
+const REAL_TOKEN: &str = "agent-token-for-the-grid-test";
+const SUBMIT_TOKEN: &str = "submit-token-for-the-grid-test";
+
+/// The real controller (router, dispatcher, in-memory SQLite store) on its
+/// own runtime thread, with `tweak` applied to its config. Returns its URL
+/// and the store.
+fn real_controller(tweak: impl FnOnce(&mut ControllerConfig)) -> (String, Arc<SqliteStore>) {
+    use sparegrid_controller::api::{router, AppState};
     let mut config = ControllerConfig::default();
     config.registry.heartbeat_interval = Duration::from_millis(100);
-    config.dispatch.agent_token = Some(TOKEN.to_owned());
+    config.auth.agent_token = Some(REAL_TOKEN.to_owned());
+    config.auth.submit_tokens = vec![SUBMIT_TOKEN.to_owned()];
     config.dispatch.interval = Duration::from_millis(20);
+    tweak(&mut config);
     config.validate().unwrap();
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
     let dyn_store: Arc<dyn Store> = store.clone();
@@ -421,33 +469,50 @@ fn a_real_controller_job_completes_through_the_runner() {
             axum::serve(l, router(state)).await.unwrap();
         });
     });
+    (ctl, store)
+}
 
+/// A grid client of the real controller at `ctl`, serving its push routes
+/// on its advertised URL.
+fn real_agent(ctl: &str, host: &str, slots: u32, shared: Arc<Shared>) -> Grid {
     let agent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut cfg = config_for(&ctl, TOKEN, 3);
+    let mut cfg = config_for(ctl, REAL_TOKEN, slots);
     cfg.controller.advertise_url = format!("http://{}", agent_listener.local_addr().unwrap());
-    let shared = Arc::new(Shared::new(status(0.05, &[])));
     let grid = Grid::start(
         &cfg,
-        "real-1",
-        Executor::new(None, "real-1", Limits::default()),
+        host,
+        Executor::new(None, host, Limits::default()),
         shared,
     )
     .unwrap();
     serve_on(agent_listener, grid.routes());
+    grid
+}
 
+/// Submits a range job of `n` subtasks running `argv`; returns its id.
+fn submit(ctl: &str, n: u64, argv: &[&str]) -> JobId {
     let resp = reqwest::blocking::Client::new()
         .post(format!("{ctl}/v1/jobs"))
+        .bearer_auth(SUBMIT_TOKEN)
         .json(&serde_json::json!({
             "name": "sweep",
-            "command": {"argv": ["echo", "{start}"]},
-            "split": {"range": {"start": 0, "end": 10, "chunk": 1}}
+            "command": {"argv": argv},
+            "split": {"range": {"start": 0, "end": n, "chunk": 1}}
         }))
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
     let v: serde_json::Value = resp.json().unwrap();
-    let job = JobId(v["id"].as_str().unwrap().to_owned());
+    JobId(v["id"].as_str().unwrap().to_owned())
+}
 
+/// The real controller pushes a 10-subtask range job to one agent whose
+/// grid client and runner run it.
+#[test]
+fn a_real_controller_job_completes_through_the_runner() {
+    let (ctl, store) = real_controller(|_| {});
+    let grid = real_agent(&ctl, "real-1", 3, Arc::new(Shared::new(status(0.05, &[]))));
+    let job = submit(&ctl, 10, &["echo", "{start}"]);
     wait_until("the job to finish", Duration::from_secs(30), || {
         store.get_job(&job).unwrap().state == JobState::Done
     });
@@ -460,5 +525,512 @@ fn a_real_controller_job_completes_through_the_runner() {
         assert_eq!(r.stdout, format!("{i}\n").into_bytes());
         assert_eq!(r.host, "real-1");
     }
+    grid.stop();
+}
+
+/// Cancelling a job stops its running subtasks at once: with heartbeats a
+/// minute apart, only the controller's stop push can have killed them.
+#[test]
+fn cancelling_a_job_on_the_real_controller_kills_its_running_subtasks_at_once() {
+    let (ctl, store) = real_controller(|c| {
+        c.registry.heartbeat_interval = Duration::from_secs(60);
+        c.registry.host_timeout = Duration::from_secs(120);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let grid = real_agent(&ctl, "real-2", 2, Arc::new(Shared::new(status(0.05, &[]))));
+    let script = sleeper(dir.path());
+    let job = submit(&ctl, 2, &["sh", "-c", &script]);
+    wait_until("both running", Duration::from_secs(20), || {
+        pid_of(dir.path(), 0).is_some() && pid_of(dir.path(), 1).is_some()
+    });
+    let pids = [
+        pid_of(dir.path(), 0).unwrap(),
+        pid_of(dir.path(), 1).unwrap(),
+    ];
+    let resp = reqwest::blocking::Client::new()
+        .delete(format!("{ctl}/v1/jobs/{}", job.0))
+        .bearer_auth(SUBMIT_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: serde_json::Value = resp.json().unwrap();
+    assert_eq!(v["stopping"], 2, "{v}");
+    // Well under the 60 s heartbeat.
+    wait_until("the agent to kill both", Duration::from_secs(20), || {
+        grid.runner().attempts().is_empty() && pids.iter().all(|p| !alive(*p))
+    });
+    assert_eq!(store.get_job(&job).unwrap().state, JobState::Cancelled);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        grid.runner().outbox_len(),
+        0,
+        "stopped attempts are not reported"
+    );
+    grid.stop();
+}
+
+/// A drained agent hands its subtasks back: the controller requeues them
+/// at once (withdrawn, not failed) and they finish after the drain.
+#[test]
+fn draining_on_the_real_controller_requeues_at_once_without_failures() {
+    let (ctl, store) = real_controller(|c| {
+        // Far away, so only the release can requeue.
+        c.registry.host_timeout = Duration::from_secs(60);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Arc::new(Shared::new(status(0.05, &[])));
+    let grid = real_agent(&ctl, "real-3", 2, shared.clone());
+    // The first attempt of each subtask sleeps; the second prints its index.
+    let script = format!(
+        "if [ -e {d}/once-$SPAREGRID_INDEX ]; then echo $SPAREGRID_INDEX; else touch {d}/once-$SPAREGRID_INDEX; {}; fi",
+        sleeper(dir.path()),
+        d = dir.path().display()
+    );
+    let job = submit(&ctl, 2, &["sh", "-c", &script]);
+    wait_until("both running", Duration::from_secs(20), || {
+        pid_of(dir.path(), 0).is_some() && pid_of(dir.path(), 1).is_some()
+    });
+    let mut draining = status(0.05, &[]);
+    draining.draining = true;
+    shared.publish(draining);
+    wait_until("both requeued", Duration::from_secs(20), || {
+        let c = store.get_job(&job).unwrap().counts;
+        c.queued == 2 && c.assigned == 0
+    });
+    for i in 0..2 {
+        let attempts = store.attempts(&job, i).unwrap();
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        assert_eq!(attempts[0].state, AttemptState::Withdrawn, "{attempts:?}");
+        let why = attempts[0].error.as_deref().unwrap_or_default();
+        assert!(why.contains("draining"), "{attempts:?}");
+    }
+    // Nothing is pushed while the agent drains.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(store.get_job(&job).unwrap().counts.queued, 2);
+
+    shared.publish(status(0.05, &[]));
+    wait_until("the job to finish", Duration::from_secs(30), || {
+        store.get_job(&job).unwrap().state == JobState::Done
+    });
+    let record = store.get_job(&job).unwrap();
+    assert_eq!(record.counts.done, 2, "{record:?}");
+    for (i, r) in store.results(&job, 0, 10).unwrap().iter().enumerate() {
+        assert_eq!(r.stdout, format!("{i}\n").into_bytes());
+        let attempts = store.attempts(&job, i as u64).unwrap();
+        assert!(
+            attempts.iter().all(|t| t.state != AttemptState::Failed),
+            "a release is not a failure: {attempts:?}"
+        );
+    }
+    grid.stop();
+}
+
+/// Stopping the agent hands its running subtask back before it exits, so
+/// the controller requeues it without waiting for `host_timeout`.
+#[test]
+fn stopping_the_agent_requeues_its_subtask_on_the_real_controller() {
+    let (ctl, store) = real_controller(|c| c.registry.host_timeout = Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let grid = real_agent(&ctl, "real-4", 1, Arc::new(Shared::new(status(0.05, &[]))));
+    let script = sleeper(dir.path());
+    let job = submit(&ctl, 1, &["sh", "-c", &script]);
+    wait_until("it runs", Duration::from_secs(20), || {
+        pid_of(dir.path(), 0).is_some()
+    });
+    grid.stop();
+    let c = store.get_job(&job).unwrap().counts;
+    assert_eq!((c.queued, c.assigned), (1, 0), "{c:?}");
+    let attempts = store.attempts(&job, 0).unwrap();
+    assert_eq!(attempts[0].state, AttemptState::Withdrawn, "{attempts:?}");
+    assert!(!alive(pid_of(dir.path(), 0).unwrap()));
+}
+
+fn post_to(url: &str, path: &str, token: Option<&str>, body: Vec<u8>) -> (u16, String) {
+    let mut req = reqwest::blocking::Client::new()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/msgpack")
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().unwrap();
+    (resp.status().as_u16(), resp.text().unwrap())
+}
+
+fn stop_body(a: &[AttemptRef]) -> Vec<u8> {
+    rmp_serde::to_vec_named(&StopBatch {
+        attempts: a.to_vec(),
+    })
+    .unwrap()
+}
+
+/// A shell script that writes its pid to `dir/pid-<index>` and sleeps.
+fn sleeper(dir: &std::path::Path) -> String {
+    format!(
+        "echo $$ > {}/pid-$SPAREGRID_INDEX.tmp && mv {0}/pid-$SPAREGRID_INDEX.tmp {0}/pid-$SPAREGRID_INDEX; exec sleep 30",
+        dir.display()
+    )
+}
+
+/// The pid the [`sleeper`] of `index` wrote, once it did.
+fn pid_of(dir: &std::path::Path, index: u64) -> Option<u32> {
+    std::fs::read_to_string(dir.join(format!("pid-{index}")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn start_grid(cfg: &Config, host: &str, shared: Arc<Shared>) -> (Grid, String) {
+    let grid = Grid::start(
+        cfg,
+        host,
+        Executor::new(None, host, Limits::default()),
+        shared,
+    )
+    .unwrap();
+    let url = serve(grid.routes());
+    (grid, url)
+}
+
+#[test]
+fn the_stop_route_kills_attempts_at_once_and_they_are_not_reported() {
+    let (ctl, fake) = fake_controller();
+    let dir = tempfile::tempdir().unwrap();
+    let (grid, agent) = start_grid(
+        &config_for(&ctl, "tok", 2),
+        "h4",
+        Arc::new(Shared::new(status(0.0, &[]))),
+    );
+    let (a, b) = (
+        sh("j4", 0, &sleeper(dir.path())),
+        sh("j4", 1, &sleeper(dir.path())),
+    );
+    let (code, _) = post_batch(&agent, Some("tok"), batch(vec![a.clone(), b.clone()]));
+    assert_eq!(code, 202);
+    wait_until("both running", Duration::from_secs(10), || {
+        pid_of(dir.path(), 0).is_some() && pid_of(dir.path(), 1).is_some()
+    });
+    let (pa, pb) = (
+        pid_of(dir.path(), 0).unwrap(),
+        pid_of(dir.path(), 1).unwrap(),
+    );
+
+    let body = stop_body(std::slice::from_ref(&a.attempt));
+    assert_eq!(
+        post_to(&agent, "/v1/subtasks/stop", None, body.clone()).0,
+        401
+    );
+    let (code, text) = post_to(&agent, "/v1/subtasks/stop", Some("tok"), b"\x93".to_vec());
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("StopBatch"), "{text}");
+    let unknown = AttemptRef {
+        job: "j4".into(),
+        index: 9,
+        epoch: 1,
+    };
+    let (code, text) = post_to(
+        &agent,
+        "/v1/subtasks/stop",
+        Some("tok"),
+        stop_body(&[a.attempt.clone(), unknown]),
+    );
+    assert_eq!((code, text.as_str()), (200, r#"{"stopped":1}"#));
+    // The answer comes after the kill: the process is gone already.
+    assert!(!alive(pa), "pid {pa} still alive");
+    assert!(alive(pb));
+    assert_eq!(grid.runner().attempts(), vec![b.attempt.clone()]);
+    // A repeated push of the stopped attempt does not run it again.
+    let (code, text) = post_batch(&agent, Some("tok"), batch(vec![a.clone()]));
+    assert_eq!((code, text.as_str()), (202, r#"{"accepted":0}"#));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        fake.lock().unwrap().completions.is_empty(),
+        "a stopped attempt is not reported"
+    );
+    grid.stop();
+    assert!(!alive(pb));
+}
+
+#[test]
+fn a_draining_agent_hands_its_subtasks_back_and_takes_no_more_until_undrained() {
+    let (ctl, fake) = fake_controller();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Arc::new(Shared::new(status(0.0, &[])));
+    let (grid, agent) = start_grid(&config_for(&ctl, "", 2), "h5", shared.clone());
+    let a = sh("j5", 0, &sleeper(dir.path()));
+    assert_eq!(post_batch(&agent, None, batch(vec![a.clone()])).0, 202);
+    wait_until("it runs", Duration::from_secs(10), || {
+        pid_of(dir.path(), 0).is_some()
+    });
+    let pid = pid_of(dir.path(), 0).unwrap();
+
+    let mut draining = status(0.0, &[]);
+    draining.draining = true;
+    shared.publish(draining);
+    wait_until("the release", Duration::from_secs(10), || {
+        !fake.lock().unwrap().releases.is_empty()
+    });
+    {
+        let f = fake.lock().unwrap();
+        assert_eq!(f.releases.len(), 1);
+        let r = &f.releases[0];
+        assert_eq!(r.host, "h5");
+        assert_eq!(r.attempts, vec![a.attempt.clone()]);
+        assert!(r.reason.contains("draining"), "{r:?}");
+    }
+    assert!(!alive(pid));
+    assert!(grid.runner().attempts().is_empty());
+    let (code, text) = post_batch(&agent, None, batch(vec![sh("j5", 1, "echo one")]));
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("draining"), "{text}");
+    let seen = fake.lock().unwrap().heartbeats.len();
+    wait_until(
+        "a heartbeat while draining",
+        Duration::from_secs(10),
+        || fake.lock().unwrap().heartbeats.len() > seen,
+    );
+    assert_eq!(
+        fake.lock().unwrap().heartbeats.last().unwrap().free_slots,
+        0
+    );
+
+    // The drain is lifted: work is taken again.
+    shared.publish(status(0.0, &[]));
+    wait_until("a push accepted again", Duration::from_secs(10), || {
+        post_batch(&agent, None, batch(vec![sh("j5", 1, "echo one")])).0 == 202
+    });
+    wait_until("its completion", Duration::from_secs(10), || {
+        !fake.lock().unwrap().completions.is_empty()
+    });
+    let f = fake.lock().unwrap();
+    assert_eq!(f.completions.len(), 1);
+    assert_eq!(f.completions[0].attempt.index, 1);
+    assert_eq!(f.releases.len(), 1, "nothing more handed back");
+    drop(f);
+    grid.stop();
+}
+
+#[test]
+fn stopping_hands_running_subtasks_back_and_flushes_unsent_completions() {
+    let (ctl, fake) = fake_controller();
+    let dir = tempfile::tempdir().unwrap();
+    fake.lock().unwrap().fail_completions = 1000;
+    let (grid, _agent) = start_grid(
+        &config_for(&ctl, "", 2),
+        "h6",
+        Arc::new(Shared::new(status(0.0, &[]))),
+    );
+    let a = sh("j6", 0, &sleeper(dir.path()));
+    grid.runner()
+        .submit(vec![a.clone(), sh("j6", 1, "echo finished")]);
+    wait_until(
+        "a running and b's report refused once",
+        Duration::from_secs(10),
+        || pid_of(dir.path(), 0).is_some() && fake.lock().unwrap().fail_completions < 1000,
+    );
+    let pid = pid_of(dir.path(), 0).unwrap();
+    // The controller is back; the client is in its backoff.
+    fake.lock().unwrap().fail_completions = 0;
+    grid.stop();
+    assert!(!alive(pid));
+    let f = fake.lock().unwrap();
+    let released: Vec<AttemptRef> = f.releases.iter().flat_map(|r| r.attempts.clone()).collect();
+    assert_eq!(released, vec![a.attempt.clone()]);
+    assert!(
+        f.releases[0].reason.contains("shutting down"),
+        "{:?}",
+        f.releases
+    );
+    assert_eq!(f.completions.len(), 1, "{:?}", f.completions);
+    assert_eq!(f.completions[0].attempt.index, 1);
+    assert_eq!(f.completions[0].stdout, b"finished\n");
+}
+
+#[test]
+fn a_reload_applies_slots_token_and_url_without_losing_running_subtasks() {
+    let (ctl, fake) = fake_controller();
+    let (ctl2, fake2) = fake_controller();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_for(&ctl, "tok-1", 2);
+    let (grid, agent) = start_grid(&cfg, "h7", Arc::new(Shared::new(status(0.0, &[]))));
+    let a = sh("j7", 0, &sleeper(dir.path()));
+    assert_eq!(
+        post_batch(&agent, Some("tok-1"), batch(vec![a.clone()])).0,
+        202
+    );
+    wait_until("it runs", Duration::from_secs(10), || {
+        pid_of(dir.path(), 0).is_some()
+    });
+    let pid = pid_of(dir.path(), 0).unwrap();
+
+    // Same settings: nothing to do.
+    assert!(!grid.handle().reload(&cfg));
+    // More slots and a new token: registers again, keeps running.
+    let mut cfg2 = cfg.clone();
+    cfg2.controller.slots = 3;
+    cfg2.controller.token = "tok-2".into();
+    assert!(grid.handle().reload(&cfg2));
+    wait_until("a register with 3 slots", Duration::from_secs(10), || {
+        fake.lock().unwrap().registers.last().unwrap().slots == 3
+    });
+    let seen = fake.lock().unwrap().heartbeats.len();
+    wait_until("a heartbeat after it", Duration::from_secs(10), || {
+        fake.lock().unwrap().heartbeats.len() > seen
+    });
+    {
+        let f = fake.lock().unwrap();
+        let hb = f.heartbeats.last().unwrap();
+        assert_eq!(hb.running, vec![a.attempt.clone()]);
+        assert_eq!(hb.free_slots, 2);
+        assert!(f.releases.is_empty());
+    }
+    assert!(alive(pid));
+    assert_eq!(
+        post_batch(&agent, Some("tok-1"), batch(vec![a.clone()])).0,
+        401
+    );
+    let (code, text) = post_batch(&agent, Some("tok-2"), batch(vec![a.clone()]));
+    assert_eq!((code, text.as_str()), (202, r#"{"accepted":0}"#));
+
+    // Turning the client off needs a restart: refused, nothing changes.
+    let mut off = cfg2.clone();
+    off.controller.url = String::new();
+    assert!(!grid.handle().reload(&off));
+
+    // Another controller: the running subtask goes back to the old one.
+    let mut cfg3 = cfg2.clone();
+    cfg3.controller.url = ctl2.clone();
+    assert!(grid.handle().reload(&cfg3));
+    wait_until(
+        "registered with the new controller",
+        Duration::from_secs(10),
+        || !fake2.lock().unwrap().heartbeats.is_empty(),
+    );
+    {
+        let f = fake.lock().unwrap();
+        let released: Vec<AttemptRef> =
+            f.releases.iter().flat_map(|r| r.attempts.clone()).collect();
+        assert_eq!(released, vec![a.attempt.clone()]);
+        let f2 = fake2.lock().unwrap();
+        assert_eq!(f2.registers[0].slots, 3);
+        assert_eq!(
+            f2.heartbeats[0].free_slots, 3,
+            "not draining after the move"
+        );
+        assert!(f2.releases.is_empty());
+    }
+    assert!(!alive(pid));
+    grid.stop();
+}
+
+/// A self-signed certificate for 127.0.0.1 in `dir`: (cert.pem, key.pem).
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// The grid client joins an https controller (the real one, served with a
+/// self-signed certificate) when `controller.ca_cert` names that
+/// certificate, and refuses it without.
+#[test]
+fn the_client_joins_an_https_controller_that_its_ca_cert_vouches_for() {
+    use sparegrid_controller::api::{router, tls, AppState};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let server = tls::server_config(&cert, &key).unwrap();
+    let mut config = ControllerConfig::default();
+    config.registry.heartbeat_interval = Duration::from_millis(100);
+    config.auth.agent_token = Some(REAL_TOKEN.to_owned());
+    config.auth.submit_tokens = vec![SUBMIT_TOKEN.to_owned()];
+    config.dispatch.interval = Duration::from_millis(20);
+    config.validate().unwrap();
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ctl = format!("https://{}", listener.local_addr().unwrap());
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let state = AppState::new(dyn_store, &config);
+            sparegrid_controller::agents::spawn_dispatcher(state.agents.clone());
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            tls::serve_tls_on(l, server, router(state), std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+
+    let reg = Register {
+        host: "tls-1".into(),
+        version: "t".into(),
+        agent_url: None,
+        slots: 1,
+    };
+    let mut section = config_for(&ctl, REAL_TOKEN, 1).controller;
+    // Without the CA the certificate is not trusted.
+    let err = ControllerClient::new(&section)
+        .unwrap()
+        .register(&reg)
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Http { .. }), "{err}");
+    // A CA file that is not there, or holds no certificate, names the field.
+    section.ca_cert = dir.path().join("missing.pem");
+    let err = ControllerClient::new(&section).err().unwrap();
+    assert!(err.to_string().contains("controller.ca_cert"), "{err}");
+    assert!(!err.retryable());
+    section.ca_cert = dir.path().join("key.pem");
+    let err = ControllerClient::new(&section).err().unwrap();
+    assert!(err.to_string().contains("no PEM certificate"), "{err}");
+
+    // With it, a whole job runs over https.
+    let agent_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config_for(&ctl, REAL_TOKEN, 2);
+    cfg.controller.ca_cert = cert.clone();
+    cfg.controller.advertise_url = format!("http://{}", agent_listener.local_addr().unwrap());
+    cfg.validate().unwrap();
+    let grid = Grid::start(
+        &cfg,
+        "tls-1",
+        Executor::new(None, "tls-1", Limits::default()),
+        Arc::new(Shared::new(status(0.05, &[]))),
+    )
+    .unwrap();
+    serve_on(agent_listener, grid.routes());
+    let resp = reqwest::blocking::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap()
+        .post(format!("{ctl}/v1/jobs"))
+        .bearer_auth(SUBMIT_TOKEN)
+        .json(&serde_json::json!({
+            "command": {"argv": ["echo", "{start}"]},
+            "split": {"range": {"start": 0, "end": 4, "chunk": 1}}
+        }))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let v: serde_json::Value = resp.json().unwrap();
+    let job = JobId(v["id"].as_str().unwrap().to_owned());
+    wait_until("the job to finish", Duration::from_secs(30), || {
+        store.get_job(&job).unwrap().state == JobState::Done
+    });
+    let results = store.results(&job, 0, 10).unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results.iter().all(|r| r.host == "tls-1"));
     grid.stop();
 }
