@@ -29,6 +29,7 @@
 //! random strings of which the length is no secret.
 
 use std::fmt;
+use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap};
@@ -220,9 +221,20 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// Most of a refused request's body read (and dropped) before answering.
+const DRAIN_LIMIT: usize = 64 * 1024;
+/// Longest wait for it.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Middleware on every route: refuses the request (401/403) unless its
 /// bearer token's role may call the matched route ([`Access::of`] its
 /// pattern). Unrouted paths never get here and answer 404 as before.
+///
+/// A refused request's body (up to [`DRAIN_LIMIT`], for at most
+/// [`DRAIN_TIMEOUT`]) is read before the answer: hyper closes a connection
+/// whose request body was not read, and a client still writing its body
+/// (an agent's heartbeat with a stale token) would see a broken pipe
+/// instead of the 401.
 pub async fn require_role(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let access = match req.extensions().get::<MatchedPath>() {
         Some(p) => Access::of(p.as_str()),
@@ -230,7 +242,12 @@ pub async fn require_role(State(s): State<AppState>, req: Request, next: Next) -
     };
     match s.auth.check(access, req.headers()) {
         Ok(_) => next.run(req).await,
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => {
+            let body = req.into_body();
+            let _ =
+                tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(body, DRAIN_LIMIT)).await;
+            ApiError::from(e).into_response()
+        }
     }
 }
 

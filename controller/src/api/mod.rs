@@ -11,7 +11,7 @@
 //! | `GET /v1/jobs/{id}/results?format=raw\|json&partial=1` | outputs in subtask order |
 //! | `GET /v1/jobs/{id}/events` | server-sent `progress` events, then `end` |
 //! | `GET /v1/hosts` | hosts with load, dominant metric, free slots, state (see [`crate::agents`]) |
-//! | `POST /v1/agents/{register,heartbeat,completions}` | the agent plane, MessagePack (see [`crate::agents`]) |
+//! | `POST /v1/agents/{register,heartbeat,completions,release}` | the agent plane, MessagePack (see [`crate::agents`]) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3 document of all of the above |
 //!
