@@ -186,6 +186,14 @@ impl IntoResponse for AgentError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body stays unread and the server closes the
+            // connection; say so, or the client's pool may reuse it and
+            // its next request fails with an incomplete message.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
