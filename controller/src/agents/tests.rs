@@ -408,7 +408,10 @@ async fn three_agents_finish_a_job_and_an_overloaded_one_hands_its_work_back() {
             other => panic!("{w:?} told to stop is {other:?}: {attempts:?}"),
         }
     }
-    assert!(taken_back > 0, "host-a held work that was withdrawn: {withdrawn:?}");
+    assert!(
+        taken_back > 0,
+        "host-a held work that was withdrawn: {withdrawn:?}"
+    );
     assert_eq!(
         a.st.lock().unwrap().received.len(),
         received_then,
