@@ -116,6 +116,11 @@ impl Default for Tokens {
     }
 }
 
+/// `registry.dispatch_below` of [`ControllerConf::cluster`].
+pub const DISPATCH_BELOW: f64 = 0.5;
+/// `registry.withdraw_above` of [`ControllerConf::cluster`].
+pub const WITHDRAW_ABOVE: f64 = 0.8;
+
 /// A controller config: top-level keys plus sections (values are TOML
 /// literals, as in [`Conf`]).
 #[derive(Debug, Clone, Default)]
@@ -133,8 +138,8 @@ impl ControllerConf {
             .top("db_path", toml_str(&db.display().to_string()))
             .top("events_poll", toml_str("100ms"));
         c.sections
-            .set("registry", "dispatch_below", "0.5")
-            .set("registry", "withdraw_above", "0.8")
+            .set("registry", "dispatch_below", DISPATCH_BELOW)
+            .set("registry", "withdraw_above", WITHDRAW_ABOVE)
             .str("registry", "withdraw_after", "30s")
             .str("registry", "host_timeout", "10s")
             .str("registry", "heartbeat_interval", "300ms")

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use sparegrid_controller::registry::Membership;
 use sparegrid_controller::store::{HostState, JobState};
+use sparegrid_proto::Metric;
 use sparegrid_tests::controller::*;
 use sparegrid_tests::*;
 
@@ -132,15 +133,32 @@ fn root_loaded_host_is_withdrawn_and_the_job_completes_exactly_once() {
     let load = uplink.load(4 * UPLINK_BYTES_PER_SEC);
     eprintln!("{T}: load on; {busy} held {held:?}");
 
-    // The busy host leaves the set; its agent stops what it held.
+    // The busy host leaves the set, for the load on its uplink (nothing
+    // else moves its load factor); its agent stops what it held.
     c.wait_hosts(
         &format!("{busy} to leave the eligible set under load"),
         secs(60),
         |v| {
             host(v, busy)
-                .filter(|h| h.membership == Some(Membership::Out) && !h.eligible)
+                .filter(|h| {
+                    h.membership == Some(Membership::Out)
+                        && !h.eligible
+                        && h.load.is_some_and(|l| l > WITHDRAW_ABOVE)
+                        && h.dominant == Some(Metric::Network)
+                })
                 .map(|_| ())
         },
+    );
+    // The API says what the CLI showed.
+    let api: sparegrid_controller::agents::HostsView = c
+        .controller
+        .get_json("/v1/hosts")
+        .unwrap_or_else(|e| panic!("GET /v1/hosts: {e:#}"));
+    let h = host(&api, busy).expect("busy host in GET /v1/hosts");
+    assert!(
+        h.membership == Some(Membership::Out) && !h.eligible,
+        "GET /v1/hosts disagrees with `sparegrid hosts`:\n{}",
+        hosts_summary(&api)
     );
     c.wait_hosts(
         &format!("{busy} to stop its withdrawn subtasks (running 0)"),
