@@ -38,6 +38,11 @@ cleanup() {
         virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
         virsh -c qemu:///system undefine "$d" --managed-save >/dev/null 2>&1 || true
     done
+    # The grid partition (libvirt names its own `<name>.partition`), children
+    # first; the agent and libvirt are done with it by now.
+    for d in $(find /sys/fs/cgroup -maxdepth 2 -type d \( -name "$PARTITION" -o -name "$PARTITION.partition" \) 2>/dev/null); do
+        find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || echo "demo: cannot remove cgroup $d" >&2
+    done
     echo "demo: files kept in $WORK"
 }
 trap cleanup EXIT
