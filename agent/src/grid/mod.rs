@@ -256,7 +256,10 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
         ),
         None => (0.0, None, BTreeMap::new()),
     };
-    let free_slots = if runner.draining().is_some() {
+    // Before the first load sample the host's load is unknown: offer no
+    // slots, so the controller does not push work on a reported 0.0 that
+    // the first real sample may contradict.
+    let free_slots = if runner.draining().is_some() || status.load.is_none() {
         0
     } else {
         slots.saturating_sub(running.len() as u32)

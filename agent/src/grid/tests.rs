@@ -1034,3 +1034,14 @@ fn the_client_joins_an_https_controller_that_its_ca_cert_vouches_for() {
     assert!(results.iter().all(|r| r.host == "tls-1"));
     grid.stop();
 }
+
+#[test]
+fn no_slots_are_offered_before_the_first_load_sample() {
+    let r = Runner::new(Executor::new(None, "h4", Limits::default()));
+    let mut s = status(0.1, &[]);
+    assert_eq!(heartbeat("h4", &s, 3, &r).free_slots, 3);
+    s.load = None;
+    let hb = heartbeat("h4", &s, 3, &r);
+    assert_eq!(hb.free_slots, 0, "{hb:?}");
+    assert!(hb.breakdown.is_empty());
+}
