@@ -21,6 +21,10 @@ IMAGE_DIR ?= /var/lib/sparegrid/images/default
 # after another, so this bounds the whole run to two tests at a time.
 TEST_THREADS ?= 2
 BENCH_ARGS ?=
+# bench-e2e's reference side: dask.distributed from PyPI in a venv outside the
+# checkout (pinned, so runs compare like with like).
+BENCH_VENV ?= /var/tmp/sparegrid-bench-venv
+DASK_VERSION ?= 2026.8.0
 
 # Debian packages: the hypervisor stack, libvirt headers for the `virt` crate,
 # the guest image's ingredients, stress-ng for load tests, systemd for
@@ -35,7 +39,7 @@ KERNEL_PACKAGE := linux-image-cloud-amd64
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
 
 .PHONY: help deps deps-system deps-rust libvirtd image boot-check build test demo demo-agent \
-	bench-agent clean-image fmt lint
+	bench-agent bench-venv bench-e2e clean-image fmt lint
 
 help:
 	@echo "make deps         install system packages (apt, only what is missing), check cargo, cargo fetch"
@@ -47,6 +51,8 @@ help:
 	@echo "make demo         controller + 2 local agents run workloads/jobs/sample.toml (tests/demo.sh)"
 	@echo "make demo-agent   one agent's grid VM under load on a real libvirtd (tests/demo-agent.sh)"
 	@echo "make bench-agent  run the agent benchmark (release build)"
+	@echo "make bench-venv   python venv with dask[distributed]==$(DASK_VERSION) in $(BENCH_VENV)"
+	@echo "make bench-e2e    end-to-end no-op throughput, controller + 4 agents vs dask (release, root)"
 	@echo "make clean-image  remove the built guest image"
 	@echo "make fmt | lint   cargo fmt / cargo clippy -D warnings"
 
@@ -127,6 +133,26 @@ demo-agent: deps libvirtd image build
 bench-agent: deps libvirtd image
 	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests
 	$(VM_ENV) ./target/release/bench-agent $(BENCH_ARGS)
+
+# python3-venv from apt only when missing; dask from PyPI only when the venv
+# cannot import the pinned version.
+bench-venv:
+	@if [ -x $(BENCH_VENV)/bin/python ] && $(BENCH_VENV)/bin/python -c \
+	    'import sys, dask, distributed; sys.exit(dask.__version__ != "$(DASK_VERSION)")' 2>/dev/null; then \
+	    echo "bench-venv: $(BENCH_VENV) has dask $(DASK_VERSION)"; exit 0; \
+	fi; \
+	if ! dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q 'install ok installed'; then \
+	    echo "bench-venv: installing python3-venv"; \
+	    if [ "$$(id -u)" -ne 0 ]; then echo "bench-venv: need root for apt-get (python3-venv)" >&2; exit 1; fi; \
+	    export DEBIAN_FRONTEND=noninteractive; apt-get update -q; apt-get install -y -q python3-venv; \
+	fi; \
+	python3 -m venv $(BENCH_VENV); \
+	$(BENCH_VENV)/bin/pip install -q --disable-pip-version-check 'dask[distributed]==$(DASK_VERSION)'
+
+# Root: the agents create cgroup partitions. No libvirt (process runtime).
+bench-e2e: deps-rust bench-venv
+	$(CARGO) build --release -p sparegrid-agent -p sparegrid-controller -p sparegrid-tests
+	./target/release/bench-e2e --python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
 clean-image:
 	rm -rf $(IMAGE_DIR)
