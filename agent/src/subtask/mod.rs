@@ -3,11 +3,20 @@
 //! push dispatch, used until grid VMs run subtasks through the guest channel.
 //!
 //! - [`Executor::start`] creates the child cgroup `st-<job>-<index>-<epoch>`
-//!   (see [`cgroup_name`]), spawns `argv` in its own process group, joined to
-//!   that cgroup in a `pre_exec` hook before it execs (so none of its work
-//!   runs outside the partition), feeds `stdin` from a thread and drains
-//!   stdout and stderr on threads into buffers capped at
-//!   [`Limits::output_cap_bytes`] while counting the full sizes.
+//!   (see [`cgroup_name`]) and hands the command to the subtask's I/O thread
+//!   (`st-io-<index>`), which spawns `argv` in its own process group, joined
+//!   to that cgroup in a `pre_exec` hook before it execs (so none of its work
+//!   runs outside the partition), feeds `stdin` from a thread, drains stderr
+//!   on a thread and stdout itself into buffers capped at
+//!   [`Limits::output_cap_bytes`] while counting the full sizes, and then
+//!   waits for the command to exit (a pidfd). `start` does not wait for the
+//!   spawn: moving a new process into cgroups often waits for an RCU grace
+//!   period in the kernel (milliseconds), and a caller starting several
+//!   subtasks would otherwise wait for each in turn.
+//! - [`Activity`]: the I/O thread bumps the executor's activity counter when
+//!   its command has exited (or could not start), so whoever polls
+//!   [`RunningSubtask::try_wait`] can sleep on [`Activity::wait_since`]
+//!   instead of a fixed tick and still see each end at once.
 //! - The environment is clean: only [`BASE_PATH`] as `PATH`, `HOME=/tmp`,
 //!   `TMPDIR=/tmp`, `LANG=C`, `SPAREGRID_JOB`, `SPAREGRID_INDEX` and
 //!   `SPAREGRID_EPOCH`, then the assignment's `env` on top (it may override
@@ -34,7 +43,9 @@ mod running;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
 
@@ -72,8 +83,8 @@ pub enum SubtaskError {
         source: CgroupError,
     },
     #[error(
-        "subtask {subtask}: child cgroup {group} already holds processes {pids:?} \
-         (a duplicate assignment, or left by an earlier agent); refusing to touch them"
+        "subtask {subtask}: child cgroup {group} is in use (by this attempt started \
+         twice, or by processes {pids:?} left by an earlier agent); refusing to touch it"
     )]
     Busy {
         subtask: String,
@@ -121,11 +132,59 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// A counter bumped whenever a subtask's command has exited or failed to
+/// start (and by [`Activity::notify`] from anyone else, e.g. when new work
+/// is queued): lets the thread that drives the subtasks sleep until there is
+/// something to do.
+#[derive(Debug, Default)]
+pub struct Activity {
+    seq: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Activity {
+    /// Bumps the counter and wakes every waiter.
+    pub fn notify(&self) {
+        *self.seq.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.cv.notify_all();
+    }
+
+    /// The counter now; pass it to [`Activity::wait_since`].
+    pub fn seen(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until the counter differs from `seen` or `timeout` passed;
+    /// returns the counter. Read [`Activity::seen`] before looking at the
+    /// subtasks, so an end that happens in between is not slept through.
+    pub fn wait_since(&self, seen: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        let mut seq = self.seq.lock().unwrap_or_else(PoisonError::into_inner);
+        while *seq == seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            seq = self
+                .cv
+                .wait_timeout(seq, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *seq
+    }
+}
+
 /// Runs subtasks as host processes in the grid partition.
 pub struct Executor {
     cgroup: Option<Arc<GridCgroup>>,
     host: String,
     limits: Limits,
+    activity: Arc<Activity>,
+    /// Child groups of subtasks started and not yet ended: a second start
+    /// of the same attempt is refused even before the first one's command
+    /// has joined its group.
+    in_use: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Executor {
@@ -142,7 +201,15 @@ impl Executor {
             cgroup,
             host: host.into(),
             limits,
+            activity: Arc::default(),
+            in_use: Arc::default(),
         }
+    }
+
+    /// Bumped when a subtask started by this executor has exited or could
+    /// not start; see [`Activity`].
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     pub fn host(&self) -> &str {

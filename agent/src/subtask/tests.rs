@@ -447,3 +447,47 @@ fn root_subtask_executor_on_real_unified_tree() {
         real_cycle(cgroup);
     }
 }
+
+#[test]
+fn activity_is_bumped_once_the_command_has_exited() {
+    let ex = plain();
+    let act = Arc::clone(ex.activity());
+    for a in [sh("exit 3"), assignment(&["/nonexistent/program"])] {
+        let seen = act.seen();
+        let mut rs = ex.start(&a).unwrap();
+        let now = act.wait_since(seen, Duration::from_secs(30));
+        assert_ne!(now, seen, "no activity for {:?}", a.argv);
+        // The bump comes after the exit: the completion is there at once.
+        let c = rs.try_wait().expect("ended when the activity was bumped");
+        assert!(!c.succeeded(), "{c:?}");
+    }
+}
+
+#[test]
+fn activity_wait_returns_the_unchanged_counter_on_timeout_and_wakes_on_notify() {
+    let act = Arc::new(Activity::default());
+    let seen = act.seen();
+    assert_eq!(act.wait_since(seen, Duration::from_millis(20)), seen);
+    let other = Arc::clone(&act);
+    let t = std::thread::spawn(move || other.wait_since(seen, Duration::from_secs(60)));
+    act.notify();
+    assert_eq!(t.join().unwrap(), seen + 1);
+}
+
+#[test]
+fn many_subtasks_started_back_to_back_all_complete_with_their_output() {
+    let ex = plain();
+    let mut running: Vec<RunningSubtask> = (0..32)
+        .map(|i| {
+            let mut a = sh("echo $SPAREGRID_INDEX; echo err >&2");
+            a.attempt = attempt("burst", i);
+            ex.start(&a).unwrap()
+        })
+        .collect();
+    for (i, rs) in running.iter_mut().enumerate() {
+        let c = rs.wait();
+        assert!(c.succeeded(), "{c:?}");
+        assert_eq!(c.stdout, format!("{i}\n").into_bytes());
+        assert_eq!(c.stderr, b"err\n");
+    }
+}
