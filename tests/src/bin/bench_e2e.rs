@@ -14,6 +14,12 @@
 //!   task, its output captured like an agent captures it. A pure-Python no-op
 //!   task is reported as a second, separate reference.
 //!
+//! Each sparegrid round also prints the CPU the controller, the agents and
+//! the subtasks' commands used per subtask (`/proc/<pid>/stat`), and an
+//! in-process profile of the agent's executor (`--profile`) runs first.
+//! The controller runs with auth on (an agent token, and an admin token the
+//! benchmark submits with).
+//!
 //! Both sides get a warm-up (`--warmup` tasks, untimed) before each timed
 //! run. `--rounds` alternates the sides and reports the median of each; the
 //! ratio is sparegrid / dask (subprocess) against the issue's target of ≥ 2×.
@@ -372,6 +378,19 @@ impl Grid {
         Ok(grid)
     }
 
+    /// CPU seconds so far: the controller; the agents; the agents' reaped
+    /// children (the subtasks' commands).
+    fn cpu(&self) -> (f64, f64, f64) {
+        let ctl = proc_cpu(self.controller.proc_.child.id()).0;
+        let (mut agents, mut cmds) = (0.0, 0.0);
+        for a in &self.agents {
+            let (own, children) = proc_cpu(a.pid());
+            agents += own;
+            cmds += children;
+        }
+        (ctl, agents, cmds)
+    }
+
     /// Submits a job of `n` and waits until it is done; prints progress
     /// every second when `label` is given.
     fn run(&self, n: u64, label: Option<&str>, stop: &AtomicBool) -> Result<Run> {
@@ -520,6 +539,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// CPU seconds of `pid` itself and of its reaped children (utime + stime,
+/// cutime + cstime of /proc/<pid>/stat).
+fn proc_cpu(pid: u32) -> (f64, f64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    // rest starts at field 3 (state); utime is field 14 … cstime 17.
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    match f.as_slice() {
+        [u, s, cu, cs] => ((u + s) as f64 / hz, (cu + cs) as f64 / hz),
+        _ => (0.0, 0.0),
+    }
+}
+
 /// User + system CPU seconds of this process (all threads) and of its
 /// reaped children.
 fn cpu_seconds() -> (f64, f64) {
@@ -657,12 +696,19 @@ fn bench(args: &Args, stop: &AtomicBool) -> Result<()> {
             grid.run(args.warmup, None, stop)?;
         }
         let label = format!("round {round}");
+        let cpu0 = grid.cpu();
         let r = grid.run(args.subtasks, Some(&label), stop)?;
+        let cpu1 = grid.cpu();
+        let per = |a: f64, b: f64| (b - a) / r.tasks as f64 * 1e6;
         println!(
-            "sparegrid {label}: {} subtasks in {:.2} s = {:.0} subtasks/s",
+            "sparegrid {label}: {} subtasks in {:.2} s = {:.0} subtasks/s; CPU per subtask: \
+             controller {:.0} µs, agents {:.0} µs, commands {:.0} µs",
             r.tasks,
             r.seconds,
-            r.rate()
+            r.rate(),
+            per(cpu0.0, cpu1.0),
+            per(cpu0.1, cpu1.1),
+            per(cpu0.2, cpu1.2)
         );
         ours.push(r.rate());
         if !args.no_dask {
