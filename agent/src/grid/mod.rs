@@ -13,10 +13,13 @@
 //!   (0.2 s doubling to 10 s) while the controller cannot be reached.
 //!   Completions or releases the controller refuses outright (400/413/415)
 //!   are logged and dropped.
-//! - **runner** (`sparegrid-grid-runner`): every 50 ms starts queued
-//!   assignments with [`Executor`] (as host processes in the daemon's grid
-//!   cgroup), applies the suspend decision and polls for ends; see
-//!   [`runner`].
+//! - **runner** (`sparegrid-grid-runner`): starts queued assignments with
+//!   [`Executor`] (as host processes in the daemon's grid cgroup), applies
+//!   the suspend decision and collects ends; see [`runner`]. It wakes when
+//!   a push queues work or a subtask ends (the executor's activity
+//!   counter), and at least every 50 ms for the suspend decision. The
+//!   client wakes the same way when a completion or release is waiting, so
+//!   a no-op subtask's round trip is not paced by a tick.
 //!
 //! Routes ([`routes`]), MessagePack bodies; with `controller.token` set
 //! they need `Authorization: Bearer <token>` (401 `unauthorized`); a body
@@ -426,8 +429,10 @@ fn run_runner(inner: &Inner, shared: &Shared) {
         }
         let policy = inner.settings().1.policy.clone();
         let suspended = gate.decide(&status, &policy, origin.elapsed());
+        // Read before the tick: an end or a push during it wakes the wait.
+        let seen = runner.work_seen();
         runner.tick(suspended);
-        std::thread::sleep(TICK);
+        runner.wait_for_work(seen, TICK);
     }
     runner.stop();
 }
@@ -585,6 +590,8 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
     let mut was_finishing = false;
     while !inner.stop.load(Ordering::SeqCst) {
         let now = Instant::now();
+        // Read before sending: a report queued meanwhile wakes the wait.
+        let reports_seen = runner.reports_seen();
         // Settings changed (SIGHUP): a new client and a new registration.
         let latest = {
             let g = inner.settings();
@@ -688,9 +695,11 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             }
             _ => {}
         }
-        send_released(&client, runner, &settings.host, &mut releases, now, None);
-        send_completions(&client, runner, &mut sends, now, None);
-        std::thread::sleep(TICK);
+        let more = send_released(&client, runner, &settings.host, &mut releases, now, None)
+            | send_completions(&client, runner, &mut sends, now, None);
+        if !more {
+            runner.wait_for_reports(reports_seen, TICK);
+        }
     }
 }
 

@@ -25,11 +25,14 @@ use std::time::Instant;
 
 use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
 
-use crate::subtask::{label, Executor, RunningSubtask};
+use crate::subtask::{label, Activity, Executor, RunningSubtask};
 
 pub struct Runner {
     executor: Executor,
     state: Mutex<State>,
+    /// Bumped when something is added to the outbox or the release list,
+    /// so the client thread reports it at once instead of on its next tick.
+    reports: Activity,
 }
 
 #[derive(Default)]
@@ -72,7 +75,33 @@ impl Runner {
         Runner {
             executor,
             state: Mutex::new(State::default()),
+            reports: Activity::default(),
         }
+    }
+
+    /// The driver's wake-up counter: bumped when a subtask ends or new work
+    /// is queued. Read it before [`Runner::tick`], then wait with
+    /// [`Runner::wait_for_work`].
+    pub fn work_seen(&self) -> u64 {
+        self.executor.activity().seen()
+    }
+
+    /// Sleeps until a subtask ended or work was queued since `seen`, or
+    /// `timeout` passed.
+    pub fn wait_for_work(&self, seen: u64, timeout: std::time::Duration) {
+        self.executor.activity().wait_since(seen, timeout);
+    }
+
+    /// The reporter's wake-up counter: bumped when a completion or a
+    /// released attempt is waiting to be sent.
+    pub fn reports_seen(&self) -> u64 {
+        self.reports.seen()
+    }
+
+    /// Sleeps until something new waits to be reported since `seen`, or
+    /// `timeout` passed.
+    pub fn wait_for_reports(&self, seen: u64, timeout: std::time::Duration) {
+        self.reports.wait_since(seen, timeout);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -101,6 +130,10 @@ impl Runner {
             }
             st.queued.push_back(a);
             added += 1;
+        }
+        drop(st);
+        if added > 0 {
+            self.executor.activity().notify();
         }
         added
     }
@@ -182,6 +215,7 @@ impl Runner {
         let n = queued.len() + running.len();
         if n > 0 {
             tracing::info!("{reason}: handing {n} grid subtasks back to the controller");
+            self.reports.notify();
         }
         for mut r in running {
             r.cancel(reason.to_owned());
@@ -241,6 +275,7 @@ impl Runner {
     /// ones to the outbox.
     pub fn tick(&self, suspend: bool) {
         let mut st = self.lock();
+        let reported_before = st.outbox.len();
         if !suspend {
             while let Some(a) = st.queued.pop_front() {
                 match self.executor.start(&a) {
@@ -279,7 +314,7 @@ impl Runner {
         while i < st.running.len() {
             if let Some(c) = st.running[i].try_wait() {
                 st.running.swap_remove(i);
-                tracing::info!(
+                tracing::debug!(
                     "subtask {}: done (exit {:?}, error {:?})",
                     label(&c.attempt),
                     c.exit_code,
@@ -289,6 +324,11 @@ impl Runner {
             } else {
                 i += 1;
             }
+        }
+        let more = st.outbox.len() > reported_before;
+        drop(st);
+        if more {
+            self.reports.notify();
         }
     }
 

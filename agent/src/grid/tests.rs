@@ -1045,3 +1045,44 @@ fn no_slots_are_offered_before_the_first_load_sample() {
     assert_eq!(hb.free_slots, 0, "{hb:?}");
     assert!(hb.breakdown.is_empty());
 }
+
+#[test]
+fn a_push_and_an_end_wake_the_threads_instead_of_waiting_for_a_tick() {
+    let r = Runner::new(Executor::new(None, "h5", Limits::default()));
+    let work = r.work_seen();
+    let reports = r.reports_seen();
+    // A push wakes the runner thread.
+    r.submit(vec![sh("j5", 0, "echo hi")]);
+    assert_ne!(r.work_seen(), work, "a push bumps the work counter");
+    let work = r.work_seen();
+    r.tick(false);
+    // The end of the subtask wakes the runner (a long timeout: the wait
+    // returns on the end, not on the timeout)...
+    let t = Instant::now();
+    while r.work_seen() == work {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no end was signalled"
+        );
+        r.wait_for_work(work, Duration::from_secs(10));
+    }
+    assert_eq!(
+        r.reports_seen(),
+        reports,
+        "nothing to report before the tick"
+    );
+    // ...and the tick that collects it wakes the client.
+    wait_until("the end to be collected", Duration::from_secs(10), || {
+        r.tick(false);
+        r.outbox_len() == 1
+    });
+    assert_ne!(
+        r.reports_seen(),
+        reports,
+        "a completion bumps the report counter"
+    );
+    // A repeated push is not new work.
+    let work = r.work_seen();
+    r.submit(vec![sh("j5", 0, "echo hi")]);
+    assert_eq!(r.work_seen(), work);
+}
