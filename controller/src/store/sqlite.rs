@@ -569,17 +569,24 @@ fn complete_tx(
     epoch: u32,
     outcome: &Outcome,
 ) -> Result<CompletionResult> {
-    let row: Option<(i64, u32, u32, u32)> = tx
+    let row: Option<(i64, u32, u32, u32, bool, u64)> = tx
         .prepare_cached(
-            "SELECT s.state, s.epoch, s.failures, j.max_attempts \
+            "SELECT s.state, s.epoch, s.failures, j.max_attempts, j.has_reduce, j.n_map \
                  FROM subtasks s JOIN jobs j ON j.seq = s.job \
                  WHERE s.job = ?1 AND s.idx = ?2",
         )?
         .query_row(params![seq, index], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .optional()?;
-    let Some((state, current, failures, max_attempts)) = row else {
+    let Some((state, current, failures, max_attempts, has_reduce, n_map)) = row else {
         return Err(missing_subtask(tx, job, seq, index));
     };
     if state == DONE {
@@ -686,7 +693,7 @@ fn complete_tx(
             ..delta
         },
     )?;
-    if next == SubtaskState::Done {
+    if next == SubtaskState::Done && has_reduce && index < n_map {
         maybe_enqueue_reduce(tx, seq, index, opts.max_reduce_input)?;
     }
     let job_state = rollup(tx, seq, now)?;
@@ -1073,14 +1080,25 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<_>>()?;
             let mut pick = tx.prepare_cached(
                 "SELECT epoch, idx, lo, hi, argv, env, stdin FROM subtasks \
-                 WHERE job = ?1 AND state = 0 ORDER BY idx LIMIT ?2",
+                 INDEXED BY subtasks_queued WHERE job = ?1 AND state = 0 ORDER BY idx LIMIT ?2",
+            )?;
+            // The picked rows are the job's lowest queued indices, so "queued
+            // and idx <= the last one picked" names exactly them: one
+            // set-based INSERT and UPDATE per job instead of two statements
+            // per subtask (claim is the dispatcher's hot path). INDEXED BY:
+            // without statistics SQLite walks the primary key from index 0
+            // over every assigned and done row instead, which makes each
+            // claim O(job size); the queue index starts at the first queued
+            // row (and SQLite refuses the statement if it cannot use it).
+            let mut attempts = tx.prepare_cached(
+                "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
+                 SELECT job, idx, epoch + 1, ?3, 0, ?4 FROM subtasks INDEXED BY subtasks_queued \
+                 WHERE job = ?1 AND state = 0 AND idx <= ?2",
             )?;
             let mut assign = tx.prepare_cached(
-                "UPDATE subtasks SET state = 1, epoch = ?3, host = ?4 WHERE job = ?1 AND idx = ?2",
-            )?;
-            let mut attempt = tx.prepare_cached(
-                "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                "UPDATE subtasks INDEXED BY subtasks_queued \
+                 SET state = 1, epoch = epoch + 1, host = ?3 \
+                 WHERE job = ?1 AND state = 0 AND idx <= ?2",
             )?;
             for (seq, state, n_map, has_reduce) in jobs {
                 let want = n - out.len();
@@ -1090,18 +1108,28 @@ impl Store for SqliteStore {
                 let picked: Vec<Picked> = pick
                     .query_map(params![seq, want as i64], picked_from_row)?
                     .collect::<rusqlite::Result<_>>()?;
+                let Some(last) = picked.last().map(|p| p.index) else {
+                    continue;
+                };
                 let k = picked.len() as i64;
                 for p in picked {
                     let (index, epoch) = (p.index, p.epoch + 1);
                     let spec = self.spec_for(tx, seq, n_map, has_reduce, p)?;
-                    assign.execute(params![seq, index, epoch, host])?;
-                    attempt.execute(params![seq, index, epoch, host, now])?;
                     out.push(Assignment {
                         job: job_id(seq),
                         index,
                         epoch,
                         spec,
                     });
+                }
+                let started = attempts.execute(params![seq, last, host, now])?;
+                let assigned = assign.execute(params![seq, last, host])?;
+                if started as i64 != k || assigned as i64 != k {
+                    return Err(corrupt(format!(
+                        "job {}: claimed {k} subtasks up to index {last} but started \
+                         {started} attempts and assigned {assigned}",
+                        job_id(seq)
+                    )));
                 }
                 apply(
                     tx,

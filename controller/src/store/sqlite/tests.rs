@@ -987,12 +987,43 @@ fn insert_throughput() {
     assert_eq!(store.get_job(&id).unwrap().state, JobState::Done);
     let rate = |d: std::time::Duration| N as f64 / d.as_secs_f64();
     eprintln!(
-        "{N} subtasks: insert {:.0}/s ({insert:?}), claim in batches of 1000 {:.0}/s ({claim:?}), \
-         complete one per transaction {:.0}/s, complete in batches of 100 {:.0}/s",
+        "{N} explicit subtasks: insert {:.0}/s ({insert:?}), claim in batches of 1000 {:.0}/s \
+         ({claim:?}), complete one per transaction {:.0}/s, complete in batches of 100 {:.0}/s",
         rate(insert),
         rate(claim),
         rate(complete),
         rate(batched)
+    );
+
+    // The API's path: a planned range job, specs built at claim time.
+    let req = JobRequest {
+        split: Split::Range {
+            start: 0,
+            end: N as i64,
+            chunk: 1,
+        },
+        ..request("planned", 3, 0)
+    };
+    let t = Instant::now();
+    let id = store.create_planned_job(&req).unwrap();
+    let insert = t.elapsed();
+    let t = Instant::now();
+    let mut claimed = 0;
+    loop {
+        let got = store.claim("h", 1000).unwrap();
+        if got.is_empty() {
+            break;
+        }
+        claimed += got.len();
+    }
+    let claim = t.elapsed();
+    assert_eq!(claimed as u64, N);
+    assert_eq!(store.get_job(&id).unwrap().counts.assigned, N);
+    eprintln!(
+        "{N} planned subtasks: insert {:.0}/s ({insert:?}), claim in batches of 1000 {:.0}/s \
+         ({claim:?})",
+        rate(insert),
+        rate(claim),
     );
 }
 
