@@ -39,7 +39,7 @@ KERNEL_PACKAGE := linux-image-cloud-amd64
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
 
 .PHONY: help deps deps-system deps-rust libvirtd image boot-check build test demo demo-agent \
-	bench-agent bench-venv bench-e2e clean-image fmt lint
+	bench-agent bench-controller bench-venv bench-e2e clean-image fmt lint
 
 help:
 	@echo "make deps         install system packages (apt, only what is missing), check cargo, cargo fetch"
@@ -51,6 +51,7 @@ help:
 	@echo "make demo         controller + 2 local agents run workloads/jobs/sample.toml (tests/demo.sh)"
 	@echo "make demo-agent   one agent's grid VM under load on a real libvirtd (tests/demo-agent.sh)"
 	@echo "make bench-agent  run the agent benchmark (release build)"
+	@echo "make bench-controller  controller dispatch throughput and memory with 1M queued subtasks (release build)"
 	@echo "make bench-venv   python venv with dask[distributed]==$(DASK_VERSION) in $(BENCH_VENV)"
 	@echo "make bench-e2e    end-to-end no-op throughput, controller + 4 agents vs dask (release, root)"
 	@echo "make clean-image  remove the built guest image"
@@ -133,6 +134,12 @@ demo-agent: deps libvirtd image build
 bench-agent: deps libvirtd image
 	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests
 	$(VM_ENV) ./target/release/bench-agent $(BENCH_ARGS)
+
+# In-process controller with fake agents, then the real controller binary as a
+# child process; no libvirtd or guest image needed (docs/benchmarks.md).
+bench-controller: deps
+	$(CARGO) build --release -p sparegrid-controller -p sparegrid-tests --bin sparegrid-controller --bin bench-controller
+	./target/release/bench-controller $(BENCH_ARGS)
 
 # python3-venv from apt only when missing; dask from PyPI only when the venv
 # cannot import the pinned version.

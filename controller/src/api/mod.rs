@@ -8,7 +8,7 @@
 //! | `GET /v1/jobs?state=&limit=` | jobs, newest first, with states and counts |
 //! | `GET /v1/jobs/{id}` | one job: state, subtask counts by state, request |
 //! | `DELETE /v1/jobs/{id}` | cancel; 200 with the state afterwards |
-//! | `GET /v1/jobs/{id}/results?format=raw\|json&partial=1` | outputs in subtask order |
+//! | `GET /v1/jobs/{id}/results?format=raw\|json&partial=1&stage=map\|reduce` | outputs in subtask order; for a job with a `reduce`, the reduce's output unless `stage=map` |
 //! | `GET /v1/jobs/{id}/events` | server-sent `progress` events, then `end` |
 //! | `GET /v1/hosts` | hosts with load, dominant metric, free slots, state (see [`crate::agents`]) |
 //! | `POST /v1/agents/{register,heartbeat,completions,release}` | the agent plane, MessagePack (see [`crate::agents`]) |

@@ -1,0 +1,494 @@
+//! `bench-controller` (`make bench-controller`): the controller's figures.
+//!
+//! 1. Dispatch throughput: a 100,000-subtask `range` job, from the POST of
+//!    its request until every subtask has been pushed to an agent. The
+//!    controller is the real one in process (`api::serve_on`: the axum
+//!    router on a loopback listener, the SQLite store on disk in a temporary
+//!    directory, the real push dispatcher). The agents are fakes: small
+//!    axum servers on loopback that register and heartbeat through the real
+//!    `/v1/agents/*` routes (MessagePack), accept every `AssignBatch` and
+//!    never report a completion, with more free slots than the job has
+//!    subtasks. The clock stops when the fakes have received every subtask.
+//! 2. Memory: the release `sparegrid-controller` binary as a child process
+//!    with a 1,000,000-subtask `range` job queued (no agents): its peak
+//!    (VmHWM) and current (VmRSS) resident set from `/proc/<pid>/status`.
+//!
+//! Prints each figure with its target and "met" or "MISSED"; asserts
+//! nothing about time (machines are noisy). Options: `--quick` (10× smaller
+//! jobs), `--agents N` (fake agents, default 4), `--batch-size N`
+//! (`dispatch.batch_size`; default: the controller's default).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use sparegrid_controller::api::{self, AppState};
+use sparegrid_controller::config::ControllerConfig;
+use sparegrid_controller::store::{SqliteStore, Store, StoreOptions};
+use sparegrid_proto::grid::{AssignBatch, AttemptRef, Heartbeat, Register};
+
+const DISPATCH_TARGET: f64 = 20_000.0;
+const MEMORY_TARGET_MIB: f64 = 300.0;
+const MSGPACK: &str = "application/msgpack";
+
+struct Args {
+    quick: bool,
+    agents: usize,
+    batch_size: Option<u32>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        quick: false,
+        agents: 4,
+        batch_size: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut number = |name: &str| -> Result<u64> {
+            let v = it.next().with_context(|| format!("{name} needs a value"))?;
+            v.parse().with_context(|| format!("{name}: not a number: {v:?}"))
+        };
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--agents" => args.agents = number("--agents")?.max(1) as usize,
+            "--batch-size" => args.batch_size = Some(number("--batch-size")? as u32),
+            "-h" | "--help" => {
+                println!("bench-controller [--quick] [--agents N] [--batch-size N]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(args)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let scale = if args.quick { 10 } else { 1 };
+    println!("bench-controller{}", if args.quick { " (--quick)" } else { "" });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(dispatch_throughput(100_000 / scale, &args))?;
+    drop(rt);
+    memory(1_000_000 / scale)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 1. Dispatch throughput
+// ---------------------------------------------------------------------------
+
+/// What one fake agent has been pushed.
+#[derive(Default)]
+struct Received {
+    attempts: Mutex<Vec<AttemptRef>>,
+    batches: AtomicU64,
+}
+
+#[derive(Clone)]
+struct FakeAgent {
+    received: Arc<Received>,
+    /// Subtasks pushed to all fakes together.
+    total: Arc<AtomicU64>,
+}
+
+async fn take_batch(State(a): State<FakeAgent>, body: Bytes) -> StatusCode {
+    match rmp_serde::from_slice::<AssignBatch>(&body) {
+        Ok(batch) => {
+            let n = batch.assignments.len() as u64;
+            a.received
+                .attempts
+                .lock()
+                .unwrap()
+                .extend(batch.assignments.into_iter().map(|x| x.attempt));
+            a.received.batches.fetch_add(1, Ordering::Relaxed);
+            a.total.fetch_add(n, Ordering::Relaxed);
+            StatusCode::OK
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// Starts a fake agent on loopback; returns its URL.
+async fn start_fake(agent: FakeAgent) -> Result<String> {
+    let app = Router::new()
+        .route("/v1/subtasks", post(take_batch))
+        .route("/v1/subtasks/stop", post(|| async { StatusCode::OK }))
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 20))
+        .with_state(agent);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}"))
+}
+
+async fn post_msgpack<T: serde::Serialize>(
+    client: &reqwest::Client,
+    url: &str,
+    body: &T,
+) -> Result<()> {
+    let body = rmp_serde::to_vec_named(body)?;
+    let resp = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, MSGPACK)
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    ensure!(
+        status.is_success(),
+        "POST {url}: {status}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn heartbeat_of(host: &str, slots: u32, running: Vec<AttemptRef>) -> Heartbeat {
+    Heartbeat {
+        host: host.to_owned(),
+        load: 0.0,
+        dominant: None,
+        breakdown: BTreeMap::new(),
+        free_slots: slots.saturating_sub(running.len() as u32),
+        running,
+        vms: BTreeMap::new(),
+        suspended_ms: 0,
+    }
+}
+
+async fn dispatch_throughput(n: u64, args: &Args) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = ControllerConfig {
+        db_path: dir.path().join("controller.db"),
+        ..ControllerConfig::default()
+    };
+    if let Some(b) = args.batch_size {
+        config.dispatch.batch_size = b;
+    }
+    config.validate()?;
+    let store = SqliteStore::open_with(
+        &config.db_path,
+        StoreOptions {
+            max_reduce_input: config.job_limits.max_input_bytes,
+            ..StoreOptions::default()
+        },
+    )?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = AppState::new(Arc::clone(&store), &config);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve_on(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+
+    // Fake agents, each with more slots than the job has subtasks.
+    let slots = u32::try_from(n).unwrap_or(u32::MAX);
+    let total = Arc::new(AtomicU64::new(0));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let mut fakes = Vec::new();
+    for i in 0..args.agents {
+        let fake = FakeAgent {
+            received: Arc::new(Received::default()),
+            total: Arc::clone(&total),
+        };
+        let url = start_fake(fake.clone()).await?;
+        let host = format!("fake-{i}");
+        let reg = Register {
+            host: host.clone(),
+            version: "bench".into(),
+            agent_url: Some(url),
+            slots,
+        };
+        post_msgpack(&client, &format!("{base}/v1/agents/register"), &reg).await?;
+        let hb = heartbeat_of(&host, slots, Vec::new());
+        post_msgpack(&client, &format!("{base}/v1/agents/heartbeat"), &hb).await?;
+        fakes.push((host, fake));
+    }
+    // Heartbeats go on (at the interval the controller asks for, with what
+    // each fake was pushed, as a real agent reports it) so that no host is
+    // lost however long the run takes.
+    let every = config.registry.heartbeat_interval;
+    let beating = {
+        let (client, base, fakes) = (client.clone(), base.clone(), fakes.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                for (host, fake) in &fakes {
+                    let running = fake.received.attempts.lock().unwrap().clone();
+                    let hb = heartbeat_of(host, slots, running);
+                    let url = format!("{base}/v1/agents/heartbeat");
+                    if let Err(e) = post_msgpack(&client, &url, &hb).await {
+                        eprintln!("heartbeat of {host}: {e:#}");
+                    }
+                }
+            }
+        })
+    };
+
+    let job = serde_json::json!({
+        "name": "bench-dispatch",
+        "command": {"argv": ["true", "{start}"]},
+        "split": {"range": {"start": 0, "end": n, "chunk": 1}},
+    });
+    let started = Instant::now();
+    let resp = client
+        .post(format!("{base}/v1/jobs"))
+        .json(&job)
+        .send()
+        .await?;
+    ensure!(
+        resp.status() == StatusCode::CREATED,
+        "submit: {}",
+        resp.status()
+    );
+    let submitted = started.elapsed();
+    let deadline = Duration::from_secs(300);
+    while total.load(Ordering::Relaxed) < n && started.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    let pushed = total.load(Ordering::Relaxed);
+    beating.abort();
+
+    // Every subtask exactly once, as the store sees it too.
+    let mut seen = std::collections::HashSet::new();
+    let mut batches = 0;
+    for (_, f) in &fakes {
+        batches += f.received.batches.load(Ordering::Relaxed);
+        for a in f.received.attempts.lock().unwrap().iter() {
+            seen.insert(a.index);
+        }
+    }
+    let job: serde_json::Value = client
+        .get(format!("{base}/v1/jobs/j-1"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+
+    let rate = pushed as f64 / elapsed.as_secs_f64();
+    println!(
+        "\n1. dispatch: {n}-subtask range job, {} fake agents × {slots} slots on loopback, \
+         SQLite on disk, dispatch.batch_size {}, dispatch.interval {:?}",
+        args.agents, config.dispatch.batch_size, config.dispatch.interval
+    );
+    println!(
+        "   POST /v1/jobs answered (job and {n} subtasks stored): {:.3} s ({:.0} subtasks/s)",
+        submitted.as_secs_f64(),
+        n as f64 / submitted.as_secs_f64()
+    );
+    println!(
+        "   pushed {pushed} subtasks ({} distinct) in {batches} batches (mean {:.0}); \
+         store: {} assigned",
+        seen.len(),
+        pushed as f64 / batches.max(1) as f64,
+        job["counts"]["assigned"]
+    );
+    if pushed < n {
+        println!(
+            "   gave up after {:.0} s with {pushed} of {n} pushed",
+            elapsed.as_secs_f64()
+        );
+    }
+    println!(
+        "   submission → every subtask pushed: {:.3} s = {rate:.0} subtasks/s   target ≥ {DISPATCH_TARGET:.0}/s   {}",
+        elapsed.as_secs_f64(),
+        verdict(pushed >= n && rate >= DISPATCH_TARGET)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 2. Memory
+// ---------------------------------------------------------------------------
+
+/// `VmRSS` and `VmHWM` of `pid`, in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        let kib = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kib)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The release controller next to this binary.
+fn controller_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me
+        .parent()
+        .context("this binary has no directory")?
+        .join("sparegrid-controller");
+    ensure!(
+        bin.exists(),
+        "{} is missing; build it: cargo build --release -p sparegrid-controller",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// The child controller; SIGTERM and reaped when dropped.
+struct ChildController(Child);
+
+impl Drop for ChildController {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+fn start_controller(dir: &Path) -> Result<(ChildController, String)> {
+    let addr = free_port()?;
+    let config = dir.join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\ndb_path = \"{}\"\n",
+            dir.join("controller.db").display()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("controller.log"))?;
+    let child = Process::new(controller_binary()?)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("SPAREGRID_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting sparegrid-controller")?;
+    let child = ChildController(child);
+    let base = format!("http://{addr}");
+    let client = reqwest::blocking::Client::new();
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/v1/jobs")).send() {
+            if r.status().is_success() {
+                return Ok((child, base));
+            }
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the controller did not answer within 30 s; see {}",
+            dir.join("controller.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn memory(n: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (child, base) = start_controller(dir.path())?;
+    let pid = child.0.id();
+    let (idle_rss, _) = rss_kib(pid)?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let job = serde_json::json!({
+        "name": "bench-memory",
+        "command": {"argv": ["true", "{start}"]},
+        "split": {"range": {"start": 0, "end": n, "chunk": 1}},
+    });
+    let started = Instant::now();
+    let resp = client.post(format!("{base}/v1/jobs")).json(&job).send()?;
+    ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
+    let submitted = started.elapsed();
+    let (after_submit, _) = rss_kib(pid)?;
+    // What users and Prometheus do with a big job queued.
+    let v: serde_json::Value = client.get(format!("{base}/v1/jobs/j-1")).send()?.json()?;
+    ensure!(
+        v["counts"]["queued"] == n,
+        "the job is not fully queued: {}",
+        v["counts"]
+    );
+    client.get(format!("{base}/v1/jobs")).send()?.error_for_status()?;
+    client.get(format!("{base}/metrics")).send()?.error_for_status()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss, hwm) = rss_kib(pid)?;
+    let db_bytes: u64 = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("controller.db"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    drop(child);
+
+    println!(
+        "\n2. memory: the release sparegrid-controller (pid {pid}) with a {n}-subtask range job queued, no agents"
+    );
+    println!(
+        "   POST /v1/jobs answered in {:.3} s ({:.0} subtasks/s); store files {:.1} MiB",
+        submitted.as_secs_f64(),
+        n as f64 / submitted.as_secs_f64(),
+        db_bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!(
+        "   RSS idle before the job {:.1} MiB, right after the submit {:.1} MiB",
+        mib(idle_rss),
+        mib(after_submit)
+    );
+    println!(
+        "   peak RSS (VmHWM) {:.1} MiB   target ≤ {MEMORY_TARGET_MIB:.0} MiB   {}",
+        mib(hwm),
+        verdict(mib(hwm) <= MEMORY_TARGET_MIB)
+    );
+    println!(
+        "   current RSS (VmRSS, after GET job, list, /metrics) {:.1} MiB   target ≤ {MEMORY_TARGET_MIB:.0} MiB   {}",
+        mib(rss),
+        verdict(mib(rss) <= MEMORY_TARGET_MIB)
+    );
+    Ok(())
+}
