@@ -490,6 +490,8 @@ pub async fn cancel(
         Ok((outcome, record))
     })
     .await?;
+    // Running attempts stop now, not at their hosts' next heartbeat.
+    s.agents.stop_attempts(&outcome.stop);
     if outcome.changed {
         tracing::info!(
             job = %record.id,
