@@ -675,7 +675,11 @@ async fn openapi_document_lists_every_route() {
     ] {
         let post = &paths[path]["post"];
         let body = &post["requestBody"]["content"]["application/msgpack"]["schema"];
-        assert_eq!(body["$ref"], format!("#/components/schemas/{schema}"), "{path}");
+        assert_eq!(
+            body["$ref"],
+            format!("#/components/schemas/{schema}"),
+            "{path}"
+        );
         assert!(
             post["responses"]["200"]["content"]["application/msgpack"].is_object(),
             "{path}: {post}"
@@ -688,8 +692,8 @@ async fn openapi_document_lists_every_route() {
         completions["items"]["$ref"],
         "#/components/schemas/Completion"
     );
-    let hosts = &paths["/v1/hosts"]["get"]["responses"]["200"]["content"]["application/json"]
-        ["schema"];
+    let hosts =
+        &paths["/v1/hosts"]["get"]["responses"]["200"]["content"]["application/json"]["schema"];
     assert_eq!(hosts["$ref"], "#/components/schemas/HostsView");
     assert!(v["components"]["schemas"]["ErrorBody"].is_object());
     assert!(v["components"]["schemas"]["HostView"].is_object());
@@ -768,7 +772,12 @@ async fn a_reduce_job_answers_its_reduce_output_and_keeps_the_map_outputs() {
     assert_eq!(n, 3, "the map subtasks");
     let v = a.get(&format!("/v1/jobs/{id}")).await.json();
     assert_eq!(
-        (&v["map_subtasks"], &v["reduce"], &v["counts"]["total"], &v["error"]),
+        (
+            &v["map_subtasks"],
+            &v["reduce"],
+            &v["counts"]["total"],
+            &v["error"]
+        ),
         (&json!(3), &json!("waiting"), &json!(3), &Value::Null)
     );
     let r = a
@@ -776,13 +785,23 @@ async fn a_reduce_job_answers_its_reduce_output_and_keeps_the_map_outputs() {
         .await;
     assert_eq!(
         (r.status, &r.headers["sparegrid-stage"], r.body.is_empty()),
-        (StatusCode::OK, &"map".parse::<header::HeaderValue>().unwrap(), true)
+        (
+            StatusCode::OK,
+            &"map".parse::<header::HeaderValue>().unwrap(),
+            true
+        )
     );
 
     a.run_subtasks(3, true);
     let v = a.get(&format!("/v1/jobs/{id}")).await.json();
-    assert_eq!((&v["state"], &v["reduce"]), (&json!("running"), &json!("queued")));
-    assert_eq!((&v["counts"]["total"], &v["counts"]["queued"]), (&json!(4), &json!(1)));
+    assert_eq!(
+        (&v["state"], &v["reduce"]),
+        (&json!("running"), &json!("queued"))
+    );
+    assert_eq!(
+        (&v["counts"]["total"], &v["counts"]["queued"]),
+        (&json!(4), &json!(1))
+    );
     // The map stage is finished and readable; the job's results are not.
     let r = a.get(&format!("/v1/jobs/{id}/results?stage=map")).await;
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"0\n1\n2\n"[..]));
@@ -797,7 +816,10 @@ async fn a_reduce_job_answers_its_reduce_output_and_keeps_the_map_outputs() {
     let got = a.store.claim("h1", 10).unwrap();
     assert_eq!(got.len(), 1);
     let reduce = &got[0];
-    assert_eq!((reduce.index, reduce.spec.argv.join(" ")), (3, "sort -r".into()));
+    assert_eq!(
+        (reduce.index, reduce.spec.argv.join(" ")),
+        (3, "sort -r".into())
+    );
     assert_eq!(reduce.spec.stdin, b"0\n1\n2\n");
     let out = b"2\n1\n0\n".to_vec();
     let outcome = Outcome {
@@ -810,7 +832,10 @@ async fn a_reduce_job_answers_its_reduce_output_and_keeps_the_map_outputs() {
         .complete(&reduce.job, 3, reduce.epoch, &outcome)
         .unwrap();
     let v = a.get(&format!("/v1/jobs/{id}")).await.json();
-    assert_eq!((&v["state"], &v["reduce"]), (&json!("done"), &json!("done")));
+    assert_eq!(
+        (&v["state"], &v["reduce"]),
+        (&json!("done"), &json!("done"))
+    );
 
     let r = a.get(&format!("/v1/jobs/{id}/results")).await;
     assert_eq!((r.status, &r.body[..]), (StatusCode::OK, &b"2\n1\n0\n"[..]));
@@ -820,11 +845,18 @@ async fn a_reduce_job_answers_its_reduce_output_and_keeps_the_map_outputs() {
         .get(&format!("/v1/jobs/{id}/results?format=json"))
         .await
         .json();
-    assert_eq!((&v["stage"], &v["complete"]), (&json!("reduce"), &json!(true)));
+    assert_eq!(
+        (&v["stage"], &v["complete"]),
+        (&json!("reduce"), &json!(true))
+    );
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 1);
     assert_eq!(
-        (&results[0]["index"], &results[0]["stage"], &results[0]["stdout"]),
+        (
+            &results[0]["index"],
+            &results[0]["stage"],
+            &results[0]["stdout"]
+        ),
         (&json!(3), &json!("reduce"), &json!("2\n1\n0\n"))
     );
     let v = a
@@ -850,7 +882,10 @@ async fn a_reduce_job_answers_its_reduce_output_and_keeps_the_map_outputs() {
         .error(StatusCode::BAD_REQUEST, "invalid_query", Some("stage"));
     assert!(e["message"].as_str().unwrap().contains("no reduce"), "{e}");
     let v = a.get(&format!("/v1/jobs/{plain}")).await.json();
-    assert_eq!((&v["reduce"], &v["map_subtasks"]), (&Value::Null, &json!(1)));
+    assert_eq!(
+        (&v["reduce"], &v["map_subtasks"]),
+        (&Value::Null, &json!(1))
+    );
     let r = a.get(&format!("/v1/jobs/{plain}/results?partial=1")).await;
     assert_eq!(r.headers["sparegrid-stage"], "map");
 }
@@ -870,12 +905,20 @@ async fn a_reduce_on_cut_output_fails_the_job_with_the_reason() {
             stdout_size: if s.index == 1 { 9000 } else { 4 },
             ..Outcome::default()
         };
-        a.store.complete(&s.job, s.index, s.epoch, &outcome).unwrap();
+        a.store
+            .complete(&s.job, s.index, s.epoch, &outcome)
+            .unwrap();
     }
     let v = a.get(&format!("/v1/jobs/{id}")).await.json();
-    assert_eq!((&v["state"], &v["reduce"]), (&json!("failed"), &json!("dead")));
+    assert_eq!(
+        (&v["state"], &v["reduce"]),
+        (&json!("failed"), &json!("dead"))
+    );
     let error = v["error"].as_str().unwrap();
-    assert!(error.contains("subtask 1") && error.contains("cut"), "{error}");
+    assert!(
+        error.contains("subtask 1") && error.contains("cut"),
+        "{error}"
+    );
     // Nothing to reduce, and nothing is claimable.
     let r = a.get(&format!("/v1/jobs/{id}/results")).await;
     assert_eq!((r.status, r.body.is_empty()), (StatusCode::OK, true));

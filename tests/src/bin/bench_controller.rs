@@ -57,7 +57,8 @@ fn parse_args() -> Result<Args> {
     while let Some(a) = it.next() {
         let mut number = |name: &str| -> Result<u64> {
             let v = it.next().with_context(|| format!("{name} needs a value"))?;
-            v.parse().with_context(|| format!("{name}: not a number: {v:?}"))
+            v.parse()
+                .with_context(|| format!("{name}: not a number: {v:?}"))
         };
         match a.as_str() {
             "--quick" => args.quick = true,
@@ -84,7 +85,10 @@ fn verdict(met: bool) -> &'static str {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let scale = if args.quick { 10 } else { 1 };
-    println!("bench-controller{}", if args.quick { " (--quick)" } else { "" });
+    println!(
+        "bench-controller{}",
+        if args.quick { " (--quick)" } else { "" }
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -454,8 +458,14 @@ fn memory(n: u64) -> Result<()> {
         "the job is not fully queued: {}",
         v["counts"]
     );
-    client.get(format!("{base}/v1/jobs")).send()?.error_for_status()?;
-    client.get(format!("{base}/metrics")).send()?.error_for_status()?;
+    client
+        .get(format!("{base}/v1/jobs"))
+        .send()?
+        .error_for_status()?;
+    client
+        .get(format!("{base}/metrics"))
+        .send()?
+        .error_for_status()?;
     std::thread::sleep(Duration::from_millis(500));
     let (rss, hwm) = rss_kib(pid)?;
     let db_bytes: u64 = std::fs::read_dir(dir.path())?
