@@ -126,6 +126,10 @@ pub enum Cmd {
         /// Answer before the job has ended, with what is done so far
         #[arg(long)]
         partial: bool,
+        /// Which outputs of a job with a reduce step: `reduce` (its
+        /// default) or `map` (each subtask's output, in index order)
+        #[arg(long, value_name = "STAGE", value_parser = ["map", "reduce"])]
+        stage: Option<String>,
         /// Write to this file instead of stdout
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -454,8 +458,9 @@ fn execute(cli: &Cli, opts: &RunOptions, io: &mut Io<'_>) -> Result<i32, CliErro
         Cmd::Results {
             id,
             partial,
+            stage,
             output,
-        } => results(&client, id, *partial, output.as_ref(), io),
+        } => results(&client, id, *partial, stage.as_deref(), output.as_ref(), io),
         Cmd::Cancel { id } => {
             let path = format!("/v1/jobs/{}", enc(id));
             let url = client.url(&path);
@@ -484,15 +489,19 @@ fn results(
     client: &Client,
     id: &str,
     partial: bool,
+    stage: Option<&str>,
     output: Option<&PathBuf>,
     io: &mut Io<'_>,
 ) -> Result<i32, CliError> {
     let mut q = Vec::new();
     if io.json {
-        q.push("format=json");
+        q.push("format=json".to_owned());
     }
     if partial {
-        q.push("partial=1");
+        q.push("partial=1".to_owned());
+    }
+    if let Some(stage) = stage {
+        q.push(format!("stage={stage}"));
     }
     let mut path = format!("/v1/jobs/{}/results", enc(id));
     if !q.is_empty() {

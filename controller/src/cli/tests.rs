@@ -769,3 +769,38 @@ fn https_controllers_need_their_ca() {
     assert_ne!(r.code, EXIT_OK, "{}", r.err);
     assert!(r.err.contains("/nonexistent/ca.pem"), "{}", r.err);
 }
+
+#[test]
+fn results_of_a_reduce_job_by_stage() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut job: serde_json::Value = serde_json::from_str(&items_json(3)).unwrap();
+    job["reduce"] = serde_json::json!({"argv": ["tac"]});
+    let json = write(dir.path(), "job.json", &job.to_string());
+    assert_eq!(s.cli(&["submit", &json]).code, 0);
+    // The maps, then the reduce subtask (index 3) the last map enqueued.
+    s.finish_all();
+    s.finish_all();
+
+    let r = s.cli(&["results", "j-1"]);
+    assert_eq!((r.code, r.out.as_str()), (0, "3\n"), "{}", r.err);
+    let r = s.cli(&["results", "j-1", "--stage", "reduce"]);
+    assert_eq!((r.code, r.out.as_str()), (0, "3\n"), "{}", r.err);
+    let r = s.cli(&["results", "j-1", "--stage", "map"]);
+    assert_eq!((r.code, r.out.as_str()), (0, "0\n1\n2\n"), "{}", r.err);
+    let r = s.cli(&["--json", "results", "j-1", "--stage", "map"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.json()["results"].as_array().unwrap().len(), 3);
+
+    let r = s.cli(&["results", "j-1", "--stage", "everything"]);
+    assert_eq!(r.code, 2, "{}", r.err);
+    assert!(r.err.contains("--stage"), "{}", r.err);
+
+    // A job without a reduce step has no reduce stage.
+    let plain = write(dir.path(), "plain.json", &items_json(1));
+    assert_eq!(s.cli(&["submit", &plain]).code, 0);
+    s.finish_all();
+    let r = s.cli(&["results", "j-2", "--stage", "reduce"]);
+    assert_eq!(r.code, 2, "{}", r.out);
+    assert!(r.err.contains("no reduce step"), "{}", r.err);
+}
