@@ -66,11 +66,11 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::{Deserialize, Serialize};
 use sparegrid_proto::grid::{
     AttemptRef, Completion, Heartbeat, HeartbeatReply, Register, Registered, Release, Released,
@@ -176,25 +176,10 @@ impl AgentError {
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
+        if self.status().is_server_error() {
             tracing::error!(code = self.code(), "{self}");
         }
-        let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body stays unread and the server closes the
-            // connection; say so, or the client's pool may reuse it and
-            // its next request fails with an incomplete message.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+        crate::api::error_response(self.status(), self.body())
     }
 }
 

@@ -178,26 +178,32 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
+        if self.status().is_server_error() {
             tracing::error!(code = self.code(), "{self}");
         }
-        let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            // RFC 6750: a 401 names the scheme the client should use.
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body stays unread and the server closes the
-            // connection; say so, so that the client does not reuse it.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+        error_response(self.status(), self.body())
     }
+}
+
+/// The JSON error answer of every route (the job API and the agent plane):
+/// the body, plus the headers its status calls for.
+pub(crate) fn error_response(status: StatusCode, body: ErrorBody) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        // RFC 6750: a 401 names the scheme the client should use.
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body stays unread and the server closes the
+        // connection; say so, or the client's pool may reuse it and its
+        // next request fails with an incomplete message.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 #[cfg(test)]

@@ -73,6 +73,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 pub use auth::{Access, Auth, AuthError, Role};
+pub(crate) use error::error_response;
 pub use error::{ApiError, ErrorBody};
 pub use jobs::{
     CancelResponse, JobDetail, JobList, JobResults, JobSummary, ProgressEvent, SubmitResponse,
