@@ -1,7 +1,8 @@
 //! Agent ↔ controller messages (HTTP bodies in MessagePack): registration,
 //! heartbeats with the load factor and running subtasks, subtask batches
 //! pushed to an agent, stops pushed to an agent, completion reports, and
-//! releases (attempts an agent hands back unfinished when it drains).
+//! releases (attempts an agent hands back unfinished when it drains), and
+//! pull mode's leases ([`LeaseRequest`], [`LeaseGrant`], [`LeaseRenew`]).
 
 use std::collections::BTreeMap;
 
@@ -106,6 +107,59 @@ pub struct Released {
     /// Attempts put back in the queue; the others were no longer current
     /// (already withdrawn, cancelled or done) and changed nothing.
     pub requeued: u32,
+}
+
+/// `POST /v1/leases` (pull mode): ask for up to `max` subtasks of pull
+/// jobs. A long poll: when nothing is queued the controller holds the
+/// request up to `wait_ms` (capped by its `dispatch.lease_wait_max`) and
+/// answers as soon as work is queued, or with an empty grant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub host: String,
+    pub max: u32,
+    pub wait_ms: u64,
+}
+
+/// One leased subtask: run it like a pushed [`Assignment`], renew the lease
+/// before `ttl_ms` has passed ([`LeaseRenew`]), and complete it with its
+/// epoch (`POST /v1/subtasks/{job}/{index}/complete`). The TTL is relative
+/// so that the two clocks need not agree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub assignment: Assignment,
+    pub ttl_ms: u64,
+}
+
+/// The controller's answer to [`LeaseRequest`]; empty when the wait ran out.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    pub leases: Vec<Lease>,
+}
+
+/// `POST /v1/leases/renew`: every lease the agent still works on, in one
+/// batch (sent with each heartbeat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRenew {
+    pub host: String,
+    pub leases: Vec<AttemptRef>,
+}
+
+/// The controller's answer to [`LeaseRenew`]: `lost` are the leases that
+/// were not renewed (expired, revived for another host, cancelled or
+/// done); the agent stops them, a late completion would be stale.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LeaseRenewed {
+    pub ttl_ms: u64,
+    pub renewed: u32,
+    pub lost: Vec<AttemptRef>,
+}
+
+/// The answer to `POST /v1/subtasks/{job}/{index}/complete` when the report
+/// counted or repeated the accepted one (a stale epoch is a 409 error).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompleteReply {
+    /// `"accepted"` or `"duplicate"`.
+    pub result: String,
 }
 
 /// How one attempt ended.
@@ -221,6 +275,40 @@ mod tests {
         };
         let mp = rmp_serde::to_vec_named(&hb).unwrap();
         assert_eq!(rmp_serde::from_slice::<Heartbeat>(&mp).unwrap(), hb);
+    }
+
+    #[test]
+    fn lease_messages_round_trip_as_named_maps() {
+        let grant = LeaseGrant {
+            leases: vec![Lease {
+                assignment: Assignment {
+                    attempt: completion().attempt,
+                    argv: vec!["echo".into()],
+                    env: BTreeMap::new(),
+                    stdin: b"in".to_vec(),
+                    timeout_ms: 1000,
+                    vcpus: 1,
+                    memory_mib: 64,
+                },
+                ttl_ms: 30_000,
+            }],
+        };
+        let mp = rmp_serde::to_vec_named(&grant).unwrap();
+        assert_eq!(rmp_serde::from_slice::<LeaseGrant>(&mp).unwrap(), grant);
+        let req = LeaseRequest {
+            host: "h1".into(),
+            max: 4,
+            wait_ms: 500,
+        };
+        let mp = rmp_serde::to_vec_named(&req).unwrap();
+        assert_eq!(rmp_serde::from_slice::<LeaseRequest>(&mp).unwrap(), req);
+        let renewed = LeaseRenewed {
+            ttl_ms: 1,
+            renewed: 0,
+            lost: vec![completion().attempt],
+        };
+        let mp = rmp_serde::to_vec_named(&renewed).unwrap();
+        assert_eq!(rmp_serde::from_slice::<LeaseRenewed>(&mp).unwrap(), renewed);
     }
 
     #[test]

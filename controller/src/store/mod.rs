@@ -47,6 +47,13 @@
 //!   enqueued (so `total` grows by one when the maps are done, and the
 //!   counts by state always add up to `total`). [`JobRecord::reduce`] says
 //!   where the reduce step is, including "waiting" before it exists.
+//! - **Leases (pull mode).** A job's mode decides who takes its subtasks:
+//!   [`Store::claim`] only push jobs', [`Store::claim_leases`] only pull
+//!   jobs'. A lease is an assigned subtask with an expiry
+//!   (`lease_expires_ms`); [`Store::renew_leases`] moves it on, and
+//!   [`Store::expire_leases`] withdraws expired ones (not a failure) and
+//!   requeues their subtasks. Completion, retries and dead-lettering are
+//!   the same as for pushed subtasks: the epoch is the fencing token.
 //! - **Job rollup.** A job is `done` when every subtask is done (for a job
 //!   with a reduce, that includes the reduce subtask) and `failed` when some
 //!   subtask is dead and none is queued or assigned; `cancelled` is final.
@@ -55,12 +62,13 @@ mod sqlite;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::job::{JobRequest, SubtaskSpec};
 
-pub use sqlite::{SqliteStore, StoreOptions, SCHEMA_VERSION};
+pub use sqlite::{SqliteStore, StoreOptions, LEASE_EXPIRED, SCHEMA_VERSION};
 
 /// A job's id as the API shows it (`j-1`, `j-2`, …).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -543,6 +551,38 @@ pub trait Store: Send + Sync {
     /// first, then oldest job, then lowest index. Each gets a new epoch and a
     /// running attempt. The host must be registered and active.
     fn claim(&self, host: &str, n: usize) -> Result<Vec<Assignment>>;
+
+    /// Pull mode: leases up to `n` queued subtasks of pull jobs to `host`,
+    /// in the order [`Store::claim`] uses, each as a new attempt whose lease
+    /// expires at `now + ttl` (ms since the epoch, the controller's clock).
+    /// [`Store::claim`] never takes a pull job's subtasks, and this never
+    /// takes a push job's.
+    fn claim_leases(
+        &self,
+        host: &str,
+        n: usize,
+        ttl: Duration,
+        now: i64,
+    ) -> Result<Vec<Assignment>>;
+
+    /// Moves the expiry of each lease `(job, index, epoch)` that is still
+    /// `host`'s current, unexpired attempt to `now + ttl`. One answer per
+    /// lease, in order: `false` means it is lost (expired, revived,
+    /// cancelled, done, or never this host's), and a completion for it
+    /// will be stale unless it is still current.
+    fn renew_leases(
+        &self,
+        host: &str,
+        leases: &[(JobId, u64, u32)],
+        ttl: Duration,
+        now: i64,
+    ) -> Result<Vec<bool>>;
+
+    /// Withdraws every lease that expired before `now` (the attempt is
+    /// marked withdrawn with the reason "lease expired", not a failure) and
+    /// puts its subtask back in the queue; returns them. A late completion
+    /// for such an attempt is [`CompletionResult::Stale`].
+    fn expire_leases(&self, now: i64) -> Result<Vec<SubtaskRef>>;
 
     /// Records the end of attempt `epoch` of subtask `index`; see
     /// [`CompletionResult`] for what counts.

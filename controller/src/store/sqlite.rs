@@ -26,11 +26,15 @@ use super::{
     HostState, JobCounts, JobId, JobRecord, JobState, Outcome, ReduceState, Report, Result, Store,
     StoreError, SubtaskRecord, SubtaskRef, SubtaskState,
 };
-use crate::job::{JobRequest, Limits, SubtaskSpec};
+use crate::job::{DispatchMode, JobRequest, Limits, SubtaskSpec};
 use crate::split::{self, Part, Plan};
 
 /// Migrations in order; `user_version` is how many have been applied.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("schema_v2.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("schema_v2.sql"),
+    include_str!("schema_v3.sql"),
+];
 
 /// The schema version this code reads and writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -40,6 +44,22 @@ const ASSIGNED: i64 = 1;
 const DONE: i64 = 2;
 const DEAD: i64 = 3;
 const CANCELLED: i64 = 4;
+
+// Job dispatch modes (jobs.mode), as in schema_v3.sql.
+const MODE_PUSH: i64 = 0;
+const MODE_PULL: i64 = 1;
+const MODE_P2P: i64 = 2;
+
+fn mode_code(mode: DispatchMode) -> i64 {
+    match mode {
+        DispatchMode::Push => MODE_PUSH,
+        DispatchMode::Pull => MODE_PULL,
+        DispatchMode::P2p => MODE_P2P,
+    }
+}
+
+/// Why an expired lease's attempt was withdrawn (kept in the attempt).
+pub const LEASE_EXPIRED: &str = "lease expired";
 
 /// Parsed requests kept by [`RequestCache`]: at most this many jobs …
 const REQUEST_CACHE_ENTRIES: usize = 16;
@@ -481,8 +501,11 @@ fn requeue_one(
     reason: &str,
     now: i64,
 ) -> Result<()> {
-    tx.prepare_cached("UPDATE subtasks SET state = 0, host = NULL WHERE job = ?1 AND idx = ?2")?
-        .execute(params![seq, index])?;
+    tx.prepare_cached(
+        "UPDATE subtasks SET state = 0, host = NULL, lease_expires_ms = NULL \
+         WHERE job = ?1 AND idx = ?2",
+    )?
+    .execute(params![seq, index])?;
     tx.prepare_cached(
         "UPDATE attempts SET state = ?4, finished_ms = ?5, error = ?6 \
          WHERE job = ?1 AND idx = ?2 AND attempt = ?3 AND state = 0",
@@ -672,13 +695,14 @@ fn complete_tx(
     let failures = failures + u32::from(!ok);
     if next == SubtaskState::Queued {
         tx.prepare_cached(
-            "UPDATE subtasks SET state = ?3, failures = ?4, host = NULL \
-                 WHERE job = ?1 AND idx = ?2",
+            "UPDATE subtasks SET state = ?3, failures = ?4, host = NULL, \
+                 lease_expires_ms = NULL WHERE job = ?1 AND idx = ?2",
         )?
         .execute(params![seq, index, next.code(), failures])?;
     } else {
         tx.prepare_cached(
-            "UPDATE subtasks SET state = ?3, failures = ?4 WHERE job = ?1 AND idx = ?2",
+            "UPDATE subtasks SET state = ?3, failures = ?4, lease_expires_ms = NULL \
+             WHERE job = ?1 AND idx = ?2",
         )?
         .execute(params![seq, index, next.code(), failures])?;
     }
@@ -808,6 +832,112 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// Claims up to `n` queued subtasks of `mode` jobs for `host` (see
+    /// [`Store::claim`]); `lease_expires` is set on each (pull mode).
+    fn claim_tx(
+        &self,
+        tx: &Transaction<'_>,
+        host: &str,
+        n: usize,
+        mode: i64,
+        lease_expires: Option<i64>,
+        now: i64,
+    ) -> Result<Vec<Assignment>> {
+        {
+            let state: String = tx
+                .prepare_cached("SELECT state FROM hosts WHERE id = ?1")?
+                .query_row([host], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| StoreError::HostNotFound(host.to_owned()))?;
+            if HostState::parse(&state) != Some(HostState::Active) {
+                return Err(StoreError::HostLost(host.to_owned()));
+            }
+            let mut out = Vec::new();
+            if n == 0 {
+                return Ok(out);
+            }
+            let jobs: Vec<(i64, String, u64, bool)> = tx
+                .prepare_cached(
+                    "SELECT seq, state, n_map, has_reduce FROM jobs \
+                     WHERE state IN ('queued', 'running') AND n_queued > 0 AND mode = ?1 \
+                     ORDER BY priority DESC, seq",
+                )?
+                .query_map([mode], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut pick = tx.prepare_cached(
+                "SELECT epoch, idx, lo, hi, argv, env, stdin FROM subtasks \
+                 INDEXED BY subtasks_queued WHERE job = ?1 AND state = 0 ORDER BY idx LIMIT ?2",
+            )?;
+            // The picked rows are the job's lowest queued indices, so "queued
+            // and idx <= the last one picked" names exactly them: one
+            // set-based INSERT and UPDATE per job instead of two statements
+            // per subtask (claim is the dispatcher's hot path). INDEXED BY:
+            // without statistics SQLite walks the primary key from index 0
+            // over every assigned and done row instead, which makes each
+            // claim O(job size); the queue index starts at the first queued
+            // row (and SQLite refuses the statement if it cannot use it).
+            let mut attempts = tx.prepare_cached(
+                "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
+                 SELECT job, idx, epoch + 1, ?3, 0, ?4 FROM subtasks INDEXED BY subtasks_queued \
+                 WHERE job = ?1 AND state = 0 AND idx <= ?2",
+            )?;
+            let mut assign = tx.prepare_cached(
+                "UPDATE subtasks INDEXED BY subtasks_queued \
+                 SET state = 1, epoch = epoch + 1, host = ?3, lease_expires_ms = ?4 \
+                 WHERE job = ?1 AND state = 0 AND idx <= ?2",
+            )?;
+            for (seq, state, n_map, has_reduce) in jobs {
+                let want = n - out.len();
+                if want == 0 {
+                    break;
+                }
+                let picked: Vec<Picked> = pick
+                    .query_map(params![seq, want as i64], picked_from_row)?
+                    .collect::<rusqlite::Result<_>>()?;
+                let Some(last) = picked.last().map(|p| p.index) else {
+                    continue;
+                };
+                let k = picked.len() as i64;
+                for p in picked {
+                    let (index, epoch) = (p.index, p.epoch + 1);
+                    let spec = self.spec_for(tx, seq, n_map, has_reduce, p)?;
+                    out.push(Assignment {
+                        job: job_id(seq),
+                        index,
+                        epoch,
+                        spec,
+                    });
+                }
+                let started = attempts.execute(params![seq, last, host, now])?;
+                let assigned = assign.execute(params![seq, last, host, lease_expires])?;
+                if started as i64 != k || assigned as i64 != k {
+                    return Err(corrupt(format!(
+                        "job {}: claimed {k} subtasks up to index {last} but started \
+                         {started} attempts and assigned {assigned}",
+                        job_id(seq)
+                    )));
+                }
+                apply(
+                    tx,
+                    seq,
+                    Delta {
+                        queued: -k,
+                        assigned: k,
+                        ..Delta::default()
+                    },
+                )?;
+                if state == "queued" && k > 0 {
+                    tx.prepare_cached(
+                        "UPDATE jobs SET state = 'running', started_ms = ?2 WHERE seq = ?1",
+                    )?
+                    .execute(params![seq, now])?;
+                    tracing::info!(job = %job_id(seq), "job running");
+                }
+            }
+            Ok(out)
+        }
+    }
+
     /// The spec of a claimed subtask: stored explicitly, the reduce (its
     /// stdin read now), or built from the job's request and the part's
     /// bounds. Stored data that does not fit the request is `Corrupt`.
@@ -860,8 +990,8 @@ impl SqliteStore {
         let seq = self.write("create_job", &format_args!("job {name:?}"), |tx| {
             tx.execute(
                 "INSERT INTO jobs (name, request, state, priority, max_attempts, created_ms, \
-                 n_total, n_queued, n_map, has_reduce) \
-                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?6, ?6, ?7)",
+                 n_total, n_queued, n_map, has_reduce, mode) \
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8)",
                 params![
                     req.name,
                     request,
@@ -870,6 +1000,7 @@ impl SqliteStore {
                     now_ms(),
                     n,
                     req.reduce.is_some(),
+                    mode_code(req.mode),
                 ],
             )?;
             let seq = tx.last_insert_rowid();
@@ -1057,98 +1188,92 @@ impl Store for SqliteStore {
 
     fn claim(&self, host: &str, n: usize) -> Result<Vec<Assignment>> {
         self.write("claim", &format_args!("host {host}"), |tx| {
-            let state: String = tx
-                .prepare_cached("SELECT state FROM hosts WHERE id = ?1")?
-                .query_row([host], |r| r.get(0))
-                .optional()?
-                .ok_or_else(|| StoreError::HostNotFound(host.to_owned()))?;
-            if HostState::parse(&state) != Some(HostState::Active) {
-                return Err(StoreError::HostLost(host.to_owned()));
-            }
-            let mut out = Vec::new();
-            if n == 0 {
-                return Ok(out);
-            }
-            let now = now_ms();
-            let jobs: Vec<(i64, String, u64, bool)> = tx
+            self.claim_tx(tx, host, n, MODE_PUSH, None, now_ms())
+        })
+    }
+
+    fn claim_leases(
+        &self,
+        host: &str,
+        n: usize,
+        ttl: Duration,
+        now: i64,
+    ) -> Result<Vec<Assignment>> {
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.write("claim_leases", &format_args!("host {host}"), |tx| {
+            self.claim_tx(tx, host, n, MODE_PULL, Some(expires), now)
+        })
+    }
+
+    fn renew_leases(
+        &self,
+        host: &str,
+        leases: &[(JobId, u64, u32)],
+        ttl: Duration,
+        now: i64,
+    ) -> Result<Vec<bool>> {
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        self.write(
+            "renew_leases",
+            &format_args!("host {host}, {} leases", leases.len()),
+            |tx| {
+                // Only a lease that is still this host's current attempt and
+                // has not expired yet (swept or not) is renewed.
+                let mut renew = tx.prepare_cached(
+                    "UPDATE subtasks SET lease_expires_ms = ?5 \
+                     WHERE job = ?1 AND idx = ?2 AND epoch = ?3 AND host = ?4 AND state = 1 \
+                     AND lease_expires_ms IS NOT NULL AND lease_expires_ms >= ?6",
+                )?;
+                let mut out = Vec::with_capacity(leases.len());
+                for (job, index, epoch) in leases {
+                    let Ok(seq) = job_seq(job) else {
+                        out.push(false);
+                        continue;
+                    };
+                    out.push(renew.execute(params![seq, index, epoch, host, expires, now])? == 1);
+                }
+                Ok(out)
+            },
+        )
+    }
+
+    fn expire_leases(&self, now: i64) -> Result<Vec<SubtaskRef>> {
+        self.write("expire_leases", &format_args!("at {now}"), |tx| {
+            let rows: Vec<(i64, u64, u32, Option<String>)> = tx
                 .prepare_cached(
-                    "SELECT seq, state, n_map, has_reduce FROM jobs \
-                     WHERE state IN ('queued', 'running') AND n_queued > 0 \
-                     ORDER BY priority DESC, seq",
+                    "SELECT job, idx, epoch, host FROM subtasks INDEXED BY subtasks_leases \
+                     WHERE state = 1 AND lease_expires_ms IS NOT NULL AND lease_expires_ms < ?1",
                 )?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            let mut pick = tx.prepare_cached(
-                "SELECT epoch, idx, lo, hi, argv, env, stdin FROM subtasks \
-                 INDEXED BY subtasks_queued WHERE job = ?1 AND state = 0 ORDER BY idx LIMIT ?2",
-            )?;
-            // The picked rows are the job's lowest queued indices, so "queued
-            // and idx <= the last one picked" names exactly them: one
-            // set-based INSERT and UPDATE per job instead of two statements
-            // per subtask (claim is the dispatcher's hot path). INDEXED BY:
-            // without statistics SQLite walks the primary key from index 0
-            // over every assigned and done row instead, which makes each
-            // claim O(job size); the queue index starts at the first queued
-            // row (and SQLite refuses the statement if it cannot use it).
-            let mut attempts = tx.prepare_cached(
-                "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
-                 SELECT job, idx, epoch + 1, ?3, 0, ?4 FROM subtasks INDEXED BY subtasks_queued \
-                 WHERE job = ?1 AND state = 0 AND idx <= ?2",
-            )?;
-            let mut assign = tx.prepare_cached(
-                "UPDATE subtasks INDEXED BY subtasks_queued \
-                 SET state = 1, epoch = epoch + 1, host = ?3 \
-                 WHERE job = ?1 AND state = 0 AND idx <= ?2",
-            )?;
-            for (seq, state, n_map, has_reduce) in jobs {
-                let want = n - out.len();
-                if want == 0 {
-                    break;
-                }
-                let picked: Vec<Picked> = pick
-                    .query_map(params![seq, want as i64], picked_from_row)?
-                    .collect::<rusqlite::Result<_>>()?;
-                let Some(last) = picked.last().map(|p| p.index) else {
-                    continue;
-                };
-                let k = picked.len() as i64;
-                for p in picked {
-                    let (index, epoch) = (p.index, p.epoch + 1);
-                    let spec = self.spec_for(tx, seq, n_map, has_reduce, p)?;
-                    out.push(Assignment {
-                        job: job_id(seq),
-                        index,
-                        epoch,
-                        spec,
-                    });
-                }
-                let started = attempts.execute(params![seq, last, host, now])?;
-                let assigned = assign.execute(params![seq, last, host])?;
-                if started as i64 != k || assigned as i64 != k {
-                    return Err(corrupt(format!(
-                        "job {}: claimed {k} subtasks up to index {last} but started \
-                         {started} attempts and assigned {assigned}",
-                        job_id(seq)
-                    )));
-                }
+            let mut per_job: BTreeMap<i64, i64> = BTreeMap::new();
+            for (seq, index, epoch, _) in &rows {
+                requeue_one(tx, *seq, *index, *epoch, LEASE_EXPIRED, now)?;
+                *per_job.entry(*seq).or_default() += 1;
+            }
+            for (seq, n) in per_job {
                 apply(
                     tx,
                     seq,
                     Delta {
-                        queued: -k,
-                        assigned: k,
+                        queued: n,
+                        assigned: -n,
                         ..Delta::default()
                     },
                 )?;
-                if state == "queued" && k > 0 {
-                    tx.prepare_cached(
-                        "UPDATE jobs SET state = 'running', started_ms = ?2 WHERE seq = ?1",
-                    )?
-                    .execute(params![seq, now])?;
-                    tracing::info!(job = %job_id(seq), "job running");
-                }
             }
-            Ok(out)
+            if !rows.is_empty() {
+                tracing::info!(subtasks = rows.len(), "leases expired; subtasks requeued");
+            }
+            Ok(rows
+                .into_iter()
+                .map(|(seq, index, epoch, host)| SubtaskRef {
+                    job: job_id(seq),
+                    index,
+                    epoch,
+                    host,
+                })
+                .collect())
         })
     }
 
@@ -1415,5 +1540,7 @@ impl Store for SqliteStore {
     }
 }
 
+#[cfg(test)]
+mod lease_tests;
 #[cfg(test)]
 mod tests;
