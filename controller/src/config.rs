@@ -25,6 +25,8 @@
 //! interval = "100ms"             # dispatch round when nothing wakes it sooner
 //! push_timeout = "5s"            # a POST to an agent that takes longer failed
 //! max_agent_body_bytes = 33554432
+//! lease_ttl = "30s"              # pull mode: a lease not renewed in this time expires
+//! lease_wait_max = "20s"         # pull mode: longest a lease request waits for work
 //!
 //! [auth]                         # bearer tokens by role (see crate::api::auth)
 //! agent_token = "…"              # agents → /v1/agents/*; sent to agents on push
@@ -75,7 +77,14 @@ pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// reports with their captured output.
 pub const DEFAULT_MAX_AGENT_BODY_BYTES: u64 = 32 * 1024 * 1024;
 
-/// The `[dispatch]` section: how the controller pushes work to agents.
+/// Default `dispatch.lease_ttl`: fifteen default heartbeats, so a pulling
+/// agent that renews with its heartbeat misses many before it loses work.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default `dispatch.lease_wait_max`: below common proxies' idle timeouts.
+pub const DEFAULT_LEASE_WAIT_MAX: Duration = Duration::from_secs(20);
+
+/// The `[dispatch]` section: how the controller pushes work to agents, and
+/// how pulling agents lease it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
@@ -91,6 +100,14 @@ pub struct DispatchConfig {
     pub push_timeout: Duration,
     /// Largest MessagePack body accepted on the agent routes (413 above).
     pub max_agent_body_bytes: u64,
+    /// Pull mode: a lease that is not renewed within this time expires and
+    /// its subtask goes back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Pull mode: the longest a `POST /v1/leases` waits for work before it
+    /// answers with an empty grant (the agent's `wait_ms` is capped to it).
+    #[serde(with = "humantime_serde")]
+    pub lease_wait_max: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -100,6 +117,8 @@ impl Default for DispatchConfig {
             interval: DEFAULT_DISPATCH_INTERVAL,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
             max_agent_body_bytes: DEFAULT_MAX_AGENT_BODY_BYTES,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            lease_wait_max: DEFAULT_LEASE_WAIT_MAX,
         }
     }
 }
@@ -410,6 +429,18 @@ impl ControllerConfig {
                 ),
             ));
         }
+        if d.lease_ttl < Duration::from_millis(100) || d.lease_ttl > Duration::from_secs(3600) {
+            return Err(invalid(
+                "dispatch.lease_ttl",
+                format!("{:?} is outside 100ms..=1h", d.lease_ttl),
+            ));
+        }
+        if d.lease_wait_max > Duration::from_secs(300) {
+            return Err(invalid(
+                "dispatch.lease_wait_max",
+                format!("{:?} is over 5m", d.lease_wait_max),
+            ));
+        }
         self.auth.validate(self.listen)?;
         self.tls.validate()?;
         Ok(())
@@ -478,6 +509,14 @@ mod tests {
             field_of(c.validate().unwrap_err())
         };
         assert_eq!(bad(&|c| c.db_path = PathBuf::new()), "db_path");
+        assert_eq!(
+            bad(&|c| c.dispatch.lease_ttl = Duration::from_millis(5)),
+            "dispatch.lease_ttl"
+        );
+        assert_eq!(
+            bad(&|c| c.dispatch.lease_wait_max = Duration::from_secs(3600)),
+            "dispatch.lease_wait_max"
+        );
         assert_eq!(bad(&|c| c.max_body_bytes = 10), "max_body_bytes");
         assert_eq!(
             bad(&|c| c.events_poll = Duration::from_millis(1)),

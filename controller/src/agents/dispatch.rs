@@ -20,6 +20,11 @@
 //!    claimed attempts go back to the queue (`Store::withdraw`) and the host
 //!    gets nothing more until its next heartbeat.
 //!
+//! Each round also withdraws expired pull leases (`Store::expire_leases`)
+//! and wakes waiting lease requests when that revived subtasks. The push
+//! dispatcher only claims push jobs; pull jobs are only leased
+//! ([`super::leases`]).
+//!
 //! A host that left the set between the eligibility check and the claim
 //! gets its claimed attempts withdrawn at once, so no subtask is pushed to
 //! a withdrawn host.
@@ -112,6 +117,7 @@ pub(crate) async fn round(plane: &AgentPlane) {
         events
     };
     apply_events(plane, events).await;
+    super::leases::expire(plane).await;
     let hosts = {
         let book = plane.book();
         let now = plane.now();
@@ -381,6 +387,7 @@ pub(crate) async fn apply_events(plane: &AgentPlane, events: Vec<RegistryEvent>)
             Ok(requeued) => {
                 if !requeued.is_empty() {
                     tracing::info!(host = %host, requeued = requeued.len(), "subtasks requeued");
+                    plane.wake_leases();
                 }
                 let mut book = plane.book();
                 let stop = book.stop.entry(host).or_default();

@@ -8,6 +8,9 @@
 //! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts; the reply lists attempts to stop |
 //! | `POST /v1/agents/completions` | `Vec<Completion>` → [`CompletionsReply`] | report finished attempts; each is accepted, duplicate, stale or rejected |
 //! | `POST /v1/agents/release` | [`Release`] → [`Released`] | hand attempts back unfinished (the agent drains or stops): each still current on that host goes back to the queue, not as a failure |
+//! | `POST /v1/leases` | [`LeaseRequest`](sparegrid_proto::grid::LeaseRequest) → [`LeaseGrant`](sparegrid_proto::grid::LeaseGrant) | pull mode: lease up to `max` subtasks of pull jobs; a long poll (see [`leases`]) |
+//! | `POST /v1/leases/renew` | [`LeaseRenew`](sparegrid_proto::grid::LeaseRenew) → [`LeaseRenewed`](sparegrid_proto::grid::LeaseRenewed) | pull mode: renew every lease the agent holds, in one batch; the reply lists the lost ones |
+//! | `POST /v1/subtasks/{job}/{index}/complete` | [`Completion`] → [`CompleteReply`](sparegrid_proto::grid::CompleteReply) | pull mode: report one attempt; its epoch is the fencing token (409 `stale_epoch` when not current) |
 //! | `GET /v1/hosts` | → JSON [`HostsView`] | every host's load, dominant metric, free slots, state and running count |
 //!
 //! The agent routes take and give `application/msgpack` (see [`msgpack`]);
@@ -25,7 +28,9 @@
 //! | `malformed_msgpack` | 400 | the body is not the expected MessagePack message (rmp-serde's description follows) |
 //! | `invalid_field` | 400 | a register or heartbeat field is refused (`field` names it) |
 //! | `body_unreadable` | 400 | the body could not be read off the connection |
-//! | `must_register` | 409 | a heartbeat from a host the controller does not know (yet, or any more): register, then heartbeat again |
+//! | `must_register` | 409 | a heartbeat, lease request or renewal from a host the controller does not know (yet, or any more): register, then heartbeat again |
+//! | `stale_epoch` | 409 | a pull completion (`POST /v1/subtasks/{job}/{index}/complete`) whose epoch is not current; nothing changed |
+//! | `not_found` | 404 | a pull completion for an unknown job or subtask |
 //! | `body_too_large` | 413 | the body is over `dispatch.max_agent_body_bytes` |
 //! | `unsupported_media_type` | 415 | the body is not `application/msgpack` |
 //! | `internal` | 500 | the store failed |
@@ -54,6 +59,7 @@
 
 pub mod dispatch;
 mod hosts;
+pub mod leases;
 pub mod msgpack;
 mod slots;
 
@@ -115,6 +121,25 @@ pub enum AgentError {
     /// controller restart (409): it must register to give its slots again.
     #[error("host {0:?} is known from before a controller restart; register again (POST /v1/agents/register)")]
     Restored(String),
+    /// A lease request or renewal from a host the registry does not know
+    /// (yet, or since a restart) or that is lost (409 `must_register`).
+    #[error(
+        "host {0:?} is not registered (or was lost); register again (POST /v1/agents/register)"
+    )]
+    NotRegistered(String),
+    /// A pull completion whose epoch is not the subtask's current attempt
+    /// (409 `stale_epoch`); nothing changed.
+    #[error("attempt {epoch} of subtask {index} of job {job} is not current (its lease expired, or it was withdrawn or cancelled); nothing changed")]
+    StaleEpoch { job: String, index: u64, epoch: u32 },
+    /// A pull completion for a job or subtask that does not exist (404).
+    #[error("{0}")]
+    SubtaskNotFound(String),
+    /// A body field that contradicts the path (400 `invalid_field`).
+    #[error("{message}")]
+    Mismatch {
+        field: &'static str,
+        message: String,
+    },
     /// The store failed (500).
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -135,6 +160,9 @@ impl AgentError {
             AgentError::BodyRead(_) | AgentError::BadMsgpack { .. } => StatusCode::BAD_REQUEST,
             AgentError::Registry(e) if e.must_register() => StatusCode::CONFLICT,
             AgentError::Restored(_) => StatusCode::CONFLICT,
+            AgentError::NotRegistered(_) | AgentError::StaleEpoch { .. } => StatusCode::CONFLICT,
+            AgentError::SubtaskNotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Mismatch { .. } => StatusCode::BAD_REQUEST,
             AgentError::Registry(_) => StatusCode::BAD_REQUEST,
             AgentError::Store(_) | AgentError::Task(_) | AgentError::Encode(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -151,8 +179,10 @@ impl AgentError {
             AgentError::BodyRead(_) => "body_unreadable",
             AgentError::BadMsgpack { .. } => "malformed_msgpack",
             AgentError::Registry(e) if e.must_register() => "must_register",
-            AgentError::Restored(_) => "must_register",
-            AgentError::Registry(_) => "invalid_field",
+            AgentError::Restored(_) | AgentError::NotRegistered(_) => "must_register",
+            AgentError::StaleEpoch { .. } => "stale_epoch",
+            AgentError::SubtaskNotFound(_) => "not_found",
+            AgentError::Registry(_) | AgentError::Mismatch { .. } => "invalid_field",
             AgentError::Store(_) | AgentError::Task(_) | AgentError::Encode(_) => "internal",
         }
     }
@@ -164,6 +194,7 @@ impl AgentError {
                 | RegistryError::BadHeartbeat { field, .. },
             ) => Some((*field).to_owned()),
             AgentError::BadMsgpack { .. } => Some("body".to_owned()),
+            AgentError::Mismatch { field, .. } => Some((*field).to_owned()),
             _ => None,
         };
         ErrorBody {
@@ -209,6 +240,8 @@ pub(crate) struct Inner {
     /// The agent token (`auth.agent_token`), sent on every push to an agent.
     pub(crate) agent_token: Option<String>,
     pub(crate) wake: Notify,
+    /// Wakes the lease requests that wait for work ([`leases`]).
+    pub(crate) lease_wake: Notify,
     pub(crate) client: reqwest::Client,
 }
 
@@ -254,6 +287,7 @@ impl AgentPlane {
                 config: config.dispatch.clone(),
                 agent_token: config.auth.agent_token.clone(),
                 wake: Notify::new(),
+                lease_wake: Notify::new(),
                 client,
             }),
         }
@@ -268,6 +302,12 @@ impl AgentPlane {
     /// heartbeat, a subtask went back to the queue).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// Wakes every waiting lease request (a job was created, or subtasks
+    /// went back to the queue): each looks for work again.
+    pub fn wake_leases(&self) {
+        self.inner.lease_wake.notify_waiters();
     }
 
     /// Largest agent-plane body accepted.
@@ -376,6 +416,12 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/heartbeat", post(heartbeat))
         .route("/v1/agents/completions", post(completions))
         .route("/v1/agents/release", post(release))
+        .route("/v1/leases", post(leases::lease))
+        .route("/v1/leases/renew", post(leases::renew))
+        .route(
+            "/v1/subtasks/{job}/{index}/complete",
+            post(leases::complete),
+        )
         .route("/v1/hosts", get(hosts::list))
 }
 
@@ -385,6 +431,7 @@ pub async fn wake_on_submit(State(s): State<AppState>, req: Request, next: Next)
     let response = next.run(req).await;
     if submit && response.status() == StatusCode::CREATED {
         s.agents.wake();
+        s.agents.wake_leases();
     }
     response
 }
@@ -566,6 +613,7 @@ pub(crate) async fn release(
     tracing::info!(host = %host, released = attempts.len(), requeued, reason = %reason, "agent handed attempts back");
     if requeued > 0 {
         plane.wake();
+        plane.wake_leases();
     }
     Ok(MsgPack(Released { requeued }))
 }
@@ -678,6 +726,7 @@ async fn completions(
     if reply.accepted > 0 || freed > 0 {
         // Slots came free, or failed attempts went back to the queue.
         plane.wake();
+        plane.wake_leases();
     }
     Ok(MsgPack(reply))
 }

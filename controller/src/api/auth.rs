@@ -6,7 +6,7 @@
 //! | role | tokens | may call |
 //! |---|---|---|
 //! | `submit` | `auth.submit_tokens` | `/v1/jobs*`: submit, list, get, cancel, events, results |
-//! | `agent` | `auth.agent_token` | `/v1/agents/*`: register, heartbeat, completions |
+//! | `agent` | `auth.agent_token` | `/v1/agents/*`: register, heartbeat, completions, release; pull mode's `/v1/leases`, `/v1/leases/*` and `/v1/subtasks/*` |
 //! | `admin` | `auth.admin_tokens` | everything: the above, `GET /v1/hosts`, `GET /metrics` |
 //! | anyone | — | `GET /openapi.json` |
 //!
@@ -90,6 +90,10 @@ impl Access {
             "/v1/jobs" => Access::Submit,
             r if r.starts_with("/v1/jobs/") => Access::Submit,
             r if r.starts_with("/v1/agents/") => Access::Agent,
+            // Pull mode: leases, renewals, completions by subtask.
+            "/v1/leases" => Access::Agent,
+            r if r.starts_with("/v1/leases/") => Access::Agent,
+            r if r.starts_with("/v1/subtasks/") => Access::Agent,
             _ => Access::Admin,
         }
     }
@@ -277,6 +281,12 @@ mod tests {
         assert_eq!(Access::of("/v1/jobs/{id}/results"), Access::Submit);
         assert_eq!(Access::of("/v1/agents/heartbeat"), Access::Agent);
         assert_eq!(Access::of("/v1/hosts"), Access::Admin);
+        assert_eq!(Access::of("/v1/leases"), Access::Agent);
+        assert_eq!(Access::of("/v1/leases/renew"), Access::Agent);
+        assert_eq!(
+            Access::of("/v1/subtasks/{job}/{index}/complete"),
+            Access::Agent
+        );
         assert_eq!(Access::of("/metrics"), Access::Admin);
         // Look-alikes and new routes are admin-only.
         assert_eq!(Access::of("/v1/jobsx"), Access::Admin);

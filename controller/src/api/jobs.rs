@@ -368,12 +368,12 @@ pub async fn submit(
     })?;
     let req = job::parse_json(&body)?;
     req.validate(&s.limits)?;
-    if req.mode != DispatchMode::Push {
+    if req.mode == DispatchMode::P2p {
         return Err(ValidationError::new(
             ErrorCode::InvalidField,
             "mode",
             format!(
-                "dispatch mode {:?} is not available yet; this controller dispatches `push` jobs only",
+                "dispatch mode {:?} is not available yet; this controller dispatches `push` and `pull` jobs only",
                 serde_json::to_value(req.mode)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))

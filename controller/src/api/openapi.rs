@@ -561,6 +561,9 @@ impl Modify for RoleSecurity {
         agent_heartbeat,
         agent_completions,
         agent_release,
+        crate::agents::leases::lease,
+        crate::agents::leases::renew,
+        crate::agents::leases::complete,
     ),
     components(schemas(
         ErrorBody,

@@ -294,14 +294,17 @@ async fn empty_commands_are_refused() {
 }
 
 #[tokio::test]
-async fn modes_other_than_push_are_refused_for_now() {
+async fn p2p_mode_is_refused_for_now_and_pull_is_taken() {
     let a = app();
     let mut body = range_job(0, 10, 1);
-    body["mode"] = json!("pull");
+    body["mode"] = json!("p2p");
     a.submit(&body)
         .await
         .error(StatusCode::BAD_REQUEST, "invalid_field", Some("mode"));
     assert_eq!(a.job_count().await, 0);
+    body["mode"] = json!("pull");
+    assert_eq!(a.submit(&body).await.status, StatusCode::CREATED);
+    assert_eq!(a.job_count().await, 1);
 }
 
 #[tokio::test]

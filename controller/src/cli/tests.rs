@@ -314,12 +314,12 @@ fn api_errors_show_message_field_and_code() {
 
     // Local validation passes; the controller refuses the dispatch mode.
     let dir = tempfile::tempdir().unwrap();
-    let pull = write(
+    let p2p = write(
         dir.path(),
-        "pull.toml",
-        &format!("mode = \"pull\"\n{TOML_JOB}"),
+        "p2p.toml",
+        &format!("mode = \"p2p\"\n{TOML_JOB}"),
     );
-    let r = s.cli(&["submit", &pull]);
+    let r = s.cli(&["submit", &p2p]);
     assert_eq!(r.code, 2, "{}", r.out);
     assert!(r.err.starts_with("error: dispatch mode"), "{}", r.err);
     assert!(
