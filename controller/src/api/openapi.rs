@@ -56,7 +56,8 @@ pub struct JobRequestDoc {
     /// Higher runs first (default 0).
     #[serde(default)]
     pub priority: Option<i32>,
-    /// Dispatch mode; only `push` is accepted so far.
+    /// Dispatch mode: `push` (pushed to agents) or `pull` (leased by
+    /// agents, `POST /v1/leases`); `p2p` is refused so far.
     #[serde(default)]
     pub mode: Option<DispatchModeDoc>,
     /// Run on the concatenated outputs in subtask order.

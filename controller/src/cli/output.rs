@@ -107,6 +107,16 @@ fn elapsed(job: &JobSummary) -> Option<String> {
     Some(duration_ms(end - start))
 }
 
+/// A dispatch mode as requests spell it.
+fn mode_name(mode: crate::job::DispatchMode) -> &'static str {
+    use crate::job::DispatchMode;
+    match mode {
+        DispatchMode::Push => "push",
+        DispatchMode::Pull => "pull",
+        DispatchMode::P2p => "p2p",
+    }
+}
+
 /// The `status ID` text.
 pub fn job_detail(out: &mut dyn Write, d: &JobDetail) -> io::Result<()> {
     let j = &d.job;
@@ -119,8 +129,10 @@ pub fn job_detail(out: &mut dyn Write, d: &JobDetail) -> io::Result<()> {
     writeln!(out, "  subtasks: {}", counts_line(&j.counts))?;
     writeln!(
         out,
-        "  priority {}, max attempts {}",
-        j.priority, j.max_attempts
+        "  mode {}, priority {}, max attempts {}",
+        mode_name(d.request.mode),
+        j.priority,
+        j.max_attempts
     )?;
     match elapsed(j) {
         Some(e) if j.finished_ms.is_some() => writeln!(out, "  ran for {e}")?,

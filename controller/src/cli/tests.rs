@@ -222,6 +222,7 @@ fn submit_toml_and_json_then_status_and_list() {
     let r = s.cli(&["status", "j-1"]);
     assert_eq!(r.code, 0, "{}", r.err);
     assert!(r.out.starts_with("job j-1 (sweep): queued\n"), "{}", r.out);
+    assert!(r.out.contains("  mode push, priority "), "{}", r.out);
     assert!(
         r.out
             .contains("0 done, 0 running, 10 queued, 0 failed, 0 cancelled of 10"),
@@ -329,6 +330,16 @@ fn api_errors_show_message_field_and_code() {
         "{}",
         r.err
     );
+    // A pull job is taken, and its status names the mode.
+    let pull = write(
+        dir.path(),
+        "pull.toml",
+        &format!("mode = \"pull\"\n{TOML_JOB}"),
+    );
+    let r = s.cli(&["submit", &pull]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let r = s.cli(&["status", "j-1"]);
+    assert!(r.out.contains("  mode pull, priority "), "{}", r.out);
 
     let r = s.cli(&["status", "--state", "sleeping"]);
     assert_eq!(r.code, 2);
