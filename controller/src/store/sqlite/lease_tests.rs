@@ -278,3 +278,27 @@ fn restart_keeps_leases_and_their_expiry() {
         2
     );
 }
+
+#[test]
+fn an_expired_lease_is_not_renewed_even_before_the_sweep() {
+    let store = store_with_hosts();
+    let id = job(&store, DispatchMode::Pull, 1, 3);
+    let a = store.claim_leases("a", 1, TTL, T0).unwrap().remove(0);
+    // Renewing right at the expiry still works …
+    assert_eq!(
+        store
+            .renew_leases("a", &[key(&a)], TTL, T0 + 1_000)
+            .unwrap(),
+        [true]
+    );
+    // … but once it has passed, the lease is lost although no sweep ran.
+    assert_eq!(
+        store
+            .renew_leases("a", &[key(&a)], TTL, T0 + 2_001)
+            .unwrap(),
+        [false]
+    );
+    let swept = store.expire_leases(T0 + 2_001).unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!(store.get_job(&id).unwrap().counts.queued, 1);
+}
