@@ -53,6 +53,11 @@ pub struct Heartbeat {
     pub vms: BTreeMap<VmState, u32>,
     /// How long the longest-suspended grid VM has been suspended, ms.
     pub suspended_ms: u64,
+    /// Pull mode: the leases to renew (every lease the agent still works
+    /// on), the same as a [`LeaseRenew`] sent on its own. Absent (empty)
+    /// from agents that do not pull, and from older agents.
+    #[serde(default)]
+    pub renew: Vec<AttemptRef>,
 }
 
 /// The controller's answer to a [`Heartbeat`]: attempts the agent must stop
@@ -60,6 +65,11 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HeartbeatReply {
     pub withdraw: Vec<AttemptRef>,
+    /// Pull mode: the leases of [`Heartbeat::renew`] that were not renewed
+    /// (expired, revived, cancelled or done); stop them. Absent (empty)
+    /// from older controllers.
+    #[serde(default)]
+    pub lost: Vec<AttemptRef>,
 }
 
 /// One subtask pushed to an agent.
@@ -272,6 +282,7 @@ mod tests {
             running: vec![completion().attempt],
             vms: [(VmState::Running, 1)].into(),
             suspended_ms: 0,
+            renew: Vec::new(),
         };
         let mp = rmp_serde::to_vec_named(&hb).unwrap();
         assert_eq!(rmp_serde::from_slice::<Heartbeat>(&mp).unwrap(), hb);
@@ -309,6 +320,49 @@ mod tests {
         };
         let mp = rmp_serde::to_vec_named(&renewed).unwrap();
         assert_eq!(rmp_serde::from_slice::<LeaseRenewed>(&mp).unwrap(), renewed);
+    }
+
+    #[test]
+    fn heartbeat_without_renew_still_decodes() {
+        // A heartbeat from an agent that predates pull mode: no `renew`.
+        #[derive(Serialize)]
+        struct Old {
+            host: String,
+            load: f64,
+            dominant: Option<Metric>,
+            breakdown: BTreeMap<Metric, f64>,
+            free_slots: u32,
+            running: Vec<AttemptRef>,
+            vms: BTreeMap<VmState, u32>,
+            suspended_ms: u64,
+        }
+        let old = Old {
+            host: "h1".into(),
+            load: 0.2,
+            dominant: None,
+            breakdown: BTreeMap::new(),
+            free_slots: 1,
+            running: vec![completion().attempt],
+            vms: BTreeMap::new(),
+            suspended_ms: 3,
+        };
+        let hb: Heartbeat = rmp_serde::from_slice(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+        assert!(hb.renew.is_empty());
+        assert_eq!((hb.host.as_str(), hb.suspended_ms), ("h1", 3));
+        // And a reply without `lost`.
+        #[derive(Serialize)]
+        struct OldReply {
+            withdraw: Vec<AttemptRef>,
+        }
+        let reply: HeartbeatReply = rmp_serde::from_slice(
+            &rmp_serde::to_vec_named(&OldReply {
+                withdraw: vec![completion().attempt],
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(reply.lost.is_empty());
+        assert_eq!(reply.withdraw.len(), 1);
     }
 
     #[test]

@@ -276,6 +276,7 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
         running,
         vms,
         suspended_ms,
+        renew: Vec::new(),
     }
 }
 

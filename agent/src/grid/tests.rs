@@ -63,7 +63,10 @@ async fn fake_heartbeat(State(s): State<FakeState>, body: Bytes) -> Response {
     }
     f.heartbeats.push(hb);
     let withdraw = std::mem::take(&mut f.withdraw);
-    mp(&HeartbeatReply { withdraw })
+    mp(&HeartbeatReply {
+        withdraw,
+        lost: Vec::new(),
+    })
 }
 
 async fn fake_completions(State(s): State<FakeState>, body: Bytes) -> Response {

@@ -126,6 +126,7 @@ impl Ctl {
             running: Vec::new(),
             vms: BTreeMap::new(),
             suspended_ms: 0,
+            renew: Vec::new(),
         });
         let (status, _) = self.post_mp("/v1/agents/heartbeat", hb.clone()).await;
         assert_eq!(status, StatusCode::OK);
@@ -430,4 +431,38 @@ async fn an_unregistered_host_must_register_to_lease() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_renew_in_the_heartbeat_and_lost_ones_come_back() {
+    let ctl = controller(|_| {}).await;
+    let hb_task = ctl.pulling_agent("hb").await;
+    let job = ctl.submit("pull", 1, &["echo", "{start}"], 3).await;
+    let held = ctl.lease_some("hb", 1).await.remove(0).assignment.attempt;
+    let bogus = AttemptRef {
+        epoch: held.epoch + 7,
+        ..held.clone()
+    };
+    let hb = enc(&Heartbeat {
+        host: "hb".into(),
+        load: 0.1,
+        dominant: None,
+        breakdown: BTreeMap::new(),
+        free_slots: 3,
+        running: vec![held.clone()],
+        vms: BTreeMap::new(),
+        suspended_ms: 0,
+        renew: vec![held.clone(), bogus.clone()],
+    });
+    let (status, body) = ctl.post_mp("/v1/agents/heartbeat", hb).await;
+    assert_eq!(status, StatusCode::OK);
+    let reply: sparegrid_proto::grid::HeartbeatReply = rmp_serde::from_slice(&body).unwrap();
+    assert_eq!(reply.lost, vec![bogus]);
+    assert!(reply.withdraw.is_empty(), "{reply:?}");
+    // The renewed lease is still current: its completion counts.
+    let (status, reply) = ctl.complete("hb", &held, 0).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply.unwrap().result, "accepted");
+    assert_eq!(ctl.store.get_job(&job).unwrap().state, JobState::Done);
+    hb_task.abort();
 }

@@ -23,8 +23,10 @@
 //!
 //! **Leases.** Each leased subtask is a new attempt (its epoch bumped)
 //! whose lease expires after `dispatch.lease_ttl` unless renewed. The
-//! agent renews every lease it holds in one `POST /v1/leases/renew`; the
-//! reply lists the lost ones (the agent stops them). Each dispatch round
+//! agent renews every lease it holds in one batch: the `renew` list of its
+//! heartbeat (the reply's `lost` lists those not renewed), or on its own
+//! with `POST /v1/leases/renew` (the reply's `lost` likewise); it stops
+//! the lost ones. Each dispatch round
 //! withdraws expired leases ([`expire`]) and their subtasks are leased
 //! again; the withdrawn attempt does not count as a failure.
 //!
@@ -223,25 +225,34 @@ pub(crate) async fn renew(
 ) -> Result<MsgPack<LeaseRenewed>, AgentError> {
     let plane = &s.agents;
     may_lease(plane, &req.host)?;
+    Ok(MsgPack(renew_for(plane, &req.host, req.leases).await?))
+}
+
+/// Renews `leases` of `host` (a [`LeaseRenew`], or the `renew` list of a
+/// heartbeat) and says which were lost.
+pub(crate) async fn renew_for(
+    plane: &AgentPlane,
+    host: &str,
+    leases: Vec<AttemptRef>,
+) -> Result<LeaseRenewed, AgentError> {
     let ttl = plane.inner.config.lease_ttl;
-    let keys: Vec<(JobId, u64, u32)> = req
-        .leases
+    let keys: Vec<(JobId, u64, u32)> = leases
         .iter()
         .map(|a| (JobId(a.job.clone()), a.index, a.epoch))
         .collect();
-    let host = req.host.clone();
+    let h = host.to_owned();
     let answers = if keys.is_empty() {
         Vec::new()
     } else {
         plane
-            .blocking(move |store| store.renew_leases(&host, &keys, ttl, wall_ms()))
+            .blocking(move |store| store.renew_leases(&h, &keys, ttl, wall_ms()))
             .await?
     };
     let mut reply = LeaseRenewed {
         ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         ..LeaseRenewed::default()
     };
-    for (a, ok) in req.leases.into_iter().zip(answers) {
+    for (a, ok) in leases.into_iter().zip(answers) {
         if ok {
             reply.renewed += 1;
         } else {
@@ -249,9 +260,9 @@ pub(crate) async fn renew(
         }
     }
     if !reply.lost.is_empty() {
-        tracing::info!(host = %req.host, lost = reply.lost.len(), "leases not renewed");
+        tracing::info!(host = %host, lost = reply.lost.len(), "leases not renewed");
     }
-    Ok(MsgPack(reply))
+    Ok(reply)
 }
 
 /// `POST /v1/subtasks/{job}/{index}/complete`: see the module docs.

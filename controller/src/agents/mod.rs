@@ -5,7 +5,7 @@
 //! | route | body in → out | what |
 //! |---|---|---|
 //! | `POST /v1/agents/register` | [`Register`] → [`Registered`] | join (or rejoin) the registry; the host is upserted in the store |
-//! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts; the reply lists attempts to stop |
+//! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts, and renew pull leases (`renew`); the reply lists attempts to stop, and lost leases (`lost`) |
 //! | `POST /v1/agents/completions` | `Vec<Completion>` → [`CompletionsReply`] | report finished attempts; each is accepted, duplicate, stale or rejected |
 //! | `POST /v1/agents/release` | [`Release`] → [`Released`] | hand attempts back unfinished (the agent drains or stops): each still current on that host goes back to the queue, not as a failure |
 //! | `POST /v1/leases` | [`LeaseRequest`](sparegrid_proto::grid::LeaseRequest) → [`LeaseGrant`](sparegrid_proto::grid::LeaseGrant) | pull mode: lease up to `max` subtasks of pull jobs; a long poll (see [`leases`]) |
@@ -480,13 +480,14 @@ fn load_json(hb: &Heartbeat) -> serde_json::Value {
 async fn heartbeat(
     State(s): State<AppState>,
     _auth: AgentAuth,
-    MsgPack(hb): MsgPack<Heartbeat>,
+    MsgPack(mut hb): MsgPack<Heartbeat>,
 ) -> Result<MsgPack<HeartbeatReply>, AgentError> {
     let plane = &s.agents;
     let host = hb.host.clone();
     if plane.book().restored.contains(&host) {
         return Err(AgentError::Restored(host));
     }
+    let renew = std::mem::take(&mut hb.renew);
     let load = load_json(&hb);
     let h = host.clone();
     let current: HashSet<(String, u64, u32)> = plane
@@ -540,7 +541,12 @@ async fn heartbeat(
         }
     }
     plane.wake();
-    Ok(MsgPack(outcome.into_reply()))
+    let mut reply = outcome.into_reply();
+    if !renew.is_empty() {
+        // Pull mode: renewals ride on the heartbeat (see `leases`).
+        reply.lost = leases::renew_for(plane, &host, renew).await?.lost;
+    }
+    Ok(MsgPack(reply))
 }
 
 /// Longest reason kept from a [`Release`].

@@ -156,6 +156,7 @@ mod tests {
             running: running.iter().map(|i| a(*i)).collect(),
             vms: BTreeMap::new(),
             suspended_ms: 0,
+            renew: Vec::new(),
         }
     }
 

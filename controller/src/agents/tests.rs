@@ -289,6 +289,7 @@ impl Fake {
                 running: st.running.iter().map(|(a, _)| a.clone()).collect(),
                 vms: BTreeMap::new(),
                 suspended_ms: 0,
+                renew: Vec::new(),
             }
         };
         let r = self.post("/v1/agents/heartbeat", enc(&hb)).await;
@@ -595,6 +596,7 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
         running: Vec::new(),
         vms: BTreeMap::new(),
         suspended_ms: 0,
+        renew: Vec::new(),
     });
     let (status, body) = ctl
         .post_mp("/v1/agents/heartbeat", Some(TOKEN), hb.clone())
@@ -647,6 +649,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
         running: Vec::new(),
         vms: BTreeMap::new(),
         suspended_ms: 0,
+        renew: Vec::new(),
     });
     let (status, _) = ctl.post_mp("/v1/agents/heartbeat", Some(TOKEN), hb).await;
     assert_eq!(status, StatusCode::OK);

@@ -227,6 +227,9 @@ pub struct HeartbeatDoc {
     pub vms: BTreeMap<String, u32>,
     /// How long the longest-suspended grid VM has been suspended, ms.
     pub suspended_ms: u64,
+    /// Pull mode: the leases to renew; may be absent.
+    #[serde(default)]
+    pub renew: Vec<AttemptRefDoc>,
 }
 
 /// The answer to a heartbeat (MessagePack): attempts the agent must stop.
@@ -234,6 +237,9 @@ pub struct HeartbeatDoc {
 #[schema(as = HeartbeatReply)]
 pub struct HeartbeatReplyDoc {
     pub withdraw: Vec<AttemptRefDoc>,
+    /// Pull mode: the leases of `renew` that were not renewed; stop them.
+    #[serde(default)]
+    pub lost: Vec<AttemptRefDoc>,
 }
 
 /// How one attempt ended (an element of the `POST /v1/agents/completions`
@@ -822,6 +828,7 @@ mod tests {
                 running: vec![attempt.clone()],
                 vms: [(VmState::Running, 1)].into(),
                 suspended_ms: 0,
+                renew: Vec::new(),
             },
         );
         same_fields(
@@ -829,6 +836,7 @@ mod tests {
             "HeartbeatReply",
             HeartbeatReply {
                 withdraw: vec![attempt.clone()],
+                lost: vec![attempt.clone()],
             },
         );
         same_fields(

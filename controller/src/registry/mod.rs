@@ -238,6 +238,7 @@ impl HeartbeatOutcome {
     pub fn into_reply(self) -> HeartbeatReply {
         HeartbeatReply {
             withdraw: self.withdraw,
+            lost: Vec::new(),
         }
     }
 }

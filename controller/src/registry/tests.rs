@@ -51,6 +51,7 @@ fn hb(
         running: running.to_vec(),
         vms: BTreeMap::new(),
         suspended_ms,
+        renew: Vec::new(),
     }
 }
 
@@ -414,7 +415,8 @@ fn heartbeat_withdraws_attempts_the_store_no_longer_counts() {
     assert_eq!(
         out.clone().into_reply(),
         HeartbeatReply {
-            withdraw: out.withdraw
+            withdraw: out.withdraw,
+            lost: Vec::new(),
         }
     );
 }

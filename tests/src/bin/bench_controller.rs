@@ -180,6 +180,7 @@ fn heartbeat_of(host: &str, slots: u32, running: Vec<AttemptRef>) -> Heartbeat {
         running,
         vms: BTreeMap::new(),
         suspended_ms: 0,
+        renew: Vec::new(),
     }
 }
 
