@@ -65,8 +65,16 @@ pub(super) fn routes_in_source() -> BTreeSet<(String, String)> {
             );
         }
         let mut rest = text;
-        while let Some(i) = rest.find(".route(\"") {
-            rest = &rest[i + ".route(\"".len()..];
+        while let Some(i) = rest.find(".route(") {
+            // rustfmt may put the path on the next line.
+            rest = rest[i + ".route(".len()..].trim_start();
+            let Some(quoted) = rest.strip_prefix('"') else {
+                panic!(
+                    "{}: a `.route(` whose path is not a string literal: teach routes_in_source to read it",
+                    file.display()
+                );
+            };
+            rest = quoted;
             let end = rest.find('"').unwrap();
             let path = rest[..end].to_owned();
             // The method router: up to the parenthesis closing `.route(`.
