@@ -15,63 +15,29 @@ use sparegrid_proto::grid::{
     AttemptRef, CompleteReply, Completion, Heartbeat, Lease, LeaseGrant, LeaseRenew, LeaseRenewed,
     LeaseRequest, Register,
 };
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use super::tests::{controller_with, enc, Ctl, ADMIN, TOKEN};
 use super::*;
-use crate::api::router;
-use crate::store::{AttemptState, JobState, SqliteStore, LEASE_EXPIRED};
+use crate::store::{AttemptState, JobState, LEASE_EXPIRED};
 
-const TOKEN: &str = "agent-token-for-lease-tests";
-const ADMIN: &str = "admin-token-for-lease-tests";
 /// Bounds how long a test may wait for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-struct Ctl {
-    url: String,
-    store: Arc<SqliteStore>,
-    client: reqwest::Client,
-}
-
+/// The agent-plane test controller (`super::tests`), with a host timeout
+/// long enough that a pulling fake is never lost mid-test.
 async fn controller(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
-    let mut config = ControllerConfig::default();
-    config.registry.heartbeat_interval = Duration::from_millis(100);
-    config.registry.host_timeout = Duration::from_secs(5);
-    config.auth.agent_token = Some(TOKEN.to_owned());
-    config.auth.admin_tokens = vec![ADMIN.to_owned()];
-    config.dispatch.interval = Duration::from_millis(20);
-    tweak(&mut config);
-    config.validate().unwrap();
-    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
-    let dyn_store: Arc<dyn Store> = store.clone();
-    let state = AppState::new(dyn_store, &config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    spawn_dispatcher(state.agents.clone());
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
-    Ctl {
-        url,
-        store,
-        client: reqwest::Client::new(),
-    }
-}
-
-fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    rmp_serde::to_vec_named(v).unwrap()
+    controller_with(|config| {
+        config.registry.host_timeout = Duration::from_secs(5);
+        tweak(config);
+    })
+    .await
 }
 
 impl Ctl {
-    async fn post_mp(&self, path: &str, body: Vec<u8>) -> (StatusCode, Bytes) {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .header("content-type", MSGPACK)
-            .bearer_auth(TOKEN)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.bytes().await.unwrap())
+    /// POSTs a MessagePack body with the agent token.
+    async fn agent_post(&self, path: &str, body: Vec<u8>) -> (StatusCode, Bytes) {
+        self.post_mp(path, Some(TOKEN), body).await
     }
 
     async fn submit(&self, mode: &str, n: i64, argv: &[&str], max_attempts: u32) -> JobId {
@@ -115,7 +81,7 @@ impl Ctl {
             agent_url: None,
             slots: 4,
         });
-        let (status, _) = self.post_mp("/v1/agents/register", reg).await;
+        let (status, _) = self.agent_post("/v1/agents/register", reg).await;
         assert_eq!(status, StatusCode::OK);
         let hb = enc(&Heartbeat {
             host: host.into(),
@@ -128,7 +94,7 @@ impl Ctl {
             suspended_ms: 0,
             renew: Vec::new(),
         });
-        let (status, _) = self.post_mp("/v1/agents/heartbeat", hb.clone()).await;
+        let (status, _) = self.agent_post("/v1/agents/heartbeat", hb.clone()).await;
         assert_eq!(status, StatusCode::OK);
         let (url, client) = (self.url.clone(), self.client.clone());
         tokio::spawn(async move {
@@ -147,7 +113,7 @@ impl Ctl {
 
     async fn lease(&self, host: &str, max: u32, wait_ms: u64) -> Vec<Lease> {
         let (status, body) = self
-            .post_mp(
+            .agent_post(
                 "/v1/leases",
                 enc(&LeaseRequest {
                     host: host.into(),
@@ -196,7 +162,7 @@ impl Ctl {
             duration_ms: 1,
         };
         let path = format!("/v1/subtasks/{}/{}/complete", attempt.job, attempt.index);
-        let (status, body) = self.post_mp(&path, enc(&c)).await;
+        let (status, body) = self.agent_post(&path, enc(&c)).await;
         let out = if status == StatusCode::OK {
             Ok(rmp_serde::from_slice(&body).unwrap())
         } else {
@@ -233,7 +199,7 @@ async fn a_pulling_agent_leases_completes_and_stale_epochs_get_409() {
     let mut refs: Vec<AttemptRef> = held.iter().map(|l| l.assignment.attempt.clone()).collect();
     refs.push(bogus.clone());
     let (status, body) = ctl
-        .post_mp(
+        .agent_post(
             "/v1/leases/renew",
             enc(&LeaseRenew {
                 host: "puller".into(),
@@ -276,7 +242,7 @@ async fn a_pulling_agent_leases_completes_and_stale_epochs_get_409() {
         duration_ms: 0,
     });
     let (status, body) = ctl
-        .post_mp(&format!("/v1/subtasks/{}/2/complete", job.0), c)
+        .agent_post(&format!("/v1/subtasks/{}/2/complete", job.0), c)
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -316,7 +282,7 @@ async fn an_unrenewed_lease_expires_and_is_leased_again() {
     assert_eq!(attempts[0].error.as_deref(), Some(LEASE_EXPIRED));
     // a's renewal is refused and its late completion is stale.
     let (status, body) = ctl
-        .post_mp(
+        .agent_post(
             "/v1/leases/renew",
             enc(&LeaseRenew {
                 host: "a".into(),
@@ -409,7 +375,7 @@ async fn failures_dead_letter_after_max_attempts_with_every_error() {
 async fn an_unregistered_host_must_register_to_lease() {
     let ctl = controller(|_| {}).await;
     let (status, body) = ctl
-        .post_mp(
+        .agent_post(
             "/v1/leases",
             enc(&LeaseRequest {
                 host: "stranger".into(),
@@ -454,7 +420,7 @@ async fn leases_renew_in_the_heartbeat_and_lost_ones_come_back() {
         suspended_ms: 0,
         renew: vec![held.clone(), bogus.clone()],
     });
-    let (status, body) = ctl.post_mp("/v1/agents/heartbeat", hb).await;
+    let (status, body) = ctl.agent_post("/v1/agents/heartbeat", hb).await;
     assert_eq!(status, StatusCode::OK);
     let reply: sparegrid_proto::grid::HeartbeatReply = rmp_serde::from_slice(&body).unwrap();
     assert_eq!(reply.lost, vec![bogus]);

@@ -23,15 +23,15 @@ use super::*;
 use crate::api::router;
 use crate::store::{AttemptState, JobState, SqliteStore};
 
-const TOKEN: &str = "agent-token-for-tests";
+pub(super) const TOKEN: &str = "agent-token-for-tests";
 /// The admin token (the job and hosts routes need one once `[auth]` has
 /// tokens).
-const ADMIN: &str = "admin-token-for-tests";
+pub(super) const ADMIN: &str = "admin-token-for-tests";
 
-struct Ctl {
-    url: String,
-    store: Arc<SqliteStore>,
-    client: reqwest::Client,
+pub(super) struct Ctl {
+    pub(super) url: String,
+    pub(super) store: Arc<SqliteStore>,
+    pub(super) client: reqwest::Client,
 }
 
 async fn controller() -> Ctl {
@@ -39,7 +39,7 @@ async fn controller() -> Ctl {
 }
 
 /// The test controller with `tweak` applied to its config.
-async fn controller_with(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
+pub(super) async fn controller_with(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
     let mut config = ControllerConfig::default();
     config.registry.heartbeat_interval = Duration::from_millis(100);
     config.registry.host_timeout = Duration::from_millis(400);
@@ -68,7 +68,12 @@ async fn controller_with(tweak: impl FnOnce(&mut ControllerConfig)) -> Ctl {
 }
 
 impl Ctl {
-    async fn post_mp(&self, path: &str, token: Option<&str>, body: Vec<u8>) -> (StatusCode, Bytes) {
+    pub(super) async fn post_mp(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Bytes) {
         let mut req = self
             .client
             .post(format!("{}{path}", self.url))
@@ -129,7 +134,7 @@ impl Ctl {
     }
 }
 
-fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+pub(super) fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(v).unwrap()
 }
 
