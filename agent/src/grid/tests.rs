@@ -446,7 +446,17 @@ const SUBMIT_TOKEN: &str = "submit-token-for-the-grid-test";
 /// own runtime thread, with `tweak` applied to its config. Returns its URL
 /// and the store.
 fn real_controller(tweak: impl FnOnce(&mut ControllerConfig)) -> (String, Arc<SqliteStore>) {
-    use sparegrid_controller::api::{router, AppState};
+    spawn_real_controller(tweak, None)
+}
+
+/// [`real_controller`], served over https with the PEM `(cert, key)` when
+/// `tls` is given.
+fn spawn_real_controller(
+    tweak: impl FnOnce(&mut ControllerConfig),
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> (String, Arc<SqliteStore>) {
+    use sparegrid_controller::api::{router, tls, AppState};
+    let server = tls.map(|(cert, key)| tls::server_config(cert, key).unwrap());
     let mut config = ControllerConfig::default();
     config.registry.heartbeat_interval = Duration::from_millis(100);
     config.auth.agent_token = Some(REAL_TOKEN.to_owned());
@@ -457,7 +467,8 @@ fn real_controller(tweak: impl FnOnce(&mut ControllerConfig)) -> (String, Arc<Sq
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
     let dyn_store: Arc<dyn Store> = store.clone();
     let ctl_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let ctl = format!("http://{}", ctl_listener.local_addr().unwrap());
+    let scheme = if server.is_some() { "https" } else { "http" };
+    let ctl = format!("{scheme}://{}", ctl_listener.local_addr().unwrap());
     ctl_listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -469,7 +480,12 @@ fn real_controller(tweak: impl FnOnce(&mut ControllerConfig)) -> (String, Arc<Sq
             let state = AppState::new(dyn_store, &config);
             sparegrid_controller::agents::spawn_dispatcher(state.agents.clone());
             let l = tokio::net::TcpListener::from_std(ctl_listener).unwrap();
-            axum::serve(l, router(state)).await.unwrap();
+            match server {
+                Some(server) => tls::serve_tls_on(l, server, router(state), std::future::pending())
+                    .await
+                    .unwrap(),
+                None => axum::serve(l, router(state)).await.unwrap(),
+            }
         });
     });
     (ctl, store)
@@ -945,36 +961,9 @@ fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 /// certificate, and refuses it without.
 #[test]
 fn the_client_joins_an_https_controller_that_its_ca_cert_vouches_for() {
-    use sparegrid_controller::api::{router, tls, AppState};
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path());
-    let server = tls::server_config(&cert, &key).unwrap();
-    let mut config = ControllerConfig::default();
-    config.registry.heartbeat_interval = Duration::from_millis(100);
-    config.auth.agent_token = Some(REAL_TOKEN.to_owned());
-    config.auth.submit_tokens = vec![SUBMIT_TOKEN.to_owned()];
-    config.dispatch.interval = Duration::from_millis(20);
-    config.validate().unwrap();
-    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
-    let dyn_store: Arc<dyn Store> = store.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let ctl = format!("https://{}", listener.local_addr().unwrap());
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let state = AppState::new(dyn_store, &config);
-            sparegrid_controller::agents::spawn_dispatcher(state.agents.clone());
-            let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            tls::serve_tls_on(l, server, router(state), std::future::pending())
-                .await
-                .unwrap();
-        });
-    });
+    let (ctl, store) = spawn_real_controller(|_| {}, Some((&cert, &key)));
 
     let reg = Register {
         host: "tls-1".into(),
