@@ -1,9 +1,11 @@
 //! Wire types shared by `sparegrid-agent`, `sparegrid-controller` and the guest
-//! worker. Everything here is plain data with serde derives: no I/O, no logic
-//! beyond naming. JSON (status API) and MessagePack (agent↔controller) both
-//! encode these types.
+//! worker. Everything here is plain data with serde derives and no I/O; the
+//! one piece of logic is the guest channel's framing ([`guest`]). JSON
+//! (status API) and MessagePack (agent↔controller, host↔guest) encode these
+//! types.
 
 pub mod grid;
+pub mod guest;
 pub mod load;
 pub mod status;
 pub mod vm;
