@@ -9,6 +9,7 @@
 //! - [`runtime`]: libvirt and process backends behind one trait.
 //! - [`subtask`]: runs a pushed subtask as a host process in the grid cgroup.
 //! - [`grid`]: joins a controller: register, heartbeat, run pushed subtasks.
+//! - [`guestlink`]: the host side of the guest channel to grid VMs.
 //! - [`daemon`]: control loop, HTTP status/metrics, signals, systemd.
 //! - [`check`]: what this host supports.
 
@@ -17,6 +18,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod grid;
+pub mod guestlink;
 pub mod load;
 pub mod policy;
 pub mod runtime;

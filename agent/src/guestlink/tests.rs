@@ -1,0 +1,785 @@
+//! The pool against a fake guest: a `UnixListener` in a tempdir that the
+//! session connects to, played by the test with the proto codec. Timeouts
+//! are short where a test is about them and long elsewhere; no test asserts
+//! how long anything took.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
+use sparegrid_proto::guest::{
+    decode_body, encode_frame, Current, FrameDecoder, GuestMsg, Hello, HostMsg, Output, RunSubtask,
+    Stream, SubtaskResult, HEADER_LEN, MAGIC, MAX_GUEST_FRAME, MAX_HOST_FRAME, PROTOCOL_VERSION,
+};
+
+use super::*;
+
+/// How long a test waits for something that should happen (generous: the
+/// machine is shared); running out is a test failure, not a measurement.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn opts() -> LinkOptions {
+    LinkOptions {
+        host: "h1".into(),
+        hello_timeout: Duration::from_secs(30),
+        heartbeat: Duration::from_millis(50),
+        dead_after: Duration::from_secs(30),
+        output_cap: 1 << 20,
+    }
+}
+
+fn attempt(index: u64) -> AttemptRef {
+    AttemptRef {
+        job: "j-1".into(),
+        index,
+        epoch: 2,
+    }
+}
+
+fn assignment(index: u64) -> Assignment {
+    Assignment {
+        attempt: attempt(index),
+        argv: vec!["sh".into(), "-c".into(), "cat; echo done".into()],
+        env: BTreeMap::from([("K".into(), "v".into())]),
+        stdin: b"in\xff".to_vec(),
+        timeout_ms: 60_000,
+        vcpus: 1,
+        memory_mib: 128,
+    }
+}
+
+/// Polls `f` until it gives a value, sleeping on the pool's activity.
+fn wait_for<T>(pool: &GuestPool, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let seen = pool.activity().seen();
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        pool.activity().wait_since(seen, Duration::from_millis(20));
+    }
+}
+
+fn wait_ready(pool: &GuestPool, vm: &str) {
+    wait_for(pool, "ready", || {
+        pool.take_ready().contains(&vm.to_owned()).then_some(())
+    });
+}
+
+fn wait_failed(pool: &GuestPool, vm: &str) -> GuestFailure {
+    wait_for(pool, "a failure", || {
+        pool.take_failed()
+            .into_iter()
+            .find(|(n, _)| n == vm)
+            .map(|(_, f)| f)
+    })
+}
+
+fn wait_ended(pool: &GuestPool) -> VmEnd {
+    wait_for(pool, "an end", || pool.take_ended().pop())
+}
+
+fn state(pool: &GuestPool, vm: &str) -> Option<VmLinkStatus> {
+    pool.snapshot().into_iter().find(|s| s.vm == vm)
+}
+
+/// The guest end of the channel.
+struct FakeGuest {
+    stream: UnixStream,
+    dec: FrameDecoder,
+}
+
+impl FakeGuest {
+    fn accept(l: &UnixListener) -> FakeGuest {
+        l.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let stream = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the session never connected");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        FakeGuest {
+            stream,
+            dec: FrameDecoder::new(MAX_HOST_FRAME),
+        }
+    }
+
+    /// The next host message that is not a host heartbeat.
+    fn recv(&mut self) -> HostMsg {
+        let mut buf = [0u8; 4096];
+        loop {
+            while let Some(body) = self.dec.next_frame().unwrap() {
+                match decode_body::<HostMsg>(&body).unwrap() {
+                    HostMsg::Heartbeat { .. } => {}
+                    m => return m,
+                }
+            }
+            let n = self.stream.read(&mut buf).expect("host message in time");
+            assert!(n > 0, "the host closed the channel");
+            self.dec.push(&buf[..n]);
+        }
+    }
+
+    /// Next message that is not an Attach (repeats until the Hello lands).
+    fn recv_not_attach(&mut self) -> HostMsg {
+        loop {
+            match self.recv() {
+                HostMsg::Attach { .. } => {}
+                m => return m,
+            }
+        }
+    }
+
+    /// Reads until EOF (true) or an error; host heartbeats are ignored.
+    fn sees_eof(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn send(&mut self, m: &GuestMsg) {
+        self.raw(&encode_frame(m, MAX_GUEST_FRAME).unwrap());
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn hello(session: u64, current: Option<Current>) -> GuestMsg {
+        GuestMsg::Hello(Hello {
+            session,
+            protocol: PROTOCOL_VERSION,
+            worker_version: "0.1.0-test".into(),
+            capabilities: vec!["replay".into(), "cancel".into()],
+            interpreters: vec!["sh".into()],
+            vcpus: 1,
+            memory_mib: 128,
+            current,
+        })
+    }
+
+    /// Reads the Attach and answers with a Hello; returns the nonce.
+    fn handshake(&mut self, current: Option<Current>) -> u64 {
+        let HostMsg::Attach { session, .. } = self.recv() else {
+            panic!("expected Attach first");
+        };
+        self.send(&FakeGuest::hello(session, current));
+        session
+    }
+
+    fn run_subtask(&mut self) -> RunSubtask {
+        match self.recv_not_attach() {
+            HostMsg::RunSubtask(r) => r,
+            m => panic!("expected RunSubtask, got {m:?}"),
+        }
+    }
+
+    fn output(&mut self, id: u64, stream: Stream, offset: u64, data: &[u8]) {
+        self.send(&GuestMsg::Output(Output {
+            id,
+            stream,
+            offset,
+            data: data.to_vec(),
+        }));
+    }
+
+    fn result(&mut self, id: u64, exit: i32, stdout_size: u64, stderr_size: u64) {
+        self.send(&GuestMsg::Result(result(
+            id,
+            exit,
+            stdout_size,
+            stderr_size,
+        )));
+    }
+}
+
+fn result(id: u64, exit: i32, stdout_size: u64, stderr_size: u64) -> SubtaskResult {
+    SubtaskResult {
+        id,
+        exit_code: Some(exit),
+        signal: None,
+        error: None,
+        duration_ms: 42,
+        stdout_size,
+        stderr_size,
+        stdout_truncated: false,
+        stderr_truncated: false,
+        timed_out: false,
+    }
+}
+
+fn listener(dir: &Path, vm: &str) -> (UnixListener, PathBuf) {
+    let path = dir.join(format!("{vm}.channel.sock"));
+    let _ = std::fs::remove_file(&path);
+    (UnixListener::bind(&path).unwrap(), path)
+}
+
+/// A pool with one VM attached to a fake guest that said Hello.
+fn ready_pool(o: LinkOptions) -> (tempfile::TempDir, Arc<GuestPool>, FakeGuest, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(o);
+    pool.attach("vm1", path.clone());
+    let mut g = FakeGuest::accept(&l);
+    g.handshake(None);
+    wait_ready(&pool, "vm1");
+    (dir, pool, g, path)
+}
+
+fn completed(end: VmEnd) -> Completion {
+    match end {
+        VmEnd::Completed(c) => c,
+        e => panic!("expected a completion, got {e:?}"),
+    }
+}
+
+fn handed_back(end: VmEnd) -> (AttemptRef, String, String) {
+    match end {
+        VmEnd::HandedBack {
+            attempt,
+            vm,
+            reason,
+        } => (attempt, vm, reason),
+        e => panic!("expected a hand-back, got {e:?}"),
+    }
+}
+
+#[test]
+fn handshake_and_one_subtask_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(opts());
+    pool.attach("vm1", path);
+    assert_eq!(state(&pool, "vm1").unwrap().state, LinkState::Connecting);
+    assert_eq!(pool.idle(), 0);
+    let mut g = FakeGuest::accept(&l);
+    let HostMsg::Attach {
+        session,
+        heartbeat_ms,
+    } = g.recv()
+    else {
+        panic!("expected Attach");
+    };
+    assert_eq!(heartbeat_ms, 50);
+    g.send(&FakeGuest::hello(session, None));
+    wait_ready(&pool, "vm1");
+    assert!(pool.take_ready().is_empty(), "ready is reported once");
+    assert_eq!(pool.idle(), 1);
+    let st = state(&pool, "vm1").unwrap();
+    assert_eq!(st.state, LinkState::Ready);
+    assert_eq!(st.worker_version.as_deref(), Some("0.1.0-test"));
+
+    pool.start(assignment(7)).unwrap();
+    assert_eq!(pool.idle(), 0);
+    assert_eq!(pool.running(), vec![attempt(7)]);
+    let back = pool.start(assignment(8)).unwrap_err();
+    assert_eq!(
+        back,
+        assignment(8),
+        "no idle VM: the assignment comes back whole"
+    );
+    let r = g.run_subtask();
+    assert_eq!(r.label, "j-1/7#2");
+    assert_eq!(r.argv, assignment(7).argv);
+    assert_eq!(r.env, assignment(7).env);
+    assert_eq!(r.stdin, b"in\xff");
+    assert_eq!((r.timeout_ms, r.output_cap), (60_000, 1 << 20));
+    let snap = state(&pool, "vm1").unwrap();
+    assert_eq!(snap.state, LinkState::Busy);
+    assert_eq!(snap.attempt, Some(attempt(7)));
+
+    g.output(r.id, Stream::Stdout, 0, b"hel");
+    g.send(&GuestMsg::Progress(sparegrid_proto::guest::Progress {
+        id: r.id,
+        elapsed_ms: 5,
+        stdout_bytes: 3,
+        stderr_bytes: 0,
+    }));
+    g.output(r.id, Stream::Stderr, 0, b"warn\n");
+    g.send(&GuestMsg::Heartbeat {
+        seq: 1,
+        uptime_ms: 1000,
+        running: Some(r.id),
+    });
+    g.output(r.id, Stream::Stdout, 3, b"lo\n");
+    // A result for another id is ignored.
+    g.result(r.id + 1000, 0, 0, 0);
+    g.result(r.id, 3, 6, 5);
+    let c = completed(wait_ended(&pool));
+    assert_eq!(
+        c,
+        Completion {
+            attempt: attempt(7),
+            host: "h1".into(),
+            exit_code: Some(3),
+            signal: None,
+            error: None,
+            stdout: b"hello\n".to_vec(),
+            stderr: b"warn\n".to_vec(),
+            stdout_size: 6,
+            stderr_size: 5,
+            duration_ms: 42,
+        }
+    );
+    assert!(pool.take_ended().is_empty());
+    assert!(pool.take_failed().is_empty());
+    assert_eq!(pool.idle(), 1);
+    assert!(pool.running().is_empty());
+    assert_eq!(state(&pool, "vm1").unwrap().state, LinkState::Ready);
+}
+
+#[test]
+fn output_is_capped_full_sizes_kept_and_a_timeout_named() {
+    let (_dir, pool, mut g, _) = ready_pool(LinkOptions {
+        output_cap: 4,
+        ..opts()
+    });
+    pool.start(assignment(1)).unwrap();
+    let r = g.run_subtask();
+    assert_eq!(r.output_cap, 4);
+    // A guest that sends more than the cap: the pool keeps 4 bytes anyway.
+    g.output(r.id, Stream::Stdout, 0, b"0123456789");
+    let mut res = result(r.id, 0, 10, 0);
+    res.exit_code = None;
+    res.signal = Some(9);
+    res.timed_out = true;
+    res.stdout_truncated = true;
+    g.send(&GuestMsg::Result(res));
+    let c = completed(wait_ended(&pool));
+    assert_eq!(c.stdout, b"0123");
+    assert_eq!(c.stdout_size, 10);
+    assert_eq!((c.exit_code, c.signal), (None, Some(9)));
+    assert_eq!(c.error.as_deref(), Some("timeout after 60000 ms"));
+    assert!(!c.succeeded());
+}
+
+#[test]
+fn a_guest_that_never_says_hello_fails_and_nothing_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(LinkOptions {
+        hello_timeout: Duration::from_millis(300),
+        ..opts()
+    });
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    assert!(matches!(g.recv(), HostMsg::Attach { .. }));
+    let f = wait_failed(&pool, "vm1");
+    assert_eq!(
+        f,
+        GuestFailure::NoHello {
+            after: Duration::from_millis(300)
+        }
+    );
+    assert_eq!(f.to_string(), "no Hello within 0.3 s");
+    assert!(pool.take_ended().is_empty());
+    assert!(pool.take_ready().is_empty());
+    assert_eq!(state(&pool, "vm1").unwrap().state, LinkState::Failed);
+    assert!(g.sees_eof(), "the host closes the channel");
+    assert!(pool.take_failed().is_empty(), "reported once");
+    pool.reclaimed("vm1");
+    assert!(pool.snapshot().is_empty());
+    assert!(pool.take_ended().is_empty());
+}
+
+#[test]
+fn a_socket_that_never_accepts_fails_with_the_connect_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = GuestPool::new(LinkOptions {
+        hello_timeout: Duration::from_millis(200),
+        ..opts()
+    });
+    pool.attach("vm1", dir.path().join("missing.sock"));
+    match wait_failed(&pool, "vm1") {
+        GuestFailure::NoConnection { error, .. } => {
+            assert!(error.contains("missing.sock"), "{error}")
+        }
+        f => panic!("expected NoConnection, got {f:?}"),
+    }
+}
+
+#[test]
+fn a_guest_that_dies_mid_subtask_hands_it_back() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(3)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, b"partial");
+    drop(g);
+    let f = wait_failed(&pool, "vm1");
+    assert!(matches!(f, GuestFailure::ChannelClosed { .. }), "{f:?}");
+    assert!(f.to_string().starts_with("channel closed (guest died?)"));
+    let (a, vm, reason) = handed_back(wait_ended(&pool));
+    assert_eq!((a, vm.as_str()), (attempt(3), "vm1"));
+    assert!(reason.contains("channel closed"), "{reason}");
+    assert!(
+        pool.take_ended().is_empty(),
+        "handed back once, never completed"
+    );
+    assert!(pool.running().is_empty());
+    // The control loop reclaims it: nothing more to hand back.
+    pool.reclaimed("vm1");
+    assert!(pool.take_ended().is_empty());
+}
+
+#[test]
+fn a_frame_larger_than_the_maximum_fails_the_vm() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(4)).unwrap();
+    g.run_subtask();
+    let mut h = MAGIC.to_vec();
+    h.extend_from_slice(&5_000_000u32.to_be_bytes());
+    g.raw(&h);
+    let f = wait_failed(&pool, "vm1");
+    assert_eq!(
+        f,
+        GuestFailure::FrameTooLarge {
+            size: 5_000_000,
+            max: MAX_GUEST_FRAME
+        }
+    );
+    assert_eq!(f.to_string(), "frame of 5000000 bytes exceeds 1048576");
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(4));
+}
+
+#[test]
+fn garbage_after_the_hello_fails_the_vm() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(5)).unwrap();
+    g.run_subtask();
+    g.raw(b"Hello from a confused guest\n");
+    let f = wait_failed(&pool, "vm1");
+    assert!(matches!(f, GuestFailure::Garbage { .. }), "{f:?}");
+    assert!(f.to_string().starts_with("garbage on the channel: "), "{f}");
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(5));
+    // A well-formed frame whose body is not a guest message is garbage too.
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    let mut frame = MAGIC.to_vec();
+    frame.extend_from_slice(&3u32.to_be_bytes());
+    frame.extend_from_slice(&[0x93, 1, 2]);
+    g.raw(&frame);
+    assert!(matches!(
+        wait_failed(&pool, "vm1"),
+        GuestFailure::Garbage { .. }
+    ));
+    assert!(pool.take_ended().is_empty(), "no subtask, nothing ends");
+}
+
+#[test]
+fn a_silent_guest_fails_but_not_while_paused() {
+    let (_dir, pool, mut g, _) = ready_pool(LinkOptions {
+        dead_after: Duration::from_millis(300),
+        ..opts()
+    });
+    pool.start(assignment(6)).unwrap();
+    let r = g.run_subtask();
+    pool.paused("vm1");
+    // Silent for several times dead_after while paused: no failure.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(pool.take_failed().is_empty());
+    let snap = state(&pool, "vm1").unwrap();
+    assert_eq!(snap.state, LinkState::Paused);
+    assert!(snap.paused_ms > 0 && snap.subtask_paused_ms > 0, "{snap:?}");
+    assert_eq!(pool.idle(), 0, "a paused VM takes no work");
+    pool.resumed("vm1");
+    // Heartbeats keep it alive after the resume ...
+    for seq in 0..8 {
+        g.send(&GuestMsg::Heartbeat {
+            seq,
+            uptime_ms: seq * 50,
+            running: Some(r.id),
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pool.take_failed().is_empty());
+    // ... and when they stop, the guest is declared dead.
+    let f = wait_failed(&pool, "vm1");
+    match &f {
+        GuestFailure::Silent { ago } => assert!(*ago > Duration::from_millis(300)),
+        f => panic!("expected Silent, got {f:?}"),
+    }
+    assert!(
+        f.to_string().starts_with("guest stopped heartbeating "),
+        "{f}"
+    );
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(6));
+}
+
+#[test]
+fn reclaimed_mid_subtask_is_handed_back_as_preempted() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(9)).unwrap();
+    g.run_subtask();
+    pool.reclaimed("vm1");
+    let (a, vm, reason) = handed_back(wait_ended(&pool));
+    assert_eq!(
+        (a, vm.as_str(), reason.as_str()),
+        (attempt(9), "vm1", "preempted")
+    );
+    assert!(g.sees_eof(), "the session ends");
+    assert!(pool.take_failed().is_empty(), "a reclaim is not a failure");
+    assert!(pool.snapshot().is_empty());
+    assert!(pool.running().is_empty());
+}
+
+#[test]
+fn save_and_restore_replays_the_output_without_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(opts());
+    pool.attach("vm1", path.clone());
+    let mut g = FakeGuest::accept(&l);
+    g.handshake(None);
+    wait_ready(&pool, "vm1");
+    pool.start(assignment(10)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, b"abc");
+    g.output(r.id, Stream::Stderr, 0, b"E");
+    wait_for(&pool, "output received", || {
+        (state(&pool, "vm1")?.output_bytes == 4).then_some(())
+    });
+    pool.saving("vm1");
+    // QEMU goes away: the EOF is expected. A frame cut in half comes first.
+    let half = encode_frame(
+        &GuestMsg::Output(Output {
+            id: r.id,
+            stream: Stream::Stdout,
+            offset: 3,
+            data: b"def".to_vec(),
+        }),
+        MAX_GUEST_FRAME,
+    )
+    .unwrap();
+    g.raw(&half[..half.len() / 2]);
+    drop(g);
+    drop(l);
+    wait_for(&pool, "saving", || {
+        (state(&pool, "vm1")?.state == LinkState::Saving).then_some(())
+    });
+    assert!(pool.take_failed().is_empty(), "an expected EOF");
+    assert!(pool.take_ended().is_empty());
+    assert_eq!(pool.running(), vec![attempt(10)]);
+    assert_eq!(pool.idle(), 0);
+
+    // Restored: a new QEMU listens on the same path.
+    let (l, path2) = listener(dir.path(), "vm1");
+    pool.attach("vm1", path2);
+    let mut g = FakeGuest::accept(&l);
+    let HostMsg::Attach { session, .. } = g.recv() else {
+        panic!("expected Attach")
+    };
+    // The tail of a frame from before the save, then the Hello.
+    g.raw(&half[half.len() / 2..]);
+    g.send(&FakeGuest::hello(
+        session,
+        Some(Current {
+            id: r.id,
+            finished: true,
+        }),
+    ));
+    match g.recv_not_attach() {
+        HostMsg::Replay {
+            id,
+            stdout_from,
+            stderr_from,
+        } => assert_eq!((id, stdout_from, stderr_from), (r.id, 3, 1)),
+        m => panic!("expected Replay, got {m:?}"),
+    }
+    wait_ready(&pool, "vm1");
+    // A guest that replays more than asked: duplicates are dropped.
+    g.output(r.id, Stream::Stdout, 0, b"abcdef");
+    g.output(r.id, Stream::Stderr, 1, b"\n");
+    g.result(r.id, 0, 6, 2);
+    let c = completed(wait_ended(&pool));
+    assert_eq!(c.stdout, b"abcdef");
+    assert_eq!(c.stderr, b"E\n");
+    assert_eq!((c.stdout_size, c.stderr_size), (6, 2));
+    assert!(c.succeeded());
+    assert!(pool.take_failed().is_empty());
+    assert_eq!(pool.idle(), 1);
+}
+
+#[test]
+fn a_restored_guest_that_lost_the_subtask_hands_it_back() {
+    let (dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(11)).unwrap();
+    g.run_subtask();
+    pool.saving("vm1");
+    drop(g);
+    wait_for(&pool, "saving", || {
+        (state(&pool, "vm1")?.state == LinkState::Saving).then_some(())
+    });
+    let (l, path) = listener(dir.path(), "vm1");
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    g.handshake(None);
+    let (a, _, reason) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(11));
+    assert!(reason.contains("no longer holds"), "{reason}");
+    assert!(pool.take_failed().is_empty());
+    wait_for(&pool, "idle", || (pool.idle() == 1).then_some(()));
+}
+
+#[test]
+fn a_cancelled_subtask_is_not_reported_and_its_vm_is_idle_again() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(12)).unwrap();
+    let r = g.run_subtask();
+    pool.cancel(&attempt(12));
+    assert!(pool.running().is_empty());
+    assert_eq!(pool.idle(), 0, "busy until the guest's Result");
+    match g.recv_not_attach() {
+        HostMsg::Cancel { id } => assert_eq!(id, r.id),
+        m => panic!("expected Cancel, got {m:?}"),
+    }
+    g.output(r.id, Stream::Stdout, 0, b"x");
+    let mut res = result(r.id, 0, 1, 0);
+    res.exit_code = None;
+    res.signal = Some(9);
+    res.error = Some("cancelled".into());
+    g.send(&GuestMsg::Result(res));
+    wait_for(&pool, "idle", || (pool.idle() == 1).then_some(()));
+    assert!(
+        pool.take_ended().is_empty(),
+        "a withdrawn attempt is not reported"
+    );
+    assert!(pool.take_failed().is_empty());
+    // The VM takes the next subtask.
+    pool.start(assignment(13)).unwrap();
+    let r2 = g.run_subtask();
+    assert_ne!(r2.id, r.id);
+    g.result(r2.id, 0, 0, 0);
+    assert_eq!(completed(wait_ended(&pool)).attempt, attempt(13));
+}
+
+#[test]
+fn bytes_before_the_hello_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(opts());
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    let HostMsg::Attach { session, .. } = g.recv() else {
+        panic!("expected Attach")
+    };
+    g.raw(b"console noise\r\n\x00\xff");
+    g.raw(&MAGIC[..2]);
+    g.send(&GuestMsg::Heartbeat {
+        seq: 0,
+        uptime_ms: 1,
+        running: None,
+    });
+    // A Hello for an older session is not ours.
+    g.send(&FakeGuest::hello(session.wrapping_add(1), None));
+    assert!(pool.take_ready().is_empty());
+    g.send(&FakeGuest::hello(session, None));
+    wait_ready(&pool, "vm1");
+    assert!(pool.take_failed().is_empty());
+    // And the channel is in step afterwards.
+    pool.start(assignment(14)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, b"ok");
+    g.result(r.id, 0, 2, 0);
+    assert_eq!(completed(wait_ended(&pool)).stdout, b"ok");
+}
+
+#[test]
+fn a_fake_frame_start_before_the_hello_does_not_swallow_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(opts());
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    let HostMsg::Attach { session, .. } = g.recv() else {
+        panic!("expected Attach")
+    };
+    // Output data that happened to contain a frame header announcing a
+    // large body: the Hello after it would be read as that body.
+    let mut fake = MAGIC.to_vec();
+    fake.extend_from_slice(&((MAX_GUEST_FRAME - 1) as u32).to_be_bytes());
+    g.raw(&fake);
+    g.send(&FakeGuest::hello(session, None));
+    // The next Attach (one heartbeat later) skips the pending fake frame;
+    // the guest answers it with another Hello.
+    assert!(matches!(g.recv(), HostMsg::Attach { .. }));
+    g.send(&FakeGuest::hello(session, None));
+    wait_ready(&pool, "vm1");
+    assert!(pool.take_failed().is_empty());
+    assert_eq!(HEADER_LEN, fake.len());
+}
+
+#[test]
+fn a_gap_in_the_output_is_a_protocol_failure() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(15)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, b"abc");
+    g.output(r.id, Stream::Stdout, 10, b"xyz");
+    let f = wait_failed(&pool, "vm1");
+    assert!(f.to_string().contains("jumps from byte 3 to 10"), "{f}");
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(15));
+}
+
+#[test]
+fn a_result_with_missing_output_is_a_protocol_failure() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(16)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, b"abc");
+    g.result(r.id, 0, 5, 0);
+    let f = wait_failed(&pool, "vm1");
+    assert!(f.to_string().contains("only 3 arrived"), "{f}");
+    assert!(matches!(wait_ended(&pool), VmEnd::HandedBack { .. }));
+}
+
+#[test]
+fn a_protocol_version_mismatch_fails_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path(), "vm1");
+    let pool = GuestPool::new(opts());
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    let HostMsg::Attach { session, .. } = g.recv() else {
+        panic!("expected Attach")
+    };
+    let GuestMsg::Hello(mut h) = FakeGuest::hello(session, None) else {
+        unreachable!()
+    };
+    h.protocol = PROTOCOL_VERSION + 1;
+    g.send(&GuestMsg::Hello(h));
+    assert_eq!(
+        wait_failed(&pool, "vm1"),
+        GuestFailure::Version {
+            guest: PROTOCOL_VERSION + 1,
+            host: PROTOCOL_VERSION
+        }
+    );
+    assert!(pool.take_ready().is_empty());
+}
+
+#[test]
+fn dropping_the_pool_closes_every_channel() {
+    let (_dir, pool, mut g, _) = ready_pool(opts());
+    drop(pool);
+    assert!(g.sees_eof());
+}
