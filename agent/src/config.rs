@@ -221,6 +221,11 @@ pub struct PolicySection {
     /// Reclaim a grid VM suspended for longer than this.
     #[serde(with = "humantime_serde")]
     pub reclaim_after: Duration,
+    /// What reclaiming a VM suspended too long does: `destroy` it (its
+    /// subtask goes back to the controller as preempted) or `save` its state
+    /// to disk (libvirt managed save) and restore it here once the host is
+    /// calm, so the subtask finishes where it started.
+    pub reclaim_mode: ReclaimMode,
     /// Reclaim a grid VM still launching after this long.
     #[serde(with = "humantime_serde")]
     pub boot_timeout: Duration,
@@ -242,6 +247,7 @@ impl Default for PolicySection {
             launch_below: 0.4,
             launch_after: Duration::from_secs(60),
             reclaim_after: Duration::from_secs(600),
+            reclaim_mode: ReclaimMode::Destroy,
             boot_timeout: Duration::from_secs(60),
             memory_reserve_mib: 1024,
             max_grid_vms: 4,
@@ -249,6 +255,15 @@ impl Default for PolicySection {
             vcpu_budget: 4,
         }
     }
+}
+
+/// `policy.reclaim_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReclaimMode {
+    #[default]
+    Destroy,
+    Save,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -348,8 +363,10 @@ impl Default for VmTemplate {
     }
 }
 
-/// Joining a controller for push dispatch (see [`crate::grid`]). Off while
-/// `url` is empty.
+/// Joining a controller (see [`crate::grid`]): it pushes subtasks to this
+/// agent (`dispatch = "push"`), or this agent leases them
+/// (`dispatch = "pull"`, for hosts the controller cannot reach; see
+/// [`crate::grid::pull`]). Off while `url` is empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerSection {
@@ -367,6 +384,20 @@ pub struct ControllerSection {
     /// PEM file of CA certificates to trust for an `https://` controller,
     /// besides the built-in roots; empty: the built-in roots only.
     pub ca_cert: PathBuf,
+    /// How this agent gets work: `push` (the controller sends it to
+    /// `advertise_url`) or `pull` (the agent leases it; it advertises no
+    /// URL, so the controller never pushes to it, and it runs only pull
+    /// jobs). Changing it needs a restart.
+    pub dispatch: AgentDispatch,
+}
+
+/// `controller.dispatch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentDispatch {
+    #[default]
+    Push,
+    Pull,
 }
 
 impl Default for ControllerSection {
@@ -377,6 +408,7 @@ impl Default for ControllerSection {
             slots: 1,
             advertise_url: String::new(),
             ca_cert: PathBuf::new(),
+            dispatch: AgentDispatch::Push,
         }
     }
 }
@@ -409,6 +441,12 @@ impl ControllerSection {
             return Ok(());
         }
         http_url("controller.url", &self.url, true)?;
+        if !self.advertise_url.is_empty() && self.dispatch == AgentDispatch::Pull {
+            return Err(invalid(
+                "controller.advertise_url",
+                "is only used with dispatch = \"push\"; a pulling agent advertises no URL",
+            ));
+        }
         if !self.advertise_url.is_empty() {
             // The agent serves plain HTTP.
             http_url("controller.advertise_url", &self.advertise_url, false)?;
@@ -780,6 +818,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn controller_dispatch_is_push_by_default_and_pull_advertises_nothing() {
+        assert_eq!(Config::default().controller.dispatch, AgentDispatch::Push);
+        let on = "[controller]\nurl = \"http://ctl:7400\"\n";
+        let c = Config::parse(&format!("{on}dispatch = \"pull\"\n")).unwrap();
+        assert_eq!(c.controller.dispatch, AgentDispatch::Pull);
+        let c = Config::parse(&format!("{on}dispatch = \"push\"\n")).unwrap();
+        assert_eq!(c.controller.dispatch, AgentDispatch::Push);
+        let err = Config::parse(&format!("{on}dispatch = \"p2p\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dispatch") || err.contains("p2p"), "{err}");
+        assert_eq!(
+            field_of(&format!(
+                "{on}dispatch = \"pull\"\nadvertise_url = \"http://10.0.0.1:7410\"\n"
+            )),
+            "controller.advertise_url",
+            "a pulling agent cannot be reached, so an advertised URL is a mistake"
+        );
     }
 
     #[test]

@@ -14,6 +14,13 @@ pub struct GridVmStatus {
     pub memory_mib: u64,
     /// Cumulative CPU time the runtime reports for it, in nanoseconds.
     pub cpu_time_ns: u64,
+    /// The guest channel's state (`connecting`, `ready`, `busy`, …), for
+    /// VMs whose subtasks run over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+    /// The subtask attempt it runs (`job/index#epoch`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtask: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +65,8 @@ mod tests {
             }),
             vms: vec![GridVmStatus {
                 name: "sg-1".into(),
+                guest: Some("busy".into()),
+                subtask: Some("j/1#1".into()),
                 state: VmState::Suspended,
                 in_state_ms: 10,
                 vcpus: 1,

@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Lifecycle of one grid VM: Absent → Launching → Running ⇄ Suspended → Reclaimed.
+/// Lifecycle of one grid VM: Absent → Launching → Running ⇄ Suspended →
+/// Reclaimed, and with `reclaim_mode = "save"` Suspended → Saved →
+/// Launching (restored) → Running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -16,6 +18,9 @@ pub enum VmState {
     Suspended,
     /// Destroyed (or saved on shutdown); its subtask is handed back.
     Reclaimed,
+    /// State saved to disk (libvirt managed save) instead of destroyed; it
+    /// holds no CPU or memory, keeps its subtask and is restored later.
+    Saved,
 }
 
 impl VmState {
@@ -26,6 +31,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Suspended => "suspended",
             VmState::Reclaimed => "reclaimed",
+            VmState::Saved => "saved",
         }
     }
 }
@@ -43,7 +49,8 @@ impl std::fmt::Display for VmState {
 pub enum Reason {
     /// Spare capacity lasted `launch_after`: a new VM is launched.
     SpareCapacity,
-    /// The runtime reports the VM is up.
+    /// The VM is up: its guest worker answered on the guest channel (or,
+    /// for the process runtime, the runtime started it).
     Started,
     /// The host has been below `resume_below` for `resume_after`.
     Idle,
@@ -73,6 +80,10 @@ pub enum Reason {
     Shutdown,
     /// Found at start-up by reconciling with the runtime.
     Adopted,
+    /// The guest worker failed on the guest channel: no Hello in time,
+    /// garbage or an oversized frame, heartbeats stopped, or the channel
+    /// closed (QEMU or the guest died).
+    GuestFailure,
 }
 
 impl Reason {
@@ -94,6 +105,7 @@ impl Reason {
             Reason::Drain => "drain",
             Reason::Shutdown => "shutdown",
             Reason::Adopted => "adopted",
+            Reason::GuestFailure => "guest_failure",
         }
     }
 }

@@ -6,6 +6,14 @@
 //! model → policy → runtime actions → transitions logged, counted and kept →
 //! status published → watchdog ping. Commands (drain, reload, shutdown)
 //! arrive on a channel and are handled between ticks.
+//!
+//! **Guest channel.** When subtasks run inside the VMs ([`GuestPool`], the
+//! libvirt runtime), a launched or restored VM stays Launching until its
+//! guest worker answers on the channel (then Started), so `boot_timeout`
+//! covers the whole boot; a KVM guest that times out makes later launches
+//! use TCG. The loop tells the pool what it does to each VM (paused,
+//! resumed, saving, reclaimed) and reclaims the VMs whose guest failed
+//! (reason GuestFailure); the pool hands their subtasks back.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -16,6 +24,7 @@ use sparegrid_proto::{AgentStatus, GridVmStatus, LoadBreakdown, Reason, Transiti
 
 use crate::cgroup::GridCgroup;
 use crate::config::Config;
+use crate::guestlink::GuestPool;
 use crate::load::LoadModel;
 use crate::policy::{Action, Decision, Observation, Policy, PolicyConfig, VmSlot};
 use crate::runtime::{RunState, Runtime, VmSpec};
@@ -65,6 +74,10 @@ pub struct ControlLoop {
     grid_cpu_from_cgroup: bool,
     grid_cgroup_cpu: u64,
     last_grid: Option<(Instant, u64)>,
+    /// Runs subtasks inside the VMs over their guest channels, if they do.
+    pool: Option<Arc<GuestPool>>,
+    /// Launch under TCG from now on (a KVM guest did not come up).
+    force_tcg: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -146,7 +159,51 @@ impl ControlLoop {
             grid_cpu_from_cgroup,
             grid_cgroup_cpu: 0,
             last_grid: None,
+            pool: None,
+            force_tcg: false,
         })
+    }
+
+    /// Run subtasks in the VMs through `pool` (libvirt runtime).
+    pub fn with_guest_pool(mut self, pool: Arc<GuestPool>) -> ControlLoop {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The pool, when this VM talks over a guest channel.
+    fn link(&self, name: &str) -> Option<(&Arc<GuestPool>, std::path::PathBuf)> {
+        let pool = self.pool.as_ref()?;
+        Some((pool, self.runtime.guest_channel(name)?))
+    }
+
+    /// The VM is up at the runtime level: with a guest channel, connect and
+    /// wait for its Hello (the tick records Started then); otherwise it is
+    /// Started now.
+    fn vm_up(&mut self, name: &str) {
+        if let Some((pool, socket)) = self.link(name) {
+            pool.attach(name, socket);
+        } else if let Some(started) = self.policy.on_started(name, self.now()) {
+            self.record(&started);
+        }
+    }
+
+    /// Guest channel news: VMs whose guest answered become Running; VMs
+    /// whose guest failed are reclaimed.
+    fn collect_guests(&mut self) {
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        for vm in pool.take_ready() {
+            if let Some(started) = self.policy.on_started(&vm, self.now()) {
+                self.record(&started);
+            }
+        }
+        for (vm, why) in pool.take_failed() {
+            tracing::warn!("grid VM {vm}: guest failed: {why}; reclaiming it");
+            if let Some(d) = self.policy.on_guest_failure(&vm, self.now()) {
+                self.apply(d);
+            }
+        }
     }
 
     fn now(&self) -> Duration {
@@ -282,6 +339,12 @@ impl ControlLoop {
                 }
             };
             self.vm_cpu.insert(vm.name.clone(), vm.cpu_time_ns);
+            if let Some((pool, socket)) = self.link(&vm.name) {
+                pool.attach(&vm.name, socket);
+                if state == VmState::Suspended {
+                    pool.paused(&vm.name);
+                }
+            }
             let d = self.policy.adopt(VmSlot {
                 name: vm.name.clone(),
                 state,
@@ -410,17 +473,13 @@ impl ControlLoop {
     fn collect_worker(&mut self, done: Vec<SlowDone>) {
         for SlowDone { vm, op, result } in done {
             match result {
-                Ok(()) if op == "launch" => {
-                    if let Some(started) = self.policy.on_started(&vm, self.now()) {
-                        self.record(&started);
-                    }
-                }
+                Ok(()) if op == "launch" || op == "restore" => self.vm_up(&vm),
                 Ok(()) => {}
-                Err(crate::runtime::RuntimeError::NotFound { .. }) if op != "launch" => {}
+                Err(crate::runtime::RuntimeError::NotFound { .. }) if op == "destroy" => {}
                 Err(e) => {
                     tracing::error!("{e}");
                     self.shared.metrics.record_runtime_error(op);
-                    if op == "launch" {
+                    if matches!(op, "launch" | "restore" | "save") {
                         if let Some(reclaim) = self.policy.on_runtime_error(&vm, self.now()) {
                             self.apply(reclaim);
                         }
@@ -436,6 +495,7 @@ impl ControlLoop {
         if let Some(done) = self.worker.as_ref().map(Worker::finished) {
             self.collect_worker(done);
         }
+        self.collect_guests();
         let grid = self.grid_usage();
         let sample = match self.sampler.sample(&grid) {
             Ok(s) => s,
@@ -475,6 +535,35 @@ impl ControlLoop {
             initrd: vm.initrd.clone(),
             cmdline: vm.cmdline.clone(),
             command: vm.command.clone(),
+            force_tcg: self.force_tcg,
+        }
+    }
+
+    /// Before an action: tell the guest pool what is about to happen to the VM.
+    fn tell_pool_before(&mut self, d: &Decision) {
+        if d.reason == Reason::BootTimeout && !self.force_tcg && self.runtime.hw_accelerated() {
+            tracing::warn!(
+                "grid VM {}: its guest did not answer within boot_timeout under KVM; \
+                 launching grid VMs under TCG (domain type qemu) from now on",
+                d.vm
+            );
+            self.force_tcg = true;
+        }
+        let Some(pool) = &self.pool else { return };
+        match d.action {
+            Action::Destroy => pool.reclaimed(&d.vm),
+            Action::Save => pool.saving(&d.vm),
+            _ => {}
+        }
+    }
+
+    /// After a suspend or resume the runtime carried out.
+    fn tell_pool_after(&self, d: &Decision) {
+        let Some(pool) = &self.pool else { return };
+        match d.action {
+            Action::Suspend => pool.paused(&d.vm),
+            Action::Resume => pool.resumed(&d.vm),
+            _ => {}
         }
     }
 
@@ -487,11 +576,13 @@ impl ControlLoop {
         if !record_after {
             self.record(&d);
         }
+        self.tell_pool_before(&d);
         if let Some(worker) = &self.worker {
             let op = match d.action {
                 Action::Launch => Some(SlowOp::Launch(self.spec(&name))),
                 Action::Destroy => Some(SlowOp::Destroy(name.clone())),
                 Action::Save => Some(SlowOp::Save(name.clone())),
+                Action::Restore => Some(SlowOp::Restore(name.clone())),
                 _ => None,
             };
             if let Some(op) = op {
@@ -524,10 +615,12 @@ impl ControlLoop {
                 self.vm_cpu.remove(&name);
                 save_or_destroy(self.runtime.as_mut(), &name)
             }
+            Action::Restore => self.runtime.restore(&name),
         };
         if record_after {
             if result.is_ok() {
                 self.policy.confirm(&name, self.now());
+                self.tell_pool_after(&d);
             }
             self.record(&d);
         }
@@ -537,14 +630,13 @@ impl ControlLoop {
             Action::Resume => "resume",
             Action::Destroy => "destroy",
             Action::Save => "save",
+            Action::Restore => "restore",
             Action::Record => "record",
         };
         match result {
             Ok(()) => {
-                if d.action == Action::Launch {
-                    if let Some(started) = self.policy.on_started(&name, self.now()) {
-                        self.record(&started);
-                    }
+                if matches!(d.action, Action::Launch | Action::Restore) {
+                    self.vm_up(&name);
                 }
             }
             Err(e) => {
@@ -552,6 +644,9 @@ impl ControlLoop {
                 self.shared.metrics.record_runtime_error(op);
                 if let Some(reclaim) = self.policy.on_runtime_error(&name, self.now()) {
                     self.record(&reclaim);
+                    if let Some(pool) = &self.pool {
+                        pool.reclaimed(&name);
+                    }
                     self.vm_cpu.remove(&name);
                     if let Err(e) = self.runtime.destroy(&name) {
                         if !matches!(e, crate::runtime::RuntimeError::NotFound { .. }) {
@@ -598,6 +693,16 @@ impl ControlLoop {
 
     fn publish(&self) {
         let now = self.now();
+        let links: BTreeMap<String, crate::guestlink::VmLinkStatus> = self
+            .pool
+            .as_ref()
+            .map(|p| {
+                p.snapshot()
+                    .into_iter()
+                    .map(|l| (l.vm.clone(), l))
+                    .collect()
+            })
+            .unwrap_or_default();
         let vms = self
             .policy
             .vms()
@@ -608,6 +713,11 @@ impl ControlLoop {
                 vcpus: v.vcpus,
                 memory_mib: v.memory_mib,
                 cpu_time_ns: self.vm_cpu.get(&v.name).copied().unwrap_or(0),
+                guest: links.get(&v.name).map(|l| l.state.to_string()),
+                subtask: links
+                    .get(&v.name)
+                    .and_then(|l| l.attempt.as_ref())
+                    .map(crate::subtask::label),
             })
             .collect();
         self.shared

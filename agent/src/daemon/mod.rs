@@ -141,6 +141,12 @@ pub fn build_runtime(
     }
 }
 
+/// How often a guest worker heartbeats on its channel.
+const GUEST_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// A guest silent this long while its VM runs is declared dead (TCG guests
+/// on a busy host can stall for a few seconds).
+const GUEST_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs the agent until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let host = host_name(&cfg);
@@ -163,17 +169,33 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
         vms: Vec::new(),
         transitions: Vec::new(),
     }));
+    // With a guest channel (libvirt), subtasks run inside the grid VMs and
+    // a VM counts as started once its guest worker answers.
+    let pool = runtime.guest_channel("probe").is_some().then(|| {
+        crate::guestlink::GuestPool::new(crate::guestlink::LinkOptions {
+            host: host.clone(),
+            hello_timeout: cfg.policy.boot_timeout,
+            heartbeat: GUEST_HEARTBEAT,
+            dead_after: GUEST_DEAD_AFTER,
+            output_cap: crate::subtask::Limits::default().output_cap_bytes as u64,
+        })
+    });
     // Push dispatch: only when a controller is configured (started below,
     // once the listener is bound).
-    let executor = cfg.controller.enabled().then(|| {
-        crate::subtask::Executor::new(
+    let backend = cfg.controller.enabled().then(|| match &pool {
+        Some(pool) => crate::grid::runner::Backend::Vms(pool.clone()),
+        None => crate::grid::runner::Backend::Process(crate::subtask::Executor::new(
             cgroup.clone(),
             host.clone(),
             crate::subtask::Limits::default(),
-        )
+        )),
     });
     let grid_host = host.clone();
-    let control = ControlLoop::new(cfg.clone(), host, runtime, can_save, cgroup, shared.clone())?;
+    let mut control =
+        ControlLoop::new(cfg.clone(), host, runtime, can_save, cgroup, shared.clone())?;
+    if let Some(pool) = pool {
+        control = control.with_guest_pool(pool);
+    }
 
     // Bind before starting anything so a busy port fails the start cleanly.
     let listener =
@@ -183,11 +205,11 @@ pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError>
         })?;
     listener.set_nonblocking(true)?;
     tracing::info!("status and metrics on http://{}", cfg.agent.listen);
-    let grid = match executor {
-        Some(ex) => Some(crate::grid::Grid::start(
+    let grid = match backend {
+        Some(b) => Some(crate::grid::Grid::start(
             &cfg,
             &grid_host,
-            ex,
+            b,
             shared.clone(),
         )?),
         None => None,

@@ -12,11 +12,14 @@ use std::sync::Arc;
 use super::boost::Booster;
 use crate::runtime::{Runtime, RuntimeError, VmSpec};
 
-/// Saves a VM; a failed save still has to free the host, so it destroys.
+/// Saves a VM; a failed save still has to free the host, so it destroys,
+/// and returns the save's error (the VM is gone, not saved).
 pub fn save_or_destroy(runtime: &mut dyn Runtime, vm: &str) -> Result<(), RuntimeError> {
-    runtime.save(vm).or_else(|e| {
+    runtime.save(vm).inspect_err(|e| {
         tracing::warn!("{e}; destroying instead");
-        runtime.destroy(vm)
+        if let Err(d) = runtime.destroy(vm) {
+            tracing::warn!("{d}");
+        }
     })
 }
 
@@ -26,13 +29,14 @@ pub enum SlowOp {
     Launch(VmSpec),
     Destroy(String),
     Save(String),
+    Restore(String),
 }
 
 impl SlowOp {
     pub fn vm(&self) -> &str {
         match self {
             SlowOp::Launch(spec) => &spec.name,
-            SlowOp::Destroy(name) | SlowOp::Save(name) => name,
+            SlowOp::Destroy(name) | SlowOp::Save(name) | SlowOp::Restore(name) => name,
         }
     }
 
@@ -41,6 +45,7 @@ impl SlowOp {
             SlowOp::Launch(_) => "launch",
             SlowOp::Destroy(_) => "destroy",
             SlowOp::Save(_) => "save",
+            SlowOp::Restore(_) => "restore",
         }
     }
 }
@@ -75,13 +80,14 @@ impl Worker {
                     let vm = op.vm().to_string();
                     let name = op.name();
                     let _boost = match op {
-                        SlowOp::Launch(_) => None,
+                        SlowOp::Launch(_) | SlowOp::Restore(_) => None,
                         _ => booster.as_ref().map(|b| b.hold()),
                     };
                     let result = match op {
                         SlowOp::Launch(spec) => runtime.launch(&spec),
                         SlowOp::Destroy(vm) => runtime.destroy(&vm),
                         SlowOp::Save(vm) => save_or_destroy(runtime.as_mut(), &vm),
+                        SlowOp::Restore(vm) => runtime.restore(&vm),
                     };
                     if done_tx
                         .send(SlowDone {

@@ -14,7 +14,9 @@
 //!   Completions or releases the controller refuses outright (400/413/415)
 //!   are logged and dropped.
 //! - **runner** (`sparegrid-grid-runner`): starts queued assignments with
-//!   [`Executor`] (as host processes in the daemon's grid cgroup), applies
+//!   the runner's [`Backend`] (host processes in the daemon's grid cgroup
+//!   with the process runtime, grid VMs over the guest channel with
+//!   libvirt), applies
 //!   the suspend decision and collects ends; see [`runner`]. It wakes when
 //!   a push queues work or a subtask ends (the executor's activity
 //!   counter), and at least every 50 ms for the suspend decision. The
@@ -90,10 +92,9 @@ use sparegrid_proto::{AgentStatus, VmState};
 
 use crate::config::{Config, ControllerSection, PolicySection};
 use crate::daemon::status::Shared;
-use crate::subtask::Executor;
 
 use client::{ClientError, ControllerClient};
-use runner::Runner;
+use runner::{Backend, Runner};
 
 /// Most completions sent in one request.
 pub const COMPLETION_BATCH: usize = 16;
@@ -265,7 +266,7 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
     let free_slots = if runner.draining().is_some() || status.load.is_none() {
         0
     } else {
-        slots.saturating_sub(running.len() as u32)
+        runner.free_slots(slots)
     };
     Heartbeat {
         host: host.to_string(),
@@ -282,17 +283,17 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
 
 impl Grid {
     /// Starts the client and runner threads for `cfg.controller` (which
-    /// must be enabled). Subtasks run through `executor`.
+    /// must be enabled). Subtasks run on `backend`.
     pub fn start(
         cfg: &Config,
         host: &str,
-        executor: Executor,
+        backend: impl Into<Backend>,
         shared: Arc<Shared>,
     ) -> std::io::Result<Grid> {
         let settings = Settings::of(cfg, host);
         let client = ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
         let inner = Arc::new(Inner {
-            runner: Arc::new(Runner::new(executor)),
+            runner: Arc::new(Runner::new(backend)),
             settings: Mutex::new((0, settings.clone())),
             finishing: AtomicBool::new(false),
             finish_at: Mutex::new(None),
@@ -524,9 +525,7 @@ fn send_released(
     runner.requeue_released(rest);
     let release = Release {
         host: host.to_string(),
-        reason: runner
-            .draining()
-            .unwrap_or_else(|| "released by the agent".into()),
+        reason: runner.release_reason(),
         attempts: all,
     };
     match client.release(&release, timeout) {

@@ -1,6 +1,16 @@
-//! The runner: a queue of pushed [`Assignment`]s, the [`RunningSubtask`]s
-//! started from it with [`Executor`], and the outbox of [`Completion`]s the
-//! client thread reports.
+//! The runner: a queue of pushed [`Assignment`]s, the subtasks started from
+//! it on a [`Backend`], and the outbox of [`Completion`]s the client thread
+//! reports.
+//!
+//! **Backends.** [`Backend::Process`]: [`RunningSubtask`]s started with
+//! [`Executor`], host processes in the grid cgroup (the process runtime),
+//! which the runner suspends and resumes itself. [`Backend::Vms`]: each
+//! subtask goes to an idle grid VM of the [`GuestPool`] over the guest
+//! channel (the libvirt runtime); the control loop pauses and resumes the
+//! VMs, and a subtask whose VM was reclaimed or whose guest failed comes
+//! back as handed back ("preempted"): the client releases it, so the
+//! controller requeues it without counting a failed attempt. Queued work
+//! starts only while an idle VM is ready.
 //!
 //! Starting processes happens in [`Runner::tick`], called by the runner
 //! thread; the push handler only queues ([`Runner::submit`]), and the client
@@ -25,10 +35,40 @@ use std::time::Instant;
 
 use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
 
+use std::sync::Arc;
+
+use crate::guestlink::{GuestPool, VmEnd};
 use crate::subtask::{label, Activity, Executor, RunningSubtask};
 
+/// Where subtasks run (see the module docs).
+pub enum Backend {
+    /// Host processes in the grid cgroup (process runtime).
+    Process(Executor),
+    /// Grid VMs over the guest channel (libvirt runtime).
+    Vms(Arc<GuestPool>),
+}
+
+impl From<Executor> for Backend {
+    fn from(e: Executor) -> Backend {
+        Backend::Process(e)
+    }
+}
+
+impl Backend {
+    fn activity(&self) -> &Arc<Activity> {
+        match self {
+            Backend::Process(e) => e.activity(),
+            Backend::Vms(p) => p.activity(),
+        }
+    }
+}
+
+/// The reason given to the controller for attempts handed back because
+/// their grid VM went away (not a failure).
+pub const PREEMPTED: &str = "preempted: its grid VM was reclaimed";
+
 pub struct Runner {
-    executor: Executor,
+    backend: Backend,
     state: Mutex<State>,
     /// Bumped when something is added to the outbox or the release list,
     /// so the client thread reports it at once instead of on its next tick.
@@ -38,7 +78,10 @@ pub struct Runner {
 #[derive(Default)]
 struct State {
     queued: VecDeque<Assignment>,
+    /// Started on the process backend.
     running: Vec<RunningSubtask>,
+    /// Started in a grid VM (the pool holds them).
+    in_vm: Vec<AttemptRef>,
     outbox: Vec<Completion>,
     /// Attempts that finished recently (bounded by `RECENT_DONE`), so a
     /// repeated push of one never runs it twice.
@@ -71,9 +114,9 @@ impl State {
 }
 
 impl Runner {
-    pub fn new(executor: Executor) -> Runner {
+    pub fn new(backend: impl Into<Backend>) -> Runner {
         Runner {
-            executor,
+            backend: backend.into(),
             state: Mutex::new(State::default()),
             reports: Activity::default(),
         }
@@ -83,13 +126,13 @@ impl Runner {
     /// is queued. Read it before [`Runner::tick`], then wait with
     /// [`Runner::wait_for_work`].
     pub fn work_seen(&self) -> u64 {
-        self.executor.activity().seen()
+        self.backend.activity().seen()
     }
 
     /// Sleeps until a subtask ended or work was queued since `seen`, or
     /// `timeout` passed.
     pub fn wait_for_work(&self, seen: u64, timeout: std::time::Duration) {
-        self.executor.activity().wait_since(seen, timeout);
+        self.backend.activity().wait_since(seen, timeout);
     }
 
     /// The reporter's wake-up counter: bumped when a completion or a
@@ -120,6 +163,7 @@ impl Runner {
         for a in batch {
             let known = st.queued.iter().any(|q| q.attempt == a.attempt)
                 || st.running.iter().any(|r| *r.attempt() == a.attempt)
+                || st.in_vm.contains(&a.attempt)
                 || st.done.contains(&a.attempt);
             if known {
                 tracing::debug!(
@@ -133,7 +177,7 @@ impl Runner {
         }
         drop(st);
         if added > 0 {
-            self.executor.activity().notify();
+            self.backend.activity().notify();
         }
         added
     }
@@ -144,8 +188,23 @@ impl Runner {
         st.running
             .iter()
             .map(|r| r.attempt().clone())
+            .chain(st.in_vm.iter().cloned())
             .chain(st.queued.iter().map(|a| a.attempt.clone()))
             .collect()
+    }
+
+    /// Subtasks this agent can take now: `slots` minus those queued or
+    /// running; with grid VMs, also no more than the idle ready VMs not
+    /// already spoken for by queued work.
+    pub fn free_slots(&self, slots: u32) -> u32 {
+        let st = self.lock();
+        let busy = st.running.len() + st.in_vm.len() + st.queued.len();
+        let free = (slots as usize).saturating_sub(busy);
+        let free = match &self.backend {
+            Backend::Process(_) => free,
+            Backend::Vms(pool) => free.min(pool.idle().saturating_sub(st.queued.len())),
+        };
+        free as u32
     }
 
     /// How long the runner has kept its subtasks suspended, ms (0 if not).
@@ -162,6 +221,7 @@ impl Runner {
         if refs.is_empty() {
             return 0;
         }
+        let in_vm_gone;
         let (queued, dropped): (usize, Vec<RunningSubtask>) = {
             let mut st = self.lock();
             let before = st.queued.len();
@@ -171,6 +231,9 @@ impl Runner {
                 .into_iter()
                 .partition(|r| refs.contains(r.attempt()));
             st.running = keep;
+            let in_vm_before = st.in_vm.len();
+            st.in_vm.retain(|a| !refs.contains(a));
+            in_vm_gone = in_vm_before - st.in_vm.len();
             st.outbox.retain(|c| !refs.contains(&c.attempt));
             st.released.retain(|a| !refs.contains(a));
             for a in refs {
@@ -180,7 +243,12 @@ impl Runner {
             }
             (queued, gone)
         };
-        let n = queued + dropped.len();
+        let n = queued + dropped.len() + in_vm_gone;
+        if let Backend::Vms(pool) = &self.backend {
+            for a in refs {
+                pool.cancel(a);
+            }
+        }
         for mut r in dropped {
             tracing::info!(
                 "subtask {}: withdrawn by the controller",
@@ -196,23 +264,30 @@ impl Runner {
     /// queued or running: killed, not reported, listed for the client to
     /// release. Returns how many attempts it handed back.
     pub fn release_all(&self, reason: &str) -> usize {
-        let (queued, running) = {
+        let (queued, running, in_vm) = {
             let mut st = self.lock();
             st.draining.get_or_insert_with(|| reason.to_owned());
             let queued: Vec<AttemptRef> = st.queued.drain(..).map(|a| a.attempt).collect();
             let running = std::mem::take(&mut st.running);
+            let in_vm = std::mem::take(&mut st.in_vm);
             let over: Vec<AttemptRef> = queued
                 .iter()
                 .cloned()
                 .chain(running.iter().map(|r| r.attempt().clone()))
+                .chain(in_vm.iter().cloned())
                 .collect();
             for a in &over {
                 st.remember(a.clone());
             }
             st.released.extend(over);
-            (queued, running)
+            (queued, running, in_vm)
         };
-        let n = queued.len() + running.len();
+        let n = queued.len() + running.len() + in_vm.len();
+        if let Backend::Vms(pool) = &self.backend {
+            for a in &in_vm {
+                pool.cancel(a);
+            }
+        }
         if n > 0 {
             tracing::info!("{reason}: handing {n} grid subtasks back to the controller");
             self.reports.notify();
@@ -271,18 +346,26 @@ impl Runner {
     }
 
     /// One round: starts what is queued (unless `suspend`), suspends or
-    /// resumes the running subtasks to match `suspend`, and moves finished
-    /// ones to the outbox.
+    /// resumes the running subtasks to match `suspend` (process backend;
+    /// grid VMs are paused by the control loop), and moves finished ones to
+    /// the outbox and handed-back ones to the release list.
     pub fn tick(&self, suspend: bool) {
+        match &self.backend {
+            Backend::Process(executor) => self.tick_processes(executor, suspend),
+            Backend::Vms(pool) => self.tick_vms(pool, suspend),
+        }
+    }
+
+    fn tick_processes(&self, executor: &Executor, suspend: bool) {
         let mut st = self.lock();
         let reported_before = st.outbox.len();
         if !suspend {
             while let Some(a) = st.queued.pop_front() {
-                match self.executor.start(&a) {
+                match executor.start(&a) {
                     Ok(r) => st.running.push(r),
                     Err(e) => {
                         tracing::warn!("{e}");
-                        let c = self.executor.error_completion(&a, &e);
+                        let c = executor.error_completion(&a, &e);
                         st.finished(c);
                     }
                 }
@@ -332,14 +415,91 @@ impl Runner {
         }
     }
 
+    fn tick_vms(&self, pool: &GuestPool, suspend: bool) {
+        let ended = pool.take_ended();
+        let mut st = self.lock();
+        let (outbox_before, released_before) = (st.outbox.len(), st.released.len());
+        for end in ended {
+            match end {
+                VmEnd::Completed(c) => {
+                    let Some(i) = st.in_vm.iter().position(|a| *a == c.attempt) else {
+                        tracing::debug!(
+                            "subtask {}: ended in a VM after it was withdrawn",
+                            label(&c.attempt)
+                        );
+                        continue;
+                    };
+                    st.in_vm.swap_remove(i);
+                    tracing::debug!(
+                        "subtask {}: done in a grid VM (exit {:?}, error {:?})",
+                        label(&c.attempt),
+                        c.exit_code,
+                        c.error
+                    );
+                    st.finished(c);
+                }
+                VmEnd::HandedBack {
+                    attempt,
+                    vm,
+                    reason,
+                } => {
+                    let Some(i) = st.in_vm.iter().position(|a| *a == attempt) else {
+                        continue;
+                    };
+                    st.in_vm.swap_remove(i);
+                    tracing::info!(
+                        "subtask {}: handed back, grid VM {vm} is gone ({reason})",
+                        label(&attempt)
+                    );
+                    st.remember(attempt.clone());
+                    st.released.push(attempt);
+                }
+            }
+        }
+        if !suspend && st.draining.is_none() {
+            while let Some(a) = st.queued.pop_front() {
+                let attempt = a.attempt.clone();
+                match pool.start(a) {
+                    Ok(()) => st.in_vm.push(attempt),
+                    Err(a) => {
+                        st.queued.push_front(a);
+                        break;
+                    }
+                }
+            }
+        }
+        let more = st.outbox.len() > outbox_before || st.released.len() > released_before;
+        drop(st);
+        if more {
+            self.reports.notify();
+        }
+    }
+
+    /// Why attempts in the release list are handed back: the drain's
+    /// reason while draining, else [`PREEMPTED`].
+    pub fn release_reason(&self) -> String {
+        self.lock()
+            .draining
+            .clone()
+            .unwrap_or_else(|| PREEMPTED.to_owned())
+    }
+
     /// Kills everything queued or running; nothing is reported (see
     /// [`Runner::release_all`] to hand them back first).
     pub fn stop(&self) {
-        let running = {
+        let (running, in_vm) = {
             let mut st = self.lock();
             st.queued.clear();
-            std::mem::take(&mut st.running)
+            (
+                std::mem::take(&mut st.running),
+                std::mem::take(&mut st.in_vm),
+            )
         };
+        if let Backend::Vms(pool) = &self.backend {
+            for a in &in_vm {
+                pool.cancel(a);
+            }
+        }
         for mut r in running {
             r.cancel("the agent is stopping");
         }

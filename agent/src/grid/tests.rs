@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::subtask::Executor;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -161,6 +162,8 @@ fn status(load: f64, vms: &[VmState]) -> AgentStatus {
                 vcpus: 1,
                 memory_mib: 256,
                 cpu_time_ns: 0,
+                guest: None,
+                subtask: None,
             })
             .collect(),
         transitions: Vec::new(),

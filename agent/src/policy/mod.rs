@@ -2,6 +2,16 @@
 //! (Absent → Launching → Running ⇄ Suspended → Reclaimed) plus the host-wide
 //! timers that gate resuming and launching.
 //!
+//! With `reclaim_mode = "save"` a VM suspended longer than `reclaim_after`
+//! is saved to disk (Suspended → Saved, [`Action::Save`]) instead of
+//! destroyed: it keeps its subtask and holds no CPU or memory. Once the host
+//! has been calm for `resume_after` (the resume rule) and the VM fits the
+//! budgets again, it is restored (Saved → Launching, [`Action::Restore`])
+//! and becomes Running when its guest answers, like a fresh launch. No new
+//! VM launches while one is saved: the saved work comes first. A drain
+//! destroys saved VMs; a shutdown leaves them saved (the next start
+//! restores them).
+//!
 //! [`Policy`] does no I/O and reads no clock: every call takes the time as a
 //! [`Duration`] since an arbitrary origin, and returns [`Decision`]s for the
 //! daemon to carry out. The same (state, observation, time) always gives the
@@ -16,7 +26,7 @@ use std::time::Duration;
 
 use sparegrid_proto::{Metric, Reason, VmState};
 
-use crate::config::{PolicySection, VmTemplate};
+use crate::config::{PolicySection, ReclaimMode, VmTemplate};
 
 /// The policy's thresholds and budgets, from `[policy]` and `[vm]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,8 +71,11 @@ pub enum Action {
     Resume,
     /// Destroy the VM and hand its subtask back.
     Destroy,
-    /// Save the VM's state to disk and stop it (shutdown with a runtime that can save).
+    /// Save the VM's state to disk and stop it (shutdown with a runtime
+    /// that can save, or `reclaim_mode = "save"`).
     Save,
+    /// Start a saved VM again from its saved state.
+    Restore,
     /// Nothing to do: the runtime already did it (started, exited).
     Record,
 }
@@ -259,7 +272,7 @@ impl Policy {
     }
 
     /// One policy step. `can_save` says whether the runtime can save VM state
-    /// (used when shutting down).
+    /// (used when shutting down, and by `reclaim_mode = "save"`).
     pub fn evaluate(&mut self, obs: &Observation, can_save: bool) -> Vec<Decision> {
         let now = obs.now;
         let p = self.cfg.policy.clone();
@@ -270,6 +283,10 @@ impl Policy {
             let names: Vec<String> = self.vms.keys().cloned().collect();
             for name in names {
                 let state = self.vms[&name].state;
+                if state == VmState::Saved && reason == Reason::Shutdown {
+                    // Already on disk; the next start restores it.
+                    continue;
+                }
                 let action = if reason == Reason::Shutdown
                     && can_save
                     && matches!(state, VmState::Running | VmState::Suspended)
@@ -291,7 +308,11 @@ impl Policy {
         let reserve = p.memory_reserve_mib * MIB;
         if obs.mem_available_bytes < reserve {
             let mut deficit = reserve - obs.mem_available_bytes;
-            let mut victims: Vec<&VmSlot> = self.vms.values().collect();
+            let mut victims: Vec<&VmSlot> = self
+                .vms
+                .values()
+                .filter(|v| v.state != VmState::Saved)
+                .collect();
             victims.sort_by_key(|v| {
                 (
                     v.state != VmState::Suspended,
@@ -370,16 +391,34 @@ impl Policy {
             }
         }
 
-        // Suspended too long, or stuck launching: reclaim.
-        for name in self.names_in(VmState::Suspended) {
-            if now.saturating_sub(self.vms[&name].since) >= p.reclaim_after {
+        // Calm long enough: restore saved VMs that fit the budgets again.
+        if self
+            .calm_since
+            .is_some_and(|t| now.saturating_sub(t) >= p.resume_after)
+        {
+            for name in self.names_in(VmState::Saved) {
+                if !self.fits_budget_without(&name, obs.mem_available_bytes) {
+                    break;
+                }
+                self.spare_since = Some(now);
                 out.push(self.transition(
                     &name,
-                    VmState::Reclaimed,
-                    Reason::SuspendedTooLong,
-                    Action::Destroy,
+                    VmState::Launching,
+                    Reason::Idle,
+                    Action::Restore,
                     now,
                 ));
+            }
+        }
+
+        // Suspended too long, or stuck launching: reclaim (or save).
+        for name in self.names_in(VmState::Suspended) {
+            if now.saturating_sub(self.vms[&name].since) >= p.reclaim_after {
+                let (to, action) = match p.reclaim_mode {
+                    ReclaimMode::Save if can_save => (VmState::Saved, Action::Save),
+                    _ => (VmState::Reclaimed, Action::Destroy),
+                };
+                out.push(self.transition(&name, to, Reason::SuspendedTooLong, action, now));
             }
         }
         for name in self.names_in(VmState::Launching) {
@@ -400,6 +439,7 @@ impl Policy {
             .is_some_and(|t| now.saturating_sub(t) >= p.launch_after)
             && self.names_in(VmState::Suspended).is_empty()
             && self.names_in(VmState::Launching).is_empty()
+            && self.names_in(VmState::Saved).is_empty()
             && self.fits_budget(obs.mem_available_bytes)
         {
             let name = format!("{}{}", self.cfg.name_prefix, self.next_id);
@@ -430,13 +470,47 @@ impl Policy {
     /// Whether one more VM fits `max_grid_vms`, the memory and vCPU budgets,
     /// and leaves the memory reserve intact.
     fn fits_budget(&self, mem_available_bytes: u64) -> bool {
-        let p = &self.cfg.policy;
         let count = self.vms.len() as u64;
-        let mem: u64 = self.vms.values().map(|v| v.memory_mib).sum();
-        let vcpus: u64 = self.vms.values().map(|v| u64::from(v.vcpus)).sum();
-        count < u64::from(p.max_grid_vms)
-            && mem + self.cfg.vm_memory_mib <= p.memory_budget_mib
-            && vcpus + u64::from(self.cfg.vm_vcpus) <= u64::from(p.vcpu_budget)
-            && mem_available_bytes >= (p.memory_reserve_mib + self.cfg.vm_memory_mib) * MIB
+        count < u64::from(self.cfg.policy.max_grid_vms)
+            && self.fits_resources(
+                self.cfg.vm_memory_mib,
+                self.cfg.vm_vcpus,
+                mem_available_bytes,
+            )
+    }
+
+    /// Whether saved VM `name` fits the memory and vCPU budgets and the
+    /// reserve once restored (saved VMs hold neither).
+    fn fits_budget_without(&self, name: &str, mem_available_bytes: u64) -> bool {
+        let v = &self.vms[name];
+        self.fits_resources(v.memory_mib, v.vcpus, mem_available_bytes)
+    }
+
+    /// Whether one more VM of this size fits beside the VMs that hold
+    /// memory and vCPUs now (every one but the saved).
+    fn fits_resources(&self, memory_mib: u64, vcpus: u32, mem_available_bytes: u64) -> bool {
+        let p = &self.cfg.policy;
+        let live = self.vms.values().filter(|v| v.state != VmState::Saved);
+        let (mem, cpus) = live.fold((0u64, 0u64), |(m, c), v| {
+            (m + v.memory_mib, c + u64::from(v.vcpus))
+        });
+        mem + memory_mib <= p.memory_budget_mib
+            && cpus + u64::from(vcpus) <= u64::from(p.vcpu_budget)
+            && mem_available_bytes >= (p.memory_reserve_mib + memory_mib) * MIB
+    }
+
+    /// The guest channel failed on a VM: reclaim it (its subtask has
+    /// already been handed back).
+    pub fn on_guest_failure(&mut self, name: &str, now: Duration) -> Option<Decision> {
+        match self.vms.get(name)?.state {
+            VmState::Saved => None,
+            _ => Some(self.transition(
+                name,
+                VmState::Reclaimed,
+                Reason::GuestFailure,
+                Action::Destroy,
+                now,
+            )),
+        }
     }
 }

@@ -14,6 +14,7 @@ fn cfg() -> PolicyConfig {
             launch_below: 0.4,
             launch_after: Duration::from_secs(5),
             reclaim_after: Duration::from_secs(60),
+            reclaim_mode: ReclaimMode::Destroy,
             boot_timeout: Duration::from_secs(30),
             memory_reserve_mib: 1024,
             max_grid_vms: 2,
@@ -529,4 +530,143 @@ fn a_cpu_peak_suspends_but_does_not_break_calm() {
     o.peak = 0.6;
     let d = p.evaluate(&o, false);
     assert_eq!((d[0].to, d[0].reason), (VmState::Running, Reason::Idle));
+}
+
+fn save_mode() -> PolicyConfig {
+    let mut c = cfg();
+    c.policy.reclaim_mode = ReclaimMode::Save;
+    c
+}
+
+/// One VM launched at 5 s (reported started), suspended at 6 s.
+fn suspended_one(c: PolicyConfig) -> Policy {
+    let mut p = Policy::new(c);
+    assert!(p.evaluate(&obs(0, 0.1), true).is_empty());
+    let d = p.evaluate(&obs(5 * S, 0.1), true);
+    assert_eq!(d[0].action, Action::Launch);
+    p.on_started("sg-1", Duration::from_secs(5)).unwrap();
+    let d = p.evaluate(&obs(6 * S, 0.9), true);
+    assert_eq!(
+        (d[0].to, d[0].action),
+        (VmState::Suspended, Action::Suspend)
+    );
+    p
+}
+
+#[test]
+fn save_mode_saves_a_vm_suspended_too_long_and_restores_it_when_calm() {
+    let mut p = suspended_one(save_mode());
+    assert!(p.evaluate(&obs(65 * S, 0.9), true).is_empty());
+    let d = p.evaluate(&obs(66 * S, 0.9), true);
+    assert_eq!(
+        (d[0].from, d[0].to, d[0].reason, d[0].action),
+        (
+            VmState::Suspended,
+            VmState::Saved,
+            Reason::SuspendedTooLong,
+            Action::Save
+        )
+    );
+    // Saved: kept (with its subtask), holding nothing; no new launch while
+    // it waits, even with spare capacity.
+    assert_eq!(p.vm("sg-1").unwrap().state, VmState::Saved);
+    assert!(p.evaluate(&obs(70 * S, 0.1), true).is_empty());
+    assert!(p.evaluate(&obs(79 * S, 0.1), true).is_empty());
+    // Calm for resume_after (10 s from 70 s): restored, then Running once
+    // its guest answers.
+    let d = p.evaluate(&obs(80 * S, 0.1), true);
+    assert_eq!(
+        (d[0].from, d[0].to, d[0].reason, d[0].action),
+        (
+            VmState::Saved,
+            VmState::Launching,
+            Reason::Idle,
+            Action::Restore
+        )
+    );
+    assert_eq!(d.len(), 1);
+    let started = p.on_started("sg-1", Duration::from_secs(81)).unwrap();
+    assert_eq!(started.to, VmState::Running);
+}
+
+#[test]
+fn save_mode_destroys_when_the_runtime_cannot_save() {
+    let mut p = suspended_one(save_mode());
+    let d = p.evaluate(&obs(66 * S, 0.9), false);
+    assert_eq!(
+        (d[0].to, d[0].action),
+        (VmState::Reclaimed, Action::Destroy)
+    );
+    assert!(p.vm("sg-1").is_none());
+}
+
+#[test]
+fn destroy_mode_reclaims_a_vm_suspended_too_long() {
+    let mut p = suspended_one(cfg());
+    let d = p.evaluate(&obs(66 * S, 0.9), true);
+    assert_eq!(
+        (d[0].to, d[0].action),
+        (VmState::Reclaimed, Action::Destroy)
+    );
+}
+
+#[test]
+fn a_saved_vm_waits_for_the_memory_it_needs() {
+    let mut p = suspended_one(save_mode());
+    p.evaluate(&obs(66 * S, 0.9), true);
+    // Calm, but MemAvailable is below reserve + the VM's memory: stays saved.
+    let mut o = obs(70 * S, 0.1);
+    o.mem_available_bytes = (1024 + 256) * MIB;
+    assert!(p.evaluate(&o, true).is_empty());
+    o.now = Duration::from_secs(90);
+    assert!(p.evaluate(&o, true).is_empty());
+    assert_eq!(p.vm("sg-1").unwrap().state, VmState::Saved);
+    // And a memory emergency does not touch it (it holds no memory).
+    o.mem_available_bytes = 100 * MIB;
+    assert!(p.evaluate(&o, true).is_empty());
+    let d = p.evaluate(&obs(91 * S, 0.1), true);
+    assert!(
+        d.is_empty(),
+        "calm clock restarted after the emergency: {d:?}"
+    );
+    let d = p.evaluate(&obs(101 * S, 0.1), true);
+    assert_eq!(d[0].action, Action::Restore);
+}
+
+#[test]
+fn drain_destroys_saved_vms_and_shutdown_keeps_them() {
+    let mut p = suspended_one(save_mode());
+    p.evaluate(&obs(66 * S, 0.9), true);
+    p.drain(Reason::Shutdown);
+    assert!(p.evaluate(&obs(67 * S, 0.9), true).is_empty());
+    let mut p = suspended_one(save_mode());
+    p.evaluate(&obs(66 * S, 0.9), true);
+    p.drain(Reason::Drain);
+    let d = p.evaluate(&obs(67 * S, 0.9), true);
+    assert_eq!(
+        (d[0].from, d[0].to, d[0].action),
+        (VmState::Saved, VmState::Reclaimed, Action::Destroy)
+    );
+}
+
+#[test]
+fn a_guest_failure_reclaims_the_vm() {
+    let mut p = launched_one();
+    let d = p.on_guest_failure("sg-1", Duration::from_secs(7)).unwrap();
+    assert_eq!(
+        (d.from, d.to, d.reason, d.action),
+        (
+            VmState::Running,
+            VmState::Reclaimed,
+            Reason::GuestFailure,
+            Action::Destroy
+        )
+    );
+    assert!(p.on_guest_failure("sg-1", Duration::from_secs(7)).is_none());
+    // A launching VM whose guest never answered goes the same way.
+    let mut p = Policy::new(cfg());
+    p.evaluate(&obs(0, 0.1), false);
+    p.evaluate(&obs(5 * S, 0.1), false);
+    let d = p.on_guest_failure("sg-1", Duration::from_secs(6)).unwrap();
+    assert_eq!(d.from, VmState::Launching);
 }

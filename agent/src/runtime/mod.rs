@@ -26,6 +26,9 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Command to run (process runtime).
     pub command: Vec<String>,
+    /// Use the emulator (TCG) even where hardware acceleration is usable:
+    /// set after a KVM guest failed to come up within `boot_timeout`.
+    pub force_tcg: bool,
 }
 
 /// The runtime's view of one grid VM's state.
@@ -98,6 +101,16 @@ pub trait Runtime: Send {
     /// True when suspend, save and destroy need the VM's own process to run
     /// (so the daemon lifts the partition's CPU weight for the call).
     fn control_needs_cpu(&self) -> bool {
+        false
+    }
+    /// The host end of VM `name`'s guest channel (a unix socket), when
+    /// subtasks run inside this runtime's VMs over it.
+    fn guest_channel(&self, _name: &str) -> Option<PathBuf> {
+        None
+    }
+    /// True when launches use hardware acceleration (KVM), so a guest that
+    /// does not come up may do better under the emulator.
+    fn hw_accelerated(&self) -> bool {
         false
     }
 }

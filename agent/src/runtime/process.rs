@@ -401,6 +401,7 @@ mod tests {
             initrd: PathBuf::new(),
             cmdline: String::new(),
             command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            force_tcg: false,
         }
     }
 
@@ -409,6 +410,7 @@ mod tests {
     fn direct(name: &str, argv: &[&str]) -> VmSpec {
         VmSpec {
             command: argv.iter().map(|a| a.to_string()).collect(),
+            force_tcg: false,
             ..spec(name, "")
         }
     }

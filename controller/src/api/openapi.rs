@@ -185,6 +185,7 @@ pub enum VmStateDoc {
     Running,
     Suspended,
     Reclaimed,
+    Saved,
 }
 
 /// `POST /v1/agents/register` body (MessagePack).
@@ -921,6 +922,7 @@ mod tests {
                 VmState::Running,
                 VmState::Suspended,
                 VmState::Reclaimed,
+                VmState::Saved,
             ],
         );
     }

@@ -215,6 +215,7 @@ mod tests {
             initrd: PathBuf::from("/var/lib/sparegrid/images/default/initrd.img"),
             cmdline: "console=ttyS0 quiet panic=-1".into(),
             command: vec![],
+            force_tcg: false,
         }
     }
 

@@ -277,9 +277,15 @@ impl LibvirtRuntime {
         &self.opts
     }
 
-    /// The domain XML [`Runtime::launch`] would define for `spec`.
+    /// The domain XML [`Runtime::launch`] would define for `spec` (type
+    /// `qemu` when `spec.force_tcg`).
     pub fn domain_xml(&self, spec: &VmSpec) -> String {
-        render_domain_xml(spec, &self.opts, self.virt_type)
+        let virt_type = if spec.force_tcg {
+            VirtType::Qemu
+        } else {
+            self.virt_type
+        };
+        render_domain_xml(spec, &self.opts, virt_type)
     }
 
     /// libvirt's version (`major * 1_000_000 + minor * 1000 + release`).
@@ -373,6 +379,14 @@ impl LibvirtRuntime {
 impl Runtime for LibvirtRuntime {
     fn kind(&self) -> &'static str {
         "libvirt"
+    }
+
+    fn guest_channel(&self, name: &str) -> Option<PathBuf> {
+        Some(channel_socket_path(&self.opts.run_dir, name))
+    }
+
+    fn hw_accelerated(&self) -> bool {
+        self.virt_type == VirtType::Kvm
     }
 
     /// QEMU handles suspend (a monitor command), managed save and SIGTERM

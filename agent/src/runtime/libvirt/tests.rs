@@ -47,6 +47,7 @@ fn spec(name: &str) -> VmSpec {
         initrd: PathBuf::from("/nonexistent/sparegrid/initrd.img"),
         cmdline: "console=ttyS0 panic=-1".into(),
         command: vec![],
+        force_tcg: false,
     }
 }
 
