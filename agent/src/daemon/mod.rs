@@ -15,6 +15,9 @@ pub mod status;
 pub mod systemd;
 pub mod worker;
 
+#[cfg(test)]
+mod control_tests;
+
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
