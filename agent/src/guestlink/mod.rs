@@ -20,7 +20,10 @@
 //!   anything else meanwhile (resync). If the VM holds a subtask (a restore,
 //!   or a second attach) and the Hello's `current` names it, the session
 //!   sends [`HostMsg::Replay`] from the offsets already received; if the
-//!   guest no longer holds it, it is handed back.
+//!   guest no longer holds it, it is handed back. Until the replay has
+//!   caught up, live output past what arrived is dropped (the replay
+//!   re-sends it) and a Result whose output is incomplete waits for it (for
+//!   at most `dead_after` of running time).
 //! - [`GuestPool::paused`] (call it before suspending) /
 //!   [`GuestPool::resumed`] (after resuming): no watchdog while paused; it
 //!   restarts from the resume. Paused time is counted per VM and per subtask.
@@ -78,7 +81,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
-use sparegrid_proto::guest::{encode_frame, Hello, HostMsg, RunSubtask, MAX_HOST_FRAME};
+use sparegrid_proto::guest::{
+    encode_frame, Hello, HostMsg, RunSubtask, SubtaskResult, MAX_HOST_FRAME,
+};
 
 use crate::subtask::{label, Activity};
 
@@ -312,6 +317,13 @@ struct Job {
     cancelled: Option<(Instant, Duration)>,
     stdout: Assembly,
     stderr: Assembly,
+    /// A Replay was asked for (after a re-attach): until it has caught up,
+    /// live chunks past what arrived are dropped (the replay re-sends them)
+    /// instead of being a gap, and a Result whose output is not all here
+    /// yet waits for it.
+    replaying: bool,
+    /// Such a Result, with when it came and the VM's `paused_total` then.
+    pending: Option<(SubtaskResult, Instant, Duration)>,
 }
 
 impl Vm {
@@ -695,6 +707,8 @@ impl GuestPool {
             cancelled: None,
             stdout: Assembly::new(cap),
             stderr: Assembly::new(cap),
+            replaying: false,
+            pending: None,
         });
         Ok(())
     }

@@ -19,7 +19,7 @@ use sparegrid_proto::guest::{
     SubtaskResult, MAX_GUEST_FRAME, MAX_HOST_FRAME, PROTOCOL_VERSION,
 };
 
-use super::{secs, GuestFailure, Inner, Shared, Vm, VmEnd, CANCEL_GRACE, TIMEOUT_GRACE};
+use super::{secs, GuestFailure, Inner, Job, Shared, Vm, VmEnd, CANCEL_GRACE, TIMEOUT_GRACE};
 use crate::subtask::label;
 
 /// How often the session wakes to run its timers: a quarter of the
@@ -263,7 +263,17 @@ impl Session {
             return self.fail(&mut st, GuestFailure::Silent { ago: quiet });
         }
         if let Some(job) = &v.job {
+            let waited = job
+                .pending
+                .as_ref()
+                .map(|(_, at, paused)| v.running_since(*at, *paused, now))
+                .filter(|w| *w > opts.dead_after);
             let stuck = match job.cancelled {
+                _ if waited.is_some() => Some(format!(
+                    "the result of subtask {} waited {} for replayed output that did not come",
+                    label(&job.attempt),
+                    secs(waited.unwrap_or_default())
+                )),
                 Some((at, paused)) => {
                     let ago = v.running_since(at, paused, now);
                     (ago > CANCEL_GRACE).then(|| {
@@ -373,18 +383,20 @@ impl Session {
         }
         v.worker_version = Some(h.worker_version.clone());
         let mut lost = None;
-        if let Some(job) = &v.job {
+        if let Some(job) = &mut v.job {
             match &h.current {
                 Some(c) if c.id == job.id => {
                     tracing::info!(vm = %self.vm, subtask = %label(&job.attempt),
                         "guest still holds the subtask (finished: {}); replaying from {}/{} bytes",
                         c.finished, job.stdout.received(), job.stderr.received());
+                    job.replaying = true;
                     let (id, cancel) = (job.id, job.cancelled.is_some() && !c.finished);
-                    v.send(&HostMsg::Replay {
+                    let replay = HostMsg::Replay {
                         id,
                         stdout_from: job.stdout.received(),
                         stderr_from: job.stderr.received(),
-                    });
+                    };
+                    v.send(&replay);
                     if cancel {
                         v.send(&HostMsg::Cancel { id });
                     }
@@ -445,7 +457,11 @@ impl Session {
             Stream::Stderr => &mut job.stderr,
         };
         match asm.add(o.offset, &o.data) {
-            Ok(()) => true,
+            Ok(()) => {}
+            Err(gap) if job.replaying => {
+                tracing::debug!(vm = %self.vm, "live output at {} before the replay from {} caught up; dropped",
+                    gap.got, gap.expected);
+            }
             Err(gap) => {
                 let detail = format!(
                     "{:?} of subtask {} jumps from byte {} to {}",
@@ -454,17 +470,30 @@ impl Session {
                     gap.expected,
                     gap.got
                 );
-                self.fail(st, GuestFailure::Protocol { detail })
+                return self.fail(st, GuestFailure::Protocol { detail });
             }
         }
+        // A Result that waited for the replay may be complete now.
+        if job
+            .pending
+            .as_ref()
+            .is_some_and(|(r, _, _)| missing(job, r, self.shared.opts.output_cap).is_none())
+        {
+            if let Some((r, _, _)) = job.pending.take() {
+                return self.on_result(st, r);
+            }
+        }
+        true
     }
 
     fn on_result(&self, st: &mut Inner, r: SubtaskResult) -> Go {
         let cap = self.shared.opts.output_cap;
+        let now = Instant::now();
         let Some(v) = current(st, &self.vm, self.gen) else {
             return false;
         };
-        let Some(job) = v.job.as_ref().filter(|j| j.id == r.id) else {
+        let paused = v.paused_now(now);
+        let Some(job) = v.job.as_mut().filter(|j| j.id == r.id) else {
             tracing::debug!(vm = %self.vm, id = r.id, "result of a subtask not running here; ignored");
             return true;
         };
@@ -476,18 +505,15 @@ impl Session {
             return true;
         }
         // Every byte up to the cap must have arrived before the Result.
-        for (name, got, size) in [
-            ("stdout", job.stdout.received(), r.stdout_size),
-            ("stderr", job.stderr.received(), r.stderr_size),
-        ] {
-            let want = size.min(cap);
-            if got < want {
-                let detail = format!(
-                    "result of subtask {} counts {size} bytes of {name} but only {got} arrived",
-                    label(&job.attempt)
-                );
-                return self.fail(st, GuestFailure::Protocol { detail });
+        if let Some(detail) = missing(job, &r, cap) {
+            if job.replaying {
+                tracing::debug!(vm = %self.vm, "result before the replay caught up: {detail}; waiting");
+                if job.pending.is_none() {
+                    job.pending = Some((r, now, paused));
+                }
+                return true;
             }
+            return self.fail(st, GuestFailure::Protocol { detail });
         }
         let Some(job) = v.job.take() else {
             return true;
@@ -534,6 +560,22 @@ impl Session {
         }
         self.fail(&mut st, GuestFailure::ChannelClosed { error });
     }
+}
+
+/// What output `r` counts (up to the cap) that has not arrived, if any.
+fn missing(job: &Job, r: &SubtaskResult, cap: u64) -> Option<String> {
+    [
+        ("stdout", job.stdout.received(), r.stdout_size),
+        ("stderr", job.stderr.received(), r.stderr_size),
+    ]
+    .into_iter()
+    .find(|&(_, got, size)| got < size.min(cap))
+    .map(|(name, got, size)| {
+        format!(
+            "result of subtask {} counts {size} bytes of {name} but only {got} arrived",
+            label(&job.attempt)
+        )
+    })
 }
 
 /// The writer thread: writes queued frames until the session drops its

@@ -158,6 +158,13 @@ impl FakeGuest {
         self.raw(&encode_frame(m, MAX_GUEST_FRAME).unwrap());
     }
 
+    /// Sends, ignoring a closed channel.
+    fn try_send(&mut self, m: &GuestMsg) {
+        let _ = self
+            .stream
+            .write_all(&encode_frame(m, MAX_GUEST_FRAME).unwrap());
+    }
+
     fn raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
     }
@@ -782,4 +789,90 @@ fn dropping_the_pool_closes_every_channel() {
     let (_dir, pool, mut g, _) = ready_pool(opts());
     drop(pool);
     assert!(g.sees_eof());
+}
+
+#[test]
+fn live_output_and_a_result_ahead_of_the_replay_wait_for_it() {
+    let (dir, pool, mut g, _) = ready_pool(opts());
+    pool.start(assignment(17)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, b"abc");
+    wait_for(&pool, "output received", || {
+        (state(&pool, "vm1")?.output_bytes == 3).then_some(())
+    });
+    pool.saving("vm1");
+    drop(g);
+    wait_for(&pool, "saving", || {
+        (state(&pool, "vm1")?.state == LinkState::Saving).then_some(())
+    });
+    let (l, path) = listener(dir.path(), "vm1");
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    g.handshake(Some(Current {
+        id: r.id,
+        finished: false,
+    }));
+    assert!(matches!(g.recv_not_attach(), HostMsg::Replay { .. }));
+    // The guest's live stream goes on before it serves the replay: bytes
+    // 6..9 and the Result arrive while 3..6 are still to be replayed.
+    g.output(r.id, Stream::Stdout, 6, b"ghi");
+    g.result(r.id, 0, 9, 0);
+    g.send(&GuestMsg::Heartbeat {
+        seq: 1,
+        uptime_ms: 1,
+        running: None,
+    });
+    assert!(pool.take_ended().is_empty());
+    g.output(r.id, Stream::Stdout, 3, b"defghi");
+    let c = completed(wait_ended(&pool));
+    assert_eq!(c.stdout, b"abcdefghi");
+    assert!(pool.take_failed().is_empty());
+    // The replayed Result that follows is for a subtask no longer running.
+    g.result(r.id, 0, 9, 0);
+    pool.start(assignment(18)).unwrap();
+    let r2 = g.run_subtask();
+    g.result(r2.id, 0, 0, 0);
+    assert_eq!(completed(wait_ended(&pool)).attempt, attempt(18));
+    assert!(pool.take_failed().is_empty());
+}
+
+#[test]
+fn a_replay_that_never_catches_up_fails_the_vm() {
+    let (dir, pool, mut g, _) = ready_pool(LinkOptions {
+        dead_after: Duration::from_millis(400),
+        ..opts()
+    });
+    pool.start(assignment(19)).unwrap();
+    let r = g.run_subtask();
+    pool.saving("vm1");
+    drop(g);
+    wait_for(&pool, "saving", || {
+        (state(&pool, "vm1")?.state == LinkState::Saving).then_some(())
+    });
+    let (l, path) = listener(dir.path(), "vm1");
+    pool.attach("vm1", path);
+    let mut g = FakeGuest::accept(&l);
+    g.handshake(Some(Current {
+        id: r.id,
+        finished: true,
+    }));
+    assert!(matches!(g.recv_not_attach(), HostMsg::Replay { .. }));
+    // A Result counting output that never comes; heartbeats go on.
+    g.result(r.id, 0, 5, 0);
+    let deadline = Instant::now() + PATIENCE;
+    let f = loop {
+        g.try_send(&GuestMsg::Heartbeat {
+            seq: 0,
+            uptime_ms: 0,
+            running: None,
+        });
+        if let Some((_, f)) = pool.take_failed().pop() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no failure");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(f.to_string().contains("did not come"), "{f}");
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(19));
 }
