@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod discover;
 pub mod grid;
 pub mod guestlink;
 pub mod load;
