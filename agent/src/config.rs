@@ -389,6 +389,26 @@ pub struct ControllerSection {
     /// URL, so the controller never pushes to it, and it runs only pull
     /// jobs). Changing it needs a restart.
     pub dispatch: AgentDispatch,
+    /// How to find the controller while `url` is empty: `none` (run
+    /// stand-alone) or `srv` (the DNS SRV record `_sparegrid._tcp`, see
+    /// [`crate::discover`]; looked up at start and again on SIGHUP).
+    pub discover: Discover,
+    /// Domain of the SRV record (`_sparegrid._tcp.<domain>`); empty: the
+    /// search domains of /etc/resolv.conf.
+    pub discover_domain: String,
+    /// DNS server to ask (`ip:port`); empty: the system's resolvers.
+    pub discover_nameserver: String,
+    /// Reach a discovered controller over https (SRV records carry no scheme).
+    pub discover_https: bool,
+}
+
+/// `controller.discover`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Discover {
+    #[default]
+    None,
+    Srv,
 }
 
 /// `controller.dispatch`.
@@ -409,6 +429,10 @@ impl Default for ControllerSection {
             advertise_url: String::new(),
             ca_cert: PathBuf::new(),
             dispatch: AgentDispatch::Push,
+            discover: Discover::None,
+            discover_domain: String::new(),
+            discover_nameserver: String::new(),
+            discover_https: false,
         }
     }
 }
@@ -418,7 +442,39 @@ impl ControllerSection {
         !self.url.is_empty()
     }
 
+    /// The DNS server `discover_nameserver` names, if any (validated).
+    pub fn discover_nameserver(&self) -> Option<std::net::SocketAddr> {
+        self.discover_nameserver.parse().ok()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        if !self.discover_nameserver.is_empty()
+            && self
+                .discover_nameserver
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(invalid(
+                "controller.discover_nameserver",
+                format!(
+                    "must be ip:port (e.g. 10.0.0.53:53), got {:?}",
+                    self.discover_nameserver
+                ),
+            ));
+        }
+        let domain_ok = |d: &str| {
+            d.split('.').filter(|l| !l.is_empty()).all(|l| {
+                l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        };
+        if !domain_ok(&self.discover_domain) {
+            return Err(invalid(
+                "controller.discover_domain",
+                format!("must be a DNS domain name, got {:?}", self.discover_domain),
+            ));
+        }
         fn http_url(field: &str, v: &str, https: bool) -> Result<(), ConfigError> {
             let schemes = if https {
                 "http:// or https://"
@@ -452,7 +508,9 @@ impl ControllerSection {
             http_url("controller.advertise_url", &self.advertise_url, false)?;
         }
         if !self.ca_cert.as_os_str().is_empty() {
-            if !self.url.starts_with("https://") {
+            let https_discovered =
+                self.url.is_empty() && self.discover == Discover::Srv && self.discover_https;
+            if !self.url.starts_with("https://") && !https_discovered {
                 return Err(invalid(
                     "controller.ca_cert",
                     format!(
@@ -818,6 +876,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn controller_discovery_fields_are_checked() {
+        let c = Config::parse(
+            "[controller]\ndiscover = \"srv\"\ndiscover_domain = \"grid.example.org\"\n\
+             discover_nameserver = \"127.0.0.1:5353\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.controller.discover, Discover::Srv);
+        assert_eq!(
+            c.controller.discover_nameserver(),
+            Some("127.0.0.1:5353".parse().unwrap())
+        );
+        assert!(!c.controller.enabled(), "enabled only once a URL is found");
+        assert_eq!(
+            field_of("[controller]\ndiscover_nameserver = \"dns.example\"\n"),
+            "controller.discover_nameserver"
+        );
+        assert_eq!(
+            field_of("[controller]\ndiscover_domain = \"a b.example\"\n"),
+            "controller.discover_domain"
+        );
+        assert!(Config::parse("[controller]\ndiscover = \"mdns\"\n").is_err());
+        // A CA file for a controller that discovery reaches over https.
+        let ok =
+            "[controller]\ndiscover = \"srv\"\ndiscover_https = true\nca_cert = \"/etc/ca.pem\"\n";
+        assert!(Config::parse(ok).is_ok());
     }
 
     #[test]

@@ -128,6 +128,44 @@ pub fn lookup(
         .collect())
 }
 
+/// How many times [`resolve`] asks before giving up, and the pause between.
+const RESOLVE_TRIES: u32 = 3;
+const RESOLVE_PAUSE: Duration = Duration::from_secs(2);
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Fills `cfg.controller.url` from DNS when it is empty and
+/// `controller.discover = "srv"` (a few tries: DNS may not be up yet at
+/// boot). Returns the URL it found, `None` when there was nothing to do.
+pub fn resolve(cfg: &mut crate::config::Config) -> Result<Option<String>, DiscoverError> {
+    let c = &cfg.controller;
+    if !c.url.is_empty() || c.discover != crate::config::Discover::Srv {
+        return Ok(None);
+    }
+    let mut tries = 0;
+    let url = loop {
+        tries += 1;
+        match controller_url(
+            &c.discover_domain,
+            c.discover_nameserver(),
+            c.discover_https,
+            RESOLVE_TIMEOUT,
+        ) {
+            Ok(url) => break url,
+            Err(e) if tries < RESOLVE_TRIES => {
+                tracing::warn!("{e}; asking again in {RESOLVE_PAUSE:?}");
+                std::thread::sleep(RESOLVE_PAUSE);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::info!(
+        "controller found through DNS ({}): {url}",
+        srv_name(&c.discover_domain)
+    );
+    cfg.controller.url = url.clone();
+    Ok(Some(url))
+}
+
 /// The controller URL from the SRV record in `domain` (see the module docs).
 pub fn controller_url(
     domain: &str,

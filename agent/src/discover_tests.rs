@@ -171,3 +171,23 @@ fn choice_and_names() {
     let list = [r(1, 100, "z"), r(0, 0, "b"), r(0, 0, "a"), r(0, 1, "c")];
     assert_eq!(choose(&list).unwrap().target, "c");
 }
+
+#[test]
+fn resolve_fills_an_empty_url_only_when_asked_to() {
+    let dns = tiny_dns(ZONE);
+    let mut cfg = crate::config::Config::default();
+    assert_eq!(resolve(&mut cfg).unwrap(), None, "discover = none");
+    cfg.controller.discover = crate::config::Discover::Srv;
+    cfg.controller.discover_domain = "grid.test".into();
+    cfg.controller.discover_nameserver = dns.addr.to_string();
+    assert_eq!(
+        resolve(&mut cfg).unwrap().as_deref(),
+        Some("http://ctl-a.grid.test:7443")
+    );
+    assert_eq!(cfg.controller.url, "http://ctl-a.grid.test:7443");
+    assert!(cfg.controller.enabled());
+    // A configured URL wins; nothing is looked up.
+    cfg.controller.url = "http://10.0.0.1:7000".into();
+    assert_eq!(resolve(&mut cfg).unwrap(), None);
+    assert_eq!(cfg.controller.url, "http://10.0.0.1:7000");
+}

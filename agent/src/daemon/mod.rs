@@ -56,6 +56,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error("the {0} runtime is not compiled into this build")]
     NotBuilt(&'static str),
+    #[error("finding the controller: {0}")]
+    Discover(#[from] crate::discover::DiscoverError),
 }
 
 /// This host's name: the config's `agent.host_name`, or the kernel's.
@@ -151,7 +153,10 @@ const GUEST_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 const GUEST_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs the agent until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
-pub fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    crate::discover::resolve(&mut cfg)?;
+    cfg.validate()
+        .map_err(|e| DaemonError::Io(std::io::Error::other(e.to_string())))?;
     let host = host_name(&cfg);
     ensure_dir(&cfg.agent.run_dir)?;
     let cgroup = match setup_cgroup(&cfg) {
@@ -268,7 +273,14 @@ fn spawn_signal_thread(
             for sig in signals.forever() {
                 match sig {
                     SIGHUP => match &config_path {
-                        Some(path) => match Config::load(path) {
+                        Some(path) => match Config::load(path).and_then(|mut cfg| {
+                            // A controller found through DNS may have moved.
+                            if let Err(e) = crate::discover::resolve(&mut cfg) {
+                                tracing::warn!("SIGHUP: {e}");
+                            }
+                            cfg.validate()?;
+                            Ok(cfg)
+                        }) {
                             Ok(cfg) => {
                                 match &grid {
                                     Some(g) => {
