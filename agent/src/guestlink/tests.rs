@@ -118,17 +118,23 @@ impl FakeGuest {
 
     /// The next host message that is not a host heartbeat.
     fn recv(&mut self) -> HostMsg {
+        self.try_recv().expect("a host message in time")
+    }
+
+    /// Like `recv`, `None` when the channel closed or nothing came in time.
+    fn try_recv(&mut self) -> Option<HostMsg> {
         let mut buf = [0u8; 4096];
         loop {
             while let Some(body) = self.dec.next_frame().unwrap() {
                 match decode_body::<HostMsg>(&body).unwrap() {
                     HostMsg::Heartbeat { .. } => {}
-                    m => return m,
+                    m => return Some(m),
                 }
             }
-            let n = self.stream.read(&mut buf).expect("host message in time");
-            assert!(n > 0, "the host closed the channel");
-            self.dec.push(&buf[..n]);
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.dec.push(&buf[..n]),
+            }
         }
     }
 
@@ -875,4 +881,72 @@ fn a_replay_that_never_catches_up_fails_the_vm() {
     assert!(f.to_string().contains("did not come"), "{f}");
     let (a, _, _) = handed_back(wait_ended(&pool));
     assert_eq!(a, attempt(19));
+}
+
+/// Host-side figures over a fake guest (no VM): a no-op subtask's round
+/// trip and output throughput. Prints, asserts only correctness.
+/// `cargo test -p sparegrid-agent --lib guestlink::tests::bench -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn bench_round_trip_and_throughput() {
+    const MIB: u64 = 1 << 20;
+    let total = 100 * MIB;
+    let (_dir, pool, g, _) = ready_pool(LinkOptions {
+        output_cap: total,
+        ..opts()
+    });
+    // The guest answers every RunSubtask; argv[0] "stream" sends `total`
+    // bytes of stdout first.
+    let guest = std::thread::spawn(move || {
+        let mut g = g;
+        loop {
+            let r = match g.try_recv() {
+                Some(HostMsg::RunSubtask(r)) => r,
+                Some(HostMsg::Attach { .. }) => continue,
+                _ => return,
+            };
+            let mut size = 0;
+            if r.argv[0] == "stream" {
+                let chunk = vec![b'x'; sparegrid_proto::guest::OUTPUT_CHUNK];
+                while size < total {
+                    g.output(r.id, Stream::Stdout, size, &chunk);
+                    size += chunk.len() as u64;
+                }
+            }
+            g.result(r.id, 0, size, 0);
+        }
+    });
+    let mut rtts = Vec::new();
+    for i in 0..300 {
+        let mut a = assignment(1000 + i);
+        a.argv = vec!["true".into()];
+        a.stdin.clear();
+        let t = Instant::now();
+        pool.start(a).unwrap();
+        completed(wait_ended(&pool));
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    let p = |q: usize| rtts[rtts.len() * q / 100].as_secs_f64() * 1e3;
+    println!(
+        "no-op subtask round trip over the host side: p50 {:.3} ms, p99 {:.3} ms ({} runs)",
+        p(50),
+        p(99),
+        rtts.len()
+    );
+    let mut a = assignment(1);
+    a.argv = vec!["stream".into()];
+    let t = Instant::now();
+    pool.start(a).unwrap();
+    let c = completed(wait_ended(&pool));
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(c.stdout.len() as u64, total);
+    println!(
+        "output throughput into the host side: {:.0} MiB/s ({} MiB in {:.2} s)",
+        total as f64 / MIB as f64 / secs,
+        total / MIB,
+        secs
+    );
+    drop(pool);
+    let _ = guest.join();
 }
