@@ -1,8 +1,10 @@
 //! Blocking HTTP client of the controller's agent routes (MessagePack bodies,
 //! `Authorization: Bearer <token>` when a token is set):
 //! `POST /v1/agents/register`, `/v1/agents/heartbeat`,
-//! `/v1/agents/completions` and `/v1/agents/release`. Used only from the
-//! grid thread, never from the async runtime.
+//! `/v1/agents/completions` and `/v1/agents/release`, and pull mode's
+//! `POST /v1/leases`, `/v1/leases/renew` and
+//! `/v1/subtasks/{job}/{index}/complete`. Used only from the grid threads,
+//! never from the async runtime.
 //!
 //! `https://` controllers are reached with rustls; the server certificate
 //! is checked against the Mozilla roots (webpki-roots) and, when
@@ -15,7 +17,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sparegrid_proto::grid::{
-    Completion, Heartbeat, HeartbeatReply, Register, Registered, Release, Released,
+    CompleteReply, Completion, Heartbeat, HeartbeatReply, LeaseGrant, LeaseRenew, LeaseRenewed,
+    LeaseRequest, Register, Registered, Release, Released,
 };
 
 use crate::config::ControllerSection;
@@ -51,6 +54,21 @@ impl ClientError {
             }
             ClientError::CaCert { .. } => false,
             _ => true,
+        }
+    }
+
+    /// A 409 `stale_epoch`: the completion's lease is no longer current.
+    /// Sending it again would change nothing.
+    pub fn is_stale_epoch(&self) -> bool {
+        matches!(self, ClientError::Status { status: 409, body, .. } if body.contains("stale_epoch"))
+    }
+
+    /// The HTTP status the controller answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            ClientError::MustRegister => Some(409),
+            _ => None,
         }
     }
 }
@@ -113,6 +131,32 @@ impl ControllerClient {
         self.call_with("/v1/agents/release", r, timeout)
     }
 
+    /// Asks for leases (a long poll: the controller holds the request up to
+    /// `req.wait_ms`), waiting at most `timeout`.
+    pub fn lease(&self, req: &LeaseRequest, timeout: Duration) -> Result<LeaseGrant, ClientError> {
+        self.call_with("/v1/leases", req, Some(timeout))
+    }
+
+    /// Renews leases on their own (not in a heartbeat).
+    pub fn renew(&self, r: &LeaseRenew) -> Result<LeaseRenewed, ClientError> {
+        self.call("/v1/leases/renew", r)
+    }
+
+    /// Completes one leased attempt; its epoch is the fencing token (a
+    /// stale one is a 409, see [`ClientError::is_stale_epoch`]).
+    pub fn complete(
+        &self,
+        c: &Completion,
+        timeout: Option<Duration>,
+    ) -> Result<CompleteReply, ClientError> {
+        let path = format!(
+            "/v1/subtasks/{}/{}/complete",
+            path_segment(&c.attempt.job),
+            c.attempt.index
+        );
+        self.call_with(&path, c, timeout)
+    }
+
     fn call<T: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,
@@ -168,6 +212,21 @@ impl ControllerClient {
             body: text,
         })
     }
+}
+
+/// `s` as one URL path segment: job ids are `j-<n>`, but anything else is
+/// percent-encoded rather than trusted (hand-written: one small function
+/// instead of a crate for it).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The certificates of the PEM file `path`.

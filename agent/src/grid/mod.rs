@@ -1,7 +1,10 @@
 //! Push dispatch, agent side: joins a controller when `controller.url` is
-//! set (nothing here runs otherwise).
+//! set (nothing here runs otherwise). With `controller.dispatch = "pull"`
+//! the agent leases work instead of having it pushed: see [`pull`] (a third
+//! thread, and the renewals and completions the client thread sends for
+//! it).
 //!
-//! Two std threads, no async code:
+//! Two std threads (three when pulling), no async code:
 //! - **client** (`sparegrid-grid-client`): registers ([`Register`] with the
 //!   host, version, the URL the controller pushes to and `controller.slots`),
 //!   heartbeats every [`Registered::heartbeat_ms`] with the load read from the
@@ -69,8 +72,11 @@
 //! routes are mounted at start.
 
 pub mod client;
+pub mod pull;
 pub mod runner;
 
+#[cfg(test)]
+mod pull_tests;
 #[cfg(test)]
 mod tests;
 
@@ -90,7 +96,7 @@ use axum::{Json, Router};
 use sparegrid_proto::grid::{AssignBatch, Heartbeat, Register, Registered, Release, StopBatch};
 use sparegrid_proto::{AgentStatus, VmState};
 
-use crate::config::{Config, ControllerSection, PolicySection};
+use crate::config::{AgentDispatch, Config, ControllerSection, PolicySection};
 use crate::daemon::status::Shared;
 
 use client::{ClientError, ControllerClient};
@@ -131,11 +137,17 @@ impl Settings {
         }
     }
 
+    fn pulls(&self) -> bool {
+        self.controller.dispatch == AgentDispatch::Pull
+    }
+
     fn register(&self) -> Register {
         Register {
             host: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            agent_url: Some(self.agent_url.clone()),
+            // A pulling agent cannot be reached: the controller never
+            // pushes to a host without a URL.
+            agent_url: (!self.pulls()).then(|| self.agent_url.clone()),
             slots: self.controller.slots,
         }
     }
@@ -153,6 +165,8 @@ struct Inner {
     finish_at: Mutex<Option<Instant>>,
     /// Stops both threads now.
     stop: AtomicBool,
+    /// Pull mode: the attempts held on lease (empty when pushed to).
+    leases: pull::Leases,
 }
 
 impl Inner {
@@ -169,6 +183,8 @@ impl Inner {
 pub struct Grid {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
+    /// Pull mode's lease loop (not joined on stop if a long poll holds it).
+    puller: Option<JoinHandle<()>>,
 }
 
 /// A cheap handle on a running [`Grid`] for the signal thread: reload and
@@ -298,14 +314,31 @@ impl Grid {
             finishing: AtomicBool::new(false),
             finish_at: Mutex::new(None),
             stop: AtomicBool::new(false),
+            leases: pull::Leases::default(),
         });
         tracing::info!(
-            "joining the controller at {} as {:?} ({} slots, pushes to {})",
+            "joining the controller at {} as {:?} ({} slots, {})",
             settings.controller.url,
             host,
             settings.controller.slots,
-            settings.agent_url
+            if settings.pulls() {
+                "leasing work".to_owned()
+            } else {
+                format!("pushes to {}", settings.agent_url)
+            }
         );
+        let puller = if settings.pulls() {
+            let pull_client =
+                ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
+            let (inner, shared) = (inner.clone(), shared.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("sparegrid-grid-pull".into())
+                    .spawn(move || pull::run_pull(pull_client, &inner, &shared))?,
+            )
+        } else {
+            None
+        };
         let mut threads = Vec::new();
         {
             let (inner, shared) = (inner.clone(), shared.clone());
@@ -323,7 +356,11 @@ impl Grid {
                     .spawn(move || run_client(client, &inner, &shared))?,
             );
         }
-        Ok(Grid { inner, threads })
+        Ok(Grid {
+            inner,
+            threads,
+            puller,
+        })
     }
 
     pub fn runner(&self) -> &Arc<Runner> {
@@ -358,6 +395,17 @@ impl Grid {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        if let Some(t) = self.puller.take() {
+            // A long poll may hold it; it exits when that returns (and
+            // hands back what it got, the runner being stopped).
+            let until = Instant::now() + Duration::from_secs(1);
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
     }
 }
 
@@ -388,7 +436,14 @@ impl GridHandle {
     pub fn reload(&self, cfg: &Config) -> bool {
         let mut guard = self.inner.settings();
         let host = guard.1.host.clone();
-        let new = Settings::of(cfg, &host);
+        let mut new = Settings::of(cfg, &host);
+        if new.controller.dispatch != guard.1.controller.dispatch {
+            tracing::warn!(
+                "config reload: controller.dispatch changed; that needs a restart, keeping {:?}",
+                guard.1.controller.dispatch
+            );
+            new.controller.dispatch = guard.1.controller.dispatch;
+        }
         if !new.controller.enabled() {
             tracing::warn!(
                 "config reload: controller.url is now empty; leaving the controller needs a restart, keeping {:?}",
@@ -478,6 +533,7 @@ impl Backoff {
 fn send_completions(
     client: &ControllerClient,
     runner: &Runner,
+    leases: &pull::Leases,
     b: &mut Backoff,
     now: Instant,
     timeout: Option<Duration>,
@@ -486,6 +542,24 @@ fn send_completions(
         return false;
     }
     let batch = runner.take_outbox(COMPLETION_BATCH);
+    // Leased attempts complete one by one on their own route (pull mode).
+    let (leased, batch) = if leases.is_empty() {
+        (Vec::new(), batch)
+    } else {
+        leases.split(batch)
+    };
+    if !leased.is_empty() {
+        let retry = pull::send_leased(client, leases, leased, timeout);
+        if !retry.is_empty() {
+            runner.requeue_outbox(retry.into_iter().chain(batch).collect());
+            b.failed(now);
+            return false;
+        }
+    }
+    if batch.is_empty() {
+        b.ok();
+        return true;
+    }
     match client.completions(&batch, timeout) {
         Ok(()) => {
             b.ok();
@@ -559,7 +633,13 @@ fn send_released(
 
 /// Hands back everything running and sends what is waiting to `client`
 /// (a controller being left), until `deadline`.
-fn flush(client: &ControllerClient, runner: &Runner, host: &str, deadline: Instant) {
+fn flush(
+    client: &ControllerClient,
+    runner: &Runner,
+    leases: &pull::Leases,
+    host: &str,
+    deadline: Instant,
+) {
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -568,7 +648,7 @@ fn flush(client: &ControllerClient, runner: &Runner, host: &str, deadline: Insta
         let left = Some(deadline - now);
         let (mut rb, mut cb) = (Backoff::new(), Backoff::new());
         let more = send_released(client, runner, host, &mut rb, now, left)
-            | send_completions(client, runner, &mut cb, now, left);
+            | send_completions(client, runner, leases, &mut cb, now, left);
         if !more {
             break;
         }
@@ -587,6 +667,7 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
     let mut hb_at = Instant::now();
     let mut sends = Backoff::new();
     let mut releases = Backoff::new();
+    let mut renewals = Backoff::new();
     let mut was_finishing = false;
     while !inner.stop.load(Ordering::SeqCst) {
         let now = Instant::now();
@@ -607,7 +688,13 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                             settings.controller.url
                         );
                         runner.release_all("the agent moved to another controller");
-                        flush(&client, runner, &settings.host, now + SWITCH_WAIT);
+                        flush(
+                            &client,
+                            runner,
+                            &inner.leases,
+                            &settings.host,
+                            now + SWITCH_WAIT,
+                        );
                         let (r, o) = (runner.take_released(), runner.take_outbox(usize::MAX));
                         if !r.is_empty() || !o.is_empty() {
                             tracing::warn!(
@@ -655,7 +742,7 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             }
             let left = Some(deadline - now);
             send_released(&client, runner, &settings.host, &mut releases, now, left);
-            send_completions(&client, runner, &mut sends, now, left);
+            send_completions(&client, runner, &inner.leases, &mut sends, now, left);
             std::thread::sleep(TICK);
             continue;
         }
@@ -666,6 +753,7 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                     reg.ok();
                     hb_at = now;
                     registered = Some(r);
+                    inner.leases.set_registered(true);
                 }
                 Err(e) => {
                     tracing::warn!("registering with the controller: {e}");
@@ -675,28 +763,47 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             Some(r) if now >= hb_at => {
                 let period = Duration::from_millis(r.heartbeat_ms.clamp(50, 60_000));
                 hb_at = now + period;
-                let hb = heartbeat(
+                let mut hb = heartbeat(
                     &settings.host,
                     &shared.status(),
                     settings.controller.slots,
                     runner,
                 );
+                // Pull mode: every held lease renews in this one batch.
+                hb.renew = inner.leases.to_renew(&hb.running);
                 match client.heartbeat(&hb) {
                     Ok(reply) => {
                         runner.withdraw(&reply.withdraw);
+                        pull::lost(runner, &inner.leases, &hb.renew, &reply.lost, now);
                     }
                     Err(ClientError::MustRegister) => {
                         tracing::info!("the controller does not know this host; registering again");
                         registered = None;
+                        inner.leases.set_registered(false);
                         reg = Backoff::new();
                     }
                     Err(e) => tracing::warn!("heartbeat: {e}"),
                 }
             }
+            // Pull mode: a lease that would expire before the next
+            // heartbeat is renewed on its own.
+            Some(_)
+                if !inner.leases.is_empty()
+                    && renewals.due(now)
+                    && inner.leases.renew_due(&runner.attempts(), hb_at) =>
+            {
+                match pull::renew_now(&client, runner, &inner.leases, &settings.host) {
+                    Ok(()) => renewals.ok(),
+                    Err(e) => {
+                        tracing::warn!("renewing leases: {e}");
+                        renewals.failed(now);
+                    }
+                }
+            }
             _ => {}
         }
         let more = send_released(&client, runner, &settings.host, &mut releases, now, None)
-            | send_completions(&client, runner, &mut sends, now, None);
+            | send_completions(&client, runner, &inner.leases, &mut sends, now, None);
         if !more {
             runner.wait_for_reports(reports_seen, TICK);
         }

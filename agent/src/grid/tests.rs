@@ -86,7 +86,7 @@ fn serve(app: Router) -> String {
     serve_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), app)
 }
 
-fn serve_on(listener: std::net::TcpListener, app: Router) -> String {
+pub(super) fn serve_on(listener: std::net::TcpListener, app: Router) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -120,7 +120,7 @@ fn fake_controller() -> (String, FakeState) {
     (serve(app), state)
 }
 
-fn status(load: f64, vms: &[VmState]) -> AgentStatus {
+pub(super) fn status(load: f64, vms: &[VmState]) -> AgentStatus {
     AgentStatus {
         version: "0".into(),
         host: "h1".into(),
@@ -186,7 +186,7 @@ fn sh(job: &str, index: u64, script: &str) -> Assignment {
     }
 }
 
-fn config_for(url: &str, token: &str, slots: u32) -> Config {
+pub(super) fn config_for(url: &str, token: &str, slots: u32) -> Config {
     let mut cfg = Config::default();
     cfg.controller.url = url.into();
     cfg.controller.token = token.into();
@@ -195,7 +195,7 @@ fn config_for(url: &str, token: &str, slots: u32) -> Config {
     cfg
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+pub(super) fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < limit, "timed out waiting for {what}");
@@ -442,13 +442,15 @@ fn a_refused_completion_batch_is_not_retried_forever() {
 use sparegrid_controller::config::ControllerConfig;
 use sparegrid_controller::store::{AttemptState, JobId, JobState, SqliteStore, Store};
 
-const REAL_TOKEN: &str = "agent-token-for-the-grid-test";
-const SUBMIT_TOKEN: &str = "submit-token-for-the-grid-test";
+pub(super) const REAL_TOKEN: &str = "agent-token-for-the-grid-test";
+pub(super) const SUBMIT_TOKEN: &str = "submit-token-for-the-grid-test";
 
 /// The real controller (router, dispatcher, in-memory SQLite store) on its
 /// own runtime thread, with `tweak` applied to its config. Returns its URL
 /// and the store.
-fn real_controller(tweak: impl FnOnce(&mut ControllerConfig)) -> (String, Arc<SqliteStore>) {
+pub(super) fn real_controller(
+    tweak: impl FnOnce(&mut ControllerConfig),
+) -> (String, Arc<SqliteStore>) {
     spawn_real_controller(tweak, None)
 }
 
@@ -687,7 +689,7 @@ fn stop_body(a: &[AttemptRef]) -> Vec<u8> {
 }
 
 /// A shell script that writes its pid to `dir/pid-<index>` and sleeps.
-fn sleeper(dir: &std::path::Path) -> String {
+pub(super) fn sleeper(dir: &std::path::Path) -> String {
     format!(
         "echo $$ > {}/pid-$SPAREGRID_INDEX.tmp && mv {0}/pid-$SPAREGRID_INDEX.tmp {0}/pid-$SPAREGRID_INDEX; exec sleep 30",
         dir.display()
@@ -695,7 +697,7 @@ fn sleeper(dir: &std::path::Path) -> String {
 }
 
 /// The pid the [`sleeper`] of `index` wrote, once it did.
-fn pid_of(dir: &std::path::Path, index: u64) -> Option<u32> {
+pub(super) fn pid_of(dir: &std::path::Path, index: u64) -> Option<u32> {
     std::fs::read_to_string(dir.join(format!("pid-{index}")))
         .ok()?
         .trim()
@@ -703,7 +705,7 @@ fn pid_of(dir: &std::path::Path, index: u64) -> Option<u32> {
         .ok()
 }
 
-fn alive(pid: u32) -> bool {
+pub(super) fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 

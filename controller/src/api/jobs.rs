@@ -8,6 +8,11 @@
 //! the reduce is (`reduce`); `counts.total` includes the reduce subtask once
 //! it exists, that is once every map subtask is done. Its results are the
 //! reduce's output by default; `?stage=map` gives the map outputs.
+//!
+//! `GET /v1/jobs/{id}` also shows, for a pull job, the leases held by
+//! each host (`leases`), and for any job its first [`DEAD_SHOWN`] dead
+//! subtasks with every attempt's error (`dead_subtasks`; `counts.dead`
+//! says how many there are).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,13 +35,18 @@ use super::AppState;
 use crate::job::{self, DispatchMode, ErrorCode, JobRequest, ValidationError};
 use crate::split;
 use crate::store::{
-    AttemptRecord, JobCounts, JobId, JobRecord, JobState, ReduceState, Store, StoreError,
+    AttemptRecord, AttemptState, DeadSubtask, HostLeases, JobCounts, JobId, JobRecord, JobState,
+    ReduceState, Store, StoreError,
 };
 
 /// Jobs a listing returns when `limit` is not given.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 /// The largest `limit` a listing accepts.
 pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Dead subtasks `GET /v1/jobs/{id}` lists (with their attempts).
+pub const DEAD_SHOWN: usize = 100;
+/// Tail of each failed attempt's stderr shown with a dead subtask.
+pub const DEAD_STDERR_TAIL: usize = 2048;
 /// Results read from the store per page while a results body streams.
 const RESULTS_PAGE: usize = 256;
 
@@ -164,13 +174,114 @@ pub struct JobList {
     pub jobs: Vec<JobSummary>,
 }
 
-/// `GET /v1/jobs/{id}` answer: the summary and the request it was made from.
+/// `GET /v1/jobs/{id}` answer: the summary, the request it was made from,
+/// the leases held on it (pull jobs) and its dead subtasks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobDetail {
     #[serde(flatten)]
     pub job: JobSummary,
     #[schema(value_type = JobRequestDoc)]
     pub request: JobRequest,
+    /// Pull jobs: the leases held now, per host (sorted by host); empty
+    /// for other jobs and when nothing is leased.
+    #[serde(default)]
+    pub leases: Vec<LeaseHolder>,
+    /// The first 100 dead subtasks in index order, each with every
+    /// attempt; `counts.dead` says how many there are in all.
+    #[serde(default)]
+    pub dead_subtasks: Vec<DeadSubtaskView>,
+}
+
+/// The leases one host holds on a pull job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseHolder {
+    pub host: String,
+    /// Subtasks it holds on lease.
+    pub leases: u64,
+    /// When the first of them expires unless renewed, ms since the Unix
+    /// epoch (the controller's clock).
+    pub earliest_expiry_ms: i64,
+}
+
+impl From<HostLeases> for LeaseHolder {
+    fn from(h: HostLeases) -> Self {
+        LeaseHolder {
+            host: h.host,
+            leases: h.leases,
+            earliest_expiry_ms: h.earliest_expiry_ms,
+        }
+    }
+}
+
+/// A dead subtask: failed `max_attempts` times (or refused before it ran,
+/// `error` says why), with every attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeadSubtaskView {
+    pub index: u64,
+    /// True for a job's reduce subtask.
+    pub reduce: bool,
+    /// Why the controller parked it without running it; `null` when its
+    /// attempts failed.
+    pub error: Option<String>,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One attempt at a dead subtask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AttemptView {
+    /// The attempt number (epoch), from 1.
+    pub attempt: u32,
+    pub host: String,
+    /// `failed`, `withdrawn` (taken back: lease expired, host lost or
+    /// drained; not a failure), `running`, `succeeded` or `cancelled`.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    /// The agent's error (timeout, spawn failure, signal) or why the
+    /// attempt was withdrawn.
+    pub error: Option<String>,
+    /// The last 2 KiB of its stderr as UTF-8 (invalid bytes replaced).
+    pub stderr: String,
+    /// Stderr's size before any cap.
+    pub stderr_size: u64,
+    pub finished_ms: Option<i64>,
+}
+
+fn attempt_state_name(s: AttemptState) -> &'static str {
+    match s {
+        AttemptState::Running => "running",
+        AttemptState::Succeeded => "succeeded",
+        AttemptState::Failed => "failed",
+        AttemptState::Withdrawn => "withdrawn",
+        AttemptState::Cancelled => "cancelled",
+    }
+}
+
+impl From<AttemptRecord> for AttemptView {
+    fn from(a: AttemptRecord) -> Self {
+        let cut = a.stderr.len().saturating_sub(DEAD_STDERR_TAIL);
+        AttemptView {
+            attempt: a.attempt,
+            host: a.host,
+            state: attempt_state_name(a.state).to_owned(),
+            exit_code: a.exit_code,
+            error: a.error,
+            stderr: String::from_utf8_lossy(&a.stderr[cut..]).into_owned(),
+            stderr_size: a.stderr_size,
+            finished_ms: a.finished_ms,
+        }
+    }
+}
+
+impl From<DeadSubtask> for DeadSubtaskView {
+    fn from(d: DeadSubtask) -> Self {
+        DeadSubtaskView {
+            index: d.subtask.index,
+            reduce: d.subtask.reduce,
+            error: d.subtask.error,
+            attempts: d.attempts.into_iter().map(AttemptView::from).collect(),
+        }
+    }
 }
 
 /// `DELETE /v1/jobs/{id}` answer.
@@ -439,7 +550,9 @@ pub async fn list(
     }))
 }
 
-/// One job: its state, subtask counts by state, and the request.
+/// One job: its state, subtask counts by state, the request, the leases
+/// held on it by host (pull jobs) and its dead subtasks with every
+/// attempt's error.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}",
@@ -455,15 +568,29 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, ApiError> {
     let id = JobId::from(id);
-    let (record, request) = blocking(&s.store, move |store| {
+    let (record, request, leases, dead) = blocking(&s.store, move |store| {
         let record = store.get_job(&id)?;
         let request = store.job_request(&id)?;
-        Ok((record, request))
+        // Each only when there can be some (the dead scan reads the job's
+        // subtasks).
+        let leases = if request.mode == DispatchMode::Pull && record.counts.assigned > 0 {
+            store.job_leases(&id)?
+        } else {
+            Vec::new()
+        };
+        let dead = if record.counts.dead > 0 {
+            store.dead_subtasks(&id, DEAD_SHOWN)?
+        } else {
+            Vec::new()
+        };
+        Ok((record, request, leases, dead))
     })
     .await?;
     Ok(Json(JobDetail {
         job: record.into(),
         request,
+        leases: leases.into_iter().map(LeaseHolder::from).collect(),
+        dead_subtasks: dead.into_iter().map(DeadSubtaskView::from).collect(),
     }))
 }
 
@@ -785,4 +912,90 @@ pub async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod detail_tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The OpenAPI document describes the leases and dead subtasks of
+    /// `GET /v1/jobs/{id}` with the fields they really have.
+    #[test]
+    fn job_detail_extras_are_in_the_openapi_document() {
+        let doc: Value = serde_json::from_str(super::super::openapi::document()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let attempt = AttemptView {
+            attempt: 1,
+            host: "h".into(),
+            state: "failed".into(),
+            exit_code: Some(1),
+            error: None,
+            stderr: String::new(),
+            stderr_size: 0,
+            finished_ms: None,
+        };
+        let dead = DeadSubtaskView {
+            index: 0,
+            reduce: false,
+            error: None,
+            attempts: vec![attempt.clone()],
+        };
+        let lease = LeaseHolder {
+            host: "h".into(),
+            leases: 1,
+            earliest_expiry_ms: 0,
+        };
+        for (name, v) in [
+            ("AttemptView", serde_json::to_value(&attempt).unwrap()),
+            ("DeadSubtaskView", serde_json::to_value(&dead).unwrap()),
+            ("LeaseHolder", serde_json::to_value(&lease).unwrap()),
+        ] {
+            assert_eq!(keys(&schemas[name]["properties"]), keys(&v), "{name}");
+        }
+        let detail = schemas["JobDetail"].to_string();
+        for field in [
+            "\"leases\"",
+            "\"dead_subtasks\"",
+            "LeaseHolder",
+            "DeadSubtaskView",
+        ] {
+            assert!(detail.contains(field), "{field} in {detail}");
+        }
+    }
+
+    #[test]
+    fn a_dead_attempt_shows_the_tail_of_its_stderr() {
+        let mut stderr = vec![b'x'; DEAD_STDERR_TAIL];
+        stderr.extend_from_slice(b"\nthe end\n");
+        let a = AttemptRecord {
+            index: 0,
+            attempt: 2,
+            host: "h".into(),
+            state: AttemptState::Failed,
+            started_ms: 0,
+            finished_ms: Some(1),
+            exit_code: None,
+            error: Some("timed out".into()),
+            stderr_size: stderr.len() as u64,
+            stderr,
+            stdout: Vec::new(),
+            stdout_size: 0,
+            duration_ms: Some(1),
+        };
+        let v = AttemptView::from(a);
+        assert_eq!(v.stderr.len(), DEAD_STDERR_TAIL);
+        assert!(v.stderr.ends_with("\nthe end\n"));
+        assert_eq!(v.stderr_size, DEAD_STDERR_TAIL as u64 + 9);
+        assert_eq!((v.state.as_str(), v.attempt), ("failed", 2));
+    }
 }

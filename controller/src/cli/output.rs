@@ -119,6 +119,28 @@ fn mode_name(mode: crate::job::DispatchMode) -> &'static str {
 
 /// The `status ID` text.
 pub fn job_detail(out: &mut dyn Write, d: &JobDetail) -> io::Result<()> {
+    job_detail_at(out, d, now_ms())
+}
+
+/// One line about an attempt at a dead subtask: where it ran, how it
+/// ended and why (the error, else the last line of its stderr).
+fn attempt_line(a: &crate::api::AttemptView) -> String {
+    let mut parts = vec![a.state.clone()];
+    if let Some(code) = a.exit_code {
+        parts.push(format!("exit {code}"));
+    }
+    if let Some(e) = &a.error {
+        parts.push(e.clone());
+    }
+    if let Some(last) = a.stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+        parts.push(format!("stderr: {}", last.trim()));
+    }
+    format!("attempt {} on {}: {}", a.attempt, a.host, parts.join(", "))
+}
+
+/// [`job_detail`] with the clock given (lease expiries are shown relative
+/// to `now`).
+pub fn job_detail_at(out: &mut dyn Write, d: &JobDetail, now: i64) -> io::Result<()> {
     let j = &d.job;
     let name = if j.name.is_empty() {
         String::new()
@@ -137,11 +159,51 @@ pub fn job_detail(out: &mut dyn Write, d: &JobDetail) -> io::Result<()> {
     match elapsed(j) {
         Some(e) if j.finished_ms.is_some() => writeln!(out, "  ran for {e}")?,
         Some(e) => writeln!(out, "  running for {e}")?,
-        None => writeln!(
-            out,
-            "  waiting for {}",
-            duration_ms(now_ms() - j.created_ms)
-        )?,
+        None => writeln!(out, "  waiting for {}", duration_ms(now - j.created_ms))?,
+    }
+    if !d.leases.is_empty() {
+        let total: u64 = d.leases.iter().map(|l| l.leases).sum();
+        writeln!(out, "  leases: {total} held")?;
+        let mut t = Table::new(&["host", ">leases", "first expires in"]);
+        for l in &d.leases {
+            t.row(vec![
+                l.host.clone(),
+                l.leases.to_string(),
+                duration_ms(l.earliest_expiry_ms - now),
+            ]);
+        }
+        let mut buf = Vec::new();
+        t.write(&mut buf)?;
+        for line in String::from_utf8_lossy(&buf).lines() {
+            writeln!(out, "    {line}")?;
+        }
+    }
+    if !d.dead_subtasks.is_empty() {
+        let shown = d.dead_subtasks.len() as u64;
+        if j.counts.dead > shown {
+            writeln!(
+                out,
+                "  dead subtasks: {} (the first {shown} shown)",
+                j.counts.dead
+            )?;
+        } else {
+            writeln!(out, "  dead subtasks: {}", j.counts.dead.max(shown))?;
+        }
+        for s in &d.dead_subtasks {
+            let what = if s.reduce { " (reduce)" } else { "" };
+            writeln!(
+                out,
+                "    subtask {}{what}: {} attempts",
+                s.index,
+                s.attempts.len()
+            )?;
+            if let Some(e) = &s.error {
+                writeln!(out, "      {e}")?;
+            }
+            for a in &s.attempts {
+                writeln!(out, "      {}", attempt_line(a))?;
+            }
+        }
     }
     Ok(())
 }

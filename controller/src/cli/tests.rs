@@ -815,3 +815,100 @@ fn results_of_a_reduce_job_by_stage() {
     assert_eq!(r.code, 2, "{}", r.out);
     assert!(r.err.contains("no reduce step"), "{}", r.err);
 }
+
+/// `status ID` of a pull job shows the leases held by host and the dead
+/// subtasks with every attempt's error; `--json` carries both.
+#[test]
+fn status_shows_leases_by_host_and_dead_subtasks_with_their_errors() {
+    let s = start();
+    let dir = tempfile::tempdir().unwrap();
+    let pull = write(
+        dir.path(),
+        "pull.toml",
+        &format!("mode = \"pull\"\nmax_attempts = 2\n{TOML_JOB}"),
+    );
+    let r = s.cli(&["submit", &pull]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let job = JobId::from("j-1");
+    let ttl = Duration::from_secs(600);
+    let now = crate::agents::leases::wall_ms();
+    for h in ["h1", "h2"] {
+        s.store.upsert_host(h, "").unwrap();
+    }
+    // Subtask 0 fails twice (on h1, then h2): dead.
+    for (round, host) in [(1u32, "h1"), (2, "h2")] {
+        let a = s.store.claim_leases(host, 1, ttl, now).unwrap();
+        assert_eq!((a[0].index, a[0].epoch), (0, round));
+        let outcome = Outcome {
+            exit_code: Some(3),
+            error: Some(format!("bad input on {host}")),
+            stderr: format!("trace\nboom {round}\n").into_bytes(),
+            stderr_size: 13,
+            ..Outcome::default()
+        };
+        s.store.complete(&job, 0, round, &outcome).unwrap();
+    }
+    // Then h1 holds 3 leases, h2 one.
+    assert_eq!(s.store.claim_leases("h1", 3, ttl, now).unwrap().len(), 3);
+    assert_eq!(s.store.claim_leases("h2", 1, ttl, now).unwrap().len(), 1);
+
+    let r = s.cli(&["status", "j-1"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let out = &r.out;
+    assert!(out.contains("  mode pull, priority "), "{out}");
+    assert!(out.contains("  leases: 4 held"), "{out}");
+    let row = |host: &str, n: u64| {
+        out.lines().any(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            cells.first() == Some(&host) && cells.get(1) == Some(&n.to_string().as_str())
+        })
+    };
+    assert!(row("h1", 3) && row("h2", 1), "{out}");
+    assert!(out.contains("  dead subtasks: 1\n"), "{out}");
+    assert!(out.contains("    subtask 0: 2 attempts"), "{out}");
+    assert!(
+        out.contains("      attempt 1 on h1: failed, exit 3, bad input on h1, stderr: boom 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("      attempt 2 on h2: failed, exit 3, bad input on h2, stderr: boom 2"),
+        "{out}"
+    );
+
+    let v = s.cli(&["status", "j-1", "--json"]).json();
+    assert_eq!(v["request"]["mode"], "pull", "{v}");
+    let leases = v["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 2, "{v}");
+    assert_eq!(
+        (leases[0]["host"].as_str(), leases[0]["leases"].as_u64()),
+        (Some("h1"), Some(3))
+    );
+    assert_eq!(
+        (leases[1]["host"].as_str(), leases[1]["leases"].as_u64()),
+        (Some("h2"), Some(1))
+    );
+    let expiry = leases[0]["earliest_expiry_ms"].as_i64().unwrap();
+    assert_eq!(expiry, now + ttl.as_millis() as i64);
+    let dead = v["dead_subtasks"].as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{v}");
+    let attempts = dead[0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[1]["error"], "bad input on h2");
+    assert_eq!(attempts[1]["stderr"], "trace\nboom 2\n");
+    assert_eq!(attempts[1]["state"], "failed");
+
+    // A push job shows neither.
+    let r = s.cli(&["submit", &write(dir.path(), "push.toml", TOML_JOB)]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    let v = s.cli(&["status", "j-2", "--json"]).json();
+    assert_eq!(
+        (v["leases"].clone(), v["dead_subtasks"].clone()),
+        (Value::Array(vec![]), Value::Array(vec![]))
+    );
+    let r = s.cli(&["status", "j-2"]);
+    assert!(
+        !r.out.contains("leases") && !r.out.contains("dead"),
+        "{}",
+        r.out
+    );
+}

@@ -442,6 +442,23 @@ pub struct AttemptRecord {
     pub duration_ms: Option<u64>,
 }
 
+/// Pull mode: the leases one host holds on one job's subtasks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostLeases {
+    pub host: String,
+    /// Leased subtasks (assigned, with an expiry).
+    pub leases: u64,
+    /// The soonest expiry among them, ms since the Unix epoch.
+    pub earliest_expiry_ms: i64,
+}
+
+/// A dead subtask with every attempt at it (oldest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadSubtask {
+    pub subtask: SubtaskRecord,
+    pub attempts: Vec<AttemptRecord>,
+}
+
 /// A host in the registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostRecord {
@@ -614,6 +631,15 @@ pub trait Store: Send + Sync {
 
     /// Subtask bookkeeping from index `from`, at most `limit`, in index order.
     fn subtasks(&self, job: &JobId, from: u64, limit: usize) -> Result<Vec<SubtaskRecord>>;
+
+    /// Pull mode: the leases held on `job`'s subtasks, per host (sorted by
+    /// host). Looks only at leased rows (an index of the leases in flight).
+    fn job_leases(&self, job: &JobId) -> Result<Vec<HostLeases>>;
+
+    /// `job`'s dead subtasks in index order, at most `limit`, each with
+    /// every attempt (its error, exit code and output). Scans the job's
+    /// subtasks; callers ask only when the job's counts show dead ones.
+    fn dead_subtasks(&self, job: &JobId, limit: usize) -> Result<Vec<DeadSubtask>>;
 
     /// Every attempt at one subtask, oldest first.
     fn attempts(&self, job: &JobId, index: u64) -> Result<Vec<AttemptRecord>>;

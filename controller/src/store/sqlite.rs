@@ -22,9 +22,9 @@ use rusqlite::types::Type;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    Assignment, AttemptRecord, AttemptState, CancelOutcome, CompletionResult, HostRecord,
-    HostState, JobCounts, JobId, JobRecord, JobState, Outcome, ReduceState, Report, Result, Store,
-    StoreError, SubtaskRecord, SubtaskRef, SubtaskState,
+    Assignment, AttemptRecord, AttemptState, CancelOutcome, CompletionResult, DeadSubtask,
+    HostLeases, HostRecord, HostState, JobCounts, JobId, JobRecord, JobState, Outcome, ReduceState,
+    Report, Result, Store, StoreError, SubtaskRecord, SubtaskRef, SubtaskState,
 };
 use crate::job::{DispatchMode, JobRequest, Limits, SubtaskSpec};
 use crate::split::{self, Part, Plan};
@@ -1405,6 +1405,74 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn job_leases(&self, job: &JobId) -> Result<Vec<HostLeases>> {
+        let seq = job_seq(job)?;
+        self.run("job_leases", job, |conn| {
+            if !job_exists(conn, seq)? {
+                return Err(StoreError::JobNotFound(job.clone()));
+            }
+            Ok(conn
+                .prepare_cached(
+                    "SELECT host, COUNT(*), MIN(lease_expires_ms) \
+                     FROM subtasks INDEXED BY subtasks_leases \
+                     WHERE state = 1 AND lease_expires_ms IS NOT NULL AND job = ?1 \
+                     GROUP BY host ORDER BY host",
+                )?
+                .query_map([seq], |r| {
+                    Ok(HostLeases {
+                        host: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                        leases: r.get(1)?,
+                        earliest_expiry_ms: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn dead_subtasks(&self, job: &JobId, limit: usize) -> Result<Vec<DeadSubtask>> {
+        let seq = job_seq(job)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run("dead_subtasks", job, |conn| {
+            let (n_map, has_reduce): (u64, bool) = conn
+                .prepare_cached("SELECT n_map, has_reduce FROM jobs WHERE seq = ?1")?
+                .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+                .ok_or_else(|| StoreError::JobNotFound(job.clone()))?;
+            let dead: Vec<SubtaskRecord> = conn
+                .prepare_cached(&format!(
+                    "SELECT idx, epoch, failures, host, error FROM subtasks \
+                     WHERE job = ?1 AND state = {DEAD} ORDER BY idx LIMIT ?2"
+                ))?
+                .query_map(params![seq, limit], |r| {
+                    Ok(SubtaskRecord {
+                        index: r.get(0)?,
+                        state: SubtaskState::Dead,
+                        epoch: r.get(1)?,
+                        failures: r.get(2)?,
+                        host: r.get(3)?,
+                        reduce: has_reduce && r.get::<_, u64>(0)? == n_map,
+                        error: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut attempts = conn.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM attempts a \
+                 WHERE a.job = ?1 AND a.idx = ?2 ORDER BY a.attempt"
+            ))?;
+            let mut out = Vec::with_capacity(dead.len());
+            for subtask in dead {
+                let list = attempts
+                    .query_map(params![seq, subtask.index], attempt_from_row)?
+                    .collect::<rusqlite::Result<_>>()?;
+                out.push(DeadSubtask {
+                    subtask,
+                    attempts: list,
+                });
+            }
+            Ok(out)
         })
     }
 

@@ -302,3 +302,98 @@ fn an_expired_lease_is_not_renewed_even_before_the_sweep() {
     assert_eq!(swept.len(), 1);
     assert_eq!(store.get_job(&id).unwrap().counts.queued, 1);
 }
+
+#[test]
+fn job_leases_count_per_host_with_the_earliest_expiry_and_only_that_jobs() {
+    let store = store_with_hosts();
+    let id = job(&store, DispatchMode::Pull, 5, 3);
+    assert!(store.job_leases(&id).unwrap().is_empty());
+    store.claim_leases("a", 2, TTL, T0).unwrap();
+    let b = store.claim_leases("b", 1, TTL, T0 + 500).unwrap();
+    // A lease of another job is not counted.
+    let other = job(&store, DispatchMode::Pull, 1, 3);
+    store.claim_leases("b", 5, TTL, T0 + 900).unwrap();
+    // b's first lease renewed later: its earliest expiry moves on.
+    assert_eq!(
+        store
+            .renew_leases("b", &[key(&b[0])], TTL, T0 + 700)
+            .unwrap(),
+        [true]
+    );
+    let leases = store.job_leases(&id).unwrap();
+    let ttl = TTL.as_millis() as i64;
+    assert_eq!(
+        leases,
+        [
+            HostLeases {
+                host: "a".into(),
+                leases: 2,
+                earliest_expiry_ms: T0 + ttl,
+            },
+            HostLeases {
+                host: "b".into(),
+                leases: 3,
+                earliest_expiry_ms: T0 + 700 + ttl,
+            },
+        ]
+    );
+    assert_eq!(
+        store.job_leases(&other).unwrap(),
+        [HostLeases {
+            host: "b".into(),
+            leases: 1,
+            earliest_expiry_ms: T0 + 900 + ttl,
+        }]
+    );
+    assert!(matches!(
+        store.job_leases(&JobId::from("j-999")),
+        Err(StoreError::JobNotFound(_))
+    ));
+}
+
+#[test]
+fn dead_subtasks_come_with_every_attempt_in_index_order() {
+    let store = store_with_hosts();
+    let id = job(&store, DispatchMode::Pull, 3, 2);
+    assert!(store.dead_subtasks(&id, 10).unwrap().is_empty());
+    for round in 1..=2u32 {
+        for a in store.claim_leases("a", 3, TTL, T0).unwrap() {
+            // Subtask 1 succeeds; 0 and 2 fail every time.
+            let outcome = if a.index == 1 {
+                ok()
+            } else {
+                fail(&format!("subtask {} round {round}", a.index))
+            };
+            store.complete(&a.job, a.index, a.epoch, &outcome).unwrap();
+        }
+    }
+    let dead = store.dead_subtasks(&id, 10).unwrap();
+    let seen: Vec<(u64, Vec<String>)> = dead
+        .iter()
+        .map(|d| {
+            assert_eq!(d.subtask.state, SubtaskState::Dead);
+            (
+                d.subtask.index,
+                d.attempts
+                    .iter()
+                    .map(|a| a.error.clone().unwrap_or_default())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                0,
+                vec!["subtask 0 round 1".into(), "subtask 0 round 2".into()]
+            ),
+            (
+                2,
+                vec!["subtask 2 round 1".into(), "subtask 2 round 2".into()]
+            ),
+        ]
+    );
+    assert_eq!(store.dead_subtasks(&id, 1).unwrap().len(), 1);
+    assert_eq!(dead[0].subtask.failures, 2);
+}
