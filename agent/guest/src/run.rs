@@ -1,0 +1,239 @@
+//! Running one subtask: spawn its argv in a process group of its own, feed
+//! stdin, collect stdout and stderr into the [`State`](crate::state::State),
+//! enforce the timeout and cancels, and leave a Result for the writer.
+//!
+//! Threads per run (std threads; the guest runs one subtask at a time):
+//! stdin feeder, stdout and stderr readers, a waiter (`wait(2)`), and the
+//! supervisor, which sleeps on the shared condition variable until the
+//! process exits, a cancel arrives or the deadline passes (`Instant` is
+//! CLOCK_MONOTONIC, which stands still while the VM is paused). A kill is
+//! `SIGKILL` to the whole group. When the main process has exited the rest
+//! of its group is killed too, so a background child holding the pipes open
+//! cannot keep the subtask from ending; a reader still open after
+//! [`READER_GRACE`] (a process that left the group) is given up on.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sparegrid_proto::guest::RunSubtask;
+
+use crate::state::Shared;
+use crate::sysinfo::SUBTASK_PATH;
+
+/// How long the output pipes may stay open after the process group is gone.
+pub const READER_GRACE: Duration = Duration::from_secs(2);
+
+/// Working directory of every subtask.
+pub const WORKDIR: &str = "/tmp";
+
+/// The environment every subtask starts from (the message's env is added).
+pub fn base_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("PATH", SUBTASK_PATH),
+        ("HOME", "/tmp"),
+        ("TMPDIR", "/tmp"),
+        ("LANG", "C"),
+    ]
+}
+
+/// Starts `req` (the caller checked that nothing runs). Never fails: a run
+/// that cannot start ends at once with a Result carrying the error.
+pub fn start(shared: &Arc<Shared>, req: RunSubtask) {
+    let RunSubtask {
+        id,
+        label,
+        argv,
+        env,
+        stdin,
+        timeout_ms,
+        output_cap,
+    } = req;
+    let gen = {
+        let mut st = shared.lock();
+        st.begin(id, label.clone(), output_cap)
+    };
+    crate::log!("subtask {id} ({label}) starts: {argv:?}");
+    let Some((prog, args)) = argv.split_first() else {
+        return fail(shared, gen, "empty argv".into());
+    };
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .env_clear()
+        .envs(base_env())
+        .envs(&env)
+        .current_dir(WORKDIR)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(shared, gen, format!("cannot start {prog:?}: {e}")),
+    };
+    let pid = child.id() as libc::pid_t;
+    let (Some(mut sin), Some(out), Some(err)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        kill_group(pid);
+        let _ = child.wait();
+        return fail(shared, gen, "no pipes to the process".into());
+    };
+    spawn_thread("stdin", move || {
+        // EPIPE when the process does not read it all: fine.
+        let _ = sin.write_all(&stdin);
+    });
+    for (i, pipe) in [
+        Box::new(out) as Box<dyn Read + Send>,
+        Box::new(err) as Box<dyn Read + Send>,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sh = shared.clone();
+        spawn_thread("output", move || read_stream(&sh, gen, i, pipe));
+    }
+    let sh = shared.clone();
+    spawn_thread("wait", move || {
+        let status = child.wait();
+        let mut st = sh.lock();
+        if let Some(sub) = st.sub(gen) {
+            // wait() fails only if the child was already reaped: treat as
+            // an exit without status.
+            sub.exit = Some(status.unwrap_or_else(|_| {
+                use std::os::unix::process::ExitStatusExt;
+                std::process::ExitStatus::from_raw(0xff00)
+            }));
+        }
+        sh.notify();
+    });
+    let sh = shared.clone();
+    spawn_thread("supervise", move || {
+        supervise(&sh, gen, id, pid, timeout_ms)
+    });
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = thread::Builder::new()
+        .name(format!("sg-{name}"))
+        .stack_size(128 << 10)
+        .spawn(f)
+    {
+        crate::log!("cannot start a {name} thread: {e}");
+    }
+}
+
+/// Ends run `gen` at once with `error`.
+fn fail(shared: &Shared, gen: u64, error: String) {
+    crate::log!("subtask failed to start: {error}");
+    let mut st = shared.lock();
+    if let Some(sub) = st.sub(gen) {
+        for s in &mut sub.streams {
+            s.eof = true;
+        }
+        let r = sub.result(None, Some(error), false);
+        sub.result = Some(r);
+    }
+    shared.notify();
+}
+
+fn read_stream(shared: &Shared, gen: u64, i: usize, mut pipe: Box<dyn Read + Send>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match pipe.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let mut st = shared.lock();
+        let Some(sub) = st.sub(gen) else { return };
+        let cap = sub.cap;
+        let s = &mut sub.streams[i];
+        if n == 0 {
+            s.eof = true;
+            shared.notify();
+            return;
+        }
+        s.append(&buf[..n], cap);
+        let sealed = s.sealed;
+        drop(st);
+        shared.notify();
+        if sealed {
+            return;
+        }
+    }
+}
+
+fn kill_group(pid: libc::pid_t) {
+    // SAFETY: plain syscall; ESRCH (group already gone) is fine.
+    unsafe {
+        libc::killpg(pid, libc::SIGKILL);
+    }
+}
+
+fn supervise(shared: &Shared, gen: u64, id: u64, pid: libc::pid_t, timeout_ms: u64) {
+    let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
+    let mut why: Option<String> = None;
+    let mut timed_out = false;
+    let mut st = shared.lock();
+    let exit = loop {
+        let Some(sub) = st.sub(gen) else { return };
+        if let Some(e) = sub.exit {
+            break e;
+        }
+        let now = Instant::now();
+        if why.is_none() {
+            if sub.cancel {
+                kill_group(pid);
+                why = Some("cancelled".into());
+            } else if deadline.is_some_and(|d| now >= d) {
+                kill_group(pid);
+                timed_out = true;
+                why = Some(format!("timed out after {timeout_ms} ms"));
+            }
+        }
+        st = match (why.is_none(), deadline) {
+            (true, Some(d)) if d > now => shared.wait_timeout(st, d - now),
+            (true, Some(_)) => st,
+            _ => shared.wait(st),
+        };
+    };
+    // The main process is gone; so must be the rest of its group.
+    kill_group(pid);
+    let grace = Instant::now() + READER_GRACE;
+    loop {
+        let Some(sub) = st.sub(gen) else { return };
+        if sub.streams.iter().all(|s| s.done()) {
+            break;
+        }
+        let now = Instant::now();
+        if now >= grace {
+            crate::log!(
+                "subtask {id}: output still open {READER_GRACE:?} after exit; giving up on it"
+            );
+            for s in &mut sub.streams {
+                s.sealed = true;
+            }
+            break;
+        }
+        st = shared.wait_timeout(st, grace - now);
+    }
+    let Some(sub) = st.sub(gen) else { return };
+    let r = sub.result(Some(exit), why, timed_out);
+    crate::log!(
+        "subtask {id} ended: exit {:?} signal {:?} {}in {} ms",
+        r.exit_code,
+        r.signal,
+        r.error
+            .as_deref()
+            .map(|e| format!("({e}) "))
+            .unwrap_or_default(),
+        r.duration_ms
+    );
+    sub.result = Some(r);
+    drop(st);
+    shared.notify();
+}
