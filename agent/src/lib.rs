@@ -12,6 +12,7 @@
 //! - [`guestlink`]: the host side of the guest channel to grid VMs.
 //! - [`daemon`]: control loop, HTTP status/metrics, signals, systemd.
 //! - [`check`]: what this host supports.
+//! - [`workload`]: workload files (image, vCPUs, memory, interpreters).
 
 pub mod cgroup;
 pub mod check;
@@ -25,3 +26,4 @@ pub mod policy;
 pub mod runtime;
 pub mod sampler;
 pub mod subtask;
+pub mod workload;
