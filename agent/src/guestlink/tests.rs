@@ -950,3 +950,196 @@ fn bench_round_trip_and_throughput() {
     drop(pool);
     let _ = guest.join();
 }
+
+/// The real `sparegrid-guest` worker (`agent/guest`), found next to the
+/// test binary (`target/debug/sparegrid-guest`, built by
+/// `cargo build -p sparegrid-guest`) or at `$SPAREGRID_GUEST_BIN`.
+fn guest_binary() -> Option<PathBuf> {
+    let p = match std::env::var_os("SPAREGRID_GUEST_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .ok()?
+            .parent()?
+            .parent()?
+            .join("sparegrid-guest"),
+    };
+    p.is_file().then_some(p)
+}
+
+/// Kills the worker it started when the test ends.
+struct GuestProcess(std::process::Child);
+
+impl Drop for GuestProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Plays QEMU between the pool and the real worker: both connect (the pool
+/// to `host.sock`, the worker to `guest.sock`), the relay pipes the bytes.
+/// `cut` drops both connections (the worker reconnects, as it does on a
+/// unix socket); `accept` pairs the next two.
+struct Relay {
+    host_l: UnixListener,
+    guest_l: UnixListener,
+    conns: Vec<UnixStream>,
+}
+
+impl Relay {
+    fn accept(&mut self) {
+        let g = FakeGuest::accept(&self.guest_l).stream;
+        let h = FakeGuest::accept(&self.host_l).stream;
+        for (from, to) in [(&g, &h), (&h, &g)] {
+            let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+            from.set_read_timeout(None).unwrap();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            });
+        }
+        self.conns = vec![g, h];
+    }
+
+    fn cut(&mut self) {
+        for c in self.conns.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A pool attached to the real worker through a [`Relay`], or `None`
+/// (printed) when the worker binary is not built.
+fn real_guest(
+    o: LinkOptions,
+) -> Option<(
+    tempfile::TempDir,
+    Arc<GuestPool>,
+    Relay,
+    GuestProcess,
+    PathBuf,
+)> {
+    let Some(bin) = guest_binary() else {
+        println!(
+            "skipped: the sparegrid-guest binary is not built \
+             (cargo build -p sparegrid-guest, or set SPAREGRID_GUEST_BIN)"
+        );
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (host_l, host_path) = listener(dir.path(), "host");
+    let (guest_l, guest_path) = listener(dir.path(), "guest");
+    let log = std::env::var_os("SPAREGRID_GUEST_LOG").is_some();
+    let child = std::process::Command::new(&bin)
+        .arg("--port")
+        .arg(format!("unix:{}", guest_path.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(if log {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    let child = GuestProcess(child);
+    let pool = GuestPool::new(o);
+    pool.attach("vm1", host_path.clone());
+    let mut relay = Relay {
+        host_l,
+        guest_l,
+        conns: Vec::new(),
+    };
+    relay.accept();
+    wait_ready(&pool, "vm1");
+    Some((dir, pool, relay, child, host_path))
+}
+
+#[test]
+fn the_real_guest_worker_runs_subtasks_end_to_end() {
+    let Some((_dir, pool, _relay, _child, _)) = real_guest(LinkOptions {
+        heartbeat: Duration::from_millis(200),
+        dead_after: Duration::from_secs(10),
+        ..opts()
+    }) else {
+        return;
+    };
+    let st = state(&pool, "vm1").unwrap();
+    assert!(st.worker_version.is_some());
+    let mut a = assignment(20);
+    a.argv = vec![
+        "sh".into(),
+        "-c".into(),
+        "cat; echo \"K=$K\"; echo oops >&2; exit 3".into(),
+    ];
+    pool.start(a).unwrap();
+    let c = completed(wait_ended(&pool));
+    assert_eq!(c.attempt, attempt(20));
+    assert_eq!(c.host, "h1");
+    assert_eq!(c.exit_code, Some(3));
+    assert_eq!(c.stdout, b"in\xffK=v\n");
+    assert_eq!(c.stderr, b"oops\n");
+    assert_eq!((c.stdout_size, c.stderr_size), (7, 5));
+    assert_eq!((c.signal, c.error), (None, None));
+    // The same VM runs the next one; a missing binary is the subtask's error.
+    let mut a = assignment(21);
+    a.argv = vec!["/nonexistent/binary".into()];
+    pool.start(a).unwrap();
+    let c = completed(wait_ended(&pool));
+    assert!(!c.succeeded(), "{c:?}");
+    assert!(pool.take_failed().is_empty());
+    assert_eq!(pool.idle(), 1);
+}
+
+#[test]
+fn the_real_guest_worker_replays_after_a_save_and_restore() {
+    let Some((_dir, pool, mut relay, _child, host_path)) = real_guest(LinkOptions {
+        heartbeat: Duration::from_millis(200),
+        dead_after: Duration::from_secs(10),
+        ..opts()
+    }) else {
+        return;
+    };
+    let script =
+        "i=0; while [ $i -lt 60 ]; do echo out$i; echo err$i >&2; i=$((i+1)); sleep 0.02; done";
+    let mut a = assignment(22);
+    a.argv = vec!["sh".into(), "-c".into(), script.into()];
+    a.stdin.clear();
+    pool.start(a).unwrap();
+    wait_for(&pool, "some output", || {
+        (state(&pool, "vm1")?.output_bytes > 20).then_some(())
+    });
+    // Saved mid-subtask: the channel goes away, then the restored VM's
+    // channel comes back and the pool attaches again.
+    pool.saving("vm1");
+    relay.cut();
+    wait_for(&pool, "saving", || {
+        (state(&pool, "vm1")?.state == LinkState::Saving).then_some(())
+    });
+    pool.attach("vm1", host_path);
+    relay.accept();
+    let c = completed(wait_ended(&pool));
+    let want = |p: &str| (0..60).map(|i| format!("{p}{i}\n")).collect::<String>();
+    assert_eq!(String::from_utf8(c.stdout).unwrap(), want("out"));
+    assert_eq!(String::from_utf8(c.stderr).unwrap(), want("err"));
+    assert_eq!(c.exit_code, Some(0));
+    assert!(pool.take_failed().is_empty());
+}
+
+#[test]
+fn the_real_guest_worker_honours_cancel() {
+    let Some((_dir, pool, _relay, _child, _)) = real_guest(LinkOptions {
+        heartbeat: Duration::from_millis(200),
+        dead_after: Duration::from_secs(10),
+        ..opts()
+    }) else {
+        return;
+    };
+    let mut a = assignment(23);
+    a.argv = vec!["sleep".into(), "600".into()];
+    pool.start(a).unwrap();
+    pool.cancel(&attempt(23));
+    wait_for(&pool, "idle again", || (pool.idle() == 1).then_some(()));
+    assert!(pool.take_ended().is_empty());
+    assert!(pool.take_failed().is_empty());
+}
