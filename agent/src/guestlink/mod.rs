@@ -24,7 +24,8 @@
 //!   caught up, live output past what arrived is dropped (the replay
 //!   re-sends it) and a Result whose output is incomplete waits for it (for
 //!   at most `dead_after` of running time).
-//! - [`GuestPool::paused`] (call it before suspending) /
+//! - [`GuestPool::paused`] (just before or right after suspending: the
+//!   watchdog allows `dead_after` of silence anyway) /
 //!   [`GuestPool::resumed`] (after resuming): no watchdog while paused; it
 //!   restarts from the resume. Paused time is counted per VM and per subtask.
 //! - [`GuestPool::saving`]: a managed save follows; the EOF is expected, the
@@ -64,6 +65,13 @@
 //! reassembled by offset and capped at `output_cap` with the guest's full
 //! sizes, and `duration_ms` the guest's own (its monotonic clock stops while
 //! the VM is paused). Host-side paused time is in the snapshot.
+//!
+//! **Tests** (`tests.rs`): a fake guest on a unix listener played with the
+//! proto codec for every failure and the save/replay paths, plus the real
+//! `sparegrid-guest` worker behind a relay that plays QEMU (skipped with a
+//! printed reason unless `target/debug/sparegrid-guest` or
+//! `$SPAREGRID_GUEST_BIN` exists), and an ignored benchmark printing the
+//! host side's round trip and throughput.
 
 mod output;
 mod session;
