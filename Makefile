@@ -27,24 +27,34 @@ BENCH_VENV ?= /var/tmp/sparegrid-bench-venv
 DASK_VERSION ?= 2026.8.0
 
 # Debian packages: the hypervisor stack, libvirt headers for the `virt` crate,
-# the guest image's ingredients, stress-ng for load tests, systemd for
+# the guest image's ingredients (libc6-dev: glibc's static libraries for the
+# crt-static guest worker), stress-ng for load tests, systemd for
 # systemd-analyze (unit test), socat to read guest channels (boot-check),
 # iproute2 for the controller test's dedicated uplink (a veth pair).
 # qemu-utils and the cloud kernel come in separate apt calls (deps-system).
 APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
-	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2
+	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2 libc6-dev
 KERNEL_PACKAGE := linux-image-cloud-amd64
+
+# The guest worker, a static binary for the initramfs. Its own target dir, so
+# the crt-static RUSTFLAGS do not invalidate the workspace's build cache.
+GUEST_TARGET := x86_64-unknown-linux-gnu
+GUEST_OUT := target/guest/$(GUEST_TARGET)/release
+GUEST_BIN := $(GUEST_OUT)/sparegrid-guest
+GUEST_PROBE := $(GUEST_OUT)/sparegrid-guest-probe
+GUEST_SOURCES := $(shell find agent/guest agent/proto -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 
 # Environment for everything that may talk to a real libvirtd and boot the image.
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
 
-.PHONY: help deps deps-system deps-rust libvirtd image boot-check build test demo demo-agent \
+.PHONY: help deps deps-system deps-rust libvirtd guest-bin image boot-check build test demo demo-agent \
 	bench-agent bench-controller bench-venv bench-e2e clean-image fmt lint
 
 help:
 	@echo "make deps         install system packages (apt, only what is missing), check cargo, cargo fetch"
 	@echo "make libvirtd     start virtlogd + libvirtd unless running; wait for $(LIBVIRT_URI)"
-	@echo "make image        build the guest image into $(IMAGE_DIR) (workloads/build-image.sh)"
+	@echo "make guest-bin    build the static guest worker (and its probe) into $(GUEST_OUT)"
+	@echo "make image        build the guest image with the worker into $(IMAGE_DIR) (workloads/build-image.sh)"
 	@echo "make boot-check   boot the guest image once under libvirt (workloads/boot-check.sh)"
 	@echo "make build        cargo build --workspace"
 	@echo "make test         deps, libvirtd, image, boot-check, then cargo test with real-VM tests on"
@@ -101,16 +111,27 @@ libvirtd: deps-system
 	virsh -c $(LIBVIRT_URI) version >&2 || true; \
 	exit 1
 
-# Built when the manifest is missing or older than the script or /init. The
-# script leaves unchanged files alone, so the manifest is touched afterwards.
+guest-bin: $(GUEST_BIN)
+
+# cargo leaves the binary alone when nothing it depends on changed (say
+# Cargo.lock gained another crate's dependency): touch it so make agrees.
+$(GUEST_BIN) $(GUEST_PROBE) &: $(GUEST_SOURCES) | deps-rust
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release -p sparegrid-guest \
+	    --target $(GUEST_TARGET) --target-dir target/guest
+	touch $(GUEST_BIN) $(GUEST_PROBE)
+
+# Built when the manifest is missing or older than the script, /init or the
+# guest worker. The script leaves unchanged files alone, so the manifest is
+# touched afterwards.
 image: $(IMAGE_DIR)/manifest.json
 
-$(IMAGE_DIR)/manifest.json: workloads/build-image.sh workloads/guest/init | deps-system
-	SPAREGRID_IMAGE_OUT=$(IMAGE_DIR) bash workloads/build-image.sh
+$(IMAGE_DIR)/manifest.json: workloads/build-image.sh workloads/guest/init $(GUEST_BIN) | deps-system
+	SPAREGRID_IMAGE_OUT=$(IMAGE_DIR) SPAREGRID_GUEST_BIN=$(GUEST_BIN) bash workloads/build-image.sh
 	touch $@
 
-boot-check: libvirtd image
-	LIBVIRT_URI=$(LIBVIRT_URI) bash workloads/boot-check.sh $(IMAGE_DIR)
+# Boots the image and checks the worker answers an Attach (with the probe).
+boot-check: libvirtd image $(GUEST_PROBE)
+	LIBVIRT_URI=$(LIBVIRT_URI) PROBE=$(GUEST_PROBE) bash workloads/boot-check.sh $(IMAGE_DIR)
 
 build: deps-rust
 	$(CARGO) build --workspace

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # Boots the guest image once under libvirt and checks that it works:
 #   - "sparegrid-guest: ready" appears on the serial console within a deadline
-#   - heartbeat lines arrive on the virtio-serial channel org.sparegrid.guest.0
-#     (a unix socket on the host)
-# Prints the time from `virsh create` to "ready". Needs a running libvirtd
-# (`make libvirtd`) and a built image (`make image`).
+#   - on the virtio-serial channel org.sparegrid.guest.0 (a unix socket on the
+#     host):
+#     - image with the worker (manifest.json has a guest_version): the worker
+#       answers an Attach with a Hello (sparegrid-guest-probe), and runs one
+#       subtask using the image's interpreters (sh, awk) with the right output;
+#     - image without it: the placeholder's heartbeat lines arrive.
+# Prints the time from `virsh create` to "ready" (and to the Hello). Needs a
+# running libvirtd (`make libvirtd`) and a built image (`make image`).
 #
 # Usage: workloads/boot-check.sh [IMAGE_DIR]
 # Environment: LIBVIRT_URI (qemu:///system), DOMAIN_TYPE (qemu: TCG, works
 # everywhere; kvm where nested guests work), BOOT_DEADLINE seconds (30),
 # BURN=1 to boot with sparegrid.burn=1 and report the guest's CPU time,
-# BOOT_CMDLINE to replace the kernel command line, KEEP=1 to keep the temp dir.
+# BOOT_CMDLINE to replace the kernel command line, KEEP=1 to keep the temp dir,
+# PROBE (the sparegrid-guest-probe binary; default: make guest-bin's output),
+# MEMORY_MIB (256; a big initramfs such as one with python3 needs more),
+# CHECK_CMD (a shell command the guest runs after the built-in check; must
+# exit 0, e.g. "python3 -c 'print(6*7)'").
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,8 +35,19 @@ die() { printf 'boot-check: FAIL: %s\n' "$*" >&2; exit 1; }
 for f in vmlinuz initrd.img; do
     [[ -f $IMAGE_DIR/$f ]] || die "missing $IMAGE_DIR/$f (run make image)"
 done
-command -v socat >/dev/null || command -v python3 >/dev/null ||
-    die "socat (or python3) is needed to read the channel socket"
+MEMORY_MIB=${MEMORY_MIB:-256}
+# The worker is in the image when its manifest names its version.
+GUEST_VERSION=""
+if [[ -f $IMAGE_DIR/manifest.json ]]; then
+    GUEST_VERSION=$(sed -n 's/^ *"guest_version": *"\([^"]*\)".*/\1/p' "$IMAGE_DIR/manifest.json")
+fi
+if [[ -n $GUEST_VERSION ]]; then
+    PROBE=${PROBE:-$HERE/../target/guest/x86_64-unknown-linux-gnu/release/sparegrid-guest-probe}
+    [[ -x $PROBE ]] || die "no probe at $PROBE (run make guest-bin, or set PROBE)"
+else
+    command -v socat >/dev/null || command -v python3 >/dev/null ||
+        die "socat (or python3) is needed to read the channel socket"
+fi
 
 # libvirt creates the console file and the channel socket itself and hands
 # qemu their descriptors, so a root-owned 0755 directory is enough.
@@ -59,7 +78,7 @@ CMDLINE="${BOOT_CMDLINE:-console=ttyS0 quiet panic=-1}"
 cat >"$DIR/domain.xml" <<EOF
 <domain type='$DOMAIN_TYPE'>
   <name>$NAME</name>
-  <memory unit='MiB'>256</memory>
+  <memory unit='MiB'>$MEMORY_MIB</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -105,7 +124,32 @@ done
 boot=$(awk -v a="$start" -v b="$ready" 'BEGIN{printf "%.2f", b-a}')
 log "ready after ${boot}s"
 
-# Read the channel for a few seconds: expect at least two heartbeat lines.
+if [[ -n $GUEST_VERSION ]]; then
+    # The worker: Attach -> Hello, then one subtask through sh and awk.
+    log "image carries sparegrid-guest $GUEST_VERSION: probing the channel"
+    out=$("$PROBE" "$SOCK" --timeout "$DEADLINE" -- \
+        sh -c 'echo "uname=$(uname -r)"; seq 1 6 | awk "{s += \$1} END {print \"sum=\" s}"; echo "cwd=$(pwd)"') ||
+        { printf '%s\n' "$out" | sed 's/^/  probe: /' >&2; sed 's/^/  console: /' "$CONSOLE" >&2; die "the worker did not answer or the subtask failed"; }
+    hello_at=$(date +%s.%N)
+    printf '%s\n' "$out" | sed 's/^/  probe: /' >&2
+    hello=$(sed -n 's/^hello //p' <<<"$out")
+    grep -q "\"worker_version\":\"$GUEST_VERSION\"" <<<"$hello" ||
+        die "Hello does not carry worker_version $GUEST_VERSION: $hello"
+    grep -qx 'sum=21' <<<"$out" || die "awk in the guest did not print sum=21"
+    grep -qx 'cwd=/tmp' <<<"$out" || die "the subtask did not run in /tmp"
+    grep -q '"exit_code":0' <<<"$(sed -n 's/^result //p' <<<"$out")" || die "the subtask did not exit 0"
+    if [[ -n ${CHECK_CMD:-} ]]; then
+        extra=$("$PROBE" "$SOCK" --timeout "$DEADLINE" -- sh -c "$CHECK_CMD") ||
+            { printf '%s\n' "$extra" | sed 's/^/  check: /' >&2; die "CHECK_CMD failed in the guest: $CHECK_CMD"; }
+        printf '%s\n' "$extra" | grep -v '^hello ' | sed 's/^/  check: /' >&2
+    fi
+    hello_s=$(awk -v a="$start" -v b="$hello_at" 'BEGIN{printf "%.2f", b-a}')
+    sed 's/^/  console: /' "$CONSOLE" >&2
+    echo "boot-check: OK ready_after_s=$boot worker=$GUEST_VERSION subtask_done_after_s=$hello_s"
+    exit 0
+fi
+
+# No worker: read the channel for a few seconds, expect two heartbeat lines.
 if command -v socat >/dev/null; then
     beats=$(timeout 4.5 socat -u UNIX-CONNECT:"$SOCK" - || true)
 else

@@ -15,6 +15,14 @@
 #   SPAREGRID_GUEST_MODULES  modules to load, deps are added and ordered from
 #                            modules.dep (default: "virtio_pci virtio_console virtio_rng")
 #   SPAREGRID_GUEST_BIN      a static guest worker to install as /bin/sparegrid-guest
+#                            (its --version goes into the manifest as guest_version)
+#   SPAREGRID_EXTRA_BINARIES host programs to add to /bin with the shared libraries
+#                            ldd names (e.g. "python3 perl"); names are looked up in
+#                            /usr/local/bin:/usr/bin:/bin, or give absolute paths
+#                            (EXTRA_BINARIES is read when this is unset)
+#   SPAREGRID_EXTRA_FILES    host files or directories copied to the same path in
+#                            the initrd, plus the shared libraries of any ELF file
+#                            among them (e.g. "/usr/lib/python3.11"; EXTRA_FILES too)
 #   SPAREGRID_KERNEL_FLAVOUR kernel flavour suffix   (default: cloud-amd64)
 #   SOURCE_DATE_EPOCH        mtime for every file in the initrd (default: 0)
 set -euo pipefail
@@ -148,11 +156,71 @@ done
 
 cp "$HERE/guest/init" "$ROOT/init"
 chmod 0755 "$ROOT/init"
+GUEST_VERSION=""
 if [[ -n ${SPAREGRID_GUEST_BIN:-} ]]; then
     [[ -x $SPAREGRID_GUEST_BIN ]] || die "SPAREGRID_GUEST_BIN=$SPAREGRID_GUEST_BIN is not executable"
+    # The initramfs has no libc: the worker must be static (ldd of a
+    # static-pie says "statically linked" and succeeds; only a dynamic one
+    # lists libraries with "=>").
+    if ldd "$SPAREGRID_GUEST_BIN" 2>/dev/null | grep -q '=>'; then
+        die "SPAREGRID_GUEST_BIN=$SPAREGRID_GUEST_BIN is dynamically linked (build it with crt-static: make guest-bin)"
+    fi
+    GUEST_VERSION=$("$SPAREGRID_GUEST_BIN" --version | awk '$1 == "sparegrid-guest" {print $2}')
+    [[ -n $GUEST_VERSION ]] || die "$SPAREGRID_GUEST_BIN --version did not print 'sparegrid-guest <version>'"
     cp "$SPAREGRID_GUEST_BIN" "$ROOT/bin/sparegrid-guest"
-    log "guest worker: $SPAREGRID_GUEST_BIN"
+    log "guest worker $GUEST_VERSION: $SPAREGRID_GUEST_BIN"
 fi
+
+# --- extra binaries and files (an operator's own workload) ------------------
+
+# copy_libs FILE: copies the shared libraries FILE needs (as ldd resolves them
+# on this host, the dynamic loader included) to the same paths in the initrd.
+copy_libs() {
+    local lib
+    ldd "$1" >/dev/null 2>&1 || return 0 # static, or not ELF
+    for lib in $(ldd "$1" | awk '/=> \// {print $3} /^\t\// {print $1}'); do
+        [[ -e $ROOT$lib ]] && continue
+        mkdir -p "$ROOT$(dirname "$lib")"
+        cp -L "$lib" "$ROOT$lib"
+    done
+}
+EXTRA_BINARIES=${SPAREGRID_EXTRA_BINARIES:-${EXTRA_BINARIES:-}}
+EXTRA_FILES=${SPAREGRID_EXTRA_FILES:-${EXTRA_FILES:-}}
+for b in $EXTRA_BINARIES; do
+    if [[ $b == /* ]]; then src=$b; else
+        # Not the caller's PATH: pyenv or venv shims are scripts.
+        src=$(PATH=/usr/local/bin:/usr/bin:/bin command -v "$b" || true)
+    fi
+    [[ -n $src && -x $src ]] || die "extra binary $b: not found in /usr/local/bin:/usr/bin:/bin"
+    real=$(readlink -f "$src")
+    # Replaces a busybox applet link of the same name (cp would follow it).
+    rm -f "$ROOT/bin/$(basename "$b")"
+    cp "$real" "$ROOT/bin/$(basename "$b")"
+    copy_libs "$real"
+    log "extra binary $(basename "$b") from $real"
+done
+for f in $EXTRA_FILES; do
+    [[ $f == /* && -e $f ]] || die "extra file $f: not an existing absolute path"
+    mkdir -p "$ROOT$(dirname "$f")"
+    cp -a "$f" "$ROOT$(dirname "$f")/"
+    while IFS= read -r -d '' x; do copy_libs "$x"; done < <(find "$f" -type f -name '*.so*' -print0)
+    log "extra files $f ($(du -sh "$f" | cut -f1))"
+done
+if [[ -n $EXTRA_BINARIES$EXTRA_FILES ]]; then
+    # The dynamic loader's usual home on x86_64.
+    if [[ -e $ROOT/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 && ! -e $ROOT/lib64/ld-linux-x86-64.so.2 ]]; then
+        mkdir -p "$ROOT/lib64"
+        ln -s ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$ROOT/lib64/ld-linux-x86-64.so.2"
+    fi
+fi
+
+# Interpreters the image carries (the manifest lists them; the agent checks
+# a workload's interpreters against this list).
+INTERPRETERS=()
+for i in sh bash awk python3 perl ruby node lua tclsh; do
+    [[ -e $ROOT/bin/$i ]] && INTERPRETERS+=("$i")
+done
+log "interpreters: ${INTERPRETERS[*]}"
 cat >"$ROOT/etc/sparegrid-image" <<EOF
 format=$FORMAT_VERSION
 kernel=$KVER
@@ -188,6 +256,10 @@ done
 digest() { sha256sum "$1" | awk '{print $1}'; }
 mods_json=""
 for n in "${ORDER[@]}"; do mods_json+="${mods_json:+, }\"$n\""; done
+interp_json=""
+for n in "${INTERPRETERS[@]}"; do interp_json+="${interp_json:+, }\"$n\""; done
+guest_version_json=null
+[[ -n $GUEST_VERSION ]] && guest_version_json="\"$GUEST_VERSION\""
 cat >"$WORK/manifest.json" <<EOF
 {
   "version": $FORMAT_VERSION,
@@ -195,6 +267,8 @@ cat >"$WORK/manifest.json" <<EOF
   "kernel_version": "$KVER",
   "modules": [$mods_json],
   "guest_port": "$PORT_NAME",
+  "guest_version": $guest_version_json,
+  "interpreters": [$interp_json],
   "cmdline": "console=ttyS0 quiet panic=-1",
   "files": {
     "vmlinuz": { "sha256": "$(digest "$OUT/vmlinuz")", "size": $(stat -c %s "$OUT/vmlinuz") },
