@@ -13,10 +13,11 @@
 //! worker detaches and reconnects every [`RECONNECT`].
 //!
 //! Messages: Attach → Hello (and heartbeats from then on); RunSubtask →
-//! [`crate::run::start`], or a `busy` Result while another one runs (the
-//! same id again is taken as a Replay from zero: the host lost track);
-//! Cancel → kill; Replay → [`State::replay`](crate::state::State::replay)
-//! or an `unknown subtask` Result.
+//! [`crate::run::start`] (replacing the last finished subtask, whatever its
+//! id), or a `busy` Result while another one runs (a Rejected if it has the
+//! running one's id, whose Result still follows); Cancel → kill; Replay →
+//! [`State::replay`](crate::state::State::replay) or an `unknown subtask`
+//! Result.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -191,17 +192,17 @@ impl Worker {
     fn run_subtask(&self, req: RunSubtask) {
         {
             let mut st = self.shared.lock();
-            if let Some(sub) = st.current.as_ref() {
+            if let Some(sub) = st.current.as_ref().filter(|s| !s.finished()) {
                 if sub.id == req.id {
-                    crate::log!("subtask {} sent again: replaying it from the start", req.id);
-                    st.replay(req.id, 0, 0);
+                    // A Result for this id would be taken for the running one's.
+                    let reason = format!("subtask {} is already running", req.id);
+                    crate::log!("{reason}");
+                    st.push(&GuestMsg::Rejected { reason });
                     return;
                 }
-                if !sub.finished() {
-                    let msg = format!("busy: subtask {} is running", sub.id);
-                    st.push(&GuestMsg::Result(error_result(req.id, &msg)));
-                    return;
-                }
+                let msg = format!("busy: subtask {} is running", sub.id);
+                st.push(&GuestMsg::Result(error_result(req.id, &msg)));
+                return;
             }
         }
         crate::run::start(&self.shared, req);

@@ -212,6 +212,9 @@ fn sh(id: u64, script: &str) -> RunSubtask {
 fn says_nothing_before_attach_then_hello_with_the_session() {
     let mut h = Host::new();
     assert!(h.try_recv(Duration::from_millis(500), false).is_none());
+    // Not even a Rejected for garbage before the first Attach.
+    h.raw(b"\x00garbage before attach");
+    assert!(h.try_recv(Duration::from_millis(300), false).is_none());
     let hello = h.attach_with(0xdead_beef_cafe, 1000);
     assert_eq!(hello.session, 0xdead_beef_cafe);
     assert_eq!(hello.protocol, PROTOCOL_VERSION);
@@ -351,6 +354,18 @@ fn cancel_kills_and_a_second_subtask_while_busy_is_refused() {
             _ => {}
         }
     }
+    // The running one's id again: refused without a Result for that id.
+    h.send(&HostMsg::RunSubtask(sh(1, "echo no")));
+    loop {
+        match h.recv() {
+            GuestMsg::Rejected { reason } => {
+                assert!(reason.contains("already running"), "{reason}");
+                break;
+            }
+            GuestMsg::Result(r) => panic!("a result while running: {r:?}"),
+            _ => {}
+        }
+    }
     h.send(&HostMsg::Cancel { id: 1 });
     let (_, r) = h.collect(1, [b"go\n".to_vec(), Vec::new()]);
     assert_eq!(r.error.as_deref(), Some("cancelled"));
@@ -450,4 +465,25 @@ fn reconnects_after_the_host_goes_away_between_subtasks() {
     );
     let (out, _, _) = h.run(sh(2, "echo two"));
     assert_eq!(out, b"two\n");
+    // A finished subtask's id may come again (another host): it runs anew.
+    let (out, _, _) = h.run(sh(2, "echo three"));
+    assert_eq!(out, b"three\n");
+}
+
+#[test]
+fn waits_for_the_socket_to_appear() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("late.sock");
+    let worker = spawn_worker(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let listener = UnixListener::bind(&sock).unwrap();
+    let s = accept(&listener);
+    let mut h = Host {
+        _dir: dir,
+        listener,
+        s,
+        dec: FrameDecoder::new(MAX_GUEST_FRAME),
+        _worker: worker,
+    };
+    assert_eq!(h.attach_with(3, 1000).session, 3);
 }

@@ -4,7 +4,7 @@
 //! Connects to the channel's unix socket, sends Attach (every second) until
 //! the Hello with its session arrives (skipping anything else, as the host
 //! does), and prints `hello <json>`. With `-- ARGV…` it then runs ARGV as
-//! subtask 1, copies its output to stdout/stderr and prints `result <json>`.
+//! one subtask, copies its output to stdout/stderr and prints `result <json>`.
 //! Exit status 0 when the Hello came (and the subtask exited 0).
 
 use std::collections::BTreeMap;
@@ -91,10 +91,12 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
     if argv.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
+    // Ids are unique per VM: another probe may have run one before.
+    let id = session.max(1);
     send(
         &mut s,
         &HostMsg::RunSubtask(RunSubtask {
-            id: 1,
+            id,
             label: "probe".into(),
             argv,
             env: BTreeMap::new(),
@@ -105,13 +107,13 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
     )?;
     loop {
         match recv(&mut s, &mut dec, deadline, false)? {
-            Some(GuestMsg::Output(o)) if o.id == 1 => {
+            Some(GuestMsg::Output(o)) if o.id == id => {
                 let _ = match o.stream {
                     Stream::Stdout => std::io::stdout().write_all(&o.data),
                     Stream::Stderr => std::io::stderr().write_all(&o.data),
                 };
             }
-            Some(GuestMsg::Result(r)) if r.id == 1 => {
+            Some(GuestMsg::Result(r)) if r.id == id => {
                 let _ = std::io::stdout().flush();
                 println!(
                     "result {}",
