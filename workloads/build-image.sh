@@ -23,6 +23,8 @@
 #   SPAREGRID_EXTRA_FILES    host files or directories copied to the same path in
 #                            the initrd, plus the shared libraries of any ELF file
 #                            among them (e.g. "/usr/lib/python3.11"; EXTRA_FILES too)
+#   SPAREGRID_EXTRA_EXCLUDE  names (find -name patterns) left out of the copied
+#                            trees, e.g. "config-3.11-* __pycache__ idlelib"
 #   SPAREGRID_KERNEL_FLAVOUR kernel flavour suffix   (default: cloud-amd64)
 #   SOURCE_DATE_EPOCH        mtime for every file in the initrd (default: 0)
 set -euo pipefail
@@ -186,6 +188,8 @@ copy_libs() {
 }
 EXTRA_BINARIES=${SPAREGRID_EXTRA_BINARIES:-${EXTRA_BINARIES:-}}
 EXTRA_FILES=${SPAREGRID_EXTRA_FILES:-${EXTRA_FILES:-}}
+# An array, so patterns like config-3.11-* are not globbed here.
+read -ra EXCLUDE <<<"${SPAREGRID_EXTRA_EXCLUDE:-${EXTRA_EXCLUDE:-}}"
 for b in $EXTRA_BINARIES; do
     if [[ $b == /* ]]; then src=$b; else
         # Not the caller's PATH: pyenv or venv shims are scripts.
@@ -203,8 +207,11 @@ for f in $EXTRA_FILES; do
     [[ $f == /* && -e $f ]] || die "extra file $f: not an existing absolute path"
     mkdir -p "$ROOT$(dirname "$f")"
     cp -a "$f" "$ROOT$(dirname "$f")/"
+    for pat in "${EXCLUDE[@]}"; do
+        find "$ROOT$f" -mindepth 1 -name "$pat" -prune -exec rm -rf {} +
+    done
     while IFS= read -r -d '' x; do copy_libs "$x"; done < <(find "$f" -type f -name '*.so*' -print0)
-    log "extra files $f ($(du -sh "$f" | cut -f1))"
+    log "extra files $f ($(du -sh "$ROOT$f" | cut -f1) of $(du -sh "$f" | cut -f1))"
 done
 if [[ -n $EXTRA_BINARIES$EXTRA_FILES ]]; then
     # The dynamic loader's usual home on x86_64.
