@@ -638,10 +638,24 @@ impl Cluster {
     /// Starts an agent named `host` (its partition is removed when the
     /// cluster is dropped) and returns its index in [`Cluster::agents`].
     pub fn add_agent(&mut self, host: &str, slots: u32, load: AgentLoad) -> usize {
+        self.add_agent_with(host, slots, load, |_| {})
+    }
+
+    /// [`Cluster::add_agent`] with `adjust` applied to the
+    /// [`Cluster::agent_conf`] first (for example [`grid_vm_conf`], which
+    /// makes it a libvirt agent whose subtasks run inside grid VMs).
+    pub fn add_agent_with(
+        &mut self,
+        host: &str,
+        slots: u32,
+        load: AgentLoad,
+        adjust: impl FnOnce(&mut Conf),
+    ) -> usize {
         let mut h = Harness::new();
         let partition = unique("sparegrid-cluster");
         h.cleanup_partition_on_drop(Path::new(CGROUP_ROOT), &partition);
-        let conf = self.agent_conf(&h, host, &partition, slots, &load);
+        let mut conf = self.agent_conf(&h, host, &partition, slots, &load);
+        adjust(&mut conf);
         let agent = h.start(&conf);
         self.agents.push(ClusterAgent {
             host: host.to_string(),
@@ -780,6 +794,36 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Turns an [`Cluster::agent_conf`] into a libvirt agent whose pushed
+/// subtasks run inside its grid VMs (up to `max_vms`, one TCG vCPU and
+/// 256 MiB each, booted from the guest image in `image`): the
+/// `qemu:///system` URI, `launch_after` 1 s, `resume_after` 2 s, a
+/// generous `boot_timeout` (TCG on a busy 2-core box), `reclaim_after`
+/// 10 min (tests that reclaim set it lower). The domains are named
+/// `sg-<host>-<n>`: see [`grid_vm_prefix`].
+pub fn grid_vm_conf(c: &mut Conf, image: &Path, max_vms: u32) {
+    c.str("runtime", "kind", "libvirt")
+        .str("runtime", "libvirt_uri", crate::LIBVIRT_URI)
+        .str("runtime", "domain_type", "qemu")
+        .set("vm", "vcpus", 1)
+        .set("vm", "memory_mib", 256)
+        .path("vm", "kernel", &image.join("vmlinuz"))
+        .path("vm", "initrd", &image.join("initrd.img"))
+        .str("vm", "cmdline", "console=ttyS0 quiet panic=-1")
+        .set("policy", "max_grid_vms", max_vms)
+        .set("policy", "vcpu_budget", max_vms)
+        .set("policy", "memory_budget_mib", 256 * u64::from(max_vms) + 64)
+        .str("policy", "launch_after", "1s")
+        .str("policy", "resume_after", "2s")
+        .str("policy", "reclaim_after", "10m")
+        .str("policy", "boot_timeout", "120s");
+}
+
+/// The name prefix of `host`'s grid VMs (`sg-<host>-`).
+pub fn grid_vm_prefix(host: &str) -> String {
+    format!("sg-{host}-")
 }
 
 /// A `sh` script for a range subtask: records its start in

@@ -1097,6 +1097,59 @@ pub fn child_pids(cgroup_root: &Path, partition: &str, child: &str) -> Vec<u32> 
     pids
 }
 
+/// Test only: keeps a grid partition at a normal CPU weight (`cpu.shares`
+/// 1024 / `cpu.weight` 100, `cpu.idle` 0), rewritten every 250 ms, until
+/// dropped. The agent gives its partition the lowest weight and marks it
+/// idle, so on a 2-core box where other builds keep both cores busy a TCG
+/// guest inside may not even boot within minutes (seen: 90 s without a
+/// console line). Tests about what happens *inside* grid VMs use this so
+/// their outcome does not depend on the neighbours; the agent's CPU
+/// priority itself is tested and benchmarked elsewhere (`agent_libvirt`,
+/// `bench-agent`).
+pub struct PartitionBoost {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PartitionBoost {
+    pub fn start(cgroup_root: &Path, partition: &str) -> PartitionBoost {
+        use std::sync::atomic::AtomicBool;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (root, partition) = (cgroup_root.to_path_buf(), partition.to_string());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                for d in partition_dirs(&root, &partition) {
+                    for (file, value) in [
+                        ("cpu.shares", "1024"),
+                        ("cpu.weight", "100"),
+                        ("cpu.idle", "0"),
+                    ] {
+                        let f = d.join(file);
+                        if f.exists() {
+                            let _ = fs::write(&f, value);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        PartitionBoost {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PartitionBoost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Thaws, kills and removes everything under `dir`, children first.
 fn remove_cgroup_tree(dir: &Path) -> Result<()> {
     if let Ok(entries) = fs::read_dir(dir) {

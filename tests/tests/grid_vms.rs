@@ -1,0 +1,817 @@
+//! End-to-end tests of grid subtasks running inside grid VMs (issue 4): a
+//! real `sparegrid-controller`, `sparegrid-agent`s with the libvirt runtime
+//! on a real libvirtd (`qemu:///system`) booting TCG guests from the image
+//! `make image` builds (`$SPAREGRID_IMAGE_DIR`), whose `sparegrid-guest`
+//! worker runs each pushed subtask, and the `sparegrid` CLI submitting jobs.
+//!
+//! What each test proves:
+//!
+//! - the results of a job run in grid VMs equal the same commands run on
+//!   this host, every index once, and each ran in one of the agent's guests
+//!   (its hostname and its kernel command line, which carries a token
+//!   unique to the test);
+//! - a VM paused mid-subtask and resumed finishes the subtask with its
+//!   output complete, reported once, as the attempt it started as;
+//! - a VM reclaimed (destroyed) mid-subtask hands it back: it runs again on
+//!   another agent, once, and with `max_attempts = 1` the job still
+//!   succeeds, so the hand-back did not use up an attempt;
+//! - a VM whose QEMU is killed mid-subtask: the agent stays up, says why,
+//!   and the subtask completes elsewhere, once, without a failed attempt;
+//! - a guest that writes garbage and never says Hello is reclaimed, the
+//!   agent stays up and never offers the controller a slot on it;
+//! - `reclaim_mode = "save"`: a VM managed-saved mid-subtask is restored
+//!   once the host is calm and finishes the subtask there.
+//!
+//! Load: the agent under test counts network only, on its own uplink (a
+//! veth pair, [`Uplink`]); customer load is real traffic through it, so
+//! nothing else on this busy machine (builds, the TCG guests themselves)
+//! moves its load factor. The controller never withdraws a host here
+//! (`withdraw_above` 1.0, `withdraw_after` 30 min), so what moves a subtask
+//! is the agent's doing.
+//!
+//! `libvirtd_` tests need root and `SPAREGRID_LIBVIRTD=1` (`make test` sets
+//! both) and are skipped otherwise. Deadlines are generous bounds on
+//! waiting (TCG boots on a shared 2-core box), never timing assertions.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sparegrid_controller::api::{JobResults, SubtaskResult};
+use sparegrid_controller::store::JobState;
+use sparegrid_proto::{AgentStatus, Reason, VmState};
+use sparegrid_tests::controller::*;
+use sparegrid_tests::*;
+
+/// From agent start to a guest's Hello, and other waits that include a
+/// TCG boot.
+const BOOT: Duration = Duration::from_secs(240);
+/// A subtask's whole run inside a TCG guest (the sequence below takes
+/// about 20 s unpaused).
+const RUN: Duration = Duration::from_secs(300);
+
+/// Lines of the sequence subtask.
+const SEQ_LINES: u32 = 150;
+
+/// A subtask that runs for a while and prints a known sequence: `0` to
+/// `SEQ_LINES - 1`, one a line, about 0.1 s apart, then `end`.
+fn seq_script() -> String {
+    format!("i=0; while [ $i -lt {SEQ_LINES} ]; do echo $i; i=$((i+1)); sleep 0.1; done; echo end")
+}
+
+fn seq_expected() -> String {
+    let mut s: String = (0..SEQ_LINES).map(|i| format!("{i}\n")).collect();
+    s.push_str("end\n");
+    s
+}
+
+/// Writes a job file: `argv`, a range `0..end` in `chunk`s, `max_attempts`.
+fn write_job(
+    dir: &Path,
+    name: &str,
+    argv: &[&str],
+    end: u64,
+    chunk: u64,
+    max_attempts: u32,
+) -> PathBuf {
+    let argv: Vec<String> = argv.iter().map(|a| toml_str(a)).collect();
+    let text = format!(
+        "name = {}\nmax_attempts = {max_attempts}\n\
+         command = {{ argv = [{}] }}\n\n\
+         [resources]\ntimeout_secs = 600\n\n\
+         [split.range]\nstart = 0\nend = {end}\nchunk = {chunk}\n",
+        toml_str(name),
+        argv.join(", ")
+    );
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, text).expect("write the job file");
+    path
+}
+
+/// The VM of `s` that runs subtask `index` of `job`: its name, the
+/// attempt's epoch, its state and its guest link state.
+fn vm_running(s: &AgentStatus, job: &str, index: u64) -> Option<(String, u32, VmState, String)> {
+    let prefix = format!("{job}/{index}#");
+    s.vms.iter().find_map(|v| {
+        let epoch = v.subtask.as_deref()?.strip_prefix(&prefix)?.parse().ok()?;
+        Some((
+            v.name.clone(),
+            epoch,
+            v.state,
+            v.guest.clone().unwrap_or_default(),
+        ))
+    })
+}
+
+/// Waits until `host` is registered, eligible and offers `slots` free slots
+/// (each one an idle grid VM whose guest said Hello).
+fn wait_free_slots(c: &Cluster, host: &str, slots: u32) {
+    c.wait_hosts(
+        &format!("{host} to offer {slots} free slot(s) (grid VMs ready)"),
+        BOOT,
+        |v| {
+            host_of(v, host)
+                .filter(|h| h.eligible && h.free_slots >= slots)
+                .map(|_| ())
+        },
+    );
+}
+
+fn host_of<'a>(
+    v: &'a sparegrid_controller::agents::HostsView,
+    id: &str,
+) -> Option<&'a sparegrid_controller::agents::HostView> {
+    host(v, id)
+}
+
+/// Index of the cluster agent named `host`.
+fn idx(c: &Cluster, host: &str) -> usize {
+    c.agents
+        .iter()
+        .position(|a| a.host == host)
+        .unwrap_or_else(|| panic!("no agent {host}"))
+}
+
+/// Waits until subtask `index` of `job` runs in one of `host`'s grid VMs
+/// (status shows it, the VM Running and its guest busy). Returns the VM
+/// and the attempt's epoch.
+fn wait_subtask_in_vm(c: &mut Cluster, host: &str, job: &str, index: u64) -> (String, u32) {
+    let i = idx(c, host);
+    c.agents[i].agent.wait_for(
+        &format!("subtask {job}/{index} to run in a grid VM of {host}"),
+        BOOT,
+        |s| {
+            vm_running(s, job, index)
+                .filter(|(_, _, st, guest)| *st == VmState::Running && guest == "busy")
+                .map(|(vm, ep, _, _)| (vm, ep))
+        },
+    )
+}
+
+/// The single result of a one-subtask job, which must be done.
+fn only_result(c: &Cluster, job: &str) -> SubtaskResult {
+    let d = c.wait_job_end(job, RUN, |_| {});
+    assert_eq!(
+        d.job.state,
+        JobState::Done,
+        "job {job}: {:?} dead {:?}\n{}",
+        d.job.counts,
+        d.dead_subtasks,
+        c.report()
+    );
+    let r = c.cli().results(job, false);
+    assert!(r.complete, "results of {job} not complete: {r:?}");
+    assert_eq!(
+        r.results.len(),
+        1,
+        "job {job} has one subtask, results: {r:?}"
+    );
+    r.results.into_iter().next().expect("one result")
+}
+
+/// Asserts the sequence subtask's result is complete and correct.
+fn assert_seq_output(r: &SubtaskResult, c: &Cluster) {
+    let want = seq_expected();
+    assert!(
+        r.exit_code == Some(0) && r.stdout == want && r.stdout_size == want.len() as u64,
+        "subtask {} (attempt {} on {}): exit {:?}, {} bytes of stdout (size {}), want {} bytes;\n\
+         stdout {:?}\nstderr {:?}\n{}",
+        r.index,
+        r.attempt,
+        r.host,
+        r.exit_code,
+        r.stdout.len(),
+        r.stdout_size,
+        want.len(),
+        r.stdout,
+        r.stderr,
+        c.report()
+    );
+}
+
+/// The latest transition of `vm` recorded at or after `after_ms`, to any
+/// of `to`.
+fn transition_to_any(
+    s: &AgentStatus,
+    vm: &str,
+    to: &[VmState],
+    after_ms: u64,
+) -> Option<sparegrid_proto::Transition> {
+    s.transitions
+        .iter()
+        .rev()
+        .find(|t| t.vm == vm && to.contains(&t.to) && t.at_unix_ms >= after_ms)
+        .cloned()
+}
+
+/// Skip rules, the machine lock and the image for a test `t`.
+fn setup(t: &str) -> Option<(Exclusive, PathBuf)> {
+    if skip_unless_libvirtd(t) {
+        return None;
+    }
+    let lock = exclusive(t);
+    let image = image_dir(t)?;
+    Some((lock, image))
+}
+
+/// A cluster whose controller never withdraws a host by itself: a load
+/// factor never rises above 1.0 (`withdraw_above`), and no VM stays
+/// suspended for `withdraw_after`.
+fn cluster() -> Cluster {
+    Cluster::start_controller(|c| {
+        c.sections.set("registry", "withdraw_above", "1.0").str(
+            "registry",
+            "withdraw_after",
+            "30m",
+        );
+    })
+}
+
+/// Adds a libvirt agent `host` whose subtasks run in up to `max_vms` grid
+/// VMs ([`grid_vm_conf`]), its load the traffic on `uplink`, `adjust`
+/// applied last. Returns the CPU boost of its partition (see
+/// [`PartitionBoost`]); keep it for the test.
+fn add_grid_agent(
+    c: &mut Cluster,
+    host: &str,
+    slots: u32,
+    uplink: &Uplink,
+    image: &Path,
+    max_vms: u32,
+    adjust: impl FnOnce(&mut Conf),
+) -> PartitionBoost {
+    let i = c.add_agent_with(
+        host,
+        slots,
+        AgentLoad::Uplink(uplink.name.clone()),
+        |conf| {
+            grid_vm_conf(conf, image, max_vms);
+            adjust(conf);
+        },
+    );
+    PartitionBoost::start(Path::new(CGROUP_ROOT), &c.agents[i].partition)
+}
+
+/// Removes the grid VMs of `hosts` on drop (after the cluster has stopped
+/// its agents, if declared before it).
+fn domain_cleanup(hosts: &[&str]) -> DomainCleanup {
+    let mut d = DomainCleanup::new();
+    d.prefixes = hosts.iter().map(|h| grid_vm_prefix(h)).collect();
+    d.run();
+    d
+}
+
+// ---------------------------------------------------------------------------
+
+/// The deterministic computation of test 1: for x in [lo, hi), the number
+/// of primes and the sum of squares mod 1000003, by trial division.
+const AWK_PROGRAM: &str = "BEGIN { n = 0; s = 0; \
+    for (x = (lo < 2 ? 2 : lo); x < hi; x++) { p = 1; \
+    for (d = 2; d * d <= x; d++) if (x % d == 0) { p = 0; break }; \
+    n += p; s = (s + x * x) % 1000003 }; \
+    printf \"[%d, %d): %d primes, squares %d\\n\", lo, hi, n, s }";
+
+#[test]
+fn libvirtd_job_runs_inside_grid_vms_and_matches_the_host() {
+    const T: &str = "libvirtd_job_runs_inside_grid_vms_and_matches_the_host";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let host = unique("gvjob");
+    let token = unique("sgtest");
+    let _domains = domain_cleanup(&[&host]);
+    let mut c = cluster();
+    let _boost = add_grid_agent(&mut c, &host, 2, &uplink, &image, 2, |conf| {
+        conf.str(
+            "vm",
+            "cmdline",
+            &format!("console=ttyS0 quiet panic=-1 sparegrid.test={token}"),
+        );
+    });
+    wait_free_slots(&c, &host, 2);
+
+    // stdout: the computation; stderr: where it ran.
+    let script = format!(
+        "awk -v lo={{start}} -v hi={{end}} '{AWK_PROGRAM}'; \
+         echo \"hostname=$(hostname)\" >&2; echo \"cmdline=$(cat /proc/cmdline)\" >&2; \
+         echo \"boot_id=$(cat /proc/sys/kernel/random/boot_id)\" >&2"
+    );
+    const END: u64 = 6000;
+    const CHUNK: u64 = 1000;
+    let job = write_job(
+        c.dir(),
+        "in-vms",
+        &["/bin/sh", "-c", &script],
+        END,
+        CHUNK,
+        1,
+    );
+    let sub = c.cli().submit(&job);
+    assert_eq!(sub.subtasks, END / CHUNK);
+    let id = sub.id.to_string();
+    let d = c.wait_job_end(&id, RUN, |_| {});
+    assert_eq!(
+        d.job.state,
+        JobState::Done,
+        "job {id}: {:?} dead {:?}\n{}",
+        d.job.counts,
+        d.dead_subtasks,
+        c.report()
+    );
+    let results: JobResults = c.cli().results(&id, false);
+    assert!(results.complete, "results not complete: {results:?}");
+
+    let host_name = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    assert_ne!(
+        host_name.trim(),
+        "sparegrid-guest",
+        "this host is named like the guest: the hostname check proves nothing"
+    );
+    let mut seen = BTreeSet::new();
+    let mut boots = BTreeSet::new();
+    for r in &results.results {
+        assert!(seen.insert(r.index), "index {} twice: {results:?}", r.index);
+        let (lo, hi) = (r.index * CHUNK, ((r.index + 1) * CHUNK).min(END));
+        // The same argv on this host (its own awk, not busybox's).
+        let local = script
+            .replace("{start}", &lo.to_string())
+            .replace("{end}", &hi.to_string());
+        let out = Command::new("/bin/sh")
+            .args(["-c", &local])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the subtask's command on the host");
+        assert!(out.status.success(), "on the host: {out:?}");
+        let want = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            want.starts_with(&format!("[{lo}, {hi}): ")),
+            "the host's own run printed {want:?}"
+        );
+        assert!(
+            r.exit_code == Some(0) && r.stdout == want,
+            "subtask {} (attempt {} on {}): exit {:?}, stdout {:?}; the host printed {want:?}; \
+             stderr {:?}",
+            r.index,
+            r.attempt,
+            r.host,
+            r.exit_code,
+            r.stdout,
+            r.stderr
+        );
+        assert_eq!(r.host, host, "subtask {} reported by {}", r.index, r.host);
+        assert!(
+            r.stderr.contains("hostname=sparegrid-guest\n"),
+            "subtask {} did not run in a grid VM (hostname): stderr {:?}",
+            r.index,
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains(&format!("sparegrid.test={token}")),
+            "subtask {} did not run in a VM booted by {host} (kernel cmdline lacks \
+             sparegrid.test={token}): stderr {:?}",
+            r.index,
+            r.stderr
+        );
+        if let Some(b) = r.stderr.lines().find_map(|l| l.strip_prefix("boot_id=")) {
+            boots.insert(b.to_string());
+        }
+    }
+    let missing: Vec<u64> = (0..END / CHUNK).filter(|i| !seen.contains(i)).collect();
+    assert!(missing.is_empty(), "missing indexes {missing:?}");
+    assert!(!boots.is_empty(), "no boot_id in any subtask's stderr");
+    eprintln!(
+        "{T}: {} subtasks in {} distinct guest boot(s)",
+        results.results.len(),
+        boots.len()
+    );
+    // The agent reports its VMs' links: both guests ready and idle now.
+    let i = idx(&c, &host);
+    c.agents[i].agent.wait_for(
+        "both grid VMs idle with their guests ready",
+        secs(30),
+        |s| {
+            let ready = s
+                .vms
+                .iter()
+                .filter(|v| {
+                    v.state == VmState::Running
+                        && v.guest.as_deref() == Some("ready")
+                        && v.subtask.is_none()
+                })
+                .count();
+            (ready == 2).then_some(())
+        },
+    );
+}
+
+#[test]
+fn libvirtd_vm_suspended_mid_subtask_resumes_and_output_is_complete() {
+    const T: &str = "libvirtd_vm_suspended_mid_subtask_resumes_and_output_is_complete";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let host = unique("gvsus");
+    let _domains = domain_cleanup(&[&host]);
+    let mut c = cluster();
+    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |_| {});
+    wait_free_slots(&c, &host, 1);
+    let job = write_job(
+        c.dir(),
+        "suspend",
+        &["/bin/sh", "-c", &seq_script()],
+        1,
+        1,
+        1,
+    );
+    let id = c.cli().submit(&job).id.to_string();
+    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
+    sleep_ms(2000);
+
+    // Customer traffic on the uplink: the VM is paused with its subtask.
+    let load = uplink.load(4 * UPLINK_BYTES_PER_SEC);
+    let t_load = unix_ms();
+    let i = idx(&c, &host);
+    let agent = &mut c.agents[i].agent;
+    let suspended = agent.wait_for(&format!("{vm_name} to be Suspended"), secs(60), |s| {
+        vm_in(s, &vm_name, VmState::Suspended)?;
+        transition_after(s, &vm_name, VmState::Suspended, t_load).cloned()
+    });
+    assert_transition(
+        &suspended,
+        VmState::Running,
+        VmState::Suspended,
+        Reason::NetworkPressure,
+    );
+    assert_eq!(
+        domstate(&vm_name).as_deref(),
+        Some("paused"),
+        "libvirt's view of {vm_name} while Suspended"
+    );
+    // It holds the subtask while paused, and nothing completes meanwhile.
+    agent.hold(
+        &format!("{vm_name} stays Suspended holding {id}/0#{epoch}"),
+        secs(4),
+        |s| match vm_running(s, &id, 0) {
+            Some((vm, ep, VmState::Suspended, _)) if vm == vm_name && ep == epoch => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let d = c.cli().status(&id);
+    assert_eq!(d.job.counts.done, 0, "done while its VM was paused: {d:?}");
+
+    // Calm: resumed, and the subtask finishes where it started.
+    drop(load);
+    let t_calm = unix_ms();
+    let agent = &mut c.agents[i].agent;
+    let resumed = agent.wait_for(&format!("{vm_name} to be resumed"), secs(60), |s| {
+        transition_after(s, &vm_name, VmState::Running, t_calm).cloned()
+    });
+    assert_transition(&resumed, VmState::Suspended, VmState::Running, Reason::Idle);
+    let r = only_result(&c, &id);
+    assert_seq_output(&r, &c);
+    assert_eq!(
+        (r.host.as_str(), r.attempt),
+        (host.as_str(), epoch),
+        "the accepted result is not the attempt that was paused"
+    );
+    let paused_ms = resumed.at_unix_ms.saturating_sub(suspended.at_unix_ms);
+    eprintln!(
+        "{T}: paused {paused_ms} ms; the guest reported duration {:?} ms",
+        r.duration_ms
+    );
+}
+
+#[test]
+fn libvirtd_vm_reclaimed_mid_subtask_hands_it_back_and_it_runs_elsewhere_once() {
+    const T: &str = "libvirtd_vm_reclaimed_mid_subtask_hands_it_back_and_it_runs_elsewhere_once";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let busy = unique("gvrec");
+    let other = unique("gvcalm");
+    let _domains = domain_cleanup(&[&busy]);
+    let mut c = cluster();
+    let _boost = add_grid_agent(&mut c, &busy, 1, &uplink, &image, 1, |conf| {
+        conf.str("policy", "reclaim_after", "3s")
+            .str("policy", "reclaim_mode", "destroy");
+    });
+    wait_free_slots(&c, &busy, 1);
+    // max_attempts = 1: a hand-back that counted as a failure kills the job.
+    let job = write_job(
+        c.dir(),
+        "reclaim",
+        &["/bin/sh", "-c", &seq_script()],
+        1,
+        1,
+        1,
+    );
+    let id = c.cli().submit(&job).id.to_string();
+    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &busy, &id, 0);
+    // The other host joins only now, so the first attempt went to the VM.
+    c.add_agent(&other, 1, AgentLoad::MemoryOnly);
+    sleep_ms(1000);
+
+    let load = uplink.load(4 * UPLINK_BYTES_PER_SEC);
+    let t_load = unix_ms();
+    let i = idx(&c, &busy);
+    let reclaimed = c.agents[i].agent.wait_for(
+        &format!("{vm_name} to be reclaimed after 3 s suspended"),
+        secs(90),
+        |s| transition_after(s, &vm_name, VmState::Reclaimed, t_load).cloned(),
+    );
+    assert_transition(
+        &reclaimed,
+        VmState::Suspended,
+        VmState::Reclaimed,
+        Reason::SuspendedTooLong,
+    );
+    let r = only_result(&c, &id);
+    drop(load);
+    assert_seq_output(&r, &c);
+    assert_eq!(
+        r.host, other,
+        "the accepted result should come from the other host"
+    );
+    assert!(
+        r.attempt > epoch,
+        "accepted attempt {} is not later than the reclaimed attempt {epoch}",
+        r.attempt
+    );
+    // The agent said why, and the controller saw a hand-back (not a failure).
+    let busy_log = c.agents[i].agent.log();
+    assert!(
+        busy_log.contains("handing it back"),
+        "{busy} did not log the hand-back:\n{}",
+        c.agents[i].agent.log_tail(40)
+    );
+    let ctl = c.controller.log();
+    assert!(
+        ctl.lines()
+            .any(|l| l.contains("agent handed attempts back") && l.contains(&busy)),
+        "no hand-back from {busy} in the controller log:\n{}",
+        c.controller.log_tail(40)
+    );
+    assert!(
+        !all_domains().contains(&vm_name),
+        "{vm_name} still defined after its reclaim"
+    );
+}
+
+/// `/run/libvirt/qemu/<vm>.pid`: the VM's QEMU process.
+fn qemu_pid(vm: &str) -> u32 {
+    let path = format!("/run/libvirt/qemu/{vm}.pid");
+    fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn libvirtd_qemu_killed_mid_subtask_agent_stays_up_and_subtask_completes_once() {
+    const T: &str = "libvirtd_qemu_killed_mid_subtask_agent_stays_up_and_subtask_completes_once";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let host = unique("gvkill");
+    let _domains = domain_cleanup(&[&host]);
+    let mut c = cluster();
+    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |_| {});
+    wait_free_slots(&c, &host, 1);
+    let job = write_job(
+        c.dir(),
+        "killed",
+        &["/bin/sh", "-c", &seq_script()],
+        1,
+        1,
+        1,
+    );
+    let id = c.cli().submit(&job).id.to_string();
+    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
+    sleep_ms(1500);
+    let pid = qemu_pid(&vm_name);
+    let t_kill = unix_ms();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill -9 {pid} ({vm_name}'s qemu): {e}"));
+    eprintln!("{T}: killed qemu {pid} of {vm_name}");
+
+    // The agent notices, says why, reclaims the VM and stays up.
+    let i = idx(&c, &host);
+    let gone = c.agents[i].agent.wait_for(
+        &format!("{vm_name} to leave after its qemu was killed"),
+        secs(60),
+        |s| transition_to_any(s, &vm_name, &[VmState::Reclaimed, VmState::Absent], t_kill),
+    );
+    assert!(
+        matches!(gone.reason, Reason::GuestFailure | Reason::Exited),
+        "{vm_name} left with reason {} (want guest_failure or exited)",
+        gone.reason
+    );
+    // The subtask completes once, on a fresh VM (the only place left).
+    let r = only_result(&c, &id);
+    assert_seq_output(&r, &c);
+    assert_eq!(r.host, host);
+    assert!(
+        r.attempt > epoch,
+        "accepted attempt {} is not later than the killed attempt {epoch}",
+        r.attempt
+    );
+    let agent = &mut c.agents[i].agent;
+    assert!(agent.is_running(), "the agent exited after the qemu kill");
+    agent.status().expect("the agent answers /v1/status");
+    let log = agent.log();
+    let why: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&vm_name) && (l.contains("guest failed") || l.contains("exited")))
+        .collect();
+    assert!(
+        !why.is_empty(),
+        "the agent logged no reason for {vm_name}'s end:\n{}",
+        agent.log_tail(40)
+    );
+    eprintln!("{T}: the agent said:\n{}", why.join("\n"));
+}
+
+/// A copy of the image's initrd with a second cpio archive appended that
+/// replaces `/bin/sparegrid-guest` with `script` (the kernel unpacks both,
+/// the later file wins). Returns the new initrd's path.
+fn initrd_with_worker(image: &Path, dir: &Path, script: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = dir.join("overlay");
+    fs::create_dir_all(tree.join("bin")).expect("overlay dir");
+    let worker = tree.join("bin/sparegrid-guest");
+    fs::write(&worker, script).expect("write the fake worker");
+    fs::set_permissions(&worker, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("printf 'bin\\nbin/sparegrid-guest\\n' | cpio --quiet -o -H newc -R 0:0 | gzip -9n")
+        .current_dir(&tree)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cpio | gzip (make deps installs cpio)");
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "cpio | gzip: {out:?}"
+    );
+    let mut initrd = fs::read(image.join("initrd.img")).expect("read the image's initrd");
+    initrd.extend_from_slice(&out.stdout);
+    let path = dir.join("initrd-bad-worker.img");
+    fs::write(&path, initrd).expect("write the initrd");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+    path
+}
+
+/// A guest worker that writes garbage to the guest port and never says Hello.
+const GARBAGE_WORKER: &str = r#"#!/bin/sh
+# Test double: garbage on the guest channel, never a Hello.
+for d in /sys/class/virtio-ports/*; do
+    [ "$(cat "$d/name" 2>/dev/null)" = org.sparegrid.guest.0 ] && dev=/dev/${d##*/}
+done
+echo "sparegrid-guest: garbage worker on ${dev:-no port}" >/dev/console
+while :; do
+    [ -n "$dev" ] && printf 'garbage \001\002\303\310 not a frame\n' >"$dev"
+    sleep 1
+done
+"#;
+
+#[test]
+fn libvirtd_guest_without_hello_is_reclaimed_and_the_agent_stays_up() {
+    const T: &str = "libvirtd_guest_without_hello_is_reclaimed_and_the_agent_stays_up";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let host = unique("gvnohello");
+    let _domains = domain_cleanup(&[&host]);
+    let mut c = cluster();
+    let initrd = initrd_with_worker(&image, &c.shared_dir("image"), GARBAGE_WORKER);
+    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |conf| {
+        conf.path("vm", "initrd", &initrd)
+            .str("policy", "boot_timeout", "25s");
+    });
+    let first = format!("{}1", grid_vm_prefix(&host));
+    let i = idx(&c, &host);
+    let t0 = unix_ms();
+    let ended = c.agents[i].agent.wait_for(
+        &format!("{first} to be given up on (no Hello)"),
+        BOOT,
+        |s| transition_to_any(s, &first, &[VmState::Reclaimed], t0),
+    );
+    assert!(
+        matches!(ended.reason, Reason::BootTimeout | Reason::GuestFailure),
+        "{first} reclaimed for {} (want boot_timeout or guest_failure)",
+        ended.reason
+    );
+    let agent = &mut c.agents[i].agent;
+    let st = agent.status().expect("the agent answers after the reclaim");
+    assert!(
+        !transitions_of(&st, &first)
+            .iter()
+            .any(|t| t.to == VmState::Running),
+        "{first} was Running although its guest never said Hello:\n{}",
+        summary(&st)
+    );
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&first) && (l.contains("Hello") || l.contains("boot"))),
+        "the agent logged no reason for giving up on {first}:\n{}",
+        agent.log_tail(40)
+    );
+    // The controller was never offered a slot on it.
+    let v = c.admin_cli().hosts();
+    let h = host_of(&v, &host).expect("host registered");
+    assert_eq!(
+        h.free_slots,
+        0,
+        "{host} offers a slot with no guest ready:\n{}",
+        hosts_summary(&v)
+    );
+    assert!(c.agents[i].agent.is_running(), "the agent exited");
+}
+
+#[test]
+fn libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there() {
+    const T: &str = "libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let host = unique("gvsave");
+    let _domains = domain_cleanup(&[&host]);
+    let mut c = cluster();
+    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |conf| {
+        conf.str("policy", "reclaim_after", "3s")
+            .str("policy", "reclaim_mode", "save");
+    });
+    wait_free_slots(&c, &host, 1);
+    let job = write_job(c.dir(), "save", &["/bin/sh", "-c", &seq_script()], 1, 1, 1);
+    let id = c.cli().submit(&job).id.to_string();
+    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
+    sleep_ms(2000);
+
+    let load = uplink.load(4 * UPLINK_BYTES_PER_SEC);
+    let t_load = unix_ms();
+    let i = idx(&c, &host);
+    let agent = &mut c.agents[i].agent;
+    let saved = agent.wait_for(
+        &format!("{vm_name} to be saved after 3 s suspended"),
+        secs(120),
+        |s| {
+            vm_in(s, &vm_name, VmState::Saved)?;
+            transition_after(s, &vm_name, VmState::Saved, t_load).cloned()
+        },
+    );
+    assert_eq!(saved.from, VmState::Suspended, "{saved:?}");
+    let (ok, info) = virsh(&["dominfo", &vm_name]);
+    assert!(
+        ok && info
+            .lines()
+            .any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes")),
+        "{vm_name} has no managed save while Saved:\n{info}"
+    );
+    agent.hold(
+        &format!("{vm_name} stays Saved holding {id}/0#{epoch}"),
+        secs(3),
+        |s| match vm_running(s, &id, 0) {
+            Some((vm, ep, VmState::Saved, _)) if vm == vm_name && ep == epoch => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let d = c.cli().status(&id);
+    assert_eq!(d.job.counts.done, 0, "done while its VM was saved: {d:?}");
+
+    drop(load);
+    let t_calm = unix_ms();
+    let agent = &mut c.agents[i].agent;
+    let restored = agent.wait_for(&format!("{vm_name} to be restored"), BOOT, |s| {
+        vm_in(s, &vm_name, VmState::Running)?;
+        transition_after(s, &vm_name, VmState::Running, t_calm).cloned()
+    });
+    let r = only_result(&c, &id);
+    assert_seq_output(&r, &c);
+    assert_eq!(
+        (r.host.as_str(), r.attempt),
+        (host.as_str(), epoch),
+        "the subtask should finish in the restored VM as the attempt it started as"
+    );
+    let st = c.agents[i].agent.status().expect("status");
+    let path: Vec<String> = transitions_of(&st, &vm_name)
+        .iter()
+        .map(|t| format!("{}→{} ({})", t.from, t.to, t.reason))
+        .collect();
+    eprintln!(
+        "{T}: {vm_name}: {}; restored at +{} ms",
+        path.join(", "),
+        restored.at_unix_ms.saturating_sub(t_calm)
+    );
+}
