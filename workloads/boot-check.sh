@@ -18,7 +18,9 @@
 # PROBE (the sparegrid-guest-probe binary; default: make guest-bin's output),
 # MEMORY_MIB (256; a big initramfs such as one with python3 needs more),
 # CHECK_CMD (a shell command the guest runs after the built-in check; must
-# exit 0, e.g. "python3 -c 'print(6*7)'").
+# exit 0, e.g. "python3 -c 'print(6*7)'"), BENCH=1 to print the no-op round
+# trip over the channel (BENCH_RUNS, 200) and the output throughput of
+# BENCH_MIB (100) MiB (give the guest MEMORY_MIB=512: the worker keeps it).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -142,6 +144,17 @@ if [[ -n $GUEST_VERSION ]]; then
         extra=$("$PROBE" "$SOCK" --timeout "$DEADLINE" -- sh -c "$CHECK_CMD") ||
             { printf '%s\n' "$extra" | sed 's/^/  check: /' >&2; die "CHECK_CMD failed in the guest: $CHECK_CMD"; }
         printf '%s\n' "$extra" | grep -v '^hello ' | sed 's/^/  check: /' >&2
+    fi
+    if [[ ${BENCH:-0} == 1 ]]; then
+        # Figures, not checks: no-op round trips and output throughput.
+        "$PROBE" "$SOCK" --timeout 300 --quiet --repeat "${BENCH_RUNS:-200}" -- true 2>&1 >/dev/null |
+            sed 's/^probe:/  bench no-op:/' >&2
+        mib=${BENCH_MIB:-100}
+        # The same output only counted, not kept or sent: the guest side alone.
+        "$PROBE" "$SOCK" --timeout 300 --quiet --cap 0 -- dd if=/dev/zero bs=1048576 count="$mib" 2>&1 >/dev/null |
+            sed 's/^probe:/  bench output, not sent (cap 0):/' >&2
+        "$PROBE" "$SOCK" --timeout 300 --quiet --cap $((mib << 20)) -- dd if=/dev/zero bs=1048576 count="$mib" 2>&1 >/dev/null |
+            sed 's/^probe:/  bench output:/' >&2
     fi
     hello_s=$(awk -v a="$start" -v b="$hello_at" 'BEGIN{printf "%.2f", b-a}')
     sed 's/^/  console: /' "$CONSOLE" >&2

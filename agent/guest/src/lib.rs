@@ -20,10 +20,24 @@ pub mod state;
 pub mod sysinfo;
 pub mod worker;
 
+/// Whether per-subtask lines are logged (`--verbose`). Off by default: in a
+/// TCG guest every console line costs real time on the serial port.
+pub static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// One line on stderr (the guest console), prefixed `sparegrid-guest worker:`.
 #[macro_export]
 macro_rules! log {
     ($($t:tt)*) => {
         eprintln!("sparegrid-guest worker: {}", format_args!($($t)*))
+    };
+}
+
+/// [`log!`] only with `--verbose` (per-subtask events).
+#[macro_export]
+macro_rules! vlog {
+    ($($t:tt)*) => {
+        if $crate::VERBOSE.load(std::sync::atomic::Ordering::Relaxed) {
+            $crate::log!($($t)*)
+        }
     };
 }

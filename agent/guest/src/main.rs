@@ -8,11 +8,11 @@ use sparegrid_guest::worker::{Worker, VERSION};
 use sparegrid_proto::guest::PORT_NAME;
 
 const USAGE: &str = "usage: sparegrid-guest [--port unix:PATH | --port /dev/DEVICE] \
-[--sysfs-root DIR] [--dev-root DIR] [--version]
+[--sysfs-root DIR] [--dev-root DIR] [--verbose] [--version]
 
 Without --port, finds the virtio-serial port named org.sparegrid.guest.0 under
 <sysfs-root>/class/virtio-ports (default /sys) and opens <dev-root>/<vportNpM>
-(default /dev), waiting until it exists.";
+(default /dev), waiting until it exists. --verbose logs every subtask.";
 
 fn main() -> ExitCode {
     match parse(std::env::args().skip(1).collect()) {
@@ -37,6 +37,9 @@ fn parse(args: Vec<String>) -> Result<Option<PortSpec>, String> {
             "--port" => port = Some(PortSpec::parse(&value("--port")?).map_err(|e| e.to_string())?),
             "--sysfs-root" => sysfs = value("--sysfs-root")?.into(),
             "--dev-root" => dev = value("--dev-root")?.into(),
+            "--verbose" => {
+                sparegrid_guest::VERBOSE.store(true, std::sync::atomic::Ordering::Relaxed)
+            }
             "--version" => {
                 println!("sparegrid-guest {VERSION}");
                 return Ok(None);

@@ -56,7 +56,7 @@ pub fn start(shared: &Arc<Shared>, req: RunSubtask) {
         let mut st = shared.lock();
         st.begin(id, label.clone(), output_cap)
     };
-    crate::log!("subtask {id} ({label}) starts: {argv:?}");
+    crate::vlog!("subtask {id} ({label}) starts: {argv:?}");
     let Some((prog, args)) = argv.split_first() else {
         return fail(shared, gen, "empty argv".into());
     };
@@ -128,7 +128,7 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
 
 /// Ends run `gen` at once with `error`.
 fn fail(shared: &Shared, gen: u64, error: String) {
-    crate::log!("subtask failed to start: {error}");
+    crate::vlog!("subtask failed to start: {error}");
     let mut st = shared.lock();
     if let Some(sub) = st.sub(gen) {
         for s in &mut sub.streams {
@@ -223,7 +223,7 @@ fn supervise(shared: &Shared, gen: u64, id: u64, pid: libc::pid_t, timeout_ms: u
     }
     let Some(sub) = st.sub(gen) else { return };
     let r = sub.result(Some(exit), why, timed_out);
-    crate::log!(
+    crate::vlog!(
         "subtask {id} ended: exit {:?} signal {:?} {}in {} ms",
         r.exit_code,
         r.signal,

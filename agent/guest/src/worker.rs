@@ -168,10 +168,10 @@ impl Worker {
                 let mut st = self.shared.lock();
                 match st.current.as_mut() {
                     Some(sub) if sub.id == id && !sub.finished() => {
-                        crate::log!("subtask {id}: cancel");
+                        crate::vlog!("subtask {id}: cancel");
                         sub.cancel = true;
                     }
-                    _ => crate::log!("cancel of subtask {id}, which is not running: ignored"),
+                    _ => crate::vlog!("cancel of subtask {id}, which is not running: ignored"),
                 }
             }
             HostMsg::Replay {

@@ -40,6 +40,7 @@ fn spawn_worker(sock: &Path) -> Worker {
     let log = std::env::var_os("SPAREGRID_GUEST_LOG").is_some();
     Worker(
         Command::new(env!("CARGO_BIN_EXE_sparegrid-guest"))
+            .args(if log { &["--verbose"][..] } else { &[] })
             .arg("--port")
             .arg(format!("unix:{}", sock.display()))
             .stdin(Stdio::null())

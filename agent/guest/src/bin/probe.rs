@@ -4,8 +4,12 @@
 //! Connects to the channel's unix socket, sends Attach (every second) until
 //! the Hello with its session arrives (skipping anything else, as the host
 //! does), and prints `hello <json>`. With `-- ARGV…` it then runs ARGV as
-//! one subtask, copies its output to stdout/stderr and prints `result <json>`.
-//! Exit status 0 when the Hello came (and the subtask exited 0).
+//! one subtask (or `--repeat N` in a row), copies its output to
+//! stdout/stderr (unless `--quiet`) and prints `result <json>`; with
+//! `--repeat` or `--quiet` it prints round-trip percentiles and output
+//! throughput too (figures for a real VM, e.g. `--repeat 200 -- true`, or
+//! `--quiet --cap 104857600 -- head -c 100M /dev/zero`).
+//! Exit status 0 when the Hello came (and every subtask exited 0).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -18,9 +22,12 @@ use sparegrid_proto::guest::{
     MAX_GUEST_FRAME, MAX_HOST_FRAME,
 };
 
-const USAGE: &str = "usage: sparegrid-guest-probe SOCKET [--timeout SECONDS] [-- ARGV...]\n\
+const USAGE: &str = "usage: sparegrid-guest-probe SOCKET [--timeout SECONDS] [--cap BYTES] \
+     [--repeat N] [--quiet] [-- ARGV...]\n\
      Attaches to a guest worker over its channel socket, prints `hello <json>`;\n\
-     with ARGV runs it once and prints its output and `result <json>`.";
+     with ARGV runs it (N times, output kept up to BYTES per stream, default 1 MiB)\n\
+     and prints its output (unless --quiet) and `result <json>`; with --repeat or\n\
+     --quiet also the round-trip p50/p90 and the output throughput on stderr.";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -36,10 +43,28 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
     let mut sock = None;
     let mut timeout = Duration::from_secs(30);
     let mut argv = Vec::new();
+    let mut cap: u64 = 1 << 20;
+    let mut repeat: usize = 1;
+    let mut quiet = false;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--" => argv = it.by_ref().collect(),
+            "--quiet" => quiet = true,
+            "--cap" => {
+                let v = it.next().ok_or("--cap needs a value")?;
+                cap = v
+                    .parse()
+                    .map_err(|_| format!("--cap: `{v}` is not a byte count"))?;
+            }
+            "--repeat" => {
+                let v = it.next().ok_or("--repeat needs a value")?;
+                repeat = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or(format!("--repeat: `{v}` is not a count >= 1"))?;
+            }
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a value")?;
                 let s: f64 = v
@@ -92,44 +117,68 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     // Ids are unique per VM: another probe may have run one before.
-    let id = session.max(1);
-    send(
-        &mut s,
-        &HostMsg::RunSubtask(RunSubtask {
-            id,
-            label: "probe".into(),
-            argv,
-            env: BTreeMap::new(),
-            stdin: Vec::new(),
-            timeout_ms: timeout.as_millis() as u64,
-            output_cap: 1 << 20,
-        }),
-    )?;
-    loop {
-        match recv(&mut s, &mut dec, deadline, false)? {
-            Some(GuestMsg::Output(o)) if o.id == id => {
-                let _ = match o.stream {
-                    Stream::Stdout => std::io::stdout().write_all(&o.data),
-                    Stream::Stderr => std::io::stderr().write_all(&o.data),
-                };
+    let mut ok = true;
+    let mut round_trips = Vec::with_capacity(repeat);
+    let mut received = 0u64;
+    let t0 = Instant::now();
+    for n in 0..repeat as u64 {
+        let id = session.max(1).wrapping_add(n);
+        let start = Instant::now();
+        send(
+            &mut s,
+            &HostMsg::RunSubtask(RunSubtask {
+                id,
+                label: "probe".into(),
+                argv: argv.clone(),
+                env: BTreeMap::new(),
+                stdin: Vec::new(),
+                timeout_ms: timeout.as_millis() as u64,
+                output_cap: cap,
+            }),
+        )?;
+        let r = loop {
+            match recv(&mut s, &mut dec, deadline, false)? {
+                Some(GuestMsg::Output(o)) if o.id == id => {
+                    received += o.data.len() as u64;
+                    if !quiet {
+                        let _ = match o.stream {
+                            Stream::Stdout => std::io::stdout().write_all(&o.data),
+                            Stream::Stderr => std::io::stderr().write_all(&o.data),
+                        };
+                    }
+                }
+                Some(GuestMsg::Result(r)) if r.id == id => break r,
+                Some(GuestMsg::Rejected { reason }) => {
+                    return Err(format!("guest rejected: {reason}"))
+                }
+                _ => {}
             }
-            Some(GuestMsg::Result(r)) if r.id == id => {
-                let _ = std::io::stdout().flush();
-                println!(
-                    "result {}",
-                    serde_json::to_string(&r).map_err(|e| e.to_string())?
-                );
-                let ok = r.exit_code == Some(0) && r.error.is_none();
-                return Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-            Some(GuestMsg::Rejected { reason }) => return Err(format!("guest rejected: {reason}")),
-            _ => {}
-        }
+        };
+        round_trips.push(start.elapsed());
+        let _ = std::io::stdout().flush();
+        println!(
+            "result {}",
+            serde_json::to_string(&r).map_err(|e| e.to_string())?
+        );
+        ok &= r.exit_code == Some(0) && r.error.is_none();
     }
+    let total = t0.elapsed();
+    if repeat > 1 || quiet {
+        round_trips.sort();
+        let pct = |p: usize| round_trips[(round_trips.len() - 1) * p / 100].as_secs_f64() * 1e3;
+        eprintln!(
+            "probe: {repeat} run(s), round trip p50 {:.2} ms, p90 {:.2} ms; {received} output bytes in {:.2} s ({:.1} MiB/s)",
+            pct(50),
+            pct(90),
+            total.as_secs_f64(),
+            received as f64 / (1 << 20) as f64 / total.as_secs_f64().max(1e-9)
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn connect(path: &str, deadline: Instant) -> Result<UnixStream, String> {
