@@ -130,7 +130,7 @@ pub(crate) async fn round(plane: &AgentPlane) {
     let batch = plane.inner.config.batch_size;
     for h in hosts {
         let Some(url) = h.agent_url.clone() else {
-            // No address to push to (pull mode, later).
+            // No address to push to: a pulling agent leases instead.
             continue;
         };
         let n = h.free_slots.min(batch) as usize;

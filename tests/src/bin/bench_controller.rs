@@ -12,11 +12,21 @@
 //! 2. Memory: the release `sparegrid-controller` binary as a child process
 //!    with a 1,000,000-subtask `range` job queued (no agents): its peak
 //!    (VmHWM) and current (VmRSS) resident set from `/proc/<pid>/status`.
+//! 3. Pull versus push: a 5,000-subtask job of no-op subtasks (`true`)
+//!    through 4 real agents (the agent library's grid client and runner in
+//!    this process, subtasks as host processes without a cgroup, 4 slots
+//!    each) on loopback, once pushed (`dispatch = "push"`, a push job) and
+//!    once pulled (`dispatch = "pull"`, a pull job: long-poll leases, one
+//!    completion request per subtask); each from the submit until the job
+//!    is done, against a fresh controller (in process, SQLite on disk).
+//!    Three alternating rounds; the figure is pull's median rate as a share
+//!    of push's (target ≥ 0.8).
 //!
 //! Prints each figure with its target and "met" or "MISSED"; asserts
 //! nothing about time (machines are noisy). Options: `--quick` (10× smaller
-//! jobs), `--agents N` (fake agents, default 4), `--batch-size N`
-//! (`dispatch.batch_size`; default: the controller's default).
+//! jobs), `--agents N` (agents, default 4), `--batch-size N`
+//! (`dispatch.batch_size`; default: the controller's default), `--only
+//! dispatch|memory|pull` (one figure).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -45,6 +55,14 @@ struct Args {
     quick: bool,
     agents: usize,
     batch_size: Option<u32>,
+    /// Only this figure (`dispatch`, `memory` or `pull`).
+    only: Option<String>,
+}
+
+impl Args {
+    fn runs(&self, figure: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == figure)
+    }
 }
 
 fn parse_args() -> Result<Args> {
@@ -52,6 +70,7 @@ fn parse_args() -> Result<Args> {
         quick: false,
         agents: 4,
         batch_size: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -64,8 +83,18 @@ fn parse_args() -> Result<Args> {
             "--quick" => args.quick = true,
             "--agents" => args.agents = number("--agents")?.max(1) as usize,
             "--batch-size" => args.batch_size = Some(number("--batch-size")? as u32),
+            "--only" => {
+                let v = it.next().context("--only needs a value")?;
+                ensure!(
+                    ["dispatch", "memory", "pull"].contains(&v.as_str()),
+                    "--only: dispatch, memory or pull, not {v:?}"
+                );
+                args.only = Some(v);
+            }
             "-h" | "--help" => {
-                println!("bench-controller [--quick] [--agents N] [--batch-size N]");
+                println!(
+                    "bench-controller [--quick] [--agents N] [--batch-size N] [--only dispatch|memory|pull]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -92,9 +121,16 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(dispatch_throughput(100_000 / scale, &args))?;
+    if args.runs("dispatch") {
+        rt.block_on(dispatch_throughput(100_000 / scale, &args))?;
+    }
+    if args.runs("memory") {
+        memory(1_000_000 / scale)?;
+    }
+    if args.runs("pull") {
+        pull_vs_push(&rt, 5_000 / scale, &args)?;
+    }
     drop(rt);
-    memory(1_000_000 / scale)?;
     Ok(())
 }
 
@@ -500,6 +536,204 @@ fn memory(n: u64) -> Result<()> {
         "   current RSS (VmRSS, after GET job, list, /metrics) {:.1} MiB   target ≤ {MEMORY_TARGET_MIB:.0} MiB   {}",
         mib(rss),
         verdict(mib(rss) <= MEMORY_TARGET_MIB)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 3. Pull versus push
+// ---------------------------------------------------------------------------
+
+const PULL_RATIO_TARGET: f64 = 0.8;
+const PULL_SLOTS: u32 = 4;
+const PULL_ROUNDS: usize = 3;
+
+/// A calm host's status: the agents lease and are pushed to only with a
+/// load sample below the dispatch threshold.
+fn calm_status(host: &str) -> sparegrid_proto::AgentStatus {
+    use sparegrid_proto::{AgentStatus, LoadBreakdown, Metric, MetricReading};
+    AgentStatus {
+        version: "bench".into(),
+        host: host.into(),
+        runtime: "process".into(),
+        draining: false,
+        load: Some(LoadBreakdown {
+            instant: 0.05,
+            smoothed: 0.05,
+            peak: 0.05,
+            dominant: Some(Metric::Cpu),
+            combine: "max".into(),
+            metrics: vec![MetricReading {
+                metric: Metric::Cpu,
+                raw: 0.05,
+                grid: 0.0,
+                normalised: 0.05,
+                weight: 1.0,
+                available: true,
+            }],
+            mem_available_bytes: 1 << 30,
+        }),
+        vms: Vec::new(),
+        transitions: Vec::new(),
+    }
+}
+
+/// One run: a fresh controller, `agents` real agents in `mode`, an
+/// `n`-subtask job of `true`; the time from the submit until it is done.
+fn one_mode(rt: &tokio::runtime::Runtime, mode: &str, n: u64, agents: usize) -> Result<Duration> {
+    use sparegrid_agent::config::{AgentDispatch, Config};
+    use sparegrid_agent::daemon::status::Shared;
+    use sparegrid_agent::grid::Grid;
+    use sparegrid_agent::subtask::{Executor, Limits};
+
+    let dir = tempfile::tempdir()?;
+    let config = ControllerConfig {
+        db_path: dir.path().join("controller.db"),
+        ..ControllerConfig::default()
+    };
+    config.validate()?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
+        &config.db_path,
+        StoreOptions::default(),
+    )?);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = AppState::new(Arc::clone(&store), &config);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(api::serve_on(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut grids = Vec::new();
+    for i in 0..agents {
+        let host = format!("{mode}-{i}");
+        let mut cfg = Config::default();
+        cfg.controller.url = base.clone();
+        cfg.controller.slots = PULL_SLOTS;
+        let push_listener = if mode == "push" {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            cfg.controller.advertise_url = format!("http://{}", l.local_addr()?);
+            Some(l)
+        } else {
+            cfg.controller.dispatch = AgentDispatch::Pull;
+            None
+        };
+        cfg.validate()?;
+        let shared = Arc::new(Shared::new(calm_status(&host)));
+        let grid = Grid::start(
+            &cfg,
+            &host,
+            Executor::new(None, host.as_str(), Limits::default()),
+            shared,
+        )?;
+        if let Some(l) = push_listener {
+            l.set_nonblocking(true)?;
+            let app = grid.routes();
+            rt.spawn(async move {
+                if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                    let _ = axum::serve(l, app).await;
+                }
+            });
+        }
+        grids.push(grid);
+    }
+    // Every agent registered and heartbeating before the clock starts.
+    let started = Instant::now();
+    while store.list_hosts()?.len() < agents {
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agents did not register"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let client = reqwest::blocking::Client::new();
+    let job = serde_json::json!({
+        "name": format!("bench-{mode}"),
+        "command": {"argv": ["true", "{start}"]},
+        "split": {"range": {"start": 0, "end": n, "chunk": 1}},
+        "mode": mode,
+    });
+    let started = Instant::now();
+    let resp = client.post(format!("{base}/v1/jobs")).json(&job).send()?;
+    ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
+    let id: serde_json::Value = resp.json()?;
+    let id = sparegrid_controller::store::JobId(id["id"].as_str().context("no job id")?.to_owned());
+    let deadline = Duration::from_secs(600);
+    loop {
+        let rec = store.get_job(&id)?;
+        if rec.state.is_terminal() {
+            ensure!(
+                rec.counts.done == n,
+                "{mode}: the job ended {} with {:?}",
+                rec.state,
+                rec.counts
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < deadline,
+            "{mode}: not done after {deadline:?}: {:?}",
+            rec.counts
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = started.elapsed();
+    // Exactly once: one attempt per subtask (spot checks across the job).
+    for i in (0..n).step_by((n as usize / 50).max(1)) {
+        let attempts = store.attempts(&id, i)?;
+        ensure!(
+            attempts.len() == 1,
+            "{mode}: subtask {i} ran {} times",
+            attempts.len()
+        );
+    }
+    for g in grids {
+        g.stop();
+    }
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    Ok(elapsed)
+}
+
+/// Median of a few durations.
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn pull_vs_push(rt: &tokio::runtime::Runtime, n: u64, args: &Args) -> Result<()> {
+    // Alternating rounds, so that a neighbour's load hits both modes alike.
+    let (mut push, mut pull) = (Vec::new(), Vec::new());
+    for _ in 0..PULL_ROUNDS {
+        push.push(one_mode(rt, "push", n, args.agents)?);
+        pull.push(one_mode(rt, "pull", n, args.agents)?);
+    }
+    let secs = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (push_all, pull_all) = (secs(&push), secs(&pull));
+    let (push, pull) = (median(push), median(pull));
+    let (push_rate, pull_rate) = (n as f64 / push.as_secs_f64(), n as f64 / pull.as_secs_f64());
+    let ratio = pull_rate / push_rate;
+    println!(
+        "\n3. pull versus push: a {n}-subtask job of `true` through {} real agents × {PULL_SLOTS} slots \
+         on loopback (grid client and runner in process, subtasks as processes), fresh controller \
+         each run, {PULL_ROUNDS} alternating rounds, medians",
+        args.agents
+    );
+    println!(
+        "   push: {:.3} s = {push_rate:.0} subtasks/s ({push_all} s)   pull: {:.3} s = {pull_rate:.0} subtasks/s ({pull_all} s)",
+        push.as_secs_f64(),
+        pull.as_secs_f64()
+    );
+    println!(
+        "   pull / push = {ratio:.2}   target ≥ {PULL_RATIO_TARGET}   {}",
+        verdict(ratio >= PULL_RATIO_TARGET)
     );
     Ok(())
 }
