@@ -185,7 +185,7 @@ impl AgentMetrics {
     }
 
     pub fn record_vms(&self, states: impl Iterator<Item = VmState>, draining: bool) {
-        let mut counts = [0i64; 5];
+        let mut counts = [0i64; 6];
         for s in states {
             counts[s as usize] += 1;
         }
