@@ -310,6 +310,16 @@ fn exit_codes_signals_and_spawn_failures() {
     assert_eq!(r.exit_code, None);
     let (_, _, r) = h.run(sub(4, &[]));
     assert_eq!(r.error.as_deref(), Some("empty argv"));
+    // Odd input the OS refuses: a NUL in argv, odd env keys. A Result or a
+    // run, never a crash.
+    let (_, _, r) = h.run(sub(6, &["sh", "-c", "echo a\0b"]));
+    assert!(r.error.is_some(), "{r:?}");
+    let mut req = sh(7, "echo ok");
+    req.env.insert(String::new(), "x".into());
+    req.env.insert("A=B".into(), "y".into());
+    req.env.insert("NUL\0".into(), "z".into());
+    let (_, _, r) = h.run(req);
+    assert!(r.error.is_some() || r.exit_code == Some(0), "{r:?}");
     let (out, _, r) = h.run(sh(5, "echo still here"));
     assert_eq!(
         (out.as_slice(), r.exit_code),
