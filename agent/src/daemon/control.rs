@@ -385,6 +385,10 @@ impl ControlLoop {
                         .insert(name.clone(), info.cpu_time_ns)
                         .unwrap_or(0);
                     self.grid_cpu_total += info.cpu_time_ns.saturating_sub(prev);
+                    if let Some(pool) = &self.pool {
+                        // So a starved guest is not taken for a dead one.
+                        pool.vm_cpu(&name, info.cpu_time_ns);
+                    }
                     memory_bytes += info.memory_mib * 1024 * 1024;
                     if !launching && matches!(info.state, RunState::Stopped { .. }) {
                         exited.push(name);

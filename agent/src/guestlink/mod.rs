@@ -53,7 +53,8 @@
 //! not saving, a frame above
 //! [`MAX_GUEST_FRAME`](sparegrid_proto::guest::MAX_GUEST_FRAME), bytes after the Hello that
 //! are not well-formed frames, a guest silent for `dead_after` while not
-//! paused, a gap in the output, a protocol mismatch, a guest that rejects
+//! paused (and, when the control loop reports the VM's CPU time, after
+//! using a third of that in CPU: a starved guest is not a dead one), a gap in the output, a protocol mismatch, a guest that rejects
 //! our frames, or one that outlives a subtask's timeout or a cancel by far:
 //! each is logged at warn with the VM and its subtask, the subtask is handed
 //! back (never completed, never failed), the connection is closed and the VM
@@ -253,6 +254,13 @@ pub struct VmLinkStatus {
     pub failure: Option<String>,
 }
 
+/// A guest silent for `dead_after` is declared dead only if it also used
+/// at least this fraction of `dead_after` in CPU time meanwhile (when its
+/// CPU time is known, see [`GuestPool::vm_cpu`]): a healthy worker
+/// heartbeats every second of wall time, so a guest that had seconds of CPU
+/// and said nothing is broken, while one that had none was starved.
+pub const STARVED_CPU_FRACTION: f64 = 1.0 / 3.0;
+
 /// The grid VMs' guest links. See the module docs.
 pub struct GuestPool {
     shared: Arc<Shared>,
@@ -294,6 +302,12 @@ struct Vm {
     last_frame: Option<Instant>,
     /// Where the watchdog (Hello or heartbeat) counts from: attach, resume.
     watch_from: Instant,
+    /// The VM's cumulative CPU time as the control loop last reported it
+    /// ([`GuestPool::vm_cpu`]), and its value at the last frame (or when
+    /// the watchdog restarted): a silent guest that got almost no CPU
+    /// meanwhile is starved by the host's customers, not dead.
+    cpu_ns: Option<u64>,
+    cpu_mark: Option<u64>,
 }
 
 /// The pool's handle on a session thread.
@@ -349,7 +363,23 @@ impl Vm {
             job: None,
             last_frame: None,
             watch_from: now,
+            cpu_ns: None,
+            cpu_mark: None,
         }
+    }
+
+    /// Restarts the CPU count of the silence watchdog (a frame arrived, or
+    /// the watchdog restarted).
+    fn mark_cpu(&mut self) {
+        self.cpu_mark = self.cpu_ns;
+    }
+
+    /// CPU time the VM used since [`Vm::mark_cpu`], if the control loop
+    /// reports CPU time for it.
+    fn cpu_since_mark(&self) -> Option<Duration> {
+        Some(Duration::from_nanos(
+            self.cpu_ns?.saturating_sub(self.cpu_mark?),
+        ))
     }
 
     /// Paused time so far, including a pause going on now.
@@ -371,6 +401,7 @@ impl Vm {
             self.paused_total += now.saturating_duration_since(t);
         }
         self.watch_from = now;
+        self.mark_cpu();
     }
 
     fn is_idle(&self) -> bool {
@@ -520,6 +551,7 @@ impl GuestPool {
         entry.hello = None;
         entry.last_frame = None;
         entry.watch_from = now;
+        entry.mark_cpu();
         entry.nonce = nonce();
         entry.session = Some(SessionSlot {
             gen,
@@ -576,6 +608,23 @@ impl GuestPool {
             let socket = v.socket.clone();
             drop(st);
             self.attach(vm, socket);
+        }
+    }
+
+    /// The VM's cumulative CPU time (ns), from the runtime's stats, each
+    /// control-loop tick. With it, the silence watchdog declares a guest
+    /// dead only when it also had CPU to speak with (see
+    /// [`STARVED_CPU_FRACTION`]): a grid VM at the lowest CPU weight under
+    /// busy customers can get almost no CPU for a long time, which is the
+    /// design working, not a failure. Without it (tests, other runtimes)
+    /// silence alone counts.
+    pub fn vm_cpu(&self, vm: &str, cpu_time_ns: u64) {
+        let mut st = self.lock();
+        if let Some(v) = st.vms.get_mut(vm) {
+            v.cpu_ns = Some(cpu_time_ns);
+            if v.cpu_mark.is_none() {
+                v.cpu_mark = Some(cpu_time_ns);
+            }
         }
     }
 

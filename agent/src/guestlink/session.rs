@@ -260,7 +260,13 @@ impl Session {
         let since = v.last_frame.map_or(v.watch_from, |f| f.max(v.watch_from));
         let quiet = now.saturating_duration_since(since);
         if quiet > opts.dead_after {
-            return self.fail(&mut st, GuestFailure::Silent { ago: quiet });
+            let had_cpu = match v.cpu_since_mark() {
+                Some(used) => used >= opts.dead_after.mul_f64(super::STARVED_CPU_FRACTION),
+                None => true,
+            };
+            if had_cpu {
+                return self.fail(&mut st, GuestFailure::Silent { ago: quiet });
+            }
         }
         if let Some(job) = &v.job {
             let waited = job
@@ -374,6 +380,7 @@ impl Session {
             return false;
         };
         v.last_frame = Some(now);
+        v.mark_cpu();
         if h.protocol != PROTOCOL_VERSION {
             let failure = GuestFailure::Version {
                 guest: h.protocol,
@@ -429,6 +436,7 @@ impl Session {
             return false;
         };
         v.last_frame = Some(now);
+        v.mark_cpu();
         match msg {
             GuestMsg::Hello(_) => {
                 tracing::debug!(vm = %self.vm, "another Hello (answer to a repeated Attach); ignored");

@@ -538,6 +538,38 @@ fn a_silent_guest_fails_but_not_while_paused() {
 }
 
 #[test]
+fn a_silent_guest_that_got_no_cpu_is_starved_not_dead() {
+    let (_dir, pool, mut g, _) = ready_pool(LinkOptions {
+        dead_after: Duration::from_millis(300),
+        ..opts()
+    });
+    pool.vm_cpu("vm1", 1_000_000_000);
+    pool.start(assignment(7)).unwrap();
+    let r = g.run_subtask();
+    // Silent for several times dead_after, but the VM got only 20 ms of CPU
+    // meanwhile (customers hold the host): starved, not dead.
+    for i in 1..=12u64 {
+        std::thread::sleep(Duration::from_millis(100));
+        pool.vm_cpu("vm1", 1_000_000_000 + i * 2_000_000);
+    }
+    assert!(pool.take_failed().is_empty());
+    assert_eq!(state(&pool, "vm1").unwrap().state, LinkState::Busy);
+    // A frame restarts the count; then silence while the VM burns CPU is
+    // a dead guest (a third of dead_after in CPU is enough).
+    g.send(&GuestMsg::Heartbeat {
+        seq: 1,
+        uptime_ms: 10,
+        running: Some(r.id),
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    pool.vm_cpu("vm1", 2_000_000_000);
+    let f = wait_failed(&pool, "vm1");
+    assert!(matches!(f, GuestFailure::Silent { .. }), "{f:?}");
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(7));
+}
+
+#[test]
 fn reclaimed_mid_subtask_is_handed_back_as_preempted() {
     let (_dir, pool, mut g, _) = ready_pool(opts());
     pool.start(assignment(9)).unwrap();
