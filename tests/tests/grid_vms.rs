@@ -229,19 +229,27 @@ fn cluster() -> Cluster {
     })
 }
 
+/// The CPU boosts of the grid agents' partitions (see [`PartitionBoost`]).
+/// Declare it before the cluster, so the boosts outlive the agents: an
+/// agent saves or destroys its VMs when it stops, which needs their QEMU
+/// to get CPU.
+#[derive(Default)]
+struct Boosts(std::cell::RefCell<Vec<PartitionBoost>>);
+
 /// Adds a libvirt agent `host` whose subtasks run in up to `max_vms` grid
 /// VMs ([`grid_vm_conf`]), its load the traffic on `uplink`, `adjust`
-/// applied last. Returns the CPU boost of its partition (see
-/// [`PartitionBoost`]); keep it for the test.
+/// applied last; its partition's CPU boost goes into `boosts`.
+#[allow(clippy::too_many_arguments)]
 fn add_grid_agent(
     c: &mut Cluster,
+    boosts: &Boosts,
     host: &str,
     slots: u32,
     uplink: &Uplink,
     image: &Path,
     max_vms: u32,
     adjust: impl FnOnce(&mut Conf),
-) -> PartitionBoost {
+) {
     let i = c.add_agent_with(
         host,
         slots,
@@ -251,7 +259,10 @@ fn add_grid_agent(
             adjust(conf);
         },
     );
-    PartitionBoost::start(Path::new(CGROUP_ROOT), &c.agents[i].partition)
+    boosts.0.borrow_mut().push(PartitionBoost::start(
+        Path::new(CGROUP_ROOT),
+        &c.agents[i].partition,
+    ));
 }
 
 /// Removes the grid VMs of `hosts` on drop (after the cluster has stopped
@@ -283,8 +294,9 @@ fn libvirtd_job_runs_inside_grid_vms_and_matches_the_host() {
     let host = unique("gvjob");
     let token = unique("sgtest");
     let _domains = domain_cleanup(&[&host]);
+    let boosts = Boosts::default();
     let mut c = cluster();
-    let _boost = add_grid_agent(&mut c, &host, 2, &uplink, &image, 2, |conf| {
+    add_grid_agent(&mut c, &boosts, &host, 2, &uplink, &image, 2, |conf| {
         conf.str(
             "vm",
             "cmdline",
@@ -416,8 +428,9 @@ fn libvirtd_vm_suspended_mid_subtask_resumes_and_output_is_complete() {
     let uplink = Uplink::create();
     let host = unique("gvsus");
     let _domains = domain_cleanup(&[&host]);
+    let boosts = Boosts::default();
     let mut c = cluster();
-    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |_| {});
+    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |_| {});
     wait_free_slots(&c, &host, 1);
     let job = write_job(
         c.dir(),
@@ -495,8 +508,9 @@ fn libvirtd_vm_reclaimed_mid_subtask_hands_it_back_and_it_runs_elsewhere_once() 
     let busy = unique("gvrec");
     let other = unique("gvcalm");
     let _domains = domain_cleanup(&[&busy]);
+    let boosts = Boosts::default();
     let mut c = cluster();
-    let _boost = add_grid_agent(&mut c, &busy, 1, &uplink, &image, 1, |conf| {
+    add_grid_agent(&mut c, &boosts, &busy, 1, &uplink, &image, 1, |conf| {
         conf.str("policy", "reclaim_after", "3s")
             .str("policy", "reclaim_mode", "destroy");
     });
@@ -581,8 +595,9 @@ fn libvirtd_qemu_killed_mid_subtask_agent_stays_up_and_subtask_completes_once() 
     let uplink = Uplink::create();
     let host = unique("gvkill");
     let _domains = domain_cleanup(&[&host]);
+    let boosts = Boosts::default();
     let mut c = cluster();
-    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |_| {});
+    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |_| {});
     wait_free_slots(&c, &host, 1);
     let job = write_job(
         c.dir(),
@@ -692,9 +707,10 @@ fn libvirtd_guest_without_hello_is_reclaimed_and_the_agent_stays_up() {
     let uplink = Uplink::create();
     let host = unique("gvnohello");
     let _domains = domain_cleanup(&[&host]);
+    let boosts = Boosts::default();
     let mut c = cluster();
     let initrd = initrd_with_worker(&image, &c.shared_dir("image"), GARBAGE_WORKER);
-    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |conf| {
+    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |conf| {
         conf.path("vm", "initrd", &initrd)
             .str("policy", "boot_timeout", "25s");
     });
@@ -736,7 +752,16 @@ fn libvirtd_guest_without_hello_is_reclaimed_and_the_agent_stays_up() {
         "{host} offers a slot with no guest ready:\n{}",
         hosts_summary(&v)
     );
-    assert!(c.agents[i].agent.is_running(), "the agent exited");
+    let agent = &mut c.agents[i].agent;
+    assert!(agent.is_running(), "the agent exited");
+    // And it stops cleanly (a VM may be launching again by now).
+    let exit = agent.terminate(secs(90));
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "exit status {exit} after SIGTERM\n{}",
+        agent.log_tail(40)
+    );
 }
 
 #[test]
@@ -748,8 +773,9 @@ fn libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there() {
     let uplink = Uplink::create();
     let host = unique("gvsave");
     let _domains = domain_cleanup(&[&host]);
+    let boosts = Boosts::default();
     let mut c = cluster();
-    let _boost = add_grid_agent(&mut c, &host, 1, &uplink, &image, 1, |conf| {
+    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |conf| {
         conf.str("policy", "reclaim_after", "3s")
             .str("policy", "reclaim_mode", "save");
     });
@@ -772,13 +798,25 @@ fn libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there() {
         },
     );
     assert_eq!(saved.from, VmState::Suspended, "{saved:?}");
-    let (ok, info) = virsh(&["dominfo", &vm_name]);
-    assert!(
-        ok && info
-            .lines()
-            .any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes")),
-        "{vm_name} has no managed save while Saved:\n{info}"
-    );
+    // The state changes when the save starts; libvirt has the image once
+    // it is written.
+    let start = std::time::Instant::now();
+    loop {
+        let (ok, info) = virsh(&["dominfo", &vm_name]);
+        let saved_image = ok
+            && info
+                .lines()
+                .any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes"));
+        if saved_image {
+            break;
+        }
+        assert!(
+            start.elapsed() < secs(120),
+            "{vm_name} has no managed save image 120 s after it was Saved:\n{info}\n{}",
+            agent.report(None)
+        );
+        sleep_ms(500);
+    }
     agent.hold(
         &format!("{vm_name} stays Saved holding {id}/0#{epoch}"),
         secs(3),
