@@ -22,6 +22,7 @@ pub mod discover;
 pub mod grid;
 pub mod guestlink;
 pub mod load;
+pub mod peer;
 pub mod policy;
 pub mod runtime;
 pub mod sampler;

@@ -1,0 +1,304 @@
+//! The peer plane over HTTP: [`routes`] serves another agent's requests
+//! (`POST /v1/peer/steal`, `/v1/peer/commit`, `/v1/peer/outcome`,
+//! MessagePack bodies), and [`HttpTransport`] is the blocking client
+//! implementing [`PeerTransport`] for this agent's own requests.
+//!
+//! Peers authenticate each other with the agent token (`Authorization:
+//! Bearer <token>`). The token is compared in constant time; a missing or
+//! wrong one is a 401 with `WWW-Authenticate: Bearer`. An empty configured
+//! token leaves the routes open (tests, demos; the agent's config check
+//! decides whether that is allowed). A malformed body is a 400 whose JSON
+//! `message` names the field ([`decode_request`]); a body over the cap a
+//! 413. Queue work runs on the blocking pool, never on the async runtime.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::queue::{PeerQueue, QueueError};
+use super::trade::{self, PeerTransport, TradeError, TransportError};
+use super::wire::{
+    decode_request, Commit, Committed, Given, OutcomeQuery, OutcomeReply, Request, Steal,
+};
+
+/// The media type of every peer body.
+pub const MSGPACK: &str = "application/msgpack";
+/// The default cap on a request body (a Commit of a few thousand attempts).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What the peer routes share.
+#[derive(Clone)]
+pub struct PeerState {
+    queue: Arc<PeerQueue>,
+    token: Arc<[u8]>,
+    max_body: usize,
+}
+
+impl PeerState {
+    /// Routes over `queue`, admitting requests bearing `token` (empty: open).
+    pub fn new(queue: Arc<PeerQueue>, token: &str) -> PeerState {
+        PeerState {
+            queue,
+            token: Arc::from(token.as_bytes()),
+            max_body: MAX_BODY_BYTES,
+        }
+    }
+
+    /// Caps request bodies at `bytes`.
+    pub fn with_max_body(mut self, bytes: usize) -> PeerState {
+        self.max_body = bytes;
+        self
+    }
+}
+
+/// The victim's (and the thief's Outcome) routes.
+pub fn routes(state: PeerState) -> Router {
+    let limit = state.max_body;
+    Router::new()
+        .route("/v1/peer/steal", post(steal))
+        .route("/v1/peer/commit", post(commit))
+        .route("/v1/peer/outcome", post(outcome))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+/// Hand-written (a few lines) because the agent does not depend on
+/// `subtle`; the controller's auth uses that crate for the same job.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    let n = a.len().max(b.len());
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= std::hint::black_box((x ^ y) as u64);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+fn authorized(state: &PeerState, headers: &HeaderMap) -> bool {
+    if state.token.is_empty() {
+        return true;
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    ct_eq(presented.as_bytes(), &state.token)
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message });
+    let mut r = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn msgpack<T: Serialize>(v: &T) -> Response {
+    match rmp_serde::to_vec_named(v) {
+        Ok(bytes) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(MSGPACK))],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
+    }
+}
+
+fn trade_error(e: TradeError) -> Response {
+    match e {
+        TradeError::BadRequest { field, message } => error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{field}: {message}"),
+        ),
+        TradeError::Queue(QueueError::UnknownTrade(t)) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_trade",
+            format!("trade {t} is not known here"),
+        ),
+        TradeError::Queue(e @ QueueError::TradeConflict { .. }) => {
+            error(StatusCode::CONFLICT, "trade_conflict", e.to_string())
+        }
+        other => {
+            tracing::warn!(error = %other, "peer request failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            )
+        }
+    }
+}
+
+/// Authenticates, decodes and runs `f` on the blocking pool.
+async fn handle<Q, R>(
+    state: PeerState,
+    headers: HeaderMap,
+    body: Bytes,
+    f: fn(&PeerQueue, &Q) -> Result<R, TradeError>,
+) -> Response
+where
+    Q: Request + Send + 'static,
+    R: Serialize + Send + 'static,
+{
+    if !authorized(&state, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a peer request needs the agent token (Authorization: Bearer …)".to_owned(),
+        );
+    }
+    let req = match decode_request::<Q>(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    };
+    let queue = state.queue.clone();
+    match tokio::task::spawn_blocking(move || f(&queue, &req)).await {
+        Ok(Ok(r)) => msgpack(&r),
+        Ok(Err(e)) => trade_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("peer request task: {e}"),
+        ),
+    }
+}
+
+async fn steal(State(s): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    handle::<Steal, Given>(s, headers, body, |q, r| {
+        trade::serve_steal(q, r, super::now_ms())
+    })
+    .await
+}
+
+async fn commit(State(s): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    handle::<Commit, Committed>(s, headers, body, |q, r| {
+        trade::serve_commit(q, r, super::now_ms())
+    })
+    .await
+}
+
+async fn outcome(State(s): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    handle::<OutcomeQuery, OutcomeReply>(s, headers, body, trade::serve_outcome).await
+}
+
+/// Blocking HTTP client of other agents' peer routes.
+pub struct HttpTransport {
+    http: reqwest::blocking::Client,
+    token: String,
+    /// Agent id → base URL (`http://host:port`).
+    peers: BTreeMap<String, String>,
+}
+
+impl HttpTransport {
+    /// A client sending `token` (empty: no `Authorization` header) to the
+    /// peers `id → base URL`, waiting at most `timeout` per request.
+    pub fn new(
+        token: &str,
+        peers: impl IntoIterator<Item = (String, String)>,
+        timeout: Duration,
+    ) -> Result<HttpTransport, TransportError> {
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
+            .use_rustls_tls()
+            .build()
+            .map_err(|e| TransportError::Unreachable {
+                peer: String::new(),
+                message: format!("building the HTTP client: {e}"),
+            })?;
+        Ok(HttpTransport {
+            http,
+            token: token.to_owned(),
+            peers: peers
+                .into_iter()
+                .map(|(id, url)| (id, url.trim_end_matches('/').to_owned()))
+                .collect(),
+        })
+    }
+
+    fn call<T: Serialize, R: DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+        body: &T,
+    ) -> Result<R, TransportError> {
+        let base = self
+            .peers
+            .get(peer)
+            .ok_or_else(|| TransportError::UnknownPeer(peer.to_owned()))?;
+        let bytes = rmp_serde::to_vec_named(body).map_err(|e| TransportError::Decode {
+            peer: peer.to_owned(),
+            message: format!("encoding the request: {e}"),
+        })?;
+        let mut req = self
+            .http
+            .post(format!("{base}{path}"))
+            .header(header::CONTENT_TYPE, MSGPACK)
+            .body(bytes);
+        if !self.token.is_empty() {
+            req = req.bearer_auth(&self.token);
+        }
+        let unreachable = |e: reqwest::Error| TransportError::Unreachable {
+            peer: peer.to_owned(),
+            message: format!("{path}: {e}"),
+        };
+        let resp = req.send().map_err(unreachable)?;
+        let status = resp.status();
+        let body = resp.bytes().map_err(unreachable)?;
+        if !status.is_success() {
+            return Err(TransportError::Status {
+                peer: peer.to_owned(),
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+            });
+        }
+        rmp_serde::from_slice(&body).map_err(|e| TransportError::Decode {
+            peer: peer.to_owned(),
+            message: format!("{path}: the reply is not valid MessagePack: {e}"),
+        })
+    }
+}
+
+impl PeerTransport for HttpTransport {
+    fn steal(&self, victim: &str, req: &Steal) -> Result<Given, TransportError> {
+        self.call(victim, "/v1/peer/steal", req)
+    }
+    fn commit(&self, victim: &str, req: &Commit) -> Result<Committed, TransportError> {
+        self.call(victim, "/v1/peer/commit", req)
+    }
+    fn outcome(&self, thief: &str, req: &OutcomeQuery) -> Result<OutcomeReply, TransportError> {
+        self.call(thief, "/v1/peer/outcome", req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_eq;
+
+    #[test]
+    fn constant_time_compare_is_equality() {
+        assert!(ct_eq(b"secret", b"secret"));
+        assert!(ct_eq(b"", b""));
+        assert!(!ct_eq(b"secret", b"secreT"));
+        assert!(!ct_eq(b"secret", b"secret2"));
+        assert!(!ct_eq(b"", b"x"));
+        assert!(!ct_eq(b"x\0", b"x"));
+    }
+}
