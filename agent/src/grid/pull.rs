@@ -377,3 +377,81 @@ fn take(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sparegrid_proto::grid::Assignment;
+
+    use super::*;
+
+    fn lease(index: u64, ttl_ms: u64) -> Lease {
+        Lease {
+            assignment: Assignment {
+                attempt: attempt(index),
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                stdin: Vec::new(),
+                timeout_ms: 1000,
+                vcpus: 1,
+                memory_mib: 64,
+            },
+            ttl_ms,
+        }
+    }
+
+    fn attempt(index: u64) -> AttemptRef {
+        AttemptRef {
+            job: "j-1".into(),
+            index,
+            epoch: 1,
+        }
+    }
+
+    fn done(index: u64) -> Completion {
+        Completion {
+            attempt: attempt(index),
+            host: "h".into(),
+            exit_code: Some(0),
+            signal: None,
+            error: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_size: 0,
+            stderr_size: 0,
+            duration_ms: 1,
+        }
+    }
+
+    #[test]
+    fn held_leases_renew_split_and_prune() {
+        let l = Leases::default();
+        let t0 = Instant::now();
+        l.hold(&[lease(0, 1000), lease(1, 1000)], t0);
+        assert!(l.is_leased(&attempt(0)) && !l.is_leased(&attempt(2)));
+        // Only held attempts the runner still has are renewed.
+        let running = vec![attempt(0), attempt(2)];
+        assert_eq!(l.to_renew(&running), vec![attempt(0)]);
+        // A heartbeat 500 ms away is fine; one 800 ms away is within a
+        // quarter TTL of the expiry: renew on its own first.
+        assert!(!l.renew_due(&running, t0 + Duration::from_millis(500)));
+        assert!(l.renew_due(&running, t0 + Duration::from_millis(800)));
+        // Not running here: never due.
+        assert!(!l.renew_due(&[], t0 + Duration::from_secs(5)));
+        l.renewed(&[attempt(0)], &[], t0 + Duration::from_millis(600));
+        assert!(!l.renew_due(&running, t0 + Duration::from_millis(800)));
+        // Completions split into leased and pushed.
+        let (leased, pushed) = l.split(vec![done(0), done(2), done(1)]);
+        let idx = |v: &[Completion]| v.iter().map(|c| c.attempt.index).collect::<Vec<_>>();
+        assert_eq!((idx(&leased), idx(&pushed)), (vec![0, 1], vec![2]));
+        // Lost ones are forgotten.
+        l.renewed(&[attempt(0), attempt(1)], &[attempt(1)], t0);
+        assert!(!l.is_leased(&attempt(1)));
+        // A lease neither running nor recent is pruned; a running one stays.
+        l.hold(&[lease(3, 1000)], t0);
+        l.prune(&[attempt(0)], t0 + Duration::from_secs(10));
+        assert!(l.is_leased(&attempt(0)) && !l.is_leased(&attempt(3)));
+        assert_eq!(l.len(), 1);
+    }
+}

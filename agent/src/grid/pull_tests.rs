@@ -368,3 +368,57 @@ fn failing_leased_subtasks_are_dead_after_max_attempts_with_their_errors_shown()
     assert_eq!(v["leases"], serde_json::json!([]), "{v}");
     grid.stop();
 }
+
+/// While the controller answers lease requests with errors, the lease
+/// loop backs off (0.2 s doubling) instead of asking in a tight loop.
+#[test]
+fn the_lease_loop_backs_off_while_the_controller_fails() {
+    use axum::routing::post;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let leases = Arc::new(AtomicU64::new(0));
+    let heartbeats = Arc::new(AtomicU64::new(0));
+    let app = {
+        let (leases, heartbeats) = (leases.clone(), heartbeats.clone());
+        axum::Router::new()
+            .route(
+                "/v1/agents/register",
+                post(|| async {
+                    rmp_serde::to_vec_named(&sparegrid_proto::grid::Registered {
+                        host: "backoff".into(),
+                        heartbeat_ms: 100,
+                    })
+                    .unwrap()
+                }),
+            )
+            .route(
+                "/v1/agents/heartbeat",
+                post(move || async move {
+                    heartbeats.fetch_add(1, Ordering::SeqCst);
+                    rmp_serde::to_vec_named(&sparegrid_proto::grid::HeartbeatReply::default())
+                        .unwrap()
+                }),
+            )
+            .route(
+                "/v1/leases",
+                post(move || async move {
+                    leases.fetch_add(1, Ordering::SeqCst);
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                }),
+            )
+    };
+    let ctl = super::tests::serve_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), app);
+    let grid = pull_agent(&ctl, "backoff", 2, calm());
+    wait_until("a few heartbeats", PATIENCE, || {
+        heartbeats.load(Ordering::SeqCst) >= 20
+    });
+    // About 2 s of failures: a loop without backoff would have asked
+    // thousands of times; with it, about 0.2 + 0.4 + 0.8 + … s apart.
+    let asked = leases.load(Ordering::SeqCst);
+    assert!(asked >= 1, "it asked for leases at all");
+    assert!(
+        asked <= 15,
+        "{asked} lease requests while the controller failed"
+    );
+    grid.stop();
+}
