@@ -42,7 +42,8 @@ GUEST_TARGET := x86_64-unknown-linux-gnu
 GUEST_OUT := target/guest/$(GUEST_TARGET)/release
 GUEST_BIN := $(GUEST_OUT)/sparegrid-guest
 GUEST_PROBE := $(GUEST_OUT)/sparegrid-guest-probe
-GUEST_SOURCES := $(shell find agent/guest agent/proto -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
+GUEST_SOURCES := $(shell find agent/guest/src agent/proto/src -name '*.rs') \
+	agent/guest/Cargo.toml agent/proto/Cargo.toml Cargo.toml Cargo.lock
 
 # Environment for everything that may talk to a real libvirtd and boot the image.
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)

@@ -342,6 +342,30 @@ interpreters = ["sh", "awk"]
         assert_eq!(w.image, Path::new("/var/lib/sparegrid/images/default"));
     }
 
+    /// The image `make image` built (make test sets SPAREGRID_IMAGE_DIR):
+    /// the loader and build-image.sh agree on the manifest.
+    #[test]
+    fn the_built_image_loads_when_there_is_one() {
+        let Some(dir) = std::env::var_os("SPAREGRID_IMAGE_DIR") else {
+            eprintln!("SPAREGRID_IMAGE_DIR not set: skipped");
+            return;
+        };
+        let t = tempfile::tempdir().unwrap();
+        let text = DEFAULT.replace("\"img\"", &format!("{:?}", Path::new(&dir)));
+        let p = t.path().join("default.toml");
+        std::fs::write(&p, text).unwrap();
+        let w = Workload::load(&p).unwrap();
+        let m = w.manifest.unwrap();
+        assert!(
+            m.guest_version.is_some(),
+            "the image carries no worker: {m:?}"
+        );
+        let have = m.interpreters.unwrap_or_default();
+        for i in ["sh", "awk"] {
+            assert!(have.iter().any(|h| h == i), "{i} missing from {have:?}");
+        }
+    }
+
     fn field_error(text: &str) -> String {
         Workload::parse(text, Path::new("/"))
             .unwrap_err()
