@@ -244,6 +244,10 @@ impl Runner {
             (queued, gone)
         };
         let n = queued + dropped.len() + in_vm_gone;
+        if n > 0 {
+            // A slot is free: wake whoever waits for one (the lease loop).
+            self.reports.notify();
+        }
         if let Backend::Vms(pool) = &self.backend {
             for a in refs {
                 pool.cancel(a);
