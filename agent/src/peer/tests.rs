@@ -465,6 +465,38 @@ fn a_pending_trade_is_asked_again_later() {
     assert_eq!(a.q().counts().unwrap().given, 1);
 }
 
+#[test]
+fn a_wrong_address_or_unknown_peer_never_settles_a_trade() {
+    let a = Node::new("a");
+    let b = Node::new("b");
+    let c = Node::new("c");
+    let seeded = seed(a.q(), "j", 4);
+    let t = trade::begin(b.q(), "a", super::now_ms()).unwrap();
+    let (given, _) = trade::ask(b.q(), &net(&[&a, &b]), "a", &t, &ask(2)).unwrap();
+    trade::accept(b.q(), &given, super::now_ms()).unwrap();
+    // a's idea of b's address points at c: c is not the thief, so a waits.
+    let misdirected = HttpTransport::new(
+        TOKEN,
+        [("b".to_owned(), c.url.clone())],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let r = trade::resolve_given(a.q(), &misdirected, Duration::ZERO, super::now_ms()).unwrap();
+    assert_eq!(r.waiting, vec![t.clone()]);
+    assert_eq!(a.q().counts().unwrap().given, 2);
+    check(&stores(&[&a, &b, &c]), &seeded, false);
+    // A steal from a peer without an address is aborted at once.
+    let e = trade::steal(b.q(), &net(&[&b]), "a", &ask(1)).unwrap_err();
+    let trade::TradeError::Transport { trade: t2, error } = e else {
+        panic!("expected a transport error");
+    };
+    assert_eq!(error, TransportError::UnknownPeer("a".into()));
+    assert_eq!(b.q().thief_trade(&t2).unwrap(), ThiefTrade::Aborted);
+    let r = trade::resolve_given(a.q(), &net(&[&a, &b]), Duration::ZERO, super::now_ms()).unwrap();
+    assert_eq!(r.committed, vec![t]);
+    check(&stores(&[&a, &b, &c]), &seeded, true);
+}
+
 // ---- randomized schedule over in-process peers ------------------------
 
 /// Calls the serve functions of in-process peers directly; `down` peers
