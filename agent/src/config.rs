@@ -348,6 +348,10 @@ pub struct VmTemplate {
     pub cmdline: String,
     /// Command a process-runtime "VM" runs (process runtime).
     pub command: Vec<String>,
+    /// A workload file (`workloads/default.toml`): when set, its image's
+    /// kernel and initrd (checked against the image manifest's digests),
+    /// vCPUs, memory and command line replace the fields above at start.
+    pub workload: PathBuf,
 }
 
 impl Default for VmTemplate {
@@ -359,6 +363,7 @@ impl Default for VmTemplate {
             initrd: PathBuf::from("/var/lib/sparegrid/images/default/initrd.img"),
             cmdline: "console=ttyS0 quiet panic=-1".into(),
             command: vec!["/bin/sh".into(), "-c".into(), "while :; do :; done".into()],
+            workload: PathBuf::new(),
         }
     }
 }

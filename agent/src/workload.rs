@@ -434,6 +434,35 @@ interpreters = ["sh", "awk"]
     }
 
     #[test]
+    fn the_agent_takes_its_vm_template_from_the_vm_workload_key() {
+        let (t, p) = fixture(
+            &DEFAULT
+                .replace("vcpus = 1", "vcpus = 2")
+                .replace("memory_mib = 256", "memory_mib = 384"),
+            None,
+        );
+        let mut cfg = crate::config::Config::default();
+        crate::daemon::apply_workload(&mut cfg).unwrap();
+        assert_eq!(
+            cfg.vm,
+            crate::config::Config::default().vm,
+            "no workload: unchanged"
+        );
+        cfg.vm.workload = p.clone();
+        crate::daemon::apply_workload(&mut cfg).unwrap();
+        assert_eq!(cfg.vm.kernel, t.path().join("img/vmlinuz"));
+        assert_eq!(cfg.vm.initrd, t.path().join("img/initrd.img"));
+        assert_eq!((cfg.vm.vcpus, cfg.vm.memory_mib), (2, 384));
+        assert_eq!(cfg.vm.cmdline, "console=ttyS0 quiet panic=-1");
+        // A tampered image stops the start, naming the file.
+        std::fs::write(t.path().join("img/initrd.img"), b"other bytes!!").unwrap();
+        let e = crate::daemon::apply_workload(&mut cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("initrd.img"), "{e}");
+    }
+
+    #[test]
     fn a_changed_image_file_does_not_match_the_manifest() {
         let (t, p) = fixture(DEFAULT, None);
         std::fs::write(t.path().join("img/initrd.img"), b"initrd bytes?").unwrap();

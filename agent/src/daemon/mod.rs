@@ -56,6 +56,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error("the {0} runtime is not compiled into this build")]
     NotBuilt(&'static str),
+    #[error("workload: {0}")]
+    Workload(#[from] crate::workload::WorkloadError),
     #[error("finding the controller: {0}")]
     Discover(#[from] crate::discover::DiscoverError),
 }
@@ -146,6 +148,30 @@ pub fn build_runtime(
     }
 }
 
+/// Loads `[vm] workload`, if set, over the `[vm]` template: the image's
+/// kernel and initrd (digests checked against its manifest), vCPUs, memory
+/// and command line.
+pub fn apply_workload(cfg: &mut Config) -> Result<(), DaemonError> {
+    if cfg.vm.workload.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let w = crate::workload::Workload::load(&cfg.vm.workload)?;
+    tracing::info!(
+        "workload {} from {}: {} vCPU, {} MiB, interpreters {:?}",
+        w.name,
+        cfg.vm.workload.display(),
+        w.vcpus,
+        w.memory_mib,
+        w.interpreters
+    );
+    cfg.vm.kernel = w.kernel();
+    cfg.vm.initrd = w.initrd();
+    cfg.vm.vcpus = w.vcpus;
+    cfg.vm.memory_mib = w.memory_mib;
+    cfg.vm.cmdline = w.cmdline.clone();
+    Ok(())
+}
+
 /// How often a guest worker heartbeats on its channel.
 const GUEST_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 /// A guest silent this long while its VM runs is declared dead (TCG guests
@@ -154,6 +180,7 @@ const GUEST_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(15)
 
 /// Runs the agent until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    apply_workload(&mut cfg)?;
     crate::discover::resolve(&mut cfg)?;
     cfg.validate()
         .map_err(|e| DaemonError::Io(std::io::Error::other(e.to_string())))?;
