@@ -8,11 +8,15 @@
 //! - [`cgroup`]: the low-priority grid partition (v1 and v2).
 //! - [`runtime`]: libvirt and process backends behind one trait.
 //! - [`subtask`]: runs a pushed subtask as a host process in the grid cgroup.
-//! - [`grid`]: joins a controller: register, heartbeat, run pushed subtasks.
+//! - [`grid`]: joins a controller: register, heartbeat, run pushed or
+//!   leased subtasks (in grid VMs, or as processes).
 //! - [`guestlink`]: the host side of the guest channel to grid VMs.
 //! - [`daemon`]: control loop, HTTP status/metrics, signals, systemd.
 //! - [`check`]: what this host supports.
 //! - [`workload`]: workload files (image, vCPUs, memory, interpreters).
+//! - [`discover`]: finding the controller through a DNS SRV record.
+//! - [`peer`]: p2p work stealing's durable queue and trade protocol (not yet
+//!   wired into the daemon; see docs/p2p.md).
 
 pub mod cgroup;
 pub mod check;
