@@ -370,9 +370,12 @@ impl ControlLoop {
     fn refresh_grid_cpu(&mut self) -> (Vec<String>, u64) {
         // Launching VMs count too: QEMU starting up is the grid's load. They
         // may not exist yet, which is not an exit.
+        // Saved VMs are stopped on purpose (their state is on disk): no
+        // CPU to count, and not an exit.
         let names: Vec<(String, bool)> = self
             .policy
             .vms()
+            .filter(|v| v.state != VmState::Saved)
             .map(|v| (v.name.clone(), v.state == VmState::Launching))
             .collect();
         let mut exited = Vec::new();
