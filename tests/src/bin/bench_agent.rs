@@ -12,8 +12,16 @@
 //!    with busy grid VMs, as a ratio to the same benchmark with no grid,
 //!    measured side by side (alternating runs) in the same process.
 //!
+//! 5. Guest channel (issue 4), on TCG grid VMs launched through the agent's
+//!    libvirt runtime with their channel driven by the agent's own
+//!    [`GuestPool`]: boot to ready (domain create → the guest's Hello,
+//!    p50 over a few boots), per-subtask overhead in a warm VM (a no-op
+//!    subtask's round trip over the channel, p50), and channel throughput
+//!    (100 MiB of stdout streamed from the guest to the host, MiB/s).
+//!
 //! Prints figures and targets; asserts nothing about time (machines are
-//! noisy). Needs root and a libvirtd for parts 2–4; `--quick` shortens it.
+//! noisy). Needs root and a libvirtd for parts 2–5; `--quick` shortens it,
+//! `--guest-only` runs part 1 and part 5 only.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,9 +29,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sparegrid_agent::config::Config;
+use sparegrid_agent::guestlink::{GuestPool, LinkOptions, VmEnd};
 use sparegrid_agent::load::LoadModel;
 use sparegrid_agent::policy::{Observation, Policy, PolicyConfig};
 use sparegrid_agent::sampler::{GridUsage, Sampler};
+use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
 use sparegrid_proto::{AgentStatus, VmState};
 use sparegrid_tests::{domstate, image_dir, is_root, unique, Agent, Conf, CustomerLoad, Harness};
 
@@ -359,6 +369,223 @@ fn bench_interference(image: &std::path::Path, run: Duration, rounds: usize) {
     );
 }
 
+/// A guest pool for part 5: output kept up to 128 MiB (the throughput run
+/// keeps all 100 MiB), generous watchdogs.
+fn bench_pool(host: &str) -> Arc<GuestPool> {
+    GuestPool::new(LinkOptions {
+        host: host.to_string(),
+        hello_timeout: Duration::from_secs(300),
+        heartbeat: Duration::from_secs(1),
+        dead_after: Duration::from_secs(60),
+        output_cap: 128 << 20,
+    })
+}
+
+/// Waits until `vm`'s guest said Hello on `pool`; panics after `timeout`
+/// or when the pool gives up on it.
+fn wait_hello(pool: &GuestPool, vm: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let seen = pool.activity().seen();
+        if pool.take_ready().iter().any(|r| r == vm) {
+            return;
+        }
+        if let Some((_, why)) = pool.take_failed().into_iter().find(|(n, _)| n == vm) {
+            panic!("guest of {vm} failed: {why}");
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no Hello from {vm} within {timeout:?}"
+        );
+        pool.activity().wait_since(seen, Duration::from_millis(100));
+    }
+}
+
+/// Runs `argv` in one of the pool's idle VMs and waits for its end.
+fn run_in_vm(pool: &GuestPool, argv: &[&str], n: u64) -> Completion {
+    let attempt = AttemptRef {
+        job: "bench".into(),
+        index: n,
+        epoch: 1,
+    };
+    let a = Assignment {
+        attempt: attempt.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Default::default(),
+        stdin: Vec::new(),
+        timeout_ms: 0,
+        vcpus: 1,
+        memory_mib: 64,
+    };
+    if pool.start(a).is_err() {
+        panic!("no idle grid VM for {argv:?}");
+    }
+    loop {
+        let seen = pool.activity().seen();
+        for end in pool.take_ended() {
+            match end {
+                VmEnd::Completed(c) if c.attempt == attempt => return c,
+                VmEnd::HandedBack { vm, reason, .. } => {
+                    panic!("subtask {argv:?} handed back by {vm}: {reason}")
+                }
+                VmEnd::Completed(_) => {}
+            }
+        }
+        pool.activity().wait_since(seen, Duration::from_millis(200));
+    }
+}
+
+/// Part 5: boot to ready, no-op round trip, output throughput.
+fn bench_guest_channel(image: &std::path::Path, boots: usize, noops: usize) {
+    use sparegrid_agent::config::DomainType;
+    use sparegrid_agent::runtime::libvirt::{LibvirtOptions, LibvirtRuntime};
+    use sparegrid_agent::runtime::{Runtime, VmSpec};
+
+    let host = unique("gc");
+    let run_dir = tempfile::Builder::new()
+        .prefix("sparegrid-bench-")
+        .tempdir()
+        .expect("temporary run directory");
+    // QEMU (another user, or root without CAP_DAC_OVERRIDE) must reach the
+    // console log and channel socket in it.
+    std::fs::set_permissions(
+        run_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod the run directory");
+    // No partition: the driver default (/machine) at normal CPU weight, so
+    // the figures are the channel's, not the grid's low priority.
+    let mut rt = LibvirtRuntime::connect(
+        "qemu:///system",
+        LibvirtOptions {
+            domain_type: DomainType::Qemu,
+            emulator: None,
+            owner: host.clone(),
+            run_dir: run_dir.path().to_path_buf(),
+            partition: None,
+            cgroup_root: None,
+            partition_memory_max_bytes: None,
+        },
+    )
+    .expect("connect to qemu:///system");
+    let spec = |n: usize| VmSpec {
+        name: format!("sg-{host}-{n}"),
+        vcpus: 1,
+        // The guest keeps a subtask's output (for replay): 100 MiB of it.
+        memory_mib: 512,
+        kernel: image.join("vmlinuz"),
+        initrd: image.join("initrd.img"),
+        cmdline: "console=ttyS0 quiet panic=-1".into(),
+        command: Vec::new(),
+        force_tcg: false,
+    };
+    let pool = bench_pool(&host);
+
+    // Boot to ready: each boot from domain create to the guest's Hello.
+    let mut times = Vec::new();
+    let mut warm = None;
+    for n in 1..=boots {
+        let s = spec(n);
+        let t0 = Instant::now();
+        rt.launch(&s).expect("launch a grid VM");
+        let socket = rt
+            .guest_channel(&s.name)
+            .expect("libvirt has a guest channel");
+        pool.attach(&s.name, socket);
+        wait_hello(&pool, &s.name, Duration::from_secs(300));
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        if n < boots {
+            pool.reclaimed(&s.name);
+            rt.destroy(&s.name).expect("destroy");
+        } else {
+            warm = Some(s.name);
+        }
+    }
+    let t = sorted(times);
+    println!(
+        "guest boot to ready (domain create → Hello, TCG, 1 vCPU): p50 {:.0} ms, min {:.0} ms, max {:.0} ms \
+         over {} boots",
+        percentile(&t, 0.5),
+        t.first().copied().unwrap_or(f64::NAN),
+        t.last().copied().unwrap_or(f64::NAN),
+        t.len()
+    );
+    let vm = warm.expect("at least one boot");
+
+    // Per-subtask overhead: `true` in the warm VM, start → Completed.
+    for i in 0..10 {
+        run_in_vm(&pool, &["true"], i);
+    }
+    let mut times = Vec::with_capacity(noops);
+    let mut inside = Vec::with_capacity(noops);
+    for i in 0..noops {
+        let t0 = Instant::now();
+        let c = run_in_vm(&pool, &["true"], 100 + i as u64);
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        inside.push(c.duration_ms as f64);
+        assert_eq!(c.exit_code, Some(0), "true in the guest: {c:?}");
+    }
+    let t = sorted(times);
+    let inside = sorted(inside);
+    println!(
+        "no-op subtask round trip in a warm VM (RunSubtask → `true` → Result, TCG): p50 {:.2} ms, \
+         p99 {:.2} ms over {} (target: p50 ≤ 5 ms); of which the guest's spawn-to-exit of `true` \
+         (its duration_ms): p50 {:.0} ms",
+        percentile(&t, 0.5),
+        percentile(&t, 0.99),
+        t.len(),
+        percentile(&inside, 0.5)
+    );
+
+    // Throughput: 100 MiB of stdout from the guest.
+    const SIZE: u64 = 100 << 20;
+    // dd in 256 KiB blocks: busybox `head -c` reads /dev/zero a few KiB at
+    // a time, and every syscall is dear under TCG (10 MiB/s to /dev/null).
+    let produce = format!(
+        "dd if=/dev/zero bs=262144 count={} 2>/dev/null",
+        SIZE / 262_144
+    );
+    let mut rates = Vec::new();
+    for i in 0..2 {
+        let t0 = Instant::now();
+        let c = run_in_vm(&pool, &["sh", "-c", &produce], 10_000 + i);
+        let secs = t0.elapsed().as_secs_f64();
+        assert!(
+            c.exit_code == Some(0) && c.stdout_size == SIZE && c.stdout.len() as u64 == SIZE,
+            "throughput run: exit {:?}, {} bytes kept of {}, error {:?}",
+            c.exit_code,
+            c.stdout.len(),
+            c.stdout_size,
+            c.error
+        );
+        rates.push(SIZE as f64 / (1 << 20) as f64 / secs);
+    }
+    // Reference: the same bytes produced in the guest and thrown away there
+    // (what TCG costs without the channel).
+    let t0 = Instant::now();
+    let c = run_in_vm(
+        &pool,
+        &["sh", "-c", &format!("{produce} >/dev/null")],
+        20_000,
+    );
+    let local = SIZE as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(c.exit_code, Some(0), "{c:?}");
+    println!(
+        "channel throughput (100 MiB of stdout, guest → host, TCG): {} MiB/s (target ≥ 50 MiB/s); \
+         the same bytes to /dev/null inside the guest: {local:.1} MiB/s",
+        rates
+            .iter()
+            .map(|r| format!("{r:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    pool.reclaimed(&vm);
+    if let Err(e) = rt.destroy(&vm) {
+        println!("  destroy {vm}: {e}");
+    }
+    remove_domains(&host);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -369,17 +596,30 @@ fn main() {
     );
     bench_sample_cost(if quick { 2_000 } else { 20_000 });
     if !is_root() || std::env::var("SPAREGRID_LIBVIRTD").as_deref() != Ok("1") {
-        println!("footprint, reaction, interference: skipped (need root and SPAREGRID_LIBVIRTD=1; `make bench-agent` sets it)");
+        println!("footprint, reaction, interference, guest channel: skipped (need root and SPAREGRID_LIBVIRTD=1; `make bench-agent` sets it)");
         return;
     }
     let Some(image) = image_dir("bench-agent") else {
         return;
     };
+    if args.iter().any(|a| a == "--guest-only") {
+        bench_guest_channel(
+            &image,
+            if quick { 2 } else { 5 },
+            if quick { 50 } else { 300 },
+        );
+        return;
+    }
     bench_footprint(&image, Duration::from_secs(if quick { 10 } else { 30 }));
     bench_reaction(&image, if quick { 5 } else { 20 });
     bench_interference(
         &image,
         Duration::from_secs(if quick { 5 } else { 10 }),
         if quick { 1 } else { 2 },
+    );
+    bench_guest_channel(
+        &image,
+        if quick { 2 } else { 5 },
+        if quick { 50 } else { 300 },
     );
 }
