@@ -59,7 +59,7 @@ help:
 	@echo "make boot-check   boot the guest image once under libvirt (workloads/boot-check.sh)"
 	@echo "make build        cargo build --workspace"
 	@echo "make test         deps, libvirtd, image, boot-check, then cargo test with real-VM tests on"
-	@echo "make demo         controller + 2 local agents run workloads/jobs/sample.toml (tests/demo.sh)"
+	@echo "make demo         controller + 2 local agents run workloads/jobs/sample.toml in grid VMs (tests/demo.sh)"
 	@echo "make demo-agent   one agent's grid VM under load on a real libvirtd (tests/demo-agent.sh)"
 	@echo "make bench-agent  run the agent benchmark (release build)"
 	@echo "make bench-controller  controller dispatch throughput and memory with 1M queued subtasks (release build)"
@@ -143,10 +143,11 @@ test: deps libvirtd image boot-check
 	$(CARGO) build --workspace
 	$(VM_ENV) RUST_BACKTRACE=1 $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
-# The grid end to end: a controller, two local agents (process runtime), the
-# sample job submitted with the CLI. Needs root (cgroups), not libvirt.
-demo: deps build
-	bash tests/demo.sh
+# The grid end to end: a controller, two local agents (libvirt runtime, one
+# TCG grid VM each), the sample job submitted with the CLI and run inside the
+# grid VMs. Needs root, libvirtd and the guest image.
+demo: deps libvirtd image build
+	$(VM_ENV) bash tests/demo.sh
 
 # The agent alone on a real libvirtd: a grid VM suspended under load, resumed,
 # reclaimed.

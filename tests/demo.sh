@@ -3,21 +3,27 @@
 #
 #   1. A controller starts (SQLite store and logs in a temporary directory,
 #      one bearer token per role).
-#   2. Two agents start (process runtime: subtasks run as host processes in
-#      each agent's own low-priority cgroup partition) and register.
-#   3. `sparegrid hosts` shows them; `sparegrid submit --watch` sends the
-#      sample job (workloads/jobs/sample.toml: count the primes below
-#      200,000 in 20 subtasks) and follows it with a progress bar.
+#   2. Two agents start (libvirt runtime on this machine's libvirtd): each
+#      boots one grid VM (TCG) from the guest image and registers once the
+#      VM's guest worker has answered on its channel.
+#   3. `sparegrid hosts` shows them; `sparegrid submit` sends the sample job
+#      (workloads/jobs/sample.toml: count the primes below 200,000 in 20
+#      subtasks plus a reduce); every subtask runs inside a grid VM. While it
+#      runs the demo prints each grid VM's state as it changes (from the
+#      agents' GET /v1/status: VM state, guest link state, the subtask it
+#      runs) and the job's progress.
 #   4. It prints what each subtask printed, in order (the API's map stage),
 #      and `sparegrid results` (the job's reduce step: the total); the demo
 #      checks that every subtask is there exactly once.
-#   5. Everything stops; the temporary directory and the cgroup partitions
-#      are removed (DEMO_KEEP=1 keeps the directory).
+#   5. The agents drain (their VMs are destroyed), everything stops; the
+#      temporary directory, the cgroup partitions and any grid domain left
+#      behind are removed (DEMO_KEEP=1 keeps the directory).
 #
-# Exits 0 only when the results are complete. Needs root (cgroups) and the
-# built binaries; `make demo` provides both. DEMO_PORT (default 7480) is the
-# controller's port, the agents take the next two; DEMO_JOB names another
-# job file.
+# Exits 0 only when the results are complete. Needs root, a running libvirtd,
+# the guest image (SPAREGRID_IMAGE_DIR, default
+# /var/lib/sparegrid/images/default) and the built binaries; `make demo`
+# provides all of them. DEMO_PORT (default 7480) is the controller's port,
+# the agents take the next two; DEMO_JOB names another job file.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,6 +34,8 @@ CLI=$BIN/sparegrid
 SAMPLE=workloads/jobs/sample.toml
 JOB=${DEMO_JOB:-$SAMPLE}
 PORT=${DEMO_PORT:-7480}
+IMAGE=${SPAREGRID_IMAGE_DIR:-/var/lib/sparegrid/images/default}
+VIRSH="virsh -c qemu:///system"
 AGENTS=2
 WORK=$(mktemp -d /tmp/sparegrid-demo.XXXXXX)
 CONTROLLER_PID=
@@ -74,10 +82,21 @@ stop() {
     wait "$pid" 2>/dev/null || true
 }
 
+# Grid domains of the demo's agents that are still defined (an agent that
+# was killed leaves them): destroyed and undefined with their save images.
+remove_domains() {
+    local d
+    for d in $($VIRSH list --all --name 2>/dev/null | grep "^sg-demo-agent-$$-" || true); do
+        $VIRSH destroy "$d" >/dev/null 2>&1 || true
+        $VIRSH undefine "$d" --managed-save >/dev/null 2>&1 || true
+    done
+}
+
 cleanup() {
     local pid part
     for pid in "${AGENT_PIDS[@]}"; do stop "$pid"; done
     [ -n "$CONTROLLER_PID" ] && stop "$CONTROLLER_PID"
+    remove_domains
     for part in "${PARTITIONS[@]}"; do remove_partition "$part"; done
     for part in "${PARTITIONS[@]}"; do
         if find /sys/fs/cgroup -maxdepth 2 -type d -name "$part" 2>/dev/null | grep -q .; then
@@ -94,10 +113,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-[ "$(id -u)" = 0 ] || fail "needs root (the agents create cgroup partitions); run 'make demo' as root"
+[ "$(id -u)" = 0 ] || fail "needs root (libvirt, cgroup partitions); run 'make demo' as root"
 for f in "$CONTROLLER" "$AGENT" "$CLI"; do
     [ -x "$f" ] || fail "$f is missing (run 'make demo', which builds it)"
 done
+for f in "$IMAGE/vmlinuz" "$IMAGE/initrd.img" "$IMAGE/manifest.json"; do
+    [ -f "$f" ] || fail "$f is missing (run 'make demo', which builds the guest image)"
+done
+$VIRSH version >/dev/null 2>&1 || fail "libvirtd does not answer on qemu:///system (run 'make demo', which starts it)"
 [ -f "$JOB" ] || fail "job file $JOB does not exist"
 for c in jq curl; do command -v $c >/dev/null || fail "$c is missing (make deps installs it)"; done
 for p in $(seq "$PORT" $((PORT + AGENTS))); do
@@ -141,17 +164,22 @@ sg_admin hosts >/dev/null || fail "the controller does not answer"
 note "store: $WORK/controller.db; tokens for the agent, submit and admin roles"
 
 # ---------------------------------------------------------------------------
-say "2. Start $AGENTS agents (process runtime, 2 slots each)"
-note "Both agents share this machine, so each would count the other's subtasks"
-note "as customer CPU load: the demo agents weigh memory only (a real host"
-note "weighs every metric)."
+say "2. Start $AGENTS agents (libvirt runtime: one grid VM each, TCG)"
+note "Each agent boots a grid VM from $IMAGE (kernel + initramfs with"
+note "busybox and the sparegrid-guest worker) and offers a slot once the"
+note "worker has said Hello on the VM's virtio-serial channel. Both agents share"
+note "this machine, so each would count the other's VM as customer CPU load:"
+note "the demo agents weigh memory only (a real host weighs every metric)."
+# QEMU (user libvirt-qemu) must reach the run directories.
+chmod 755 "$WORK"
 for i in $(seq "$AGENTS"); do
     part="sparegrid-demo-$$-$i"
     PARTITIONS+=("$part")
     mkdir -p "$WORK/agent-$i/run" "$WORK/agent-$i/data"
+    chmod 755 "$WORK/agent-$i" "$WORK/agent-$i/run"
     cat >"$WORK/agent-$i.toml" <<TOML
 [agent]
-host_name = "demo-agent-$i"
+host_name = "demo-agent-$$-$i"
 listen = "127.0.0.1:$((PORT + i))"
 run_dir = "$WORK/agent-$i/run"
 data_dir = "$WORK/agent-$i/data"
@@ -168,42 +196,98 @@ psi_io = 0.0
 rtt = 0.0
 
 [policy]
-# No grid VMs of their own: the agents only run the subtasks pushed to them.
-max_grid_vms = 0
+launch_after = "1s"
+boot_timeout = "300s"
+memory_reserve_mib = 256
+max_grid_vms = 1
+memory_budget_mib = 256
+vcpu_budget = 1
 
 [cgroup]
 partition = "$part"
 
 [runtime]
-kind = "process"
+kind = "libvirt"
+libvirt_uri = "qemu:///system"
+# Nested KVM guests do not boot on every machine; TCG always does.
+domain_type = "qemu"
+
+[vm]
+vcpus = 1
+memory_mib = 256
+kernel = "$IMAGE/vmlinuz"
+initrd = "$IMAGE/initrd.img"
 
 [controller]
 url = "http://127.0.0.1:$PORT"
 token = "$AGENT_TOKEN"
-slots = 2
+slots = 1
 TOML
     "$AGENT" --config "$WORK/agent-$i.toml" run >"$WORK/agent-$i.log" 2>&1 &
     AGENT_PIDS+=($!)
 done
-eligible=0
-for _ in $(seq 150); do
-    eligible=$(sg_admin --json hosts 2>/dev/null | jq '[.hosts[] | select(.eligible)] | length' || echo 0)
-    [ "$eligible" = "$AGENTS" ] && break
+
+# vm_lines: one line per grid VM of every agent: agent, VM, state, guest
+# link state, subtask.
+vm_lines() {
+    local i
+    for i in $(seq "$AGENTS"); do
+        curl -sf "http://127.0.0.1:$((PORT + i))/v1/status" 2>/dev/null \
+            | jq -r --arg a "agent-$i" '.vms[] | "\($a)  \(.name)  \(.state)  guest=\(.guest // "-")  \(.subtask // "")"' \
+            || true
+    done
+}
+# show_vm_changes: prints the VM lines that changed since the last call.
+LAST_VMS=""
+show_vm_changes() {
+    local now
+    now=$(vm_lines | sort)
+    if [ "$now" != "$LAST_VMS" ]; then
+        # VMs that left the agents' tables (reclaimed), then new or changed lines.
+        comm -23 <(echo "$LAST_VMS" | awk '{ print $1 "  " $2 }' | sort -u) \
+            <(echo "$now" | awk '{ print $1 "  " $2 }' | sort -u) \
+            | sed '/^ *$/d; s/^/   vm: /; s/$/  gone/'
+        comm -13 <(echo "$LAST_VMS") <(echo "$now") | sed '/^$/d; s/^/   vm: /'
+        LAST_VMS=$now
+    fi
+}
+ready=0
+for _ in $(seq 1500); do
+    ready=$(sg_admin --json hosts 2>/dev/null | jq '[.hosts[] | select(.eligible and .free_slots > 0)] | length' || echo 0)
+    show_vm_changes
+    [ "$ready" = "$AGENTS" ] && break
     for pid in "${AGENT_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || fail "an agent exited"; done
     sleep 0.2
 done
-[ "$eligible" = "$AGENTS" ] || fail "only $eligible of $AGENTS agents became eligible within 30 s"
+[ "$ready" = "$AGENTS" ] || fail "only $ready of $AGENTS agents had a ready grid VM within 300 s"
 
 say "3. sparegrid hosts"
 sg_admin hosts
 
 # ---------------------------------------------------------------------------
-say "4. sparegrid submit $JOB --watch"
+say "4. sparegrid submit $JOB"
 grep -E '^(name|end|chunk|start) ' "$JOB" | sed 's/^/   /' || true
-note "(grid work runs at the lowest CPU priority: on a busy machine it waits for spare CPU)"
-sg submit "$JOB" --watch || fail "the job did not finish"
-ID=$(sg --json status --limit 1 | jq -r '.jobs[0].id')
-[ -n "$ID" ] && [ "$ID" != null ] || fail "cannot find the submitted job"
+note "Each subtask runs inside a grid VM; below, every change of a VM's state"
+note "(vm: agent, VM, state, guest link, subtask) and of the job's progress."
+ID=$(sg --json submit "$JOB" | jq -r '.id') || fail "the job was not accepted"
+[ -n "$ID" ] && [ "$ID" != null ] || fail "cannot read the submitted job's id"
+note "job $ID"
+LAST_PROGRESS=""
+STATE=""
+for _ in $(seq 3000); do
+    show_vm_changes
+    sg --json status "$ID" >"$WORK/status.json" 2>/dev/null || true
+    STATE=$(jq -r '.state // ""' "$WORK/status.json" 2>/dev/null || true)
+    PROGRESS=$(jq -r '"job: \(.state), \(.counts.done // 0)/\(.counts.total // 0) subtasks done, \(.counts.assigned // 0) running, reduce \(.reduce // "-")"' "$WORK/status.json" 2>/dev/null || true)
+    if [ -n "$PROGRESS" ] && [ "$PROGRESS" != "$LAST_PROGRESS" ]; then
+        echo "   $PROGRESS"
+        LAST_PROGRESS=$PROGRESS
+    fi
+    case $STATE in done | failed | cancelled) break ;; esac
+    for pid in "${AGENT_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || fail "an agent exited"; done
+    sleep 0.2
+done
+[ "$STATE" = done ] || fail "job $ID ended as '${STATE:-unknown}' (or did not finish within 10 min)"
 
 say "5. sparegrid hosts (after the job)"
 # `running` is what each agent last reported: give them a heartbeat or two.
@@ -260,7 +344,15 @@ if [ "$JOB" = "$SAMPLE" ]; then
 fi
 note "$N of $N subtasks, each exactly once"
 
-say "9. Stop the agents and the controller"
+say "9. Drain the agents (their grid VMs are destroyed), stop everything"
+for i in $(seq "$AGENTS"); do
+    curl -sf -X POST "http://127.0.0.1:$((PORT + i))/v1/drain" >/dev/null || true
+done
+for _ in $(seq 100); do
+    show_vm_changes
+    [ -z "$(vm_lines)" ] && break
+    sleep 0.2
+done
 for pid in "${AGENT_PIDS[@]}"; do stop "$pid"; done
 AGENT_PIDS=()
 stop "$CONTROLLER_PID"
