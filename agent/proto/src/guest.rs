@@ -81,7 +81,9 @@ pub enum HostMsg {
     },
     RunSubtask(RunSubtask),
     /// Kill the subtask `id` (its process group); the guest still sends its Result.
-    Cancel { id: u64 },
+    Cancel {
+        id: u64,
+    },
     /// Re-send subtask `id`'s kept output from these offsets, then its Result
     /// if it has finished.
     Replay {
@@ -90,7 +92,9 @@ pub enum HostMsg {
         stderr_from: u64,
     },
     /// The host is alive (the guest does not need to answer).
-    Heartbeat { seq: u64 },
+    Heartbeat {
+        seq: u64,
+    },
 }
 
 /// Guest → host.
@@ -109,7 +113,9 @@ pub enum GuestMsg {
         running: Option<u64>,
     },
     /// The guest could not make sense of a host frame (it skips it and goes on).
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// The guest's answer to [`HostMsg::Attach`].
@@ -435,7 +441,10 @@ mod tests {
         d.push(&h);
         assert!(matches!(
             d.next_frame(),
-            Err(FrameError::TooLarge { size: 101, max: 100 })
+            Err(FrameError::TooLarge {
+                size: 101,
+                max: 100
+            })
         ));
         let big = GuestMsg::Rejected {
             reason: "x".repeat(200),
