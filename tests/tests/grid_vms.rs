@@ -442,6 +442,8 @@ fn libvirtd_vm_suspended_mid_subtask_resumes_and_output_is_complete() {
     );
     let id = c.cli().submit(&job).id.to_string();
     let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
+    // Seen running from here, so its whole run lies within `window` below.
+    let seen_running = std::time::Instant::now();
     sleep_ms(2000);
 
     // Customer traffic on the uplink: the VM is paused with its subtask.
@@ -485,16 +487,27 @@ fn libvirtd_vm_suspended_mid_subtask_resumes_and_output_is_complete() {
     });
     assert_transition(&resumed, VmState::Suspended, VmState::Running, Reason::Idle);
     let r = only_result(&c, &id);
+    let window_ms = seen_running.elapsed().as_millis() as u64;
     assert_seq_output(&r, &c);
     assert_eq!(
         (r.host.as_str(), r.attempt),
         (host.as_str(), epoch),
         "the accepted result is not the attempt that was paused"
     );
+    // Its duration is the guest's, whose clock stops while the VM is
+    // paused: run time plus the pause fits in the window the run was seen
+    // in, give or take half the pause for how late the start and end were
+    // seen (a duration that counted the pause would overflow it by the
+    // whole pause).
     let paused_ms = resumed.at_unix_ms.saturating_sub(suspended.at_unix_ms);
+    let duration_ms = r.duration_ms.expect("a duration in the result");
     eprintln!(
-        "{T}: paused {paused_ms} ms; the guest reported duration {:?} ms",
-        r.duration_ms
+        "{T}: paused {paused_ms} ms; the guest reported {duration_ms} ms; seen within {window_ms} ms"
+    );
+    assert!(
+        duration_ms + paused_ms <= window_ms + paused_ms / 2,
+        "the reported duration {duration_ms} ms seems to include the {paused_ms} ms pause: \
+         the subtask ran within {window_ms} ms"
     );
 }
 
