@@ -19,6 +19,9 @@
 //!   and the subtask completes elsewhere, once, without a failed attempt;
 //! - a guest that writes garbage and never says Hello is reclaimed, the
 //!   agent stays up and never offers the controller a slot on it;
+//! - a guest whose worker falls silent mid-subtask (SIGSTOPped from inside,
+//!   the VM still busy) is reclaimed as `guest_failure` and its subtask
+//!   runs once elsewhere;
 //! - `reclaim_mode = "save"`: a VM managed-saved mid-subtask is restored
 //!   once the host is calm and finishes the subtask there.
 //!
@@ -864,5 +867,78 @@ fn libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there() {
         "{T}: {vm_name}: {}; restored at +{} ms",
         path.join(", "),
         restored.at_unix_ms.saturating_sub(t_calm)
+    );
+}
+
+/// In a guest (hostname `sparegrid-guest`): a busy loop in the background
+/// and SIGSTOP to the worker that started it (`$PPID`), so the VM keeps
+/// using CPU while its worker falls silent. Anywhere else: the sequence.
+fn silencing_script() -> String {
+    format!(
+        "if [ \"$(hostname)\" = sparegrid-guest ]; then \
+         (while :; do :; done) & kill -STOP $PPID; sleep 3600; fi; {}",
+        seq_script()
+    )
+}
+
+#[test]
+fn libvirtd_guest_that_stops_heartbeating_is_reclaimed_and_its_subtask_runs_once() {
+    const T: &str = "libvirtd_guest_that_stops_heartbeating_is_reclaimed_and_its_subtask_runs_once";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let uplink = Uplink::create();
+    let host = unique("gvsilent");
+    let other = unique("gvproc");
+    let _domains = domain_cleanup(&[&host]);
+    let boosts = Boosts::default();
+    let mut c = cluster();
+    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |_| {});
+    wait_free_slots(&c, &host, 1);
+    let job = write_job(
+        c.dir(),
+        "silent",
+        &["/bin/sh", "-c", &silencing_script()],
+        1,
+        1,
+        1,
+    );
+    let id = c.cli().submit(&job).id.to_string();
+    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
+    // A host-process agent to run it again (in a guest it would silence
+    // that guest's worker too, and be handed back again).
+    c.add_agent(&other, 1, AgentLoad::MemoryOnly);
+    let t0 = unix_ms();
+    let i = idx(&c, &host);
+    let gone = c.agents[i].agent.wait_for(
+        &format!("{vm_name} to be reclaimed once its worker falls silent"),
+        secs(120),
+        |s| transition_to_any(s, &vm_name, &[VmState::Reclaimed], t0),
+    );
+    assert_eq!(
+        gone.reason,
+        Reason::GuestFailure,
+        "{vm_name} reclaimed for {}",
+        gone.reason
+    );
+    let r = only_result(&c, &id);
+    assert_seq_output(&r, &c);
+    assert_eq!(
+        r.host, other,
+        "the accepted result should come from {other}"
+    );
+    assert!(
+        r.attempt > epoch,
+        "accepted attempt {} ≤ {epoch}",
+        r.attempt
+    );
+    let agent = &mut c.agents[i].agent;
+    assert!(agent.is_running(), "the agent exited");
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&vm_name) && l.contains("stopped heartbeating")),
+        "no 'stopped heartbeating' for {vm_name} in the agent log:\n{}",
+        agent.log_tail(40)
     );
 }
