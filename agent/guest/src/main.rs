@@ -16,7 +16,12 @@ Without --port, finds the virtio-serial port named org.sparegrid.guest.0 under
 
 fn main() -> ExitCode {
     match parse(std::env::args().skip(1).collect()) {
-        Ok(Some(port)) => Worker::new(port).run(),
+        Ok(Some(port)) => {
+            // Subtasks start in WORKDIR; the worker lives there so that
+            // spawning needs no chdir (see run::resolve_program).
+            let _ = std::env::set_current_dir(sparegrid_guest::run::WORKDIR);
+            Worker::new(port).run()
+        }
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sparegrid-guest: {e}\n{USAGE}");

@@ -14,6 +14,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
@@ -29,6 +30,29 @@ pub const READER_GRACE: Duration = Duration::from_secs(2);
 
 /// Working directory of every subtask.
 pub const WORKDIR: &str = "/tmp";
+
+/// The program to start for `prog`: `prog` itself when it names a path
+/// (has a `/`), else the first executable `prog` in `path`, else `prog`
+/// (spawning then fails with "not found").
+///
+/// Resolved here rather than by std: std spawns with `posix_spawn` (a
+/// vfork-like clone, no copy of the worker's page tables) only when it need
+/// not search a PATH that the child's environment changes and need not set
+/// a working directory; otherwise it forks, and a fork under TCG costs
+/// about 20 ms — most of a no-op subtask's round trip.
+pub fn resolve_program(prog: &str, path: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if prog.contains('/') || prog.is_empty() {
+        return PathBuf::from(prog);
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| PathBuf::from(prog))
+}
 
 /// The environment every subtask starts from (the message's env is added).
 pub fn base_env() -> [(&'static str, &'static str); 4] {
@@ -60,16 +84,23 @@ pub fn start(shared: &Arc<Shared>, req: RunSubtask) {
     let Some((prog, args)) = argv.split_first() else {
         return fail(shared, gen, "empty argv".into());
     };
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
+    let path = env.get("PATH").map(String::as_str).unwrap_or(SUBTASK_PATH);
+    let mut cmd = Command::new(resolve_program(prog, path));
+    cmd.arg0(prog)
+        .args(args)
         .env_clear()
         .envs(base_env())
         .envs(&env)
-        .current_dir(WORKDIR)
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // The worker runs in WORKDIR (set at its start), so the child starts
+    // there too; setting it per command would make std fork (see
+    // `resolve_program`).
+    if std::env::current_dir().map_or(true, |d| d != Path::new(WORKDIR)) {
+        cmd.current_dir(WORKDIR);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return fail(shared, gen, format!("cannot start {prog:?}: {e}")),
@@ -236,4 +267,28 @@ fn supervise(shared: &Shared, gen: u64, id: u64, pid: libc::pid_t, timeout_ms: u
     sub.result = Some(r);
     drop(st);
     shared.notify();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_resolve_through_the_subtasks_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("tool");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        let plain = dir.path().join("data");
+        std::fs::write(&plain, "not a program").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("/nonexistent::{}", dir.path().display());
+        assert_eq!(resolve_program("tool", &path), exe);
+        // Not executable, or not there: left as is (spawn reports it).
+        assert_eq!(resolve_program("data", &path), PathBuf::from("data"));
+        assert_eq!(resolve_program("nope", &path), PathBuf::from("nope"));
+        // A path is used as given.
+        assert_eq!(resolve_program("./tool", &path), PathBuf::from("./tool"));
+        assert_eq!(resolve_program("", &path), PathBuf::from(""));
+    }
 }
