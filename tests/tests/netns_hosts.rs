@@ -800,7 +800,7 @@ fn root_netns_pull_push_and_cut_host_complete_exactly_once() {
     // Its late completions: refused as stale (logged by C), or dropped by C
     // unsent when a heartbeat reply says the leases are lost; either way the
     // results must not change. Its client backs off up to 10 s between
-    // retries, so wait for the refusals up to two rounds.
+    // retries, so wait for the refusals a little longer than one round.
     let refused = |agents: &[NsAgent]| {
         agents[2]
             .log_tail(100_000)
@@ -809,7 +809,7 @@ fn root_netns_pull_push_and_cut_host_complete_exactly_once() {
             .count()
     };
     let wait = Instant::now();
-    while refused(&agents) < c_held.len() && wait.elapsed() < secs(20) {
+    while refused(&agents) < c_held.len() && wait.elapsed() < secs(12) {
         sleep_ms(200);
     }
     eprintln!(

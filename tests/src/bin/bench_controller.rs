@@ -21,12 +21,24 @@
 //!    is done, against a fresh controller (in process, SQLite on disk).
 //!    Three alternating rounds; the figure is pull's median rate as a share
 //!    of push's (target ≥ 0.8).
+//! 4. Recovery after kill -9: 4 real `sparegrid-agent` processes (process
+//!    runtime, own cgroup partitions, 4 slots each; root) against the
+//!    controller in process with short timers (`lease_ttl` 1 s, heartbeat
+//!    250 ms, `host_timeout` 2 s); a job of 8 `sleep 30` subtasks, so the
+//!    survivors have free slots; once all are held, the agent holding the
+//!    most is killed with SIGKILL, and for each subtask it held the time
+//!    from the kill until the controller handed it to another host (the
+//!    new attempt's start in the store). Three rounds each of a pull job
+//!    (target: max ≤ `lease_ttl` + one heartbeat) and a push job (for
+//!    comparison: recovered after `host_timeout`). Needs the release agent
+//!    binary beside this one (`cargo build --release -p sparegrid-agent`);
+//!    skipped when not root.
 //!
 //! Prints each figure with its target and "met" or "MISSED"; asserts
 //! nothing about time (machines are noisy). Options: `--quick` (10× smaller
 //! jobs), `--agents N` (agents, default 4), `--batch-size N`
 //! (`dispatch.batch_size`; default: the controller's default), `--only
-//! dispatch|memory|pull` (one figure).
+//! dispatch|memory|pull|recovery` (one figure).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -55,7 +67,7 @@ struct Args {
     quick: bool,
     agents: usize,
     batch_size: Option<u32>,
-    /// Only this figure (`dispatch`, `memory` or `pull`).
+    /// Only this figure (`dispatch`, `memory`, `pull` or `recovery`).
     only: Option<String>,
 }
 
@@ -86,14 +98,14 @@ fn parse_args() -> Result<Args> {
             "--only" => {
                 let v = it.next().context("--only needs a value")?;
                 ensure!(
-                    ["dispatch", "memory", "pull"].contains(&v.as_str()),
-                    "--only: dispatch, memory or pull, not {v:?}"
+                    ["dispatch", "memory", "pull", "recovery"].contains(&v.as_str()),
+                    "--only: dispatch, memory, pull or recovery, not {v:?}"
                 );
                 args.only = Some(v);
             }
             "-h" | "--help" => {
                 println!(
-                    "bench-controller [--quick] [--agents N] [--batch-size N] [--only dispatch|memory|pull]"
+                    "bench-controller [--quick] [--agents N] [--batch-size N] [--only dispatch|memory|pull|recovery]"
                 );
                 std::process::exit(0);
             }
@@ -129,6 +141,9 @@ fn main() -> Result<()> {
     }
     if args.runs("pull") {
         pull_vs_push(&rt, 5_000 / scale, &args)?;
+    }
+    if args.runs("recovery") {
+        recovery(&rt)?;
     }
     drop(rt);
     Ok(())
@@ -734,6 +749,248 @@ fn pull_vs_push(rt: &tokio::runtime::Runtime, n: u64, args: &Args) -> Result<()>
     println!(
         "   pull / push = {ratio:.2}   target ≥ {PULL_RATIO_TARGET}   {}",
         verdict(ratio >= PULL_RATIO_TARGET)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 4. Recovery after kill -9
+// ---------------------------------------------------------------------------
+
+const RECOVERY_AGENTS: usize = 4;
+const RECOVERY_SLOTS: u32 = 4;
+/// Subtasks per job: two agents' worth, so the other agents have free slots
+/// and a revived subtask waits for nothing but the recovery itself.
+const RECOVERY_SUBTASKS: u64 = 8;
+const RECOVERY_ROUNDS: usize = 3;
+const RECOVERY_LEASE_TTL: Duration = Duration::from_secs(1);
+const RECOVERY_HEARTBEAT: Duration = Duration::from_millis(250);
+const RECOVERY_HOST_TIMEOUT: Duration = Duration::from_secs(2);
+const RECOVERY_DISPATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Milliseconds since the Unix epoch (the store's attempt clock).
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One round: a fresh controller in process, [`RECOVERY_AGENTS`] real agent
+/// processes in `mode`, a job of [`RECOVERY_SUBTASKS`] long subtasks; once
+/// every subtask is held, the agent holding the most is killed with
+/// SIGKILL. Returns, for each subtask it held, the time from the kill until
+/// its next attempt was leased (pull) or pushed (push) to another host
+/// (the attempt's `started_ms` in the store, which is when the controller
+/// handed it out).
+fn recovery_round(rt: &tokio::runtime::Runtime, mode: &str) -> Result<Vec<Duration>> {
+    use sparegrid_tests::controller::CGROUP_ROOT;
+    use sparegrid_tests::{unique, Conf, Harness};
+
+    let dir = tempfile::tempdir()?;
+    let mut config = ControllerConfig {
+        db_path: dir.path().join("controller.db"),
+        ..ControllerConfig::default()
+    };
+    config.dispatch.lease_ttl = RECOVERY_LEASE_TTL;
+    config.dispatch.lease_wait_max = Duration::from_secs(2);
+    config.dispatch.interval = RECOVERY_DISPATCH_INTERVAL;
+    config.registry.heartbeat_interval = RECOVERY_HEARTBEAT;
+    config.registry.host_timeout = RECOVERY_HOST_TIMEOUT;
+    config.validate()?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
+        &config.db_path,
+        StoreOptions::default(),
+    )?);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = AppState::new(Arc::clone(&store), &config);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(api::serve_on(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+
+    // Real agent processes (process runtime, own cgroup partition, load
+    // signal off: RTT only, which nothing here moves). Drop order: the
+    // agents (SIGTERM) before their harnesses (partitions).
+    let mut harnesses: Vec<Harness> = Vec::new();
+    let mut agents: Vec<(String, sparegrid_tests::Agent)> = Vec::new();
+    for i in 0..RECOVERY_AGENTS {
+        let mut h = Harness::new();
+        let partition = unique("sgbench-recovery");
+        h.cleanup_partition_on_drop(Path::new(CGROUP_ROOT), &partition);
+        let host = format!("{mode}-{i}-{}", std::process::id());
+        let mut c: Conf = h.base_conf();
+        c.str("agent", "host_name", &host)
+            .str("runtime", "kind", "process")
+            .str("cgroup", "partition", &partition)
+            .set("policy", "max_grid_vms", 0)
+            .str("controller", "url", &base)
+            .set("controller", "slots", RECOVERY_SLOTS)
+            .str("controller", "dispatch", mode);
+        for m in sparegrid_proto::Metric::ALL {
+            let w = if m == sparegrid_proto::Metric::Rtt {
+                "1.0"
+            } else {
+                "0.0"
+            };
+            c.set("load.weights", m.as_str(), w);
+        }
+        let agent = h.start(&c);
+        harnesses.push(h);
+        agents.push((host, agent));
+    }
+    let result = (|| -> Result<Vec<Duration>> {
+        let started = Instant::now();
+        while store.list_hosts()?.len() < RECOVERY_AGENTS {
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "the agents did not register"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A load sample each (leases and pushes wait for one).
+        std::thread::sleep(Duration::from_millis(1000));
+
+        let client = reqwest::blocking::Client::new();
+        let job = serde_json::json!({
+            "name": format!("recovery-{mode}"),
+            "command": {"argv": ["sleep", "30"]},
+            "split": {"range": {"start": 0, "end": RECOVERY_SUBTASKS, "chunk": 1}},
+            "mode": mode,
+        });
+        let resp = client.post(format!("{base}/v1/jobs")).json(&job).send()?;
+        ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
+        let id: serde_json::Value = resp.json()?;
+        let id =
+            sparegrid_controller::store::JobId(id["id"].as_str().context("no job id")?.to_owned());
+
+        // Every subtask held by some host.
+        let held = |store: &Arc<dyn Store>| -> Result<BTreeMap<String, Vec<u64>>> {
+            let mut by_host: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            for i in 0..RECOVERY_SUBTASKS {
+                if let Some(a) = store
+                    .attempts(&id, i)?
+                    .into_iter()
+                    .find(|a| a.state == sparegrid_controller::store::AttemptState::Running)
+                {
+                    by_host.entry(a.host).or_default().push(i);
+                }
+            }
+            Ok(by_host)
+        };
+        let started = Instant::now();
+        let by_host = loop {
+            let h = held(&store)?;
+            if h.values().map(Vec::len).sum::<usize>() as u64 == RECOVERY_SUBTASKS {
+                break h;
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "{mode}: not every subtask was handed out: {h:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the agents start them (and a pulling one renew once).
+        std::thread::sleep(RECOVERY_HEARTBEAT * 2);
+        let (victim, indexes) = by_host
+            .iter()
+            .max_by_key(|(_, v)| v.len())
+            .map(|(h, v)| (h.clone(), v.clone()))
+            .context("nobody holds anything")?;
+        let agent = &mut agents
+            .iter_mut()
+            .find(|(h, _)| *h == victim)
+            .context("the victim is not one of ours")?
+            .1;
+        let killed_ms = now_unix_ms();
+        agent.kill();
+
+        // Each of its subtasks handed to another host.
+        let mut out = Vec::new();
+        let started = Instant::now();
+        for i in &indexes {
+            let again = loop {
+                if let Some(a) = store
+                    .attempts(&id, *i)?
+                    .into_iter()
+                    .find(|a| a.host != victim)
+                {
+                    break a;
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{mode}: subtask {i} of {victim} was not handed to another host"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            out.push(Duration::from_millis(
+                (again.started_ms - killed_ms).max(0) as u64
+            ));
+        }
+        // Cancelled, so the survivors stop their `sleep 30`s at once.
+        if let Err(e) = client.delete(format!("{base}/v1/jobs/{}", id.0)).send() {
+            eprintln!("bench-controller: cancel {}: {e}", id.0);
+        }
+        Ok(out)
+    })();
+    drop(agents);
+    drop(harnesses);
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    result
+}
+
+/// Median and max of a sample, in ms.
+fn median_max_ms(v: &[Duration]) -> (f64, f64) {
+    let mut v = v.to_vec();
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    (ms(v[v.len() / 2]), ms(*v.last().expect("a sample")))
+}
+
+fn recovery(rt: &tokio::runtime::Runtime) -> Result<()> {
+    if !sparegrid_tests::is_root() {
+        println!("\n4. recovery after kill -9: skipped (needs root: the agents create cgroup partitions)");
+        return Ok(());
+    }
+    let (mut pull, mut push) = (Vec::new(), Vec::new());
+    for _ in 0..RECOVERY_ROUNDS {
+        pull.extend(recovery_round(rt, "pull")?);
+        push.extend(recovery_round(rt, "push")?);
+    }
+    let ms = |d: Duration| d.as_millis();
+    let pull_bound = RECOVERY_LEASE_TTL + RECOVERY_HEARTBEAT;
+    let push_bound = RECOVERY_HOST_TIMEOUT + RECOVERY_HEARTBEAT;
+    println!(
+        "\n4. recovery after kill -9: {RECOVERY_AGENTS} real agent processes × {RECOVERY_SLOTS} slots, \
+         a job of {RECOVERY_SUBTASKS} `sleep 30` subtasks, the agent holding the most killed with SIGKILL; \
+         time from the kill until each of its subtasks is handed to another host \
+         (the new attempt's start in the store); {RECOVERY_ROUNDS} rounds per mode; \
+         lease_ttl {} ms, heartbeat {} ms, host_timeout {} ms, dispatch interval {} ms",
+        ms(RECOVERY_LEASE_TTL),
+        ms(RECOVERY_HEARTBEAT),
+        ms(RECOVERY_HOST_TIMEOUT),
+        ms(RECOVERY_DISPATCH_INTERVAL)
+    );
+    let (pull_med, pull_max) = median_max_ms(&pull);
+    let (push_med, push_max) = median_max_ms(&push);
+    println!(
+        "   pull ({} subtasks): median {pull_med:.0} ms, max {pull_max:.0} ms   \
+         target ≤ lease_ttl + heartbeat = {} ms   {}",
+        pull.len(),
+        ms(pull_bound),
+        verdict(pull_max <= pull_bound.as_secs_f64() * 1000.0)
+    );
+    println!(
+        "   push ({} subtasks, for comparison): median {push_med:.0} ms, max {push_max:.0} ms   \
+         (bound host_timeout + heartbeat = {} ms: {})",
+        push.len(),
+        ms(push_bound),
+        if push_max <= push_bound.as_secs_f64() * 1000.0 {
+            "within"
+        } else {
+            "over"
+        }
     );
     Ok(())
 }
