@@ -189,7 +189,12 @@ impl AgentMetrics {
         for s in states {
             counts[s as usize] += 1;
         }
-        for s in [VmState::Launching, VmState::Running, VmState::Suspended] {
+        for s in [
+            VmState::Launching,
+            VmState::Running,
+            VmState::Suspended,
+            VmState::Saved,
+        ] {
             self.vms
                 .get_or_create(&StateLabel {
                     state: s.as_str().into(),
@@ -247,7 +252,7 @@ mod tests {
             at_unix_ms: 0,
             load: 0.8,
         });
-        m.record_vms([VmState::Suspended].into_iter(), false);
+        m.record_vms([VmState::Suspended, VmState::Saved].into_iter(), false);
         let text = m.render();
         for needle in [
             "sparegrid_load_factor{kind=\"smoothed\"} 0.8",
@@ -257,6 +262,7 @@ mod tests {
             "sparegrid_memory_available_bytes 42",
             "sparegrid_grid_vms{state=\"suspended\"} 1",
             "sparegrid_grid_vms{state=\"running\"} 0",
+            "sparegrid_grid_vms{state=\"saved\"} 1",
             "sparegrid_transitions_total{from=\"running\",to=\"suspended\",reason=\"cpu_pressure\"} 1",
             "sparegrid_samples_total 1",
         ] {

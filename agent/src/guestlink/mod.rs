@@ -54,7 +54,8 @@
 //! [`MAX_GUEST_FRAME`](sparegrid_proto::guest::MAX_GUEST_FRAME), bytes after the Hello that
 //! are not well-formed frames, a guest silent for `dead_after` while not
 //! paused (and, when the control loop reports the VM's CPU time, after
-//! using a third of that in CPU: a starved guest is not a dead one), a gap in the output, a protocol mismatch, a guest that rejects
+//! using a third of that in CPU: a starved guest is not a dead one, unless
+//! silent for ten times `dead_after`), a gap in the output, a protocol mismatch, a guest that rejects
 //! our frames, or one that outlives a subtask's timeout or a cancel by far:
 //! each is logged at warn with the VM and its subtask, the subtask is handed
 //! back (never completed, never failed), the connection is closed and the VM
@@ -260,6 +261,12 @@ pub struct VmLinkStatus {
 /// heartbeats every second of wall time, so a guest that had seconds of CPU
 /// and said nothing is broken, while one that had none was starved.
 pub const STARVED_CPU_FRACTION: f64 = 1.0 / 3.0;
+
+/// Silence longer than this many times `dead_after` is a dead guest even
+/// without CPU (a QEMU stopped with SIGSTOP gets none and never speaks
+/// again); a guest starved that long by customers would have been
+/// suspended by the policy, which turns the watchdog off.
+pub const STARVED_MAX_FACTOR: u32 = 10;
 
 /// The grid VMs' guest links. See the module docs.
 pub struct GuestPool {
@@ -702,11 +709,22 @@ impl GuestPool {
             vcpus,
             memory_mib,
         } = a;
+        // The same identity variables a process-run subtask gets; the
+        // assignment's own env may override them.
+        let mut env_all: std::collections::BTreeMap<String, String> = [
+            ("SPAREGRID_JOB", attempt.job.clone()),
+            ("SPAREGRID_INDEX", attempt.index.to_string()),
+            ("SPAREGRID_EPOCH", attempt.epoch.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        env_all.extend(env);
         let msg = HostMsg::RunSubtask(RunSubtask {
             id,
             label: label(&attempt),
             argv,
-            env,
+            env: env_all,
             stdin,
             timeout_ms,
             output_cap: self.shared.opts.output_cap,

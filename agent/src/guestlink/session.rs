@@ -264,7 +264,10 @@ impl Session {
                 Some(used) => used >= opts.dead_after.mul_f64(super::STARVED_CPU_FRACTION),
                 None => true,
             };
-            if had_cpu {
+            // However starved, silence this long is a dead guest (a QEMU
+            // stopped from outside gets no CPU either).
+            let too_long = quiet > opts.dead_after * super::STARVED_MAX_FACTOR;
+            if had_cpu || too_long {
                 return self.fail(&mut st, GuestFailure::Silent { ago: quiet });
             }
         }

@@ -311,7 +311,17 @@ fn handshake_and_one_subtask_end_to_end() {
     let r = g.run_subtask();
     assert_eq!(r.label, "j-1/7#2");
     assert_eq!(r.argv, assignment(7).argv);
-    assert_eq!(r.env, assignment(7).env);
+    // The assignment's env plus the subtask's identity, as a process gets.
+    let want: BTreeMap<String, String> = [
+        ("K", "v"),
+        ("SPAREGRID_JOB", "j-1"),
+        ("SPAREGRID_INDEX", "7"),
+        ("SPAREGRID_EPOCH", "2"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(r.env, want);
     assert_eq!(r.stdin, b"in\xff");
     assert_eq!((r.timeout_ms, r.output_cap), (60_000, 1 << 20));
     let snap = state(&pool, "vm1").unwrap();
@@ -567,6 +577,31 @@ fn a_silent_guest_that_got_no_cpu_is_starved_not_dead() {
     assert!(matches!(f, GuestFailure::Silent { .. }), "{f:?}");
     let (a, _, _) = handed_back(wait_ended(&pool));
     assert_eq!(a, attempt(7));
+}
+
+#[test]
+fn a_guest_silent_ten_times_dead_after_is_dead_even_without_cpu() {
+    let (_dir, pool, mut g, _) = ready_pool(LinkOptions {
+        dead_after: Duration::from_millis(100),
+        ..opts()
+    });
+    pool.vm_cpu("vm1", 5_000_000_000);
+    pool.start(assignment(8)).unwrap();
+    let _ = g.run_subtask();
+    // No CPU at all (a QEMU stopped from outside): still failed, once the
+    // silence passes STARVED_MAX_FACTOR × dead_after.
+    let f = wait_failed(&pool, "vm1");
+    match f {
+        GuestFailure::Silent { ago } => {
+            assert!(
+                ago > Duration::from_millis(100) * STARVED_MAX_FACTOR,
+                "{ago:?}"
+            )
+        }
+        f => panic!("expected Silent, got {f:?}"),
+    }
+    let (a, _, _) = handed_back(wait_ended(&pool));
+    assert_eq!(a, attempt(8));
 }
 
 #[test]
