@@ -3,8 +3,9 @@
 //! to the host by a veth pair, so the network between them is a real one
 //! that can be firewalled and cut.
 //!
-//! Topology (one /24 of 10.77.0.0/16 per test process, a /30 per agent;
-//! nothing is routed anywhere but between the host and these namespaces):
+//! Topology (one free /24 of 10.77.0.0/16 per test process, chosen under a
+//! machine-wide flock; a /30 per agent; names carry the pid; nothing is
+//! routed anywhere but between the host and these namespaces):
 //!
 //! ```text
 //!  host: controller on 10.77.X.1 (the host end of A's veth)
@@ -69,6 +70,9 @@ const PULL_END: i64 = 120;
 /// The push job: 0..80 in chunks of 2 (40 subtasks, run by B).
 const PUSH_END: i64 = 80;
 const CHUNK: u64 = 2;
+/// A marker younger than this is a subtask surely still running (each
+/// sleeps [`SLEEP_S`] after writing it).
+const FRESH: Duration = Duration::from_millis(150);
 
 // ---------------------------------------------------------------------------
 // Skips and commands
@@ -149,6 +153,29 @@ impl Topology {
     /// interface of the host uses yet.
     fn create(names: &[&str]) -> Topology {
         assert!(names.len() <= 60);
+        // Choosing a free /24 and taking it is one step for all test
+        // processes on the machine: an flock held until the addresses are
+        // set (released when `_lock` is dropped).
+        let _lock = {
+            use std::os::fd::AsRawFd;
+            let path = std::env::temp_dir().join("sparegrid-netns.lock");
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            // SAFETY: flock on a descriptor we own; blocks until it is ours.
+            let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+            assert_eq!(
+                rc,
+                0,
+                "flock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+            f
+        };
         let pid = std::process::id();
         let x = (0..256u32)
             .map(|k| ((pid + k) % 256) as u8)
@@ -470,6 +497,22 @@ fn markers(dir: &Path, agents: &[NsAgent]) -> BTreeMap<(u64, u32), Option<String
     out
 }
 
+/// Whether an attempt started (its marker written) in `partition` within
+/// the last `age`.
+fn started_within(dir: &Path, partition: &str, age: Duration) -> bool {
+    let needle = format!("/{partition}/");
+    fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+        let fresh = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|d| d < age));
+        fresh
+            && fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains(&needle)
+    })
+}
+
 fn done(results: &JobResults) -> BTreeSet<u64> {
     results.results.iter().map(|r| r.index).collect()
 }
@@ -631,9 +674,16 @@ fn root_netns_pull_push_and_cut_host_complete_exactly_once() {
         let b_held = held_by(&markers(&push_marks, &agents), "b", &push_done);
         let c_held = held_by(&m, "c", &pull_done);
         // Mid-job: C has also finished something already (which must stay
-        // accepted from C).
+        // accepted from C). And C started a subtask just now (read last,
+        // right before the cut: the CLI calls above take a while on a busy
+        // machine): one that sleeps another SLEEP_S - FRESH at least, so it
+        // is surely still held when the link goes down.
         let c_finished = pull_results.results.iter().any(|r| r.host == "c");
-        if c_finished && !a_held.is_empty() && !b_held.is_empty() && !c_held.is_empty() {
+        if c_finished
+            && !a_held.is_empty()
+            && !b_held.is_empty()
+            && started_within(&pull_marks, &agents[2].partition, FRESH)
+        {
             break;
         }
         assert!(
