@@ -953,6 +953,21 @@ fn recovery(rt: &tokio::runtime::Runtime) -> Result<()> {
         println!("\n4. recovery after kill -9: skipped (needs root: the agents create cgroup partitions)");
         return Ok(());
     }
+    // The agent binary beside this one (`make bench-controller` builds only
+    // the controller and the bench): skip with the build command, not panic.
+    let beside = std::env::current_exe()?.with_file_name("sparegrid-agent");
+    if std::env::var_os("SPAREGRID_AGENT_BIN").is_none() && !beside.is_file() {
+        println!(
+            "\n4. recovery after kill -9: skipped (no {}; run `cargo build --release -p \
+             sparegrid-agent` or set SPAREGRID_AGENT_BIN)",
+            beside.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "\n(recovery: agent binary {})",
+        sparegrid_tests::agent_bin().display()
+    );
     let (mut pull, mut push) = (Vec::new(), Vec::new());
     for _ in 0..RECOVERY_ROUNDS {
         pull.extend(recovery_round(rt, "pull")?);
