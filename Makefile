@@ -62,7 +62,7 @@ help:
 	@echo "make demo         controller + 2 local agents run workloads/jobs/sample.toml in grid VMs (tests/demo.sh)"
 	@echo "make demo-agent   one agent's grid VM under load on a real libvirtd (tests/demo-agent.sh)"
 	@echo "make bench-agent  run the agent benchmark (release build)"
-	@echo "make bench-controller  controller dispatch throughput and memory with 1M queued subtasks (release build)"
+	@echo "make bench-controller  controller dispatch, memory with 1M queued, pull vs push, recovery after kill -9 (release build)"
 	@echo "make bench-venv   python venv with dask[distributed]==$(DASK_VERSION) in $(BENCH_VENV)"
 	@echo "make bench-e2e    end-to-end no-op throughput, controller + 4 agents vs dask (release, root)"
 	@echo "make clean-image  remove the built guest image"
@@ -158,10 +158,12 @@ bench-agent: deps libvirtd image
 	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests
 	$(VM_ENV) ./target/release/bench-agent $(BENCH_ARGS)
 
-# In-process controller with fake agents, then the real controller binary as a
-# child process; no libvirtd or guest image needed (docs/benchmarks.md).
+# Dispatch (in-process controller, fake agents), memory (the real controller
+# binary as a child), pull vs push (agent library in process) and recovery
+# after kill -9 (real agent processes, root); no libvirtd or guest image
+# needed (docs/benchmarks.md). `BENCH_ARGS="--only pull"` picks one.
 bench-controller: deps
-	$(CARGO) build --release -p sparegrid-controller -p sparegrid-tests --bin sparegrid-controller --bin bench-controller
+	$(CARGO) build --release -p sparegrid-controller -p sparegrid-agent -p sparegrid-tests --bin sparegrid-controller --bin sparegrid-agent --bin bench-controller
 	./target/release/bench-controller $(BENCH_ARGS)
 
 # python3-venv from apt only when missing; dask from PyPI only when the venv
