@@ -30,10 +30,11 @@ DASK_VERSION ?= 2026.8.0
 # the guest image's ingredients (libc6-dev: glibc's static libraries for the
 # crt-static guest worker), stress-ng for load tests, systemd for
 # systemd-analyze (unit test), socat to read guest channels (boot-check),
-# iproute2 for the controller test's dedicated uplink (a veth pair).
+# iproute2 for the controller test's dedicated uplink (a veth pair) and the
+# network-namespace test, nftables for that test's firewalled agent.
 # qemu-utils and the cloud kernel come in separate apt calls (deps-system).
 APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
-	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2 libc6-dev
+	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2 nftables libc6-dev
 KERNEL_PACKAGE := linux-image-cloud-amd64
 
 # The guest worker, a static binary for the initramfs. Its own target dir, so
