@@ -153,6 +153,29 @@ fn wait_subtask_in_vm(c: &mut Cluster, host: &str, job: &str, index: u64) -> (St
     )
 }
 
+/// One grid agent `host` with one VM (its config changed by `adjust`) and
+/// a one-subtask job `name` running `sh -c script`, submitted once the VM
+/// is ready. Returns the job id, and once the subtask runs in a VM, that VM
+/// and the attempt's epoch.
+#[allow(clippy::too_many_arguments)]
+fn one_subtask_in_a_vm(
+    c: &mut Cluster,
+    boosts: &Boosts,
+    host: &str,
+    uplink: &Uplink,
+    image: &Path,
+    name: &str,
+    script: &str,
+    adjust: impl FnOnce(&mut Conf),
+) -> (String, String, u32) {
+    add_grid_agent(c, boosts, host, 1, uplink, image, 1, adjust);
+    wait_free_slots(c, host, 1);
+    let job = write_job(c.dir(), name, &["/bin/sh", "-c", script], 1, 1, 1);
+    let id = c.cli().submit(&job).id.to_string();
+    let (vm_name, epoch) = wait_subtask_in_vm(c, host, &id, 0);
+    (id, vm_name, epoch)
+}
+
 /// The single result of a one-subtask job, which must be done.
 fn only_result(c: &Cluster, job: &str) -> SubtaskResult {
     let d = c.wait_job_end(job, RUN, |_| {});
@@ -433,18 +456,16 @@ fn libvirtd_vm_suspended_mid_subtask_resumes_and_output_is_complete() {
     let _domains = domain_cleanup(&[&host]);
     let boosts = Boosts::default();
     let mut c = cluster();
-    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |_| {});
-    wait_free_slots(&c, &host, 1);
-    let job = write_job(
-        c.dir(),
+    let (id, vm_name, epoch) = one_subtask_in_a_vm(
+        &mut c,
+        &boosts,
+        &host,
+        &uplink,
+        &image,
         "suspend",
-        &["/bin/sh", "-c", &seq_script()],
-        1,
-        1,
-        1,
+        &seq_script(),
+        |_| {},
     );
-    let id = c.cli().submit(&job).id.to_string();
-    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
     // Seen running from here, so its whole run lies within `window` below.
     let seen_running = std::time::Instant::now();
     sleep_ms(2000);
@@ -613,18 +634,16 @@ fn libvirtd_qemu_killed_mid_subtask_agent_stays_up_and_subtask_completes_once() 
     let _domains = domain_cleanup(&[&host]);
     let boosts = Boosts::default();
     let mut c = cluster();
-    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |_| {});
-    wait_free_slots(&c, &host, 1);
-    let job = write_job(
-        c.dir(),
+    let (id, vm_name, epoch) = one_subtask_in_a_vm(
+        &mut c,
+        &boosts,
+        &host,
+        &uplink,
+        &image,
         "killed",
-        &["/bin/sh", "-c", &seq_script()],
-        1,
-        1,
-        1,
+        &seq_script(),
+        |_| {},
     );
-    let id = c.cli().submit(&job).id.to_string();
-    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
     sleep_ms(1500);
     let pid = qemu_pid(&vm_name);
     let t_kill = unix_ms();
@@ -791,14 +810,19 @@ fn libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there() {
     let _domains = domain_cleanup(&[&host]);
     let boosts = Boosts::default();
     let mut c = cluster();
-    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |conf| {
-        conf.str("policy", "reclaim_after", "3s")
-            .str("policy", "reclaim_mode", "save");
-    });
-    wait_free_slots(&c, &host, 1);
-    let job = write_job(c.dir(), "save", &["/bin/sh", "-c", &seq_script()], 1, 1, 1);
-    let id = c.cli().submit(&job).id.to_string();
-    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
+    let (id, vm_name, epoch) = one_subtask_in_a_vm(
+        &mut c,
+        &boosts,
+        &host,
+        &uplink,
+        &image,
+        "save",
+        &seq_script(),
+        |conf| {
+            conf.str("policy", "reclaim_after", "3s")
+                .str("policy", "reclaim_mode", "save");
+        },
+    );
     sleep_ms(2000);
 
     let load = uplink.load(4 * UPLINK_BYTES_PER_SEC);
@@ -893,18 +917,16 @@ fn libvirtd_guest_that_stops_heartbeating_is_reclaimed_and_its_subtask_runs_once
     let _domains = domain_cleanup(&[&host]);
     let boosts = Boosts::default();
     let mut c = cluster();
-    add_grid_agent(&mut c, &boosts, &host, 1, &uplink, &image, 1, |_| {});
-    wait_free_slots(&c, &host, 1);
-    let job = write_job(
-        c.dir(),
+    let (id, vm_name, epoch) = one_subtask_in_a_vm(
+        &mut c,
+        &boosts,
+        &host,
+        &uplink,
+        &image,
         "silent",
-        &["/bin/sh", "-c", &silencing_script()],
-        1,
-        1,
-        1,
+        &silencing_script(),
+        |_| {},
     );
-    let id = c.cli().submit(&job).id.to_string();
-    let (vm_name, epoch) = wait_subtask_in_vm(&mut c, &host, &id, 0);
     // A host-process agent to run it again (in a guest it would silence
     // that guest's worker too, and be handed back again).
     c.add_agent(&other, 1, AgentLoad::MemoryOnly);
