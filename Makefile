@@ -31,10 +31,13 @@ DASK_VERSION ?= 2026.8.0
 # crt-static guest worker), stress-ng for load tests, systemd for
 # systemd-analyze (unit test), socat to read guest channels (boot-check),
 # iproute2 for the controller test's dedicated uplink (a veth pair) and the
-# network-namespace test, nftables for that test's firewalled agent.
+# network-namespace test, nftables for that test's firewalled agent,
+# wireguard-go + wireguard-tools (the tunnel's interop peer) and iperf3 (the
+# tunnel benchmark), nginx-light (the transfer benchmark's reference server).
 # qemu-utils and the cloud kernel come in separate apt calls (deps-system).
 APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
-	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2 nftables libc6-dev
+	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2 nftables libc6-dev \
+	wireguard-go wireguard-tools iperf3 nginx-light
 KERNEL_PACKAGE := linux-image-cloud-amd64
 
 # The guest worker, a static binary for the initramfs. Its own target dir, so
@@ -50,7 +53,7 @@ GUEST_SOURCES := $(shell find agent/guest/src agent/proto/src -name '*.rs') \
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
 
 .PHONY: help deps deps-system deps-rust libvirtd guest-bin image boot-check build test demo demo-agent \
-	bench-agent bench-controller bench-venv bench-e2e clean-image fmt lint
+	bench-agent bench-controller bench-transfer bench-tunnel bench-venv bench-e2e clean-image fmt lint
 
 help:
 	@echo "make deps         install system packages (apt, only what is missing), check cargo, cargo fetch"
@@ -64,6 +67,8 @@ help:
 	@echo "make demo-agent   one agent's grid VM under load on a real libvirtd (tests/demo-agent.sh)"
 	@echo "make bench-agent  run the agent benchmark (release build)"
 	@echo "make bench-controller  controller dispatch, memory with 1M queued, pull vs push, recovery after kill -9 (release build)"
+	@echo "make bench-transfer  transfer endpoint: 1 GiB download vs nginx, tus upload, resume cost, RSS (release build)"
+	@echo "make bench-tunnel    tunnel endpoint vs wireguard-go: iperf3 throughput, added RTT, CPU per GiB (root)"
 	@echo "make bench-venv   python venv with dask[distributed]==$(DASK_VERSION) in $(BENCH_VENV)"
 	@echo "make bench-e2e    end-to-end no-op throughput, controller + 4 agents vs dask (release, root)"
 	@echo "make clean-image  remove the built guest image"
@@ -166,6 +171,17 @@ bench-agent: deps libvirtd image
 bench-controller: deps
 	$(CARGO) build --release -p sparegrid-controller -p sparegrid-agent -p sparegrid-tests --bin sparegrid-controller --bin sparegrid-agent --bin bench-controller
 	./target/release/bench-controller $(BENCH_ARGS)
+
+# The transfer endpoint against nginx serving the same file (docs/transfer.md).
+bench-transfer: deps
+	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests --bin bench-transfer
+	./target/release/bench-transfer $(BENCH_ARGS)
+
+# The WireGuard tunnel endpoint against wireguard-go, iperf3 through both,
+# in network namespaces (root; docs/tunnel.md).
+bench-tunnel: deps
+	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests --bin bench-tunnel
+	./target/release/bench-tunnel $(BENCH_ARGS)
 
 # python3-venv from apt only when missing; dask from PyPI only when the venv
 # cannot import the pinned version.
