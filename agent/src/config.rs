@@ -43,6 +43,8 @@ pub struct Config {
     pub runtime: RuntimeSection,
     pub vm: VmTemplate,
     pub controller: ControllerSection,
+    /// Peer-to-peer work stealing ([`crate::peer`]).
+    pub peers: crate::peer::config::PeersSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -719,7 +721,8 @@ impl Config {
                 ),
             ));
         }
-        self.controller.validate()
+        self.controller.validate()?;
+        self.peers.validate()
     }
 
     /// The partition's memory ceiling in bytes.

@@ -27,6 +27,7 @@
 //! max_agent_body_bytes = 33554432
 //! lease_ttl = "30s"              # pull mode: a lease not renewed in this time expires
 //! lease_wait_max = "20s"         # pull mode: longest a lease request waits for work
+//! p2p_seed_hosts = 2             # p2p mode: agents a job's subtasks are seeded to
 //!
 //! [auth]                         # bearer tokens by role (see crate::api::auth)
 //! agent_token = "…"              # agents → /v1/agents/*; sent to agents on push
@@ -80,6 +81,9 @@ pub const DEFAULT_MAX_AGENT_BODY_BYTES: u64 = 32 * 1024 * 1024;
 /// Default `dispatch.lease_ttl`: fifteen default heartbeats, so a pulling
 /// agent that renews with its heartbeat misses many before it loses work.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default `dispatch.p2p_seed_hosts`: a few, so one host's loss or load
+/// does not hold the whole job until peers steal.
+pub const DEFAULT_P2P_SEED_HOSTS: u32 = 2;
 /// Default `dispatch.lease_wait_max`: below common proxies' idle timeouts.
 pub const DEFAULT_LEASE_WAIT_MAX: Duration = Duration::from_secs(20);
 
@@ -108,6 +112,10 @@ pub struct DispatchConfig {
     /// answers with an empty grant (the agent's `wait_ms` is capped to it).
     #[serde(with = "humantime_serde")]
     pub lease_wait_max: Duration,
+    /// Peer-to-peer mode: how many agents (the eligible p2p agents with the
+    /// most free slots) each dispatch round seeds queued p2p subtasks to;
+    /// the agents spread them further by work stealing.
+    pub p2p_seed_hosts: u32,
 }
 
 impl Default for DispatchConfig {
@@ -119,6 +127,7 @@ impl Default for DispatchConfig {
             max_agent_body_bytes: DEFAULT_MAX_AGENT_BODY_BYTES,
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_wait_max: DEFAULT_LEASE_WAIT_MAX,
+            p2p_seed_hosts: DEFAULT_P2P_SEED_HOSTS,
         }
     }
 }
@@ -441,6 +450,12 @@ impl ControllerConfig {
                 format!("{:?} is over 5m", d.lease_wait_max),
             ));
         }
+        if d.p2p_seed_hosts == 0 || d.p2p_seed_hosts > 1000 {
+            return Err(invalid(
+                "dispatch.p2p_seed_hosts",
+                format!("{} is outside 1..=1000", d.p2p_seed_hosts),
+            ));
+        }
         self.auth.validate(self.listen)?;
         self.tls.validate()?;
         Ok(())
@@ -516,6 +531,10 @@ mod tests {
         assert_eq!(
             bad(&|c| c.dispatch.lease_wait_max = Duration::from_secs(3600)),
             "dispatch.lease_wait_max"
+        );
+        assert_eq!(
+            bad(&|c| c.dispatch.p2p_seed_hosts = 0),
+            "dispatch.p2p_seed_hosts"
         );
         assert_eq!(bad(&|c| c.max_body_bytes = 10), "max_body_bytes");
         assert_eq!(

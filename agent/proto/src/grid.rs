@@ -28,6 +28,11 @@ pub struct Register {
     pub agent_url: Option<String>,
     /// Subtasks this agent can run at once.
     pub slots: u32,
+    /// Whether it takes part in peer-to-peer jobs: serves the peer routes
+    /// (`/v1/peer/*`) at `agent_url` and takes seeds. Absent (false) from
+    /// older agents.
+    #[serde(default)]
+    pub p2p: bool,
 }
 
 /// The controller's answer to [`Register`].
@@ -58,6 +63,31 @@ pub struct Heartbeat {
     /// from agents that do not pull, and from older agents.
     #[serde(default)]
     pub renew: Vec<AttemptRef>,
+    /// Peer-to-peer: subtasks moved by work stealing, per job, counted by
+    /// this agent since its queue was created (absolute, so a lost
+    /// heartbeat loses nothing). Only jobs whose counts changed since the
+    /// last heartbeat the controller answered. Absent (empty) from agents
+    /// that do not steal, and from older agents.
+    #[serde(default)]
+    pub steals: Vec<JobSteals>,
+}
+
+/// One job's work-stealing counts on one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSteals {
+    pub job: String,
+    /// Subtasks this agent took from peers.
+    pub stolen_in: u64,
+    /// Subtasks peers took from this agent.
+    pub given_out: u64,
+}
+
+/// Another agent that takes part in peer-to-peer jobs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerAddr {
+    pub host: String,
+    /// Where its peer routes are (`http://addr:port`).
+    pub url: String,
 }
 
 /// The controller's answer to a [`Heartbeat`]: attempts the agent must stop
@@ -70,6 +100,11 @@ pub struct HeartbeatReply {
     /// from older controllers.
     #[serde(default)]
     pub lost: Vec<AttemptRef>,
+    /// Peer-to-peer: the other active agents that take part (for an agent
+    /// that registered with `p2p`; empty otherwise and from older
+    /// controllers).
+    #[serde(default)]
+    pub peers: Vec<PeerAddr>,
 }
 
 /// One subtask pushed to an agent.
@@ -274,6 +309,7 @@ mod tests {
     #[test]
     fn heartbeat_round_trips() {
         let hb = Heartbeat {
+            steals: Vec::new(),
             host: "h1".into(),
             load: 0.4,
             dominant: Some(Metric::Cpu),

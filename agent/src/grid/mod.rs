@@ -99,6 +99,7 @@ use sparegrid_proto::{AgentStatus, VmState};
 use crate::config::{AgentDispatch, Config, ControllerSection, PolicySection};
 use crate::daemon::status::Shared;
 
+use crate::peer::node::Node;
 use client::{ClientError, ControllerClient};
 use runner::{Backend, Runner};
 
@@ -125,6 +126,8 @@ struct Settings {
     policy: PolicySection,
     /// Where the controller pushes to ([`agent_url`]).
     agent_url: String,
+    /// Takes part in peer-to-peer jobs (a [`Node`] runs).
+    p2p: bool,
 }
 
 impl Settings {
@@ -134,6 +137,7 @@ impl Settings {
             controller: cfg.controller.clone(),
             policy: cfg.policy.clone(),
             agent_url: agent_url(cfg, host),
+            p2p: p2p_enabled(cfg),
         }
     }
 
@@ -149,6 +153,7 @@ impl Settings {
             // pushes to a host without a URL.
             agent_url: (!self.pulls()).then(|| self.agent_url.clone()),
             slots: self.controller.slots,
+            p2p: self.p2p,
         }
     }
 }
@@ -167,6 +172,8 @@ struct Inner {
     stop: AtomicBool,
     /// Pull mode: the attempts held on lease (empty when pushed to).
     leases: pull::Leases,
+    /// Peer-to-peer work stealing, when this agent takes part.
+    node: Option<Arc<Node>>,
 }
 
 impl Inner {
@@ -192,6 +199,12 @@ pub struct Grid {
 #[derive(Clone)]
 pub struct GridHandle {
     inner: Arc<Inner>,
+}
+
+/// Whether this agent takes part in peer-to-peer jobs: `peers.enabled`
+/// and pushed to (a pulling agent cannot be reached by its peers).
+pub fn p2p_enabled(cfg: &Config) -> bool {
+    cfg.peers.enabled && cfg.controller.dispatch == AgentDispatch::Push
 }
 
 /// The URL the controller pushes to: `controller.advertise_url`, else
@@ -294,6 +307,7 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
         vms,
         suspended_ms,
         renew: Vec::new(),
+        steals: Vec::new(),
     }
 }
 
@@ -308,13 +322,29 @@ impl Grid {
     ) -> std::io::Result<Grid> {
         let settings = Settings::of(cfg, host);
         let client = ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
+        let runner = Arc::new(Runner::new(backend));
+        let node = if settings.p2p {
+            let r = runner.clone();
+            let node = Node::open(
+                &cfg.peers,
+                &cfg.agent.data_dir,
+                host,
+                &cfg.controller.token,
+                move || r.notify_reports(),
+            )
+            .map_err(std::io::Error::other)?;
+            Some(Arc::new(node))
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
-            runner: Arc::new(Runner::new(backend)),
+            runner,
             settings: Mutex::new((0, settings.clone())),
             finishing: AtomicBool::new(false),
             finish_at: Mutex::new(None),
             stop: AtomicBool::new(false),
             leases: pull::Leases::default(),
+            node,
         });
         tracing::info!(
             "joining the controller at {} as {:?} ({} slots, {})",
@@ -340,6 +370,20 @@ impl Grid {
             None
         };
         let mut threads = Vec::new();
+        if let Some(node) = inner.node.clone() {
+            let inner = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("sparegrid-peer".into())
+                    .spawn(move || {
+                        node.run(
+                            &inner.runner,
+                            || inner.settings().1.controller.slots,
+                            &inner.stop,
+                        )
+                    })?,
+            );
+        }
         {
             let (inner, shared) = (inner.clone(), shared.clone());
             threads.push(
@@ -377,7 +421,11 @@ impl Grid {
     /// The `POST /v1/subtasks` and `POST /v1/subtasks/stop` routes, to
     /// merge into the daemon's router.
     pub fn routes(&self) -> Router {
-        routes_over(self.inner.clone())
+        let r = routes_over(self.inner.clone());
+        match &self.inner.node {
+            Some(node) => r.merge(node.routes()),
+            None => r,
+        }
     }
 
     /// Hands everything back to the controller (at most [`SHUTDOWN_WAIT`]
@@ -581,6 +629,34 @@ fn send_completions(
     }
 }
 
+/// Sends one batch of the peer queue's completions; true when there may
+/// be more to send now.
+fn send_p2p(
+    client: &ControllerClient,
+    node: Option<&Node>,
+    b: &mut Backoff,
+    now: Instant,
+    timeout: Option<Duration>,
+) -> bool {
+    let Some(node) = node else {
+        return false;
+    };
+    if !b.due(now) {
+        return false;
+    }
+    match node.report(client, timeout) {
+        Ok(more) => {
+            b.ok();
+            more
+        }
+        Err(e) => {
+            tracing::warn!("reporting p2p completions (will retry): {e}");
+            b.failed(now);
+            false
+        }
+    }
+}
+
 /// Sends one batch of released attempts; true when there may be more to
 /// send now.
 fn send_released(
@@ -668,6 +744,7 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
     let mut sends = Backoff::new();
     let mut releases = Backoff::new();
     let mut renewals = Backoff::new();
+    let mut p2p_sends = Backoff::new();
     let mut was_finishing = false;
     while !inner.stop.load(Ordering::SeqCst) {
         let now = Instant::now();
@@ -743,6 +820,9 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             let left = Some(deadline - now);
             send_released(&client, runner, &settings.host, &mut releases, now, left);
             send_completions(&client, runner, &inner.leases, &mut sends, now, left);
+            // Peer-to-peer completions are durable: the rest goes after a
+            // restart.
+            send_p2p(&client, inner.node.as_deref(), &mut p2p_sends, now, left);
             std::thread::sleep(TICK);
             continue;
         }
@@ -771,15 +851,25 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                 );
                 // Pull mode: every held lease renews in this one batch.
                 hb.renew = inner.leases.to_renew(&hb.running);
+                if let Some(node) = &inner.node {
+                    hb.steals = node.steals_to_report();
+                }
                 match client.heartbeat(&hb) {
                     Ok(reply) => {
                         runner.withdraw(&reply.withdraw);
                         pull::lost(runner, &inner.leases, &hb.renew, &reply.lost, now);
+                        if let Some(node) = &inner.node {
+                            node.steals_acknowledged(&hb.steals);
+                            node.set_controller_peers(&reply.peers);
+                        }
                     }
                     Err(ClientError::MustRegister) => {
                         tracing::info!("the controller does not know this host; registering again");
                         registered = None;
                         inner.leases.set_registered(false);
+                        if let Some(node) = &inner.node {
+                            node.forget_acknowledged();
+                        }
                         reg = Backoff::new();
                     }
                     Err(e) => tracing::warn!("heartbeat: {e}"),
@@ -803,7 +893,8 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             _ => {}
         }
         let more = send_released(&client, runner, &settings.host, &mut releases, now, None)
-            | send_completions(&client, runner, &inner.leases, &mut sends, now, None);
+            | send_completions(&client, runner, &inner.leases, &mut sends, now, None)
+            | send_p2p(&client, inner.node.as_deref(), &mut p2p_sends, now, None);
         if !more {
             runner.wait_for_reports(reports_seen, TICK);
         }

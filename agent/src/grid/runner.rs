@@ -22,6 +22,15 @@
 //! not reported: the controller has already handed it elsewhere or
 //! cancelled it.
 //!
+//! **Peer-to-peer attempts** ([`Runner::submit_p2p`], taken from the
+//! agent's durable peer queue by [`crate::peer::node`]) run like pushed
+//! ones but never reach the controller through the runner: they are left
+//! out of the heartbeat's running list (the controller only waits for
+//! their completions), their completions go to [`Runner::take_p2p`]
+//! instead of the outbox, and an attempt handed back (drain, shutdown,
+//! preempted VM, withdrawn) goes back to the peer queue, not to the
+//! controller.
+//!
 //! **Draining.** [`Runner::release_all`] kills everything queued or running
 //! and moves those attempts to the release outbox, which the client thread
 //! sends as a [`Release`](sparegrid_proto::grid::Release) so the controller
@@ -29,7 +38,7 @@
 //! ([`Runner::submit`] refuses it, the heartbeat reports no free slot);
 //! finished attempts already in the outbox are still reported.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -67,6 +76,17 @@ impl Backend {
 /// their grid VM went away (not a failure).
 pub const PREEMPTED: &str = "preempted: its grid VM was reclaimed";
 
+/// Peer-to-peer attempts that are over in the runner ([`Runner::take_p2p`]).
+#[derive(Debug, Default)]
+pub struct P2pEnds {
+    /// Finished: their completions, to keep in the peer queue's outbox.
+    pub done: Vec<Completion>,
+    /// Handed back unfinished: queued again in the peer queue.
+    pub back: Vec<AttemptRef>,
+    /// Stopped by the controller: over, nothing to report.
+    pub stopped: Vec<AttemptRef>,
+}
+
 pub struct Runner {
     backend: Backend,
     state: Mutex<State>,
@@ -92,6 +112,14 @@ struct State {
     released: Vec<AttemptRef>,
     /// Why the runner drains (no new work), while it does.
     draining: Option<String>,
+    /// Queued or running attempts that came from the peer queue.
+    p2p: HashSet<AttemptRef>,
+    /// Peer-to-peer attempts finished, for [`Runner::take_p2p`].
+    p2p_done: Vec<Completion>,
+    /// Peer-to-peer attempts handed back unfinished, for the peer queue.
+    p2p_back: Vec<AttemptRef>,
+    /// Peer-to-peer attempts the controller stopped (job cancelled).
+    p2p_stopped: Vec<AttemptRef>,
 }
 
 /// How many finished attempts the runner remembers to refuse repeats.
@@ -100,7 +128,30 @@ const RECENT_DONE: usize = 4096;
 impl State {
     fn finished(&mut self, c: Completion) {
         self.remember(c.attempt.clone());
-        self.outbox.push(c);
+        if self.p2p.remove(&c.attempt) {
+            self.p2p_done.push(c);
+        } else {
+            self.outbox.push(c);
+        }
+    }
+
+    /// An attempt handed back unfinished: peer-to-peer ones go back to the
+    /// peer queue, the others to the controller.
+    fn hand_back(&mut self, a: AttemptRef) {
+        if self.p2p.remove(&a) {
+            self.p2p_back.push(a);
+        } else {
+            self.released.push(a);
+        }
+    }
+
+    /// Reports waiting for the client or the peer node.
+    fn pending_reports(&self) -> usize {
+        self.outbox.len()
+            + self.released.len()
+            + self.p2p_done.len()
+            + self.p2p_back.len()
+            + self.p2p_stopped.len()
     }
 
     /// Remembers an attempt that is over here (finished, withdrawn or
@@ -182,7 +233,45 @@ impl Runner {
         added
     }
 
-    /// Attempts queued or running (not yet reported).
+    /// Queues one attempt taken from the peer queue (see the module docs).
+    /// Returns false, taking nothing, while draining or when the attempt
+    /// is already here: the caller puts it back in the peer queue.
+    pub fn submit_p2p(&self, a: Assignment) -> bool {
+        let mut st = self.lock();
+        let known = st.queued.iter().any(|q| q.attempt == a.attempt)
+            || st.running.iter().any(|r| *r.attempt() == a.attempt)
+            || st.in_vm.contains(&a.attempt);
+        if st.draining.is_some() || known {
+            return false;
+        }
+        // A p2p attempt may come back after it ran here and went to a peer
+        // (it is in the recent list then): the peer queue decides.
+        st.done.retain(|d| *d != a.attempt);
+        st.p2p.insert(a.attempt.clone());
+        st.queued.push_back(a);
+        drop(st);
+        self.backend.activity().notify();
+        true
+    }
+
+    /// Takes the peer-to-peer attempts that finished, were handed back,
+    /// or were stopped by the controller.
+    pub fn take_p2p(&self) -> P2pEnds {
+        let mut st = self.lock();
+        P2pEnds {
+            done: std::mem::take(&mut st.p2p_done),
+            back: std::mem::take(&mut st.p2p_back),
+            stopped: std::mem::take(&mut st.p2p_stopped),
+        }
+    }
+
+    /// Wakes whoever waits in [`Runner::wait_for_reports`].
+    pub fn notify_reports(&self) {
+        self.reports.notify();
+    }
+
+    /// Attempts queued or running that the controller handed out (pushed
+    /// or leased; not peer-to-peer ones): the heartbeat's running list.
     pub fn attempts(&self) -> Vec<AttemptRef> {
         let st = self.lock();
         st.running
@@ -190,6 +279,7 @@ impl Runner {
             .map(|r| r.attempt().clone())
             .chain(st.in_vm.iter().cloned())
             .chain(st.queued.iter().map(|a| a.attempt.clone()))
+            .filter(|a| !st.p2p.contains(a))
             .collect()
     }
 
@@ -240,6 +330,11 @@ impl Runner {
                 if !st.done.contains(a) {
                     st.remember(a.clone());
                 }
+                // A stopped p2p attempt (its job was cancelled) is over: the
+                // peer queue marks it done with nothing to report.
+                if st.p2p.remove(a) {
+                    st.p2p_stopped.push(a.clone());
+                }
             }
             (queued, gone)
         };
@@ -280,10 +375,10 @@ impl Runner {
                 .chain(running.iter().map(|r| r.attempt().clone()))
                 .chain(in_vm.iter().cloned())
                 .collect();
-            for a in &over {
+            for a in over {
                 st.remember(a.clone());
+                st.hand_back(a);
             }
-            st.released.extend(over);
             (queued, running, in_vm)
         };
         let n = queued.len() + running.len() + in_vm.len();
@@ -362,7 +457,7 @@ impl Runner {
 
     fn tick_processes(&self, executor: &Executor, suspend: bool) {
         let mut st = self.lock();
-        let reported_before = st.outbox.len();
+        let reported_before = st.pending_reports();
         if !suspend {
             while let Some(a) = st.queued.pop_front() {
                 match executor.start(&a) {
@@ -412,7 +507,7 @@ impl Runner {
                 i += 1;
             }
         }
-        let more = st.outbox.len() > reported_before;
+        let more = st.pending_reports() > reported_before;
         drop(st);
         if more {
             self.reports.notify();
@@ -422,7 +517,7 @@ impl Runner {
     fn tick_vms(&self, pool: &GuestPool, suspend: bool) {
         let ended = pool.take_ended();
         let mut st = self.lock();
-        let (outbox_before, released_before) = (st.outbox.len(), st.released.len());
+        let reported_before = st.pending_reports();
         for end in ended {
             match end {
                 VmEnd::Completed(c) => {
@@ -456,7 +551,7 @@ impl Runner {
                         label(&attempt)
                     );
                     st.remember(attempt.clone());
-                    st.released.push(attempt);
+                    st.hand_back(attempt);
                 }
             }
         }
@@ -472,7 +567,7 @@ impl Runner {
                 }
             }
         }
-        let more = st.outbox.len() > outbox_before || st.released.len() > released_before;
+        let more = st.pending_reports() > reported_before;
         drop(st);
         if more {
             self.reports.notify();
@@ -494,6 +589,9 @@ impl Runner {
         let (running, in_vm) = {
             let mut st = self.lock();
             st.queued.clear();
+            // Peer-to-peer attempts stay `running` in the peer queue, which
+            // requeues them when it is opened again.
+            st.p2p.clear();
             (
                 std::mem::take(&mut st.running),
                 std::mem::take(&mut st.in_vm),

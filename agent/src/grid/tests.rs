@@ -65,6 +65,7 @@ async fn fake_heartbeat(State(s): State<FakeState>, body: Bytes) -> Response {
     f.heartbeats.push(hb);
     let withdraw = std::mem::take(&mut f.withdraw);
     mp(&HeartbeatReply {
+        peers: Vec::new(),
         withdraw,
         lost: Vec::new(),
     })
@@ -971,6 +972,7 @@ fn the_client_joins_an_https_controller_that_its_ca_cert_vouches_for() {
     let (ctl, store) = spawn_real_controller(|_| {}, Some((&cert, &key)));
 
     let reg = Register {
+        p2p: false,
         host: "tls-1".into(),
         version: "t".into(),
         agent_url: None,

@@ -1,6 +1,7 @@
 //! The peer plane over HTTP: [`routes`] serves another agent's requests
 //! (`POST /v1/peer/steal`, `/v1/peer/commit`, `/v1/peer/outcome`,
-//! MessagePack bodies), and [`HttpTransport`] is the blocking client
+//! MessagePack bodies) and the controller's seeds (`POST /v1/peer/seed`),
+//! and [`HttpTransport`] is the blocking client
 //! implementing [`PeerTransport`] for this agent's own requests.
 //!
 //! Peers authenticate each other with the agent token (`Authorization:
@@ -41,6 +42,8 @@ pub struct PeerState {
     queue: Arc<PeerQueue>,
     token: Arc<[u8]>,
     max_body: usize,
+    /// Called after seeds were queued (wakes the node's worker).
+    on_seed: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl PeerState {
@@ -50,7 +53,14 @@ impl PeerState {
             queue,
             token: Arc::from(token.as_bytes()),
             max_body: MAX_BODY_BYTES,
+            on_seed: None,
         }
+    }
+
+    /// Calls `f` after each seed batch that queued something.
+    pub fn on_seed(mut self, f: impl Fn() + Send + Sync + 'static) -> PeerState {
+        self.on_seed = Some(Arc::new(f));
+        self
     }
 
     /// Caps request bodies at `bytes`.
@@ -68,7 +78,63 @@ pub fn routes(state: PeerState) -> Router {
         .route("/v1/peer/commit", post(commit))
         .route("/v1/peer/outcome", post(outcome))
         .layer(DefaultBodyLimit::max(limit))
+        .route(
+            "/v1/peer/seed",
+            post(seed).layer(DefaultBodyLimit::max(MAX_SEED_BYTES)),
+        )
         .with_state(state)
+}
+
+/// The cap on a seed batch from the controller (as on pushed batches).
+pub const MAX_SEED_BYTES: usize = 64 << 20;
+
+/// `POST /v1/peer/seed` (the controller, agent token): an
+/// [`AssignBatch`](sparegrid_proto::grid::AssignBatch) of a p2p job's
+/// subtasks, queued here durably before the answer (`{"queued": n}`, the
+/// new ones; a repeated seed queues nothing).
+async fn seed(State(s): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !authorized(&s, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "seeding needs the agent token (Authorization: Bearer …)".to_owned(),
+        );
+    }
+    let batch: sparegrid_proto::grid::AssignBatch = match rmp_serde::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("AssignBatch: not a valid MessagePack batch: {e}"),
+            )
+        }
+    };
+    let queue = s.queue.clone();
+    let n = batch.assignments.len();
+    match tokio::task::spawn_blocking(move || queue.enqueue(&batch.assignments, super::now_ms()))
+        .await
+    {
+        Ok(Ok(added)) => {
+            tracing::debug!(seeds = n, added, "p2p seeds queued");
+            if added > 0 {
+                if let Some(f) = &s.on_seed {
+                    f();
+                }
+            }
+            (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({ "queued": added })),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => trade_error(TradeError::Queue(e)),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("seed task: {e}"),
+        ),
+    }
 }
 
 /// Compares two byte strings in time that depends only on their lengths
@@ -191,12 +257,20 @@ async fn outcome(State(s): State<PeerState>, headers: HeaderMap, body: Bytes) ->
     handle::<OutcomeQuery, OutcomeReply>(s, headers, body, trade::serve_outcome).await
 }
 
+fn normalise(peers: impl IntoIterator<Item = (String, String)>) -> BTreeMap<String, String> {
+    peers
+        .into_iter()
+        .map(|(id, url)| (id, url.trim_end_matches('/').to_owned()))
+        .collect()
+}
+
 /// Blocking HTTP client of other agents' peer routes.
 pub struct HttpTransport {
     http: reqwest::blocking::Client,
     token: String,
-    /// Agent id → base URL (`http://host:port`).
-    peers: BTreeMap<String, String>,
+    /// Agent id → base URL (`http://host:port`); replaced as the
+    /// controller's peer list changes.
+    peers: std::sync::RwLock<BTreeMap<String, String>>,
 }
 
 impl HttpTransport {
@@ -219,11 +293,13 @@ impl HttpTransport {
         Ok(HttpTransport {
             http,
             token: token.to_owned(),
-            peers: peers
-                .into_iter()
-                .map(|(id, url)| (id, url.trim_end_matches('/').to_owned()))
-                .collect(),
+            peers: std::sync::RwLock::new(normalise(peers)),
         })
+    }
+
+    /// Replaces the known peers.
+    pub fn set_peers(&self, peers: impl IntoIterator<Item = (String, String)>) {
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = normalise(peers);
     }
 
     fn call<T: Serialize, R: DeserializeOwned>(
@@ -234,7 +310,10 @@ impl HttpTransport {
     ) -> Result<R, TransportError> {
         let base = self
             .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .get(peer)
+            .cloned()
             .ok_or_else(|| TransportError::UnknownPeer(peer.to_owned()))?;
         let bytes = rmp_serde::to_vec_named(body).map_err(|e| TransportError::Decode {
             peer: peer.to_owned(),

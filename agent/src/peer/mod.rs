@@ -23,7 +23,9 @@
 //! Commit or by asking (Outcome) and only then drops or takes back the
 //! subtasks.
 
+pub mod config;
 pub mod http;
+pub mod node;
 pub mod policy;
 pub mod queue;
 pub mod trade;

@@ -87,6 +87,11 @@ impl ThiefPolicy {
         }
     }
 
+    /// The known peers, in round-robin order.
+    pub fn peers(&self) -> &[String] {
+        &self.peers
+    }
+
     /// Replaces the known peers (config reload, the controller's host
     /// list); backoff is kept for peers still known.
     pub fn set_peers(&mut self, peers: Vec<String>) {

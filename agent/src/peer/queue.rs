@@ -661,6 +661,42 @@ impl PeerQueue {
         })
     }
 
+    /// Subtasks moved per job: `job → (stolen in, given out)`. Stolen in:
+    /// attempts received in this agent's trades; given out: rows that
+    /// went to a thief and are still gone.
+    pub fn steals_by_job(&self) -> Result<BTreeMap<String, (u64, u64)>> {
+        self.tx("steals_by_job", |tx| {
+            let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT i.job, COUNT(*) FROM thief_items i
+                     JOIN thief_trades t ON t.trade = i.trade
+                     WHERE t.state = ?1 GROUP BY i.job",
+                )
+                .map_err(db("steals_by_job"))?;
+            let rows = st
+                .query_map([T_RECEIVED], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .map_err(db("steals_by_job"))?;
+            for row in rows {
+                let (job, n) = row.map_err(db("steals_by_job"))?;
+                out.entry(job).or_default().0 = n as u64;
+            }
+            let mut st = tx
+                .prepare_cached("SELECT job, COUNT(*) FROM subtasks WHERE state = 4 GROUP BY job")
+                .map_err(db("steals_by_job"))?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db("steals_by_job"))?;
+            for row in rows {
+                let (job, n) = row.map_err(db("steals_by_job"))?;
+                out.entry(job).or_default().1 = n as u64;
+            }
+            Ok(out)
+        })
+    }
+
     // ---- thief side --------------------------------------------------
 
     /// Records a new `pending` trade with `victim` (before asking it) and

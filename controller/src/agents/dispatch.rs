@@ -20,6 +20,11 @@
 //!    claimed attempts go back to the queue (`Store::withdraw`) and the host
 //!    gets nothing more until its next heartbeat.
 //!
+//! Each round first seeds peer-to-peer jobs ([`seed`]): queued p2p
+//! subtasks go to a few p2p agents (`POST <agent_url>/v1/peer/seed`),
+//! which trade them among themselves; the controller then only waits for
+//! their completions, from whichever agent ran them.
+//!
 //! Each round also withdraws expired pull leases (`Store::expire_leases`)
 //! and wakes waiting lease requests when that revived subtasks. The push
 //! dispatcher only claims push jobs; pull jobs are only leased
@@ -90,6 +95,7 @@ async fn restore(plane: &AgentPlane) {
             version: String::new(),
             agent_url,
             slots: 0,
+            p2p: false,
         };
         match book.registry.register(reg, now) {
             Ok(_) => {
@@ -127,6 +133,7 @@ pub(crate) async fn round(plane: &AgentPlane) {
             .filter(|h| !book.skip.contains(h.host.as_str()))
             .collect::<Vec<_>>()
     };
+    seed(plane).await;
     let batch = plane.inner.config.batch_size;
     for h in hosts {
         let Some(url) = h.agent_url.clone() else {
@@ -135,7 +142,7 @@ pub(crate) async fn round(plane: &AgentPlane) {
         };
         let n = h.free_slots.min(batch) as usize;
         let host = h.host.as_str().to_owned();
-        let claimed = match claim(plane, &host, n).await {
+        let claimed = match claim(plane, &host, n, Claim::Push).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(host = %host, "claiming subtasks: {e}");
@@ -181,9 +188,86 @@ pub(crate) async fn round(plane: &AgentPlane) {
     }
 }
 
+/// Which of a job's subtasks a claim takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Push jobs' (`Store::claim`).
+    Push,
+    /// Peer-to-peer jobs' seeds (`Store::claim_seeds`).
+    Seeds,
+}
+
+/// Seeds queued peer-to-peer subtasks: up to `dispatch.batch_size` to each
+/// of the `dispatch.p2p_seed_hosts` eligible p2p agents (below
+/// `dispatch_below`, free slots or not) with the most free slots, as an [`AssignBatch`] to `<agent_url>/v1/peer/seed`. Free slots
+/// only rank the hosts: a seed waits in the agent's durable queue, where
+/// idle peers steal it. A failed POST gives the seeds back to the queue
+/// and skips the host until its next heartbeat.
+async fn seed(plane: &AgentPlane) {
+    let mut seeds: Vec<(String, String, u32)> = {
+        let book = plane.book();
+        let now = plane.now();
+        // The eligible hosts with no free slot too: seeds queue at the agent.
+        book.registry
+            .eligible_with(now, |_| 1)
+            .into_iter()
+            .filter(|h| !book.skip.contains(h.host.as_str()))
+            .filter_map(|h| {
+                let x = book.registry.host(h.host.as_str())?;
+                let url = h.agent_url.clone().filter(|_| x.p2p)?;
+                Some((h.host.as_str().to_owned(), url, book.slots.free(x)))
+            })
+            .collect()
+    };
+    seeds.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    seeds.truncate(plane.inner.config.p2p_seed_hosts as usize);
+    let batch = plane.inner.config.batch_size as usize;
+    for (host, url, _) in seeds {
+        let claimed = match claim(plane, &host, batch, Claim::Seeds).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(host = %host, "claiming p2p seeds: {e}");
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            break;
+        }
+        let body = match build_batch(plane, claimed.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(host = %host, "building a seed batch: {e}");
+                give_back(plane, &host, &claimed, "could not encode the seeds").await;
+                continue;
+            }
+        };
+        let plane = plane.clone();
+        tokio::spawn(async move {
+            match post_to_agent(&plane, &url, "/v1/peer/seed", body).await {
+                Ok(()) => {
+                    tracing::debug!(host = %host, seeds = claimed.len(), "p2p subtasks seeded");
+                    // More may be queued: seed again without waiting a round.
+                    plane.wake();
+                }
+                Err(e) => {
+                    tracing::warn!(host = %host, url = %url, seeds = claimed.len(), "seeding failed: {e}");
+                    plane.book().skip.insert(host.clone());
+                    give_back(&plane, &host, &claimed, "seeding the agent failed").await;
+                    plane.wake();
+                }
+            }
+        });
+    }
+}
+
 /// Claims up to `n` subtasks for `host` and fills in the resources of jobs
 /// not seen before.
-async fn claim(plane: &AgentPlane, host: &str, n: usize) -> Result<Vec<Assignment>, AgentError> {
+async fn claim(
+    plane: &AgentPlane,
+    host: &str,
+    n: usize,
+    kind: Claim,
+) -> Result<Vec<Assignment>, AgentError> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -191,7 +275,10 @@ async fn claim(plane: &AgentPlane, host: &str, n: usize) -> Result<Vec<Assignmen
     let host = host.to_owned();
     let (claimed, fetched) = plane
         .blocking(move |store| {
-            let claimed = store.claim(&host, n)?;
+            let claimed = match kind {
+                Claim::Push => store.claim(&host, n)?,
+                Claim::Seeds => store.claim_seeds(&host, n)?,
+            };
             let mut fetched = BTreeMap::new();
             for a in &claimed {
                 if !known.contains(&a.job) && !fetched.contains_key(&a.job) {

@@ -76,6 +76,7 @@ impl Ctl {
     /// is aborted; returns once the host may lease.
     async fn pulling_agent(&self, host: &str) -> JoinHandle<()> {
         let reg = enc(&Register {
+            p2p: false,
             host: host.into(),
             version: "t".into(),
             agent_url: None,
@@ -84,6 +85,7 @@ impl Ctl {
         let (status, _) = self.agent_post("/v1/agents/register", reg).await;
         assert_eq!(status, StatusCode::OK);
         let hb = enc(&Heartbeat {
+            steals: Vec::new(),
             host: host.into(),
             load: 0.1,
             dominant: None,
@@ -410,6 +412,7 @@ async fn leases_renew_in_the_heartbeat_and_lost_ones_come_back() {
         ..held.clone()
     };
     let hb = enc(&Heartbeat {
+        steals: Vec::new(),
         host: "hb".into(),
         load: 0.1,
         dominant: None,

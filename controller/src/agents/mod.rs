@@ -94,7 +94,9 @@ use crate::api::{AppState, ErrorBody};
 use crate::config::{ControllerConfig, DispatchConfig};
 use crate::job::Resources;
 use crate::registry::{Registry, RegistryError, RegistryEvent};
-use crate::store::{CompletionResult, JobId, Outcome, Report, Store, StoreError, SubtaskRef};
+use crate::store::{
+    CompletionResult, HostState, JobId, Outcome, Report, Store, StoreError, SubtaskRef,
+};
 use slots::SlotBook;
 
 /// What the agent plane refuses or fails with.
@@ -232,6 +234,30 @@ pub(crate) struct Book {
     pub(crate) resources: BTreeMap<JobId, Resources>,
     /// Free slots between heartbeats (see [`slots`]).
     pub(crate) slots: SlotBook,
+    /// Peer-to-peer work stealing as the agents last reported it: job →
+    /// host → (stolen in, given out). In memory only: agents report every
+    /// count again after they register.
+    pub(crate) steals: BTreeMap<String, BTreeMap<String, (u64, u64)>>,
+}
+
+impl Book {
+    /// The other active p2p agents with an address, for `host`'s heartbeat
+    /// reply (empty when `host` is not a p2p agent).
+    fn peers_of(&self, host: &str) -> Vec<sparegrid_proto::grid::PeerAddr> {
+        if !self.registry.host(host).is_some_and(|h| h.p2p) {
+            return Vec::new();
+        }
+        self.registry
+            .hosts()
+            .filter(|h| h.p2p && h.id.as_str() != host && h.state == HostState::Active)
+            .filter_map(|h| {
+                Some(sparegrid_proto::grid::PeerAddr {
+                    host: h.id.as_str().to_owned(),
+                    url: h.agent_url.clone()?,
+                })
+            })
+            .collect()
+    }
 }
 
 pub(crate) struct Inner {
@@ -284,6 +310,7 @@ impl AgentPlane {
                     retry: Vec::new(),
                     resources: BTreeMap::new(),
                     slots: SlotBook::new(config.registry.host_timeout),
+                    steals: BTreeMap::new(),
                 }),
                 start: Instant::now(),
                 config: config.dispatch.clone(),
@@ -293,6 +320,23 @@ impl AgentPlane {
                 client,
             }),
         }
+    }
+
+    /// A p2p job's work stealing by host, as the agents last reported it.
+    pub fn steals_of(&self, job: &str) -> Vec<crate::api::HostSteals> {
+        self.book()
+            .steals
+            .get(job)
+            .map_or_else(Vec::new, |by_host| {
+                by_host
+                    .iter()
+                    .map(|(host, &(stolen_in, given_out))| crate::api::HostSteals {
+                        host: host.clone(),
+                        stolen_in,
+                        given_out,
+                    })
+                    .collect()
+            })
     }
 
     /// Time since the plane was made: the registry's clock.
@@ -488,6 +532,7 @@ async fn heartbeat(
         return Err(AgentError::Restored(host));
     }
     let renew = std::mem::take(&mut hb.renew);
+    let steals = std::mem::take(&mut hb.steals);
     let load = load_json(&hb);
     let h = host.clone();
     let current: HashSet<(String, u64, u32)> = plane
@@ -509,6 +554,12 @@ async fn heartbeat(
             }
         }
         book.skip.remove(&host);
+        for js in steals {
+            book.steals
+                .entry(js.job)
+                .or_default()
+                .insert(host.clone(), (js.stolen_in, js.given_out));
+        }
         let events = book.registry.tick(now);
         (outcome, events)
     };
@@ -542,6 +593,7 @@ async fn heartbeat(
     }
     plane.wake();
     let mut reply = outcome.into_reply();
+    reply.peers = plane.book().peers_of(&host);
     if !renew.is_empty() {
         // Pull mode: renewals ride on the heartbeat (see `leases`).
         reply.lost = leases::renew_for(plane, &host, renew).await?.lost;

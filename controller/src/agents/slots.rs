@@ -148,6 +148,7 @@ mod tests {
 
     fn hb(free: u32, running: &[u64]) -> Heartbeat {
         Heartbeat {
+            steals: Vec::new(),
             host: "h".into(),
             load: 0.1,
             dominant: None,
@@ -166,6 +167,7 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                p2p: false,
                 host: "h".into(),
                 version: "t".into(),
                 agent_url: None,
@@ -257,6 +259,7 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                p2p: false,
                 host: "h".into(),
                 version: "t".into(),
                 agent_url: None,

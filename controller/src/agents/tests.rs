@@ -270,6 +270,7 @@ impl Fake {
             .post(
                 "/v1/agents/register",
                 enc(&Register {
+                    p2p: false,
                     host: self.name.clone(),
                     version: "test".into(),
                     agent_url: Some(self.url.clone()),
@@ -286,6 +287,7 @@ impl Fake {
         let hb = {
             let st = self.st.lock().unwrap();
             Heartbeat {
+                steals: Vec::new(),
                 host: self.name.clone(),
                 load: st.load,
                 dominant: Some(sparegrid_proto::Metric::Cpu),
@@ -532,6 +534,7 @@ async fn a_silent_agent_is_lost_its_work_redone_and_late_reports_change_nothing(
 async fn auth_media_type_and_garbage_bodies_are_refused() {
     let ctl = controller().await;
     let reg = enc(&Register {
+        p2p: false,
         host: "h1".into(),
         version: "t".into(),
         agent_url: None,
@@ -593,6 +596,7 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
 
     // A heartbeat before registering: register first.
     let hb = enc(&Heartbeat {
+        steals: Vec::new(),
         host: "h1".into(),
         load: 0.1,
         dominant: None,
@@ -612,6 +616,7 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
 
     // A bad host name names its field.
     let bad = enc(&Register {
+        p2p: false,
         host: "no spaces".into(),
         version: "t".into(),
         agent_url: None,
@@ -638,6 +643,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
     let reg = enc(&Register {
+        p2p: false,
         host: "h-dead".into(),
         version: "t".into(),
         agent_url: Some(dead_url),
@@ -646,6 +652,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let (status, _) = ctl.post_mp("/v1/agents/register", Some(TOKEN), reg).await;
     assert_eq!(status, StatusCode::OK);
     let hb = enc(&Heartbeat {
+        steals: Vec::new(),
         host: "h-dead".into(),
         load: 0.1,
         dominant: None,

@@ -32,7 +32,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ErrorBody};
 use super::openapi::{JobCountsDoc, JobRequestDoc, JobStateDoc};
 use super::AppState;
-use crate::job::{self, DispatchMode, ErrorCode, JobRequest, ValidationError};
+use crate::job::{self, DispatchMode, JobRequest};
 use crate::split;
 use crate::store::{
     AttemptRecord, AttemptState, DeadSubtask, HostLeases, JobCounts, JobId, JobRecord, JobState,
@@ -190,6 +190,20 @@ pub struct JobDetail {
     /// attempt; `counts.dead` says how many there are in all.
     #[serde(default)]
     pub dead_subtasks: Vec<DeadSubtaskView>,
+    /// Peer-to-peer jobs: subtasks moved by work stealing, per host, as the
+    /// agents last reported them (sorted by host); empty for other jobs.
+    #[serde(default)]
+    pub steals: Vec<HostSteals>,
+}
+
+/// One host's work stealing on a p2p job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostSteals {
+    pub host: String,
+    /// Subtasks it took from peers.
+    pub stolen_in: u64,
+    /// Subtasks peers took from it.
+    pub given_out: u64,
 }
 
 /// The leases one host holds on a pull job.
@@ -479,20 +493,6 @@ pub async fn submit(
     })?;
     let req = job::parse_json(&body)?;
     req.validate(&s.limits)?;
-    if req.mode == DispatchMode::P2p {
-        return Err(ValidationError::new(
-            ErrorCode::InvalidField,
-            "mode",
-            format!(
-                "dispatch mode {:?} is not available yet; this controller dispatches `push` and `pull` jobs only",
-                serde_json::to_value(req.mode)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            ),
-        )
-        .into());
-    }
     // Validated above, so the count is that of the plan the store makes.
     let count = split::subtask_count(&req);
     let name = req.name.clone();
@@ -586,11 +586,17 @@ pub async fn get(
         Ok((record, request, leases, dead))
     })
     .await?;
+    let steals = if request.mode == DispatchMode::P2p {
+        s.agents.steals_of(&record.id.0)
+    } else {
+        Vec::new()
+    };
     Ok(Json(JobDetail {
         job: record.into(),
         request,
         leases: leases.into_iter().map(LeaseHolder::from).collect(),
         dead_subtasks: dead.into_iter().map(DeadSubtaskView::from).collect(),
+        steals,
     }))
 }
 

@@ -76,8 +76,9 @@ pub use auth::{Access, Auth, AuthError, Role};
 pub(crate) use error::error_response;
 pub use error::{ApiError, ErrorBody};
 pub use jobs::{
-    AttemptView, CancelResponse, DeadSubtaskView, JobDetail, JobList, JobResults, JobSummary,
-    LeaseHolder, ProgressEvent, SubmitResponse, SubtaskResult, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT,
+    AttemptView, CancelResponse, DeadSubtaskView, HostSteals, JobDetail, JobList, JobResults,
+    JobSummary, LeaseHolder, ProgressEvent, SubmitResponse, SubtaskResult, DEFAULT_LIST_LIMIT,
+    MAX_LIST_LIMIT,
 };
 pub use metrics::ApiMetrics;
 pub use openapi::{document as openapi_document, ApiDoc};

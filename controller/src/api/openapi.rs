@@ -57,7 +57,8 @@ pub struct JobRequestDoc {
     #[serde(default)]
     pub priority: Option<i32>,
     /// Dispatch mode: `push` (pushed to agents) or `pull` (leased by
-    /// agents, `POST /v1/leases`); `p2p` is refused so far.
+    /// agents, `POST /v1/leases`); `p2p`: seeded to a few p2p agents, which
+    /// trade subtasks by work stealing (see `dispatch.p2p_seed_hosts`).
     #[serde(default)]
     pub mode: Option<DispatchModeDoc>,
     /// Run on the concatenated outputs in subtask order.
@@ -200,6 +201,10 @@ pub struct RegisterDoc {
     pub agent_url: Option<String>,
     /// Subtasks this agent can run at once.
     pub slots: u32,
+    /// Takes part in p2p jobs (serves `/v1/peer/*` at `agent_url`); may be
+    /// absent (false).
+    #[serde(default)]
+    pub p2p: bool,
 }
 
 /// The answer to a register (MessagePack).
@@ -231,6 +236,29 @@ pub struct HeartbeatDoc {
     /// Pull mode: the leases to renew; may be absent.
     #[serde(default)]
     pub renew: Vec<AttemptRefDoc>,
+    /// P2p mode: per-job steal counts that changed; may be absent.
+    #[serde(default)]
+    pub steals: Vec<JobStealsDoc>,
+}
+
+/// One job's work stealing on one agent (in a heartbeat).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = JobSteals)]
+pub struct JobStealsDoc {
+    pub job: String,
+    /// Subtasks this agent took from peers.
+    pub stolen_in: u64,
+    /// Subtasks peers took from this agent.
+    pub given_out: u64,
+}
+
+/// Another p2p agent (in a heartbeat reply).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = PeerAddr)]
+pub struct PeerAddrDoc {
+    pub host: String,
+    /// Where its peer routes are.
+    pub url: String,
 }
 
 /// The answer to a heartbeat (MessagePack): attempts the agent must stop.
@@ -241,6 +269,9 @@ pub struct HeartbeatReplyDoc {
     /// Pull mode: the leases of `renew` that were not renewed; stop them.
     #[serde(default)]
     pub lost: Vec<AttemptRefDoc>,
+    /// P2p mode: the other active p2p agents (for a p2p agent).
+    #[serde(default)]
+    pub peers: Vec<PeerAddrDoc>,
 }
 
 /// How one attempt ended (an element of the `POST /v1/agents/completions`
@@ -803,6 +834,7 @@ mod tests {
             &doc,
             "Register",
             Register {
+                p2p: false,
                 host: "h".into(),
                 version: "v".into(),
                 agent_url: Some("http://a".into()),
@@ -821,6 +853,7 @@ mod tests {
             &doc,
             "Heartbeat",
             Heartbeat {
+                steals: Vec::new(),
                 host: "h".into(),
                 load: 0.1,
                 dominant: Some(Metric::Cpu),
@@ -836,6 +869,7 @@ mod tests {
             &doc,
             "HeartbeatReply",
             HeartbeatReply {
+                peers: Vec::new(),
                 withdraw: vec![attempt.clone()],
                 lost: vec![attempt.clone()],
             },

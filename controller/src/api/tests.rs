@@ -294,17 +294,20 @@ async fn empty_commands_are_refused() {
 }
 
 #[tokio::test]
-async fn p2p_mode_is_refused_for_now_and_pull_is_taken() {
+async fn every_dispatch_mode_is_taken_and_an_unknown_one_names_the_field() {
     let a = app();
     let mut body = range_job(0, 10, 1);
-    body["mode"] = json!("p2p");
+    body["mode"] = json!("teleport");
     a.submit(&body)
         .await
         .error(StatusCode::BAD_REQUEST, "invalid_field", Some("mode"));
     assert_eq!(a.job_count().await, 0);
-    body["mode"] = json!("pull");
-    assert_eq!(a.submit(&body).await.status, StatusCode::CREATED);
-    assert_eq!(a.job_count().await, 1);
+    for (n, mode) in ["pull", "p2p", "push"].into_iter().enumerate() {
+        body["mode"] = json!(mode);
+        let r = a.submit(&body).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{mode}");
+        assert_eq!(a.job_count().await, n + 1);
+    }
 }
 
 #[tokio::test]

@@ -178,6 +178,23 @@ pub fn job_detail_at(out: &mut dyn Write, d: &JobDetail, now: i64) -> io::Result
             writeln!(out, "    {line}")?;
         }
     }
+    if !d.steals.is_empty() {
+        let moved: u64 = d.steals.iter().map(|s| s.stolen_in).sum();
+        writeln!(out, "  steals: {moved} subtasks moved between peers")?;
+        let mut t = Table::new(&["host", ">stolen in", ">given out"]);
+        for s in &d.steals {
+            t.row(vec![
+                s.host.clone(),
+                s.stolen_in.to_string(),
+                s.given_out.to_string(),
+            ]);
+        }
+        let mut buf = Vec::new();
+        t.write(&mut buf)?;
+        for line in String::from_utf8_lossy(&buf).lines() {
+            writeln!(out, "    {line}")?;
+        }
+    }
     if !d.dead_subtasks.is_empty() {
         let shown = d.dead_subtasks.len() as u64;
         if j.counts.dead > shown {

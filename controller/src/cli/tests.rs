@@ -313,23 +313,40 @@ fn api_errors_show_message_field_and_code() {
     assert_eq!(r.code, 2);
     assert_eq!(r.err, "error: job j-404 not found (code: job_not_found)\n");
 
-    // Local validation passes; the controller refuses the dispatch mode.
+    // Local validation passes (the CLI's default limits); a controller
+    // with a tighter limit refuses the job and names the field.
     let dir = tempfile::tempdir().unwrap();
+    let strict = start_with(
+        ControllerConfig {
+            job_limits: crate::job::Limits {
+                max_subtasks: 5,
+                ..crate::job::Limits::default()
+            },
+            ..ControllerConfig::default()
+        },
+        None,
+    );
+    let job = write(dir.path(), "ten.toml", TOML_JOB);
+    let r = strict.cli(&["submit", &job]);
+    assert_eq!(r.code, 2, "{}", r.out);
+    assert!(r.err.starts_with("error: "), "{}", r.err);
+    assert!(
+        r.err
+            .trim_end()
+            .ends_with("(field: split.range.chunk, code: too_large)"),
+        "{}",
+        r.err
+    );
+    // A p2p job is taken, and its status names the mode.
     let p2p = write(
         dir.path(),
         "p2p.toml",
         &format!("mode = \"p2p\"\n{TOML_JOB}"),
     );
     let r = s.cli(&["submit", &p2p]);
-    assert_eq!(r.code, 2, "{}", r.out);
-    assert!(r.err.starts_with("error: dispatch mode"), "{}", r.err);
-    assert!(
-        r.err
-            .trim_end()
-            .ends_with("(field: mode, code: invalid_field)"),
-        "{}",
-        r.err
-    );
+    assert_eq!(r.code, 0, "{}", r.err);
+    let r = s.cli(&["status", "j-1"]);
+    assert!(r.out.contains("  mode p2p, priority "), "{}", r.out);
     // A pull job is taken, and its status names the mode.
     let pull = write(
         dir.path(),
@@ -338,7 +355,7 @@ fn api_errors_show_message_field_and_code() {
     );
     let r = s.cli(&["submit", &pull]);
     assert_eq!(r.code, 0, "{}", r.err);
-    let r = s.cli(&["status", "j-1"]);
+    let r = s.cli(&["status", "j-2"]);
     assert!(r.out.contains("  mode pull, priority "), "{}", r.out);
 
     let r = s.cli(&["status", "--state", "sleeping"]);

@@ -239,6 +239,7 @@ impl HeartbeatOutcome {
         HeartbeatReply {
             withdraw: self.withdraw,
             lost: Vec::new(),
+            peers: Vec::new(),
         }
     }
 }
@@ -261,6 +262,8 @@ pub struct Host {
     pub agent_url: Option<String>,
     /// Subtasks the agent can run at once.
     pub slots: u32,
+    /// Takes part in peer-to-peer jobs (serves `/v1/peer/*` at `agent_url`).
+    pub p2p: bool,
     pub state: HostState,
     pub membership: Membership,
     /// When it (last) registered.
@@ -333,6 +336,7 @@ impl Registry {
             version,
             agent_url,
             slots,
+            p2p,
         } = reg;
         match self.hosts.get_mut(host.as_str()) {
             Some(h) => {
@@ -346,6 +350,7 @@ impl Registry {
                 h.version = version;
                 h.agent_url = agent_url;
                 h.slots = slots;
+                h.p2p = p2p;
                 h.registered_at = now;
                 h.last_seen = now;
                 h.last = None;
@@ -361,6 +366,7 @@ impl Registry {
                         version,
                         agent_url,
                         slots,
+                        p2p,
                         state: HostState::Active,
                         membership: Membership::New,
                         registered_at: now,

@@ -28,6 +28,7 @@ fn att(job: &str, index: u64) -> AttemptRef {
 
 fn reg(host: &str, slots: u32) -> Register {
     Register {
+        p2p: false,
         host: host.into(),
         version: "0.1.0".into(),
         agent_url: Some(format!("http://{host}:7410")),
@@ -43,6 +44,7 @@ fn hb(
     suspended_ms: u64,
 ) -> Heartbeat {
     Heartbeat {
+        steals: Vec::new(),
         host: host.into(),
         load,
         dominant: Some(Metric::Cpu),
@@ -415,6 +417,7 @@ fn heartbeat_withdraws_attempts_the_store_no_longer_counts() {
     assert_eq!(
         out.clone().into_reply(),
         HeartbeatReply {
+            peers: Vec::new(),
             withdraw: out.withdraw,
             lost: Vec::new(),
         }

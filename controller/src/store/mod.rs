@@ -569,6 +569,14 @@ pub trait Store: Send + Sync {
     /// running attempt. The host must be registered and active.
     fn claim(&self, host: &str, n: usize) -> Result<Vec<Assignment>>;
 
+    /// Peer-to-peer mode: seeds up to `n` queued subtasks of p2p jobs to
+    /// `host`, in the order [`Store::claim`] uses, each as a new attempt
+    /// with no lease. From then on the agents trade them among themselves;
+    /// the controller accepts the attempt's completion from any host, and
+    /// [`Store::requeue_host`] leaves seeds alone. Neither `claim` nor
+    /// `claim_leases` takes a p2p job's subtasks.
+    fn claim_seeds(&self, host: &str, n: usize) -> Result<Vec<Assignment>>;
+
     /// Pull mode: leases up to `n` queued subtasks of pull jobs to `host`,
     /// in the order [`Store::claim`] uses, each as a new attempt whose lease
     /// expires at `now + ttl` (ms since the epoch, the controller's clock).
@@ -624,6 +632,7 @@ pub trait Store: Send + Sync {
 
     /// Takes every subtask assigned to `host` back to the queue (their
     /// attempts are marked withdrawn with `reason`) and returns them.
+    /// Peer-to-peer seeds stay assigned (see [`Store::claim_seeds`]).
     fn requeue_host(&self, host: &str, reason: &str) -> Result<Vec<SubtaskRef>>;
 
     /// Subtasks currently assigned to `host`.

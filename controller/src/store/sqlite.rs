@@ -521,12 +521,19 @@ fn requeue_one(
     Ok(())
 }
 
-/// Requeues everything assigned to `host`.
+/// Requeues everything assigned to `host`, except peer-to-peer seeds: those
+/// live in the agents' durable queues and may have moved to other peers,
+/// so the controller only waits for their completions.
 fn requeue_host_tx(tx: &Transaction<'_>, host: &str, reason: &str) -> Result<Vec<SubtaskRef>> {
     let now = now_ms();
     let rows: Vec<(i64, u64, u32)> = tx
-        .prepare_cached("SELECT job, idx, epoch FROM subtasks WHERE host = ?1 AND state = 1")?
-        .query_map([host], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .prepare_cached(
+            "SELECT job, idx, epoch FROM subtasks WHERE host = ?1 AND state = 1 \
+             AND job NOT IN (SELECT seq FROM jobs WHERE mode = ?2)",
+        )?
+        .query_map(params![host, MODE_P2P], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let mut per_job: BTreeMap<i64, i64> = BTreeMap::new();
     for &(seq, index, epoch) in &rows {
@@ -1189,6 +1196,12 @@ impl Store for SqliteStore {
     fn claim(&self, host: &str, n: usize) -> Result<Vec<Assignment>> {
         self.write("claim", &format_args!("host {host}"), |tx| {
             self.claim_tx(tx, host, n, MODE_PUSH, None, now_ms())
+        })
+    }
+
+    fn claim_seeds(&self, host: &str, n: usize) -> Result<Vec<Assignment>> {
+        self.write("claim_seeds", &format_args!("host {host}"), |tx| {
+            self.claim_tx(tx, host, n, MODE_P2P, None, now_ms())
         })
     }
 
