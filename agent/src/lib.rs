@@ -15,6 +15,8 @@
 //! - [`check`]: what this host supports.
 //! - [`workload`]: workload files (image, vCPUs, memory, interpreters).
 //! - [`discover`]: finding the controller through a DNS SRV record.
+//! - [`transfer`]: the transfer endpoint (tus uploads, Range downloads,
+//!   checkpoint journals); not yet wired into the daemon.
 //! - [`peer`]: p2p work stealing's durable queue and trade protocol (not yet
 //!   wired into the daemon; see docs/p2p.md).
 
@@ -31,4 +33,5 @@ pub mod policy;
 pub mod runtime;
 pub mod sampler;
 pub mod subtask;
+pub mod transfer;
 pub mod workload;

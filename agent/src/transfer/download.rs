@@ -1,0 +1,241 @@
+//! Downloads: `GET /v1/files/{id}` of a complete, verified file with
+//! `Range` (one range; 206 with `Content-Range`, 416 when unsatisfiable),
+//! `If-Range` against a strong `ETag` derived from the file's blake3, and
+//! `Accept-Ranges: bytes`, so `curl -C -` and other resuming clients work.
+//! Partial uploads are never served (404).
+//!
+//! The file is read by a blocking thread in [`READ_CHUNK`] pieces into a
+//! bounded channel of [`READ_QUEUE`] pieces: memory per download is fixed
+//! whatever the file size.
+
+// Handlers return ready HTTP answers as their error; boxing them would
+// only move the allocation.
+#![allow(clippy::result_large_err)]
+
+use std::os::unix::fs::FileExt;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+
+use super::store::Complete;
+use super::{authorize, check_id, error, store_error, Direction, TransferState};
+
+/// Bytes per read from the file.
+pub const READ_CHUNK: usize = 256 * 1024;
+/// Reads in flight per download.
+pub const READ_QUEUE: usize = 8;
+
+/// The strong ETag of a file with blake3 `digest` (hex).
+pub fn etag(digest: &str) -> String {
+    format!("\"b3-{digest}\"")
+}
+
+/// A `Range` header's outcome for a file of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// No usable single byte range: serve the whole file (200).
+    Whole,
+    /// Bytes `start..=end` (206).
+    Part { start: u64, end: u64 },
+    /// 416.
+    Unsatisfiable,
+}
+
+/// Parses one `bytes=` range (`a-b`, `a-`, `-n`). Several ranges or another
+/// unit fall back to the whole file, which RFC 9110 allows.
+pub fn parse_range(v: &str, size: u64) -> RangeSpec {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Whole;
+    };
+    if spec.contains(',') {
+        return RangeSpec::Whole;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Whole;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| s.parse::<u64>().ok();
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => RangeSpec::Whole,
+        (true, false) => match num(b) {
+            None => RangeSpec::Whole,
+            Some(0) => RangeSpec::Unsatisfiable,
+            Some(_) if size == 0 => RangeSpec::Unsatisfiable,
+            Some(n) => RangeSpec::Part {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            },
+        },
+        (false, _) => {
+            let Some(start) = num(a) else {
+                return RangeSpec::Whole;
+            };
+            let end = if b.is_empty() { Some(u64::MAX) } else { num(b) };
+            let Some(end) = end else {
+                return RangeSpec::Whole;
+            };
+            if end < start {
+                return RangeSpec::Whole;
+            }
+            if start >= size {
+                return RangeSpec::Unsatisfiable;
+            }
+            RangeSpec::Part {
+                start,
+                end: end.min(size - 1),
+            }
+        }
+    }
+}
+
+/// Whether `If-Range` (absent, or equal to our strong ETag) lets `Range`
+/// apply. A date or a weak/other tag means "send the whole file".
+fn if_range_allows(headers: &HeaderMap, tag: &str) -> bool {
+    match headers.get(header::IF_RANGE) {
+        None => true,
+        Some(v) => v.to_str().is_ok_and(|s| s.trim() == tag),
+    }
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn get(
+    State(s): State<TransferState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    serve(s, id, headers, true).await.unwrap_or_else(|r| r)
+}
+
+/// `HEAD /v1/files/{id}` without `Tus-Resumable`: the GET's headers.
+pub async fn head(
+    State(s): State<TransferState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    serve(s, id, headers, false).await.unwrap_or_else(|r| r)
+}
+
+async fn serve(
+    s: TransferState,
+    id: String,
+    headers: HeaderMap,
+    with_body: bool,
+) -> Result<Response, Response> {
+    check_id(&id)?;
+    authorize(&s, &headers, Some(&id), Some(Direction::Download))?;
+    let st = s.clone();
+    let idc = id.clone();
+    let c: Complete = tokio::task::spawn_blocking(move || st.store().open_complete(&idc))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()))?
+        .map_err(store_error)?;
+    let tag = etag(&c.digest);
+    let size = c.size;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(v) if if_range_allows(&headers, &tag) => parse_range(v, size),
+        _ => RangeSpec::Whole,
+    };
+    let (status, start, end) = match range {
+        RangeSpec::Whole => (StatusCode::OK, 0, size),
+        RangeSpec::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
+        RangeSpec::Unsatisfiable => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range",
+                format!("the range is outside the file's {size} bytes"),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+            return Err(r);
+        }
+    };
+    let body = if with_body && end > start {
+        stream(c.file, start, end)
+    } else {
+        Body::empty()
+    };
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, HeaderValue::from_str(&tag).expect("hex"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)).expect("ascii"),
+        );
+    }
+    Ok(r)
+}
+
+/// Bytes `start..end` of `file` as a body fed by a blocking reader thread.
+fn stream(file: std::fs::File, start: u64, end: u64) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_QUEUE);
+    tokio::task::spawn_blocking(move || {
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(READ_CHUNK as u64) as usize;
+            let mut buf = BytesMut::zeroed(n);
+            let r = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return; // client gone, or the read failed (already sent)
+            }
+            pos += n as u64;
+        }
+    });
+    let s = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Body::from_stream(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeSpec::*;
+        assert_eq!(parse_range("bytes=0-9", 100), Part { start: 0, end: 9 });
+        assert_eq!(parse_range("bytes=90-", 100), Part { start: 90, end: 99 });
+        assert_eq!(
+            parse_range("bytes=90-1000", 100),
+            Part { start: 90, end: 99 }
+        );
+        assert_eq!(parse_range("bytes=-10", 100), Part { start: 90, end: 99 });
+        assert_eq!(parse_range("bytes=-1000", 100), Part { start: 0, end: 99 });
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(parse_range("bytes=5-1", 100), Whole);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Whole);
+        assert_eq!(parse_range("items=0-1", 100), Whole);
+        assert_eq!(parse_range("bytes=x-", 100), Whole);
+    }
+
+    #[test]
+    fn if_range() {
+        let tag = etag("ab");
+        let mut h = HeaderMap::new();
+        assert!(if_range_allows(&h, &tag));
+        h.insert(header::IF_RANGE, HeaderValue::from_static("\"b3-ab\""));
+        assert!(if_range_allows(&h, &tag));
+        h.insert(header::IF_RANGE, HeaderValue::from_static("W/\"b3-ab\""));
+        assert!(!if_range_allows(&h, &tag));
+        h.insert(
+            header::IF_RANGE,
+            HeaderValue::from_static("Sun, 22 Nov 2026 07:00:00 GMT"),
+        );
+        assert!(!if_range_allows(&h, &tag));
+    }
+}
