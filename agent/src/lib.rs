@@ -19,6 +19,8 @@
 //!   checkpoint journals); not yet wired into the daemon.
 //! - [`peer`]: p2p work stealing's durable queue and trade protocol (not yet
 //!   wired into the daemon; see docs/p2p.md).
+//! - [`tunnel`]: the WireGuard tunnel endpoint (not yet wired into the
+//!   daemon; see docs/tunnel.md).
 
 pub mod cgroup;
 pub mod check;
@@ -34,4 +36,5 @@ pub mod runtime;
 pub mod sampler;
 pub mod subtask;
 pub mod transfer;
+pub mod tunnel;
 pub mod workload;
