@@ -666,6 +666,29 @@ impl Cluster {
         self.agents.len() - 1
     }
 
+    /// Kills `host`'s agent with SIGKILL (no shutdown, no hand-back) and
+    /// reaps it.
+    pub fn kill9_agent(&mut self, host: &str) {
+        let a = self.agent_mut(host);
+        a.agent.signal(nix::sys::signal::Signal::SIGKILL);
+        a.agent
+            .wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("agent {host} after SIGKILL: {e:#}"));
+    }
+
+    /// Starts `host`'s agent again on the same config and data directory.
+    pub fn restart_agent(&mut self, host: &str) {
+        let a = self.agent_mut(host);
+        a.agent = a.harness.start_on_current_config();
+    }
+
+    fn agent_mut(&mut self, host: &str) -> &mut ClusterAgent {
+        self.agents
+            .iter_mut()
+            .find(|a| a.host == host)
+            .unwrap_or_else(|| panic!("no agent {host} in the cluster"))
+    }
+
     /// The agent running as `host`.
     pub fn agent(&self, host: &str) -> &ClusterAgent {
         self.agents
