@@ -373,11 +373,13 @@ impl Upload {
 
     /// Cuts the file back to the last durable point (broken connection,
     /// full disk, too many bytes, bad checksum).
+    /// Always truncates: a failed `pwrite` (ENOSPC) may have written part
+    /// of its buffer without the offset moving.
     pub fn rollback(&mut self) {
+        if let Err(e) = self.file.set_len(self.durable.offset) {
+            tracing::warn!(id = %self.id, error = %e, "cannot truncate a partial upload");
+        }
         if self.now.offset != self.durable.offset {
-            if let Err(e) = self.file.set_len(self.durable.offset) {
-                tracing::warn!(id = %self.id, error = %e, "cannot truncate a partial upload");
-            }
             self.now = self.durable.clone();
         }
     }

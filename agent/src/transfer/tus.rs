@@ -513,6 +513,25 @@ fn broken(id: &str, why: String) -> StoreError {
     }
 }
 
+/// Most body bytes read and dropped after a failed write, so that the
+/// client, still sending, gets to read the error instead of a reset.
+const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest such drain.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+async fn drain(stream: &mut axum::body::BodyDataStream) {
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(b)) = stream.next().await {
+            left = left.saturating_sub(b.len() as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Frames in flight between the body and the writer thread.
 const WRITE_QUEUE: usize = 8;
 
@@ -555,7 +574,9 @@ async fn write_body(
             }
             Ok(Some(Ok(bytes))) => {
                 if tx.send(bytes).await.is_err() {
-                    break; // the writer failed; its error follows
+                    // The writer failed (413, 507); its error follows.
+                    drain(&mut stream).await;
+                    break;
                 }
             }
         }
