@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -232,6 +233,8 @@ pub struct Upload {
     journal: Journal,
     now: Snapshot,
     durable: Snapshot,
+    /// The store's count of bytes received and then cut off.
+    discarded: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Upload {
@@ -380,6 +383,8 @@ impl Upload {
             tracing::warn!(id = %self.id, error = %e, "cannot truncate a partial upload");
         }
         if self.now.offset != self.durable.offset {
+            self.discarded
+                .fetch_add(self.now.offset - self.durable.offset, Ordering::Relaxed);
             self.now = self.durable.clone();
         }
     }
@@ -395,6 +400,7 @@ pub struct Store {
     root: PathBuf,
     checkpoint_bytes: u64,
     slots: Mutex<HashMap<String, Slot>>,
+    discarded: Arc<AtomicU64>,
 }
 
 /// One upload's lock; `None` inside means "not loaded from disk".
@@ -425,11 +431,19 @@ impl Store {
             root: root.to_owned(),
             checkpoint_bytes,
             slots: Mutex::new(HashMap::new()),
+            discarded: Arc::default(),
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Upload bytes received and then cut off again (broken connections,
+    /// failed checksums, full disk) since the store was opened: the
+    /// server's side of "bytes sent twice".
+    pub fn discarded_bytes(&self) -> u64 {
+        self.discarded.load(Ordering::Relaxed)
     }
 
     fn path(&self, dir: &str, id: &str) -> Result<PathBuf, StoreError> {
@@ -508,6 +522,7 @@ impl Store {
             journal,
             now: start.clone(),
             durable: start,
+            discarded: self.discarded.clone(),
         })
     }
 
@@ -585,6 +600,7 @@ impl Store {
             journal,
             now: snap.clone(),
             durable: snap,
+            discarded: self.discarded.clone(),
         })
     }
 
@@ -813,6 +829,7 @@ mod tests {
         // The connection breaks here: back to the checkpoint.
         up.rollback();
         assert_eq!(up.offset(), CP);
+        assert_eq!(store.discarded_bytes(), 10);
         let len = std::fs::metadata(store.partial_path("f2").unwrap())
             .unwrap()
             .len();
