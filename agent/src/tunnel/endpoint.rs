@@ -57,6 +57,10 @@ const MSG_RESPONSE: u8 = 2;
 const MSG_DATA: u8 = 4;
 /// Socket buffers asked for (wireguard-go asks for 7 MiB too).
 const SOCKET_BUFFER: usize = 7 << 20;
+/// Bytes in one GSO send: the datagrams of a run travel as one IP packet
+/// to the kernel, whose length field is 16 bits (65535 less the IPv4 and
+/// UDP headers; more fails with EMSGSIZE, which quinn-udp ignores).
+const MAX_GSO_BYTES: usize = 65535 - 20 - 8;
 /// Receive buffers per `recvmmsg` (each holds up to 64 KiB of GRO segments).
 const RECV_BUFS: usize = 8;
 
@@ -407,9 +411,13 @@ fn tun_loop(sh: &Shared) {
                 }
                 continue;
             }
-            let joins = run
-                .as_ref()
-                .is_some_and(|r| r.dst == ep && !r.closed && len <= r.seg && r.count < max_segs);
+            let joins = run.as_ref().is_some_and(|r| {
+                r.dst == ep
+                    && !r.closed
+                    && len <= r.seg
+                    && r.count < max_segs
+                    && r.len + len <= MAX_GSO_BYTES
+            });
             if joins {
                 let r = run.as_mut().expect("checked");
                 r.len += len;
