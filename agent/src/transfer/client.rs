@@ -23,10 +23,9 @@ use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::download::READ_CHUNK;
 use super::journal::{Header, Journal, JournalError};
 use super::store::unix;
 use super::tus::{CHECKPOINT, OFFSET_OCTET_STREAM, TUS_VERSION};
@@ -338,19 +337,7 @@ fn read_stream(
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let (tx, rx) =
         tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(super::download::READ_QUEUE);
-    tokio::task::spawn_blocking(move || {
-        let mut pos = start;
-        while pos < end {
-            let n = (end - pos).min(READ_CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(n);
-            let r = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
-            let failed = r.is_err();
-            if tx.blocking_send(r).is_err() || failed {
-                return;
-            }
-            pos += n as u64;
-        }
-    });
+    tokio::task::spawn_blocking(move || super::download::read_into(file, start, end, &tx));
     futures_util::stream::unfold(rx, move |mut rx| {
         let counter = counter.clone();
         async move {

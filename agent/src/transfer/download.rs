@@ -12,13 +12,11 @@
 // only move the allocation.
 #![allow(clippy::result_large_err)]
 
-use std::os::unix::fs::FileExt;
-
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::store::Complete;
 use super::{authorize, check_id, error, store_error, Direction, TransferState};
@@ -180,23 +178,46 @@ async fn serve(
 /// Bytes `start..end` of `file` as a body fed by a blocking reader thread.
 fn stream(file: std::fs::File, start: u64, end: u64) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_QUEUE);
-    tokio::task::spawn_blocking(move || {
-        let mut pos = start;
-        while pos < end {
-            let n = (end - pos).min(READ_CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(n);
-            let r = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
-            let failed = r.is_err();
-            if tx.blocking_send(r).is_err() || failed {
-                return; // client gone, or the read failed (already sent)
-            }
-            pos += n as u64;
-        }
-    });
+    tokio::task::spawn_blocking(move || read_into(file, start, end, &tx));
     let s = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
     Body::from_stream(s)
+}
+
+/// Reads `start..end` of `file` in [`READ_CHUNK`] pieces into `tx` until
+/// the end, a read error (sent on) or the receiver going away. Sequential
+/// reads into fresh, uninitialised capacity (`read_to_end` on a `take`):
+/// no zero-filling of buffers that are overwritten anyway.
+pub(crate) fn read_into(
+    mut file: std::fs::File,
+    start: u64,
+    end: u64,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    if let Err(e) = file.seek(SeekFrom::Start(start)) {
+        let _ = tx.blocking_send(Err(e));
+        return;
+    }
+    let mut pos = start;
+    while pos < end {
+        let n = (end - pos).min(READ_CHUNK as u64);
+        let mut buf = Vec::with_capacity(n as usize);
+        let r = match (&mut file).take(n).read_to_end(&mut buf) {
+            Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
+            Ok(got) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("file ended {got} bytes into a {n}-byte read at {pos}"),
+            )),
+            Err(e) => Err(e),
+        };
+        let failed = r.is_err();
+        if tx.blocking_send(r).is_err() || failed {
+            return; // client gone, or the read failed (already sent)
+        }
+        pos += n;
+    }
 }
 
 #[cfg(test)]
