@@ -13,7 +13,7 @@
 //!   handshake recovers and traffic resumes.
 //! - `root_tunnel_live_peer_update`: a peer added to a running endpoint
 //!   (control-socket reload; same process) gets through, and the peer that
-//!   was there keeps its session.
+//!   was there keeps its session; removed live, and added back by SIGHUP.
 //!
 //! Needs root, /dev/net/tun, `ip`, `nsenter`, and for the interop tests
 //! `wireguard-go` and `wg` (`make deps`); skipped with the reason printed
@@ -379,4 +379,24 @@ fn root_tunnel_live_peer_update() {
         )
         .is_none());
     }
+
+    // Added back by SIGHUP (re-reads the config file), still no restart.
+    n0.write_config(&[spec(1, &k1.1), spec(2, &wg_pub)]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(n0.pid() as i32, libc::SIGHUP) };
+    let end = Instant::now() + DEADLINE;
+    while n0.stats().peers.len() != 2 {
+        assert!(
+            Instant::now() < end,
+            "SIGHUP did not reload: {}",
+            n0.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ping_until(&lab.hosts[2].ns, lab.hosts[0].overlay, DEADLINE),
+        "the peer re-added by SIGHUP cannot reach us: {:?}",
+        n0.stats()
+    );
+    assert_eq!(n0.pid(), pid, "same process");
 }
