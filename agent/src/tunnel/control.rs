@@ -206,3 +206,65 @@ pub fn render(stats: &TunnelStats) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::keys::Key;
+    use std::sync::atomic::AtomicU32;
+
+    struct Fake {
+        reloads: AtomicU32,
+        key: Key,
+    }
+
+    impl Controlled for Fake {
+        fn stats(&self) -> TunnelStats {
+            TunnelStats {
+                public_key: self.key,
+                listen_port: 51820,
+                peers: Vec::new(),
+                rejected_handshakes: 3,
+                unknown_index_packets: 0,
+                no_route_packets: 0,
+                bad_source_packets: 0,
+                invalid_packets: 0,
+            }
+        }
+        fn reload(&self) -> Result<String, String> {
+            match self.reloads.fetch_add(1, Ordering::Relaxed) {
+                0 => Ok("added=1 removed=0 updated=0".into()),
+                _ => Err("tunnel config field `peer[0].public_key`: bad".into()),
+            }
+        }
+    }
+
+    #[test]
+    fn stats_and_reload_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let fake = Arc::new(Fake {
+            reloads: AtomicU32::new(0),
+            key: Key::generate().unwrap().public(),
+        });
+        let server = ControlServer::start(&path, fake.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let stats: TunnelStats = serde_json::from_str(&request(&path, "stats").unwrap()).unwrap();
+        assert_eq!(stats.public_key, fake.key);
+        assert_eq!(stats.rejected_handshakes, 3);
+        assert_eq!(
+            request(&path, "reload").unwrap(),
+            "ok added=1 removed=0 updated=0"
+        );
+        let err = request(&path, "reload").unwrap();
+        assert!(
+            err.starts_with("error: ") && err.contains("peer[0]"),
+            "{err}"
+        );
+        assert!(request(&path, "bogus").unwrap().contains("unknown command"));
+        assert!(render(&stats).contains("rejected handshakes: 3"));
+        drop(server);
+        assert!(!path.exists(), "socket removed on drop");
+    }
+}
