@@ -14,11 +14,12 @@
 //!
 //! Both stream through fixed buffers; neither holds a whole file.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD;
@@ -249,7 +250,7 @@ pub async fn upload(
         _ => return Err(status_error(&url, r).await),
     };
     // Journal what the server acknowledged (chunk digests of our file).
-    record_acked(&mut journal, &file, offset).map_err(|e| match e {
+    record_acked(&mut journal, &file, offset, &HashMap::new()).map_err(|e| match e {
         ClientError::Io { source, .. } => io(path)(source),
         e => e,
     })?;
@@ -265,11 +266,13 @@ pub async fn upload(
     }
     let counter = opts.sent.clone();
     let before = counter.load(Ordering::Relaxed);
+    let digests = Arc::new(Mutex::new(HashMap::new()));
     let body = reqwest::Body::wrap_stream(read_stream(
         file.try_clone().map_err(io(path))?,
-        offset,
-        size,
+        (offset, size),
+        journal.state().header.checkpoint_bytes,
         counter.clone(),
+        digests.clone(),
     ));
     let r = client
         .patch(&url)
@@ -286,7 +289,8 @@ pub async fn upload(
         return Err(status_error(&url, r).await);
     }
     let acked = header_u64(&r, "upload-offset").unwrap_or(0);
-    record_acked(&mut journal, &file, acked)?;
+    let known = digests.lock().map(|m| m.clone()).unwrap_or_default();
+    record_acked(&mut journal, &file, acked, &known)?;
     if acked == size {
         journal.complete()?;
     }
@@ -297,8 +301,15 @@ pub async fn upload(
     })
 }
 
-/// Appends checkpoints of `file` up to `acked` that the journal lacks.
-fn record_acked(journal: &mut Journal, file: &File, acked: u64) -> Result<(), ClientError> {
+/// Appends checkpoints of `file` up to `acked` that the journal lacks,
+/// with one fsync; digests hashed while sending (`known`) are used, the
+/// others read back from the file.
+fn record_acked(
+    journal: &mut Journal,
+    file: &File,
+    acked: u64,
+    known: &HashMap<u64, String>,
+) -> Result<(), ClientError> {
     let h = journal.state().header.clone();
     let cp = h.checkpoint_bytes.max(1);
     let mut start = journal.state().checkpoints.last().map_or(0, |c| c.end);
@@ -307,18 +318,26 @@ fn record_acked(journal: &mut Journal, file: &File, acked: u64) -> Result<(), Cl
         journal.rollback(acked / cp * cp)?;
         start = acked / cp * cp;
     }
+    let mut new = Vec::new();
     while start < acked {
         let end = ((start / cp + 1) * cp).min(h.size);
         if end > acked {
             break;
         }
-        let d = hash_range(file, start, end).map_err(|source| ClientError::Io {
-            path: PathBuf::from(&h.source),
-            source,
-        })?;
-        journal.checkpoint(end, d.to_hex().to_string())?;
+        let d = match known.get(&end) {
+            Some(d) => d.clone(),
+            None => hash_range(file, start, end)
+                .map_err(|source| ClientError::Io {
+                    path: PathBuf::from(&h.source),
+                    source,
+                })?
+                .to_hex()
+                .to_string(),
+        };
+        new.push((end, d));
         start = end;
     }
+    journal.checkpoint_many(new)?;
     journal.commit(acked)?;
     Ok(())
 }
@@ -328,24 +347,44 @@ fn header_u64(r: &reqwest::Response, name: &str) -> Option<u64> {
 }
 
 /// Bytes `[start, end)` of `file` as a stream read by a blocking thread;
-/// `counter` counts what the connection took.
+/// `counter` counts what the connection took. When `start` is on a
+/// checkpoint boundary, each chunk's blake3 is computed on the way and put
+/// in `digests` (by end offset), so acknowledging needs no second read.
 fn read_stream(
     file: File,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
+    cp: u64,
     counter: Arc<AtomicU64>,
+    digests: Arc<Mutex<HashMap<u64, String>>>,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let (tx, rx) =
         tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(super::download::READ_QUEUE);
     tokio::task::spawn_blocking(move || super::download::read_into(file, start, end, &tx));
-    futures_util::stream::unfold(rx, move |mut rx| {
+    let hashing = cp > 0 && start % cp == 0;
+    let state = (rx, blake3::Hasher::new(), start);
+    futures_util::stream::unfold(state, move |(mut rx, mut hasher, mut pos)| {
         let counter = counter.clone();
+        let digests = digests.clone();
         async move {
             let item = rx.recv().await?;
             if let Ok(b) = &item {
                 counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+                let mut data: &[u8] = b;
+                while hashing && !data.is_empty() {
+                    let n = ((cp - pos % cp) as usize).min(data.len());
+                    hasher.update(&data[..n]);
+                    pos += n as u64;
+                    data = &data[n..];
+                    if pos % cp == 0 || pos == end {
+                        let d = hasher.finalize().to_hex().to_string();
+                        hasher.reset();
+                        if let Ok(mut m) = digests.lock() {
+                            m.insert(pos, d);
+                        }
+                    }
+                }
             }
-            Some((item, rx))
+            Some((item, (rx, hasher, pos)))
         }
     })
 }

@@ -22,9 +22,9 @@ use super::store::Complete;
 use super::{authorize, check_id, error, store_error, Direction, TransferState};
 
 /// Bytes per read from the file.
-pub const READ_CHUNK: usize = 256 * 1024;
-/// Reads in flight per download.
-pub const READ_QUEUE: usize = 8;
+pub const READ_CHUNK: usize = 1024 * 1024;
+/// Reads in flight per download (so at most 4 MiB buffered per download).
+pub const READ_QUEUE: usize = 4;
 
 /// The strong ETag of a file with blake3 `digest` (hex).
 pub fn etag(digest: &str) -> String {

@@ -230,6 +230,34 @@ impl Journal {
         Ok(())
     }
 
+    /// Records several checkpoints with one fsync (the caller has synced
+    /// the data or, on the sending side, had them acknowledged).
+    pub fn checkpoint_many(&mut self, list: Vec<(u64, String)>) -> Result<(), JournalError> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        let mut added = Vec::new();
+        for (end, blake3) in list {
+            let c = Checkpoint {
+                index: (self.state.checkpoints.len() + added.len()) as u64,
+                end,
+                blake3,
+            };
+            text.push_str(
+                &serde_json::to_string(&Entry::Checkpoint(c.clone())).expect("serializes"),
+            );
+            text.push('\n');
+            added.push(c);
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(io(&self.path))?;
+        self.file.sync_data().map_err(io(&self.path))?;
+        self.state.checkpoints.extend(added);
+        Ok(())
+    }
+
     /// Records that data up to `offset` is on disk (between checkpoints).
     pub fn commit(&mut self, offset: u64) -> Result<(), JournalError> {
         if offset == self.state.durable() {
@@ -291,13 +319,17 @@ mod tests {
         j.checkpoint(20, "c1".into()).unwrap();
         j.commit(25).unwrap();
         assert_eq!(j.state().durable(), 25);
+        j.checkpoint_many(vec![(30, "c2".into()), (40, "c3".into())])
+            .unwrap();
+        j.commit(25).unwrap();
         drop(j);
         let j = Journal::open(&p).unwrap();
         let s = j.state();
         assert_eq!(s.header, header());
-        assert_eq!(s.checkpoints.len(), 2);
-        assert_eq!(s.checkpoints[1].index, 1);
-        assert_eq!(s.durable(), 25);
+        assert_eq!(s.checkpoints.len(), 4);
+        assert_eq!(s.checkpoints[3].index, 3);
+        assert_eq!(s.checkpoints[3].end, 40);
+        assert_eq!(s.durable(), 40);
         assert_eq!(s.checkpoint_at_or_before(19).unwrap().end, 10);
         assert!(!s.complete);
 
