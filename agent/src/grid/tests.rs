@@ -193,6 +193,9 @@ pub(super) fn config_for(url: &str, token: &str, slots: u32) -> Config {
     cfg.controller.token = token.into();
     cfg.controller.slots = slots;
     cfg.agent.listen = "127.0.0.1:0".parse().unwrap();
+    // Push only: a p2p node would open its queue in the default data_dir
+    // (p2p has its own tests, peer::node and tests/tests/p2p_agents.rs).
+    cfg.peers.enabled = false;
     cfg
 }
 

@@ -269,8 +269,17 @@ impl Node {
         free
     }
 
-    /// One steal if the policy proposes one; true when it got something.
+    /// Steals from the peers the policy proposes, each at most once, until
+    /// one gives something; true when one did. A peer that gives nothing
+    /// goes into backoff, so the next one is asked at once rather than
+    /// after a wait.
     fn steal(&self, free: u32) -> bool {
+        let peers = lock(&self.policy).peers().len();
+        (0..peers).any(|_| self.steal_once(free))
+    }
+
+    /// One steal if the policy proposes one; true when it got something.
+    fn steal_once(&self, free: u32) -> bool {
         let Some(plan) = lock(&self.policy).plan(free, 0, Instant::now()) else {
             return false;
         };

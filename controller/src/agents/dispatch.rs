@@ -204,6 +204,13 @@ enum Claim {
 /// idle peers steal it. A failed POST gives the seeds back to the queue
 /// and skips the host until its next heartbeat.
 async fn seed(plane: &AgentPlane) {
+    match plane.blocking(|store| store.p2p_active()).await {
+        Ok(active) => plane.book().p2p_active = active,
+        Err(e) => tracing::warn!("checking for p2p jobs: {e}"),
+    }
+    if !plane.book().p2p_active {
+        return;
+    }
     let mut seeds: Vec<(String, String, u32)> = {
         let book = plane.book();
         let now = plane.now();

@@ -238,13 +238,17 @@ pub(crate) struct Book {
     /// host → (stolen in, given out). In memory only: agents report every
     /// count again after they register.
     pub(crate) steals: BTreeMap<String, BTreeMap<String, (u64, u64)>>,
+    /// Some p2p job is queued or running (checked every dispatch round):
+    /// only then do heartbeat replies list peers, so idle agents do not
+    /// probe each other for work.
+    pub(crate) p2p_active: bool,
 }
 
 impl Book {
     /// The other active p2p agents with an address, for `host`'s heartbeat
     /// reply (empty when `host` is not a p2p agent).
     fn peers_of(&self, host: &str) -> Vec<sparegrid_proto::grid::PeerAddr> {
-        if !self.registry.host(host).is_some_and(|h| h.p2p) {
+        if !self.p2p_active || !self.registry.host(host).is_some_and(|h| h.p2p) {
             return Vec::new();
         }
         self.registry
@@ -311,6 +315,7 @@ impl AgentPlane {
                     resources: BTreeMap::new(),
                     slots: SlotBook::new(config.registry.host_timeout),
                     steals: BTreeMap::new(),
+                    p2p_active: false,
                 }),
                 start: Instant::now(),
                 config: config.dispatch.clone(),

@@ -577,6 +577,10 @@ pub trait Store: Send + Sync {
     /// `claim_leases` takes a p2p job's subtasks.
     fn claim_seeds(&self, host: &str, n: usize) -> Result<Vec<Assignment>>;
 
+    /// Whether any peer-to-peer job is queued or running (the agents then
+    /// get each other's addresses to steal from).
+    fn p2p_active(&self) -> Result<bool>;
+
     /// Pull mode: leases up to `n` queued subtasks of pull jobs to `host`,
     /// in the order [`Store::claim`] uses, each as a new attempt whose lease
     /// expires at `now + ttl` (ms since the epoch, the controller's clock).

@@ -1205,6 +1205,18 @@ impl Store for SqliteStore {
         })
     }
 
+    fn p2p_active(&self) -> Result<bool> {
+        self.run("p2p_active", &"jobs", |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT 1 FROM jobs WHERE mode = ?1 AND state IN ('queued', 'running') LIMIT 1",
+                )?
+                .query_row([MODE_P2P], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
     fn claim_leases(
         &self,
         host: &str,

@@ -34,11 +34,24 @@
 //!    binary beside this one (`cargo build --release -p sparegrid-agent`);
 //!    skipped when not root.
 //!
+//! 5. P2p balance: a p2p job of 10,000 subtasks seeded onto 1 of 4 real
+//!    agents (the agent library's grid client, runner and peer node in
+//!    this process, 1 slot each, p2p queues in a temporary directory,
+//!    `dispatch.p2p_seed_hosts = 1`); the other three get work only by
+//!    stealing. Each subtask is this binary run as `--subtask-sleep I`,
+//!    which sleeps 5 + (I·7919 mod 46) ms (5 to 50 ms, a fixed spread).
+//!    The makespan (submit until the job is done) as a ratio of the ideal,
+//!    total work / 4 (target ≤ 1.15), total work being the run times the
+//!    agents measured (each includes starting the process, several ms on
+//!    a busy machine; the ratio to the planned sleeps alone is printed
+//!    too), the steals per subtask, and how many subtasks each agent ran
+//!    (from the agents' queues).
+//!
 //! Prints each figure with its target and "met" or "MISSED"; asserts
 //! nothing about time (machines are noisy). Options: `--quick` (10× smaller
 //! jobs), `--agents N` (agents, default 4), `--batch-size N`
 //! (`dispatch.batch_size`; default: the controller's default), `--only
-//! dispatch|memory|pull|recovery` (one figure).
+//! dispatch|memory|pull|recovery|p2p` (one figure).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -98,14 +111,14 @@ fn parse_args() -> Result<Args> {
             "--only" => {
                 let v = it.next().context("--only needs a value")?;
                 ensure!(
-                    ["dispatch", "memory", "pull", "recovery"].contains(&v.as_str()),
-                    "--only: dispatch, memory, pull or recovery, not {v:?}"
+                    ["dispatch", "memory", "pull", "recovery", "p2p"].contains(&v.as_str()),
+                    "--only: dispatch, memory, pull, recovery or p2p, not {v:?}"
                 );
                 args.only = Some(v);
             }
             "-h" | "--help" => {
                 println!(
-                    "bench-controller [--quick] [--agents N] [--batch-size N] [--only dispatch|memory|pull|recovery]"
+                    "bench-controller [--quick] [--agents N] [--batch-size N] [--only dispatch|memory|pull|recovery|p2p]"
                 );
                 std::process::exit(0);
             }
@@ -124,6 +137,16 @@ fn verdict(met: bool) -> &'static str {
 }
 
 fn main() -> Result<()> {
+    // Figure 5's subtask: this binary, run by the agents.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--subtask-sleep") {
+        let i: u64 = argv
+            .get(2)
+            .context("--subtask-sleep needs an index")?
+            .parse()?;
+        std::thread::sleep(Duration::from_millis(p2p_sleep_ms(i)));
+        return Ok(());
+    }
     let args = parse_args()?;
     let scale = if args.quick { 10 } else { 1 };
     println!(
@@ -144,6 +167,9 @@ fn main() -> Result<()> {
     }
     if args.runs("recovery") {
         recovery(&rt)?;
+    }
+    if args.runs("p2p") {
+        p2p_balance(&rt, 10_000 / scale)?;
     }
     drop(rt);
     Ok(())
@@ -627,6 +653,8 @@ fn one_mode(rt: &tokio::runtime::Runtime, mode: &str, n: u64, agents: usize) -> 
         let mut cfg = Config::default();
         cfg.controller.url = base.clone();
         cfg.controller.slots = PULL_SLOTS;
+        // Push and pull jobs only (no p2p queue in the default data_dir).
+        cfg.peers.enabled = false;
         let push_listener = if mode == "push" {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             cfg.controller.advertise_url = format!("http://{}", l.local_addr()?);
@@ -1008,6 +1036,195 @@ fn recovery(rt: &tokio::runtime::Runtime) -> Result<()> {
         } else {
             "over"
         }
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 5. P2p balance
+// ---------------------------------------------------------------------------
+
+const P2P_AGENTS: usize = 4;
+const P2P_RATIO_TARGET: f64 = 1.15;
+
+/// Subtask `i`'s run time: 5 to 50 ms, spread by a fixed hash.
+fn p2p_sleep_ms(i: u64) -> u64 {
+    5 + (i.wrapping_mul(7919) % 46)
+}
+
+fn p2p_balance(rt: &tokio::runtime::Runtime, n: u64) -> Result<()> {
+    use sparegrid_agent::config::Config;
+    use sparegrid_agent::daemon::status::Shared;
+    use sparegrid_agent::grid::Grid;
+    use sparegrid_agent::subtask::{Executor, Limits};
+
+    let dir = tempfile::tempdir()?;
+    let mut config = ControllerConfig {
+        db_path: dir.path().join("controller.db"),
+        ..ControllerConfig::default()
+    };
+    config.dispatch.p2p_seed_hosts = 1;
+    config.validate()?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
+        &config.db_path,
+        StoreOptions::default(),
+    )?);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = AppState::new(Arc::clone(&store), &config);
+    let plane = state.agents.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(api::serve_on(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut grids = Vec::new();
+    for i in 0..P2P_AGENTS {
+        let host = format!("p2p-{i}");
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let mut cfg = Config::default();
+        cfg.controller.url = base.clone();
+        cfg.controller.slots = 1;
+        cfg.controller.advertise_url = format!("http://{}", l.local_addr()?);
+        cfg.agent.data_dir = dir.path().join(&host);
+        cfg.validate()?;
+        let shared = Arc::new(Shared::new(calm_status(&host)));
+        let grid = Grid::start(
+            &cfg,
+            &host,
+            Executor::new(None, host.as_str(), Limits::default()),
+            shared,
+        )?;
+        l.set_nonblocking(true)?;
+        let app = grid.routes();
+        rt.spawn(async move {
+            if let Ok(l) = tokio::net::TcpListener::from_std(l) {
+                let _ = axum::serve(l, app).await;
+            }
+        });
+        grids.push(grid);
+    }
+    let started = Instant::now();
+    while store.list_hosts()?.len() < P2P_AGENTS {
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agents did not register"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let exe = std::env::current_exe()?.display().to_string();
+    let job = serde_json::json!({
+        "name": "bench-p2p",
+        "command": {"argv": [exe, "--subtask-sleep", "{start}"]},
+        "split": {"range": {"start": 0, "end": n, "chunk": 1}},
+        "mode": "p2p",
+        "resources": {"timeout_secs": 60},
+    });
+    let client = reqwest::blocking::Client::new();
+    let started = Instant::now();
+    let resp = client.post(format!("{base}/v1/jobs")).json(&job).send()?;
+    ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
+    let id: serde_json::Value = resp.json()?;
+    let id = sparegrid_controller::store::JobId(id["id"].as_str().context("no job id")?.to_owned());
+    let deadline = Duration::from_secs(1800);
+    let mut last_print = Instant::now();
+    loop {
+        let rec = store.get_job(&id)?;
+        if rec.state.is_terminal() {
+            ensure!(
+                rec.counts.done == n,
+                "p2p: the job ended {} with {:?}",
+                rec.state,
+                rec.counts
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < deadline,
+            "p2p: not done after {deadline:?}: {:?}",
+            rec.counts
+        );
+        if last_print.elapsed() >= Duration::from_secs(10) {
+            last_print = Instant::now();
+            eprintln!(
+                "   … {:.0} s: {} of {n} done",
+                started.elapsed().as_secs_f64(),
+                rec.counts.done
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let makespan = started.elapsed();
+    // Let the last heartbeats carry the final steal counts.
+    std::thread::sleep(Duration::from_millis(2500));
+    let steals = plane.steals_of(&id.0);
+
+    let planned_ms: u64 = (0..n).map(p2p_sleep_ms).sum();
+    let mut measured_ms = 0u64;
+    let mut from = 0;
+    loop {
+        let page = store.results(&id, from, 1000)?;
+        let Some(last) = page.last() else { break };
+        from = last.index + 1;
+        measured_ms += page.iter().map(|a| a.duration_ms.unwrap_or(0)).sum::<u64>();
+    }
+    for g in grids {
+        g.stop();
+    }
+    // Who ran what: the agents' own queues (the controller records the
+    // seed host on each attempt).
+    let mut per_host: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..P2P_AGENTS {
+        let host = format!("p2p-{i}");
+        let q = sparegrid_agent::peer::PeerQueue::open(&dir.path().join(&host), &host)?;
+        let done = q
+            .rows()?
+            .iter()
+            .filter(|r| r.state == sparegrid_agent::peer::queue::SubtaskState::Done)
+            .count() as u64;
+        per_host.insert(host, done);
+    }
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+
+    let ideal = planned_ms as f64 / 1000.0 / P2P_AGENTS as f64;
+    let ideal_measured = measured_ms as f64 / 1000.0 / P2P_AGENTS as f64;
+    // Total work as the agents measured it (each run includes starting
+    // its process); the planned sleeps alone leave that cost out.
+    let ratio = makespan.as_secs_f64() / ideal_measured;
+    let stolen: u64 = steals.iter().map(|s| s.stolen_in).sum();
+    println!(
+        "\n5. p2p balance: a {n}-subtask p2p job (5–50 ms each) seeded onto 1 of {P2P_AGENTS} real \
+         agents × 1 slot (grid client, runner and peer node in process, subtasks as processes)"
+    );
+    println!(
+        "   makespan {:.2} s; ideal = total work / {P2P_AGENTS} = {ideal_measured:.2} s (work as the agents \
+         measured it, process start included; the planned sleeps alone: {ideal:.2} s)",
+        makespan.as_secs_f64()
+    );
+    println!(
+        "   makespan / ideal = {ratio:.3}   target ≤ {P2P_RATIO_TARGET}   {}   (vs the planned sleeps: {:.3})",
+        verdict(ratio <= P2P_RATIO_TARGET),
+        makespan.as_secs_f64() / ideal
+    );
+    println!(
+        "   steals: {stolen} subtasks moved = {:.3} per subtask; by host (in, out): {}",
+        stolen as f64 / n as f64,
+        steals
+            .iter()
+            .map(|s| format!("{} ({}, {})", s.host, s.stolen_in, s.given_out))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "   subtasks run per host: {}",
+        per_host
+            .iter()
+            .map(|(h, n)| format!("{h} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
