@@ -16,7 +16,8 @@
 //!
 //! [`TransferState::new`] opens the store; [`router`] is the axum app;
 //! [`serve`] binds `listen` (with TLS when configured) and runs until a
-//! shutdown future resolves, sweeping expired uploads meanwhile.
+//! shutdown future resolves (then running transfers get a grace period),
+//! sweeping expired uploads meanwhile; [`run`] does both for the daemon.
 
 // Handlers return ready HTTP answers as their error; boxing them would
 // only move the allocation.
@@ -327,11 +328,24 @@ pub async fn serve(
     serve_on(listener, state, shutdown).await
 }
 
-/// [`serve`] on a listener the caller bound (tests, port 0).
+/// [`serve`] on a listener the caller bound (tests, port 0). Once
+/// `shutdown` resolves no new connection is accepted; transfers still
+/// running get [`tls::SHUTDOWN_GRACE`] to finish and are then dropped
+/// (an upload cut this way keeps its last checkpoint, as after any broken
+/// connection).
 pub async fn serve_on(
     listener: TcpListener,
     state: TransferState,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TransferError> {
+    serve_with_grace(listener, state, shutdown, tls::SHUTDOWN_GRACE).await
+}
+
+async fn serve_with_grace(
+    listener: TcpListener,
+    state: TransferState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
 ) -> Result<(), TransferError> {
     let tls = match (&state.config().tls_cert, &state.config().tls_key) {
         (Some(c), Some(k)) => Some(tls::server_config(c, k)?),
@@ -339,16 +353,54 @@ pub async fn serve_on(
     };
     let sweeper = tokio::spawn(sweep_loop(state.clone()));
     let app = router(state);
-    let result = match tls {
-        Some(cfg) => tls::serve_tls_on(listener, cfg, app, shutdown).await,
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop_rx.clone();
+    let stopping = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let server = async move {
+        match tls {
+            Some(cfg) => tls::serve_tls_on(listener, cfg, app, stopping).await,
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopping)
+                    .await
+            }
+        }
+    };
+    // axum's graceful shutdown waits for every connection; a long
+    // transfer would hold the agent's exit for as long as it runs.
+    let deadline = async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::info!("transfer endpoint: dropping transfers still running after {grace:?}");
+            Ok(())
         }
     };
     sweeper.abort();
     result.map_err(TransferError::Serve)
+}
+
+/// Opens the endpoint for `config` (files under `agent_data_dir`, tokens
+/// signed with `key`, the agent token) and serves it on `config.listen`
+/// until `shutdown` resolves. What the daemon calls when `enabled`.
+pub async fn run(
+    config: &TransferConfig,
+    agent_data_dir: &Path,
+    key: &[u8],
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TransferError> {
+    let state = TransferState::new(config, agent_data_dir, key)?;
+    tracing::info!(listen = %config.listen, dir = %config.resolve_dir(agent_data_dir).display(), "transfer endpoint listening");
+    serve(state, shutdown).await
 }
 
 async fn sweep_loop(state: TransferState) {

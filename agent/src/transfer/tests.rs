@@ -691,3 +691,86 @@ fn state_needs_a_key_and_a_valid_config() {
     let e = TransferState::new(&bad, dir.path(), KEY).err().unwrap();
     assert!(e.to_string().contains("transfer.checkpoint_bytes"), "{e}");
 }
+
+#[tokio::test]
+async fn an_empty_upload_completes_at_creation() {
+    let e = env();
+    let r = send(&e.app, create_req("empty", b"")).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(h(&r, "upload-offset"), "0");
+    let r = send(&e.app, get_req("empty").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(body_of(r).await.is_empty());
+    // Declared as something else: refused, nothing visible.
+    let r = send(
+        &e.app,
+        Request::post(FILES)
+            .header(
+                "Authorization",
+                format!("Bearer {}", tok("empty2", Direction::Upload)),
+            )
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", 0)
+            .header("Upload-Metadata", meta_for(b"x"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 460);
+    assert!(!e.state.store().is_complete("empty2").unwrap());
+}
+
+/// Shutdown does not wait for a transfer that never ends: after the grace
+/// period the server returns, and the stalled upload kept its checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drops_stalled_transfers_after_the_grace() {
+    use std::io::Write as _;
+    let e = env();
+    let d = data(200_000);
+    send(&e.app, create_req("stall", &d)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_with_grace(
+        listener,
+        e.state.clone(),
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_millis(300),
+    ));
+    let token = tok("stall", Direction::Upload);
+    let first = d[..70_000].to_vec();
+    let client = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "PATCH /v1/files/stall HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n\
+             Content-Type: application/offset+octet-stream\r\nContent-Length: 200000\r\n\r\n"
+        )
+        .unwrap();
+        c.write_all(&first).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        drop(c);
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .expect("the server returns after the grace, not when the client gives up")
+        .unwrap()
+        .unwrap();
+    // The cut upload went back to its checkpoint.
+    let mut offset = String::new();
+    for _ in 0..50 {
+        let r = send(&e.app, head_req("stall")).await;
+        offset = h(&r, "upload-offset").to_owned();
+        if offset == "65536" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(offset, "65536");
+    client.join().unwrap();
+}

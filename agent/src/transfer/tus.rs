@@ -311,6 +311,14 @@ async fn create_inner(
             .insert(header::LOCATION, hv(location(up.id())));
         r.headers_mut()
             .insert(UPLOAD_EXPIRES, expires_value(expires));
+        if up.header().size == 0 {
+            // Nothing will ever be PATCHed: verify and publish now.
+            settle(&st, Box::new(up), Ok(()), &mut guard)
+                .await
+                .map_err(store_error)?;
+            r.headers_mut().insert(UPLOAD_OFFSET, hv(0));
+            return Ok(r);
+        }
         if !with_upload {
             *guard = Some(Box::new(up));
             return Ok(r);
