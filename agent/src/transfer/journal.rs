@@ -284,6 +284,31 @@ impl Journal {
     }
 }
 
+/// Reads only the header of the journal at `path`, without writing to it
+/// (a journal being appended to is never cut by a reader).
+pub fn read_header(path: &Path) -> Result<Header, JournalError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(path))?;
+    let mut line = String::new();
+    BufReader::new(file)
+        .read_line(&mut line)
+        .map_err(io(path))?;
+    match serde_json::from_str::<Entry>(line.trim_end()) {
+        Ok(Entry::Header(h)) => Ok(h),
+        Ok(_) => Err(JournalError::Corrupt {
+            path: path.to_owned(),
+            message: "does not start with a header".into(),
+        }),
+        Err(e) => Err(JournalError::Corrupt {
+            path: path.to_owned(),
+            message: format!("header: {e}"),
+        }),
+    }
+}
+
 /// Whether two ends agree on a checkpoint: the one at `end` exists in
 /// both and has the same digest.
 pub fn agree(a: &JournalState, b_end: u64, b_digest: &str) -> bool {
@@ -344,6 +369,7 @@ mod tests {
         let j = Journal::open(&p).unwrap();
         assert_eq!(j.state().durable(), 12);
         assert!(Journal::create(&p, header()).is_err(), "create_new");
+        assert_eq!(read_header(&p).unwrap(), header());
     }
 
     #[test]

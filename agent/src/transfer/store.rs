@@ -709,8 +709,7 @@ impl Store {
         }
         let file = open_regular(&path, false)?;
         let size = file.metadata().map_err(|e| io_err(&path, e))?.len();
-        let journal = Journal::open(&self.journal_path(id)?)?;
-        let h = &journal.state().header;
+        let h = &super::journal::read_header(&self.journal_path(id)?)?;
         if h.size != size {
             return Err(StoreError::Io {
                 path,
@@ -741,8 +740,8 @@ impl Store {
             if validate_id(&id).is_err() || matches!(self.is_complete(&id), Ok(true)) {
                 continue;
             }
-            if let Ok(j) = Journal::open(&e.path()) {
-                let exp = j.state().header.expires_unix;
+            if let Ok(h) = super::journal::read_header(&e.path()) {
+                let exp = h.expires_unix;
                 if exp != 0 && exp <= now {
                     out.push(id);
                 }
