@@ -774,3 +774,72 @@ async fn shutdown_drops_stalled_transfers_after_the_grace() {
     assert_eq!(offset, "65536");
     client.join().unwrap();
 }
+
+/// With `tls_cert` and `tls_key` the endpoint speaks HTTPS only: a client
+/// trusting the certificate uploads (through the agent's client) and
+/// downloads; plain HTTP to the port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let config = TransferConfig {
+        checkpoint_bytes: 64 * 1024,
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key),
+        ..TransferConfig::default()
+    };
+    let state = TransferState::new(&config, dir.path(), KEY).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_on(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let src = dir.path().join("src.bin");
+    let d = data(300_000);
+    std::fs::write(&src, &d).unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{port}");
+    let rep = client::upload(
+        &https,
+        &base,
+        &tok("tls1", Direction::Upload),
+        "tls1",
+        &src,
+        dir.path(),
+        &client::UploadOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rep.size, d.len() as u64);
+    let dest = dir.path().join("out.bin");
+    client::download(
+        &https,
+        &format!("{base}/v1/files/tls1"),
+        &tok("tls1", Direction::Download),
+        &dest,
+        64 * 1024,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&dest).unwrap() == d);
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/v1/files/tls1"))
+        .bearer_auth(tok("tls1", Direction::Download))
+        .send()
+        .await;
+    if let Ok(r) = &plain {
+        assert!(!r.status().is_success(), "{r:?}");
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
