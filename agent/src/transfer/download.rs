@@ -12,6 +12,8 @@
 // only move the allocation.
 #![allow(clippy::result_large_err)]
 
+use std::sync::{Arc, Mutex};
+
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -187,8 +189,9 @@ fn stream(file: std::fs::File, start: u64, end: u64) -> Body {
 
 /// Reads `start..end` of `file` in [`READ_CHUNK`] pieces into `tx` until
 /// the end, a read error (sent on) or the receiver going away. Sequential
-/// reads into fresh, uninitialised capacity (`read_to_end` on a `take`):
-/// no zero-filling of buffers that are overwritten anyway.
+/// reads into uninitialised capacity (`read_to_end` on a `take`: no
+/// zero-filling), and buffers come back to a small pool once the socket
+/// has taken them, so their pages are not faulted in again for every MiB.
 pub(crate) fn read_into(
     mut file: std::fs::File,
     start: u64,
@@ -200,12 +203,21 @@ pub(crate) fn read_into(
         let _ = tx.blocking_send(Err(e));
         return;
     }
+    let pool: Pool = Arc::default();
     let mut pos = start;
     while pos < end {
         let n = (end - pos).min(READ_CHUNK as u64);
-        let mut buf = Vec::with_capacity(n as usize);
+        let mut buf = pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_else(|| Vec::with_capacity(READ_CHUNK));
+        buf.clear();
         let r = match (&mut file).take(n).read_to_end(&mut buf) {
-            Ok(got) if got as u64 == n => Ok(Bytes::from(buf)),
+            Ok(got) if got as u64 == n => Ok(Bytes::from_owner(Pooled {
+                buf,
+                pool: pool.clone(),
+            })),
             Ok(got) => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!("file ended {got} bytes into a {n}-byte read at {pos}"),
@@ -217,6 +229,30 @@ pub(crate) fn read_into(
             return; // client gone, or the read failed (already sent)
         }
         pos += n;
+    }
+}
+
+type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// A read buffer that goes back to its pool when the body is done with it.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Pool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.lock() {
+            if p.len() < READ_QUEUE + 2 {
+                p.push(std::mem::take(&mut self.buf));
+            }
+        }
     }
 }
 
