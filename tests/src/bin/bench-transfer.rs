@@ -445,9 +445,11 @@ async fn resume_cost(root: &Path, src: &Path, size: u64) -> Result<()> {
     }
     task.abort();
     let _ = task.await;
-    let first = opts.sent.load(Ordering::Relaxed);
-    // Let the server notice the dropped connection and cut back.
+    // Let the server notice the dropped connection and cut back, and the
+    // client's connection task (it polls the body, not the aborted task)
+    // stop: only then is the count of bytes sent final.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = opts.sent.load(Ordering::Relaxed);
     let rep = client::upload(&http, &base, &token, "resume", src, &jdir, &opts).await?;
     let twice = first.saturating_sub(rep.resumed_at);
     let cut = state.store().discarded_bytes();
