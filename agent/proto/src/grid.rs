@@ -82,6 +82,14 @@ pub struct JobSteals {
     pub given_out: u64,
 }
 
+/// `POST /v1/peer/peers` on a p2p agent (the controller, agent token): the
+/// other p2p agents, pushed when a p2p job starts so that idle agents need
+/// not wait for their next heartbeat reply to start stealing.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PeerList {
+    pub peers: Vec<PeerAddr>,
+}
+
 /// Another agent that takes part in peer-to-peer jobs.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PeerAddr {

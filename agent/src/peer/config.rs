@@ -23,7 +23,9 @@ pub struct PeersSection {
     /// besides the ones the controller lists in its heartbeat replies. `id`
     /// is the peer's host name.
     pub peers: Vec<StaticPeer>,
-    /// Spare subtasks asked for in a steal, on top of the one to run now.
+    /// Spare subtasks asked for in a steal, on top of the one to run now
+    /// (the victim gives at most half its queue). 7 measured better than 3
+    /// in the p2p balance benchmark (fewer trades, same tail).
     pub spare: u32,
     /// Longest a peer request may take; a steal not answered by then is
     /// aborted (the victim takes the subtasks back).
@@ -57,7 +59,7 @@ impl Default for PeersSection {
         PeersSection {
             enabled: true,
             peers: Vec::new(),
-            spare: 3,
+            spare: 7,
             request_timeout: Duration::from_secs(5),
             resolve_after: Duration::from_secs(10),
             backoff_base: Duration::from_millis(200),
@@ -142,7 +144,7 @@ mod tests {
             ..PeersSection::default()
         };
         assert_eq!(field(&s), "peers.spare");
-        s.spare = 3;
+        s.spare = 7;
         s.resolve_after = Duration::from_secs(1);
         assert_eq!(field(&s), "peers.resolve_after");
         s.resolve_after = Duration::from_secs(10);

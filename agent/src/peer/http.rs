@@ -1,7 +1,7 @@
 //! The peer plane over HTTP: [`routes`] serves another agent's requests
 //! (`POST /v1/peer/steal`, `/v1/peer/commit`, `/v1/peer/outcome`,
-//! MessagePack bodies) and the controller's seeds (`POST /v1/peer/seed`),
-//! and [`HttpTransport`] is the blocking client
+//! MessagePack bodies) and the controller's seeds (`POST /v1/peer/seed`)
+//! and peer lists (`POST /v1/peer/peers`), and [`HttpTransport`] is the blocking client
 //! implementing [`PeerTransport`] for this agent's own requests.
 //!
 //! Peers authenticate each other with the agent token (`Authorization:
@@ -36,6 +36,9 @@ pub const MSGPACK: &str = "application/msgpack";
 /// The default cap on a request body (a Commit of a few thousand attempts).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// The callback for a pushed peer list.
+type OnPeers = dyn Fn(&[sparegrid_proto::grid::PeerAddr]) + Send + Sync;
+
 /// What the peer routes share.
 #[derive(Clone)]
 pub struct PeerState {
@@ -44,6 +47,8 @@ pub struct PeerState {
     max_body: usize,
     /// Called after seeds were queued (wakes the node's worker).
     on_seed: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Called with the peer list the controller pushes.
+    on_peers: Option<Arc<OnPeers>>,
 }
 
 impl PeerState {
@@ -54,7 +59,17 @@ impl PeerState {
             token: Arc::from(token.as_bytes()),
             max_body: MAX_BODY_BYTES,
             on_seed: None,
+            on_peers: None,
         }
+    }
+
+    /// Calls `f` with each peer list the controller pushes.
+    pub fn on_peers(
+        mut self,
+        f: impl Fn(&[sparegrid_proto::grid::PeerAddr]) + Send + Sync + 'static,
+    ) -> PeerState {
+        self.on_peers = Some(Arc::new(f));
+        self
     }
 
     /// Calls `f` after each seed batch that queued something.
@@ -78,11 +93,43 @@ pub fn routes(state: PeerState) -> Router {
         .route("/v1/peer/commit", post(commit))
         .route("/v1/peer/outcome", post(outcome))
         .layer(DefaultBodyLimit::max(limit))
+        .route("/v1/peer/peers", post(peers))
         .route(
             "/v1/peer/seed",
             post(seed).layer(DefaultBodyLimit::max(MAX_SEED_BYTES)),
         )
         .with_state(state)
+}
+
+/// `POST /v1/peer/peers` (the controller, agent token): a
+/// [`PeerList`](sparegrid_proto::grid::PeerList) replacing the peers the
+/// controller listed before (`{"peers": n}`).
+async fn peers(State(s): State<PeerState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !authorized(&s, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a peer list needs the agent token (Authorization: Bearer …)".to_owned(),
+        );
+    }
+    let list: sparegrid_proto::grid::PeerList = match rmp_serde::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("PeerList: not a valid MessagePack peer list: {e}"),
+            )
+        }
+    };
+    if let Some(f) = &s.on_peers {
+        f(&list.peers);
+    }
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({ "peers": list.peers.len() })),
+    )
+        .into_response()
 }
 
 /// The cap on a seed batch from the controller (as on pushed batches).

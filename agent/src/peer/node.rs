@@ -22,7 +22,9 @@
 //! - **Counters** ([`Node::steals_to_report`]): per-job steals in and out,
 //!   carried by heartbeats when they changed.
 //! - **Peers** are `[peers] peers` from config plus the p2p agents the
-//!   controller lists in each heartbeat reply ([`Node::set_controller_peers`]).
+//!   controller lists in each heartbeat reply while a p2p job is queued
+//!   or running, and pushes (`POST /v1/peer/peers`) when one starts
+//!   ([`Node::set_controller_peers`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -145,15 +147,21 @@ impl Node {
         &self.queue
     }
 
-    /// The trade routes and `POST /v1/peer/seed`, to merge into the
-    /// agent's router.
+    /// The trade routes, `POST /v1/peer/seed` and `POST /v1/peer/peers`,
+    /// to merge into the agent's router.
     pub fn routes(self: &Arc<Self>) -> Router {
         let node = self.clone();
+        let listed = self.clone();
         routes(
-            PeerState::new(self.queue.clone(), &self.token).on_seed(move || {
-                node.maybe_queued.store(true, Ordering::SeqCst);
-                (node.wake)();
-            }),
+            PeerState::new(self.queue.clone(), &self.token)
+                .on_seed(move || {
+                    node.maybe_queued.store(true, Ordering::SeqCst);
+                    (node.wake)();
+                })
+                .on_peers(move |peers| {
+                    listed.set_controller_peers(peers);
+                    (listed.wake)();
+                }),
         )
     }
 

@@ -39,7 +39,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use axum::http::header;
 #[cfg(doc)]
 use sparegrid_proto::grid::StopBatch;
-use sparegrid_proto::grid::{AssignBatch, Assignment as WireAssignment, AttemptRef, Register};
+use sparegrid_proto::grid::{
+    AssignBatch, Assignment as WireAssignment, AttemptRef, PeerList, Register,
+};
 use tokio::task::JoinHandle;
 
 use super::msgpack::{encode, MSGPACK};
@@ -205,7 +207,17 @@ enum Claim {
 /// and skips the host until its next heartbeat.
 async fn seed(plane: &AgentPlane) {
     match plane.blocking(|store| store.p2p_active()).await {
-        Ok(active) => plane.book().p2p_active = active,
+        Ok(active) => {
+            let started = {
+                let mut book = plane.book();
+                let started = active && !book.p2p_active;
+                book.p2p_active = active;
+                started
+            };
+            if started {
+                push_peer_lists(plane);
+            }
+        }
         Err(e) => tracing::warn!("checking for p2p jobs: {e}"),
     }
     if !plane.book().p2p_active {
@@ -262,6 +274,36 @@ async fn seed(plane: &AgentPlane) {
                     give_back(&plane, &host, &claimed, "seeding the agent failed").await;
                     plane.wake();
                 }
+            }
+        });
+    }
+}
+
+/// A p2p job just started: tells every p2p agent its peers now
+/// (`POST <agent_url>/v1/peer/peers`), so idle ones start stealing without
+/// waiting for their next heartbeat reply (which carries the list too). A
+/// failed push is only logged: the heartbeat reply is the fallback.
+fn push_peer_lists(plane: &AgentPlane) {
+    let lists: Vec<(String, String, Vec<u8>)> = {
+        let book = plane.book();
+        book.registry
+            .hosts()
+            .filter(|h| h.p2p && h.state == HostState::Active)
+            .filter_map(|h| {
+                let url = h.agent_url.clone()?;
+                let body = encode(&PeerList {
+                    peers: book.peers_of(h.id.as_str()),
+                })
+                .ok()?;
+                Some((h.id.as_str().to_owned(), url, body))
+            })
+            .collect()
+    };
+    for (host, url, body) in lists {
+        let plane = plane.clone();
+        tokio::spawn(async move {
+            if let Err(e) = post_to_agent(&plane, &url, "/v1/peer/peers", body).await {
+                tracing::debug!(host = %host, "pushing the peer list: {e}");
             }
         });
     }

@@ -247,7 +247,7 @@ pub(crate) struct Book {
 impl Book {
     /// The other active p2p agents with an address, for `host`'s heartbeat
     /// reply (empty when `host` is not a p2p agent).
-    fn peers_of(&self, host: &str) -> Vec<sparegrid_proto::grid::PeerAddr> {
+    pub(crate) fn peers_of(&self, host: &str) -> Vec<sparegrid_proto::grid::PeerAddr> {
         if !self.p2p_active || !self.registry.host(host).is_some_and(|h| h.p2p) {
             return Vec::new();
         }
