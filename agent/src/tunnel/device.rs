@@ -21,6 +21,11 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 pub const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
 /// Packets per batch.
 pub const BATCH: usize = IDEAL_BATCH_SIZE;
+/// Capacity of each write buffer: GRO appends a flow's packets to the
+/// first one's buffer, up to 64 KiB, and tun-rs coalesces only into a
+/// buffer that already has the capacity (without it nothing coalesces and
+/// every packet is its own write).
+const WRITE_CAPACITY: usize = 2 * HEADROOM + 65535;
 
 /// A TUN device that could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +81,21 @@ impl WriteBatch {
     /// writes the packet at `HEADROOM..` and calls [`WriteBatch::commit`].
     pub fn slot(&mut self, room: usize) -> &mut [u8] {
         if self.count == self.bufs.len() {
-            self.bufs.push(Vec::with_capacity(HEADROOM + room));
+            self.bufs
+                .push(Vec::with_capacity(WRITE_CAPACITY.max(HEADROOM + room)));
         }
         let b = &mut self.bufs[self.count];
-        b.clear();
-        b.resize(HEADROOM + room, 0);
+        let want = HEADROOM + room;
+        // No zero-filling of the packet area (decryption overwrites it).
+        if b.len() < want {
+            b.resize(want, 0);
+        } else {
+            b.truncate(want);
+        }
+        // tun-rs writes the virtio header only for coalesced packets and
+        // for packets that are no GRO candidates; others rely on a zeroed
+        // one, and a reused buffer may hold a GSO header from its last use.
+        b[..HEADROOM].fill(0);
         &mut b[HEADROOM..]
     }
 
