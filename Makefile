@@ -25,6 +25,10 @@ BENCH_ARGS ?=
 # checkout (pinned, so runs compare like with like).
 BENCH_VENV ?= /var/tmp/sparegrid-bench-venv
 DASK_VERSION ?= 2026.8.0
+# A standard third-party tus client (tuspy from PyPI) the transfer tests
+# upload with, in a venv outside the checkout (pinned).
+TUS_VENV ?= /var/tmp/sparegrid-tus-venv
+TUSPY_VERSION ?= 1.1.0
 
 # Debian packages: the hypervisor stack, libvirt headers for the `virt` crate,
 # the guest image's ingredients (libc6-dev: glibc's static libraries for the
@@ -33,11 +37,12 @@ DASK_VERSION ?= 2026.8.0
 # iproute2 for the controller test's dedicated uplink (a veth pair) and the
 # network-namespace test, nftables for that test's firewalled agent,
 # wireguard-go + wireguard-tools (the tunnel's interop peer) and iperf3 (the
-# tunnel benchmark), nginx-light (the transfer benchmark's reference server).
+# tunnel benchmark), nginx-light (the transfer benchmark's reference server),
+# python3-venv (tus-venv: a standard tus client for the transfer tests).
 # qemu-utils and the cloud kernel come in separate apt calls (deps-system).
 APT_PACKAGES := libvirt-daemon-system qemu-system-x86 libvirt-dev libvirt-clients \
 	busybox-static cpio stress-ng pkg-config systemd socat jq curl iproute2 nftables libc6-dev \
-	wireguard-go wireguard-tools iperf3 nginx-light
+	wireguard-go wireguard-tools iperf3 nginx-light python3-venv
 KERNEL_PACKAGE := linux-image-cloud-amd64
 
 # The guest worker, a static binary for the initramfs. Its own target dir, so
@@ -52,11 +57,12 @@ GUEST_SOURCES := $(shell find agent/guest/src agent/proto/src -name '*.rs') \
 # Environment for everything that may talk to a real libvirtd and boot the image.
 VM_ENV := SPAREGRID_LIBVIRTD=1 SPAREGRID_IMAGE_DIR=$(IMAGE_DIR) LIBVIRT_DEFAULT_URI=$(LIBVIRT_URI)
 
-.PHONY: help deps deps-system deps-rust libvirtd guest-bin image boot-check build test demo demo-agent \
+.PHONY: help deps deps-system deps-rust tus-venv libvirtd guest-bin image boot-check build test demo demo-agent \
 	bench-agent bench-controller bench-transfer bench-tunnel bench-venv bench-e2e clean-image fmt lint
 
 help:
 	@echo "make deps         install system packages (apt, only what is missing), check cargo, cargo fetch"
+	@echo "make tus-venv     python venv with tuspy==$(TUSPY_VERSION), the transfer tests' standard tus client"
 	@echo "make libvirtd     start virtlogd + libvirtd unless running; wait for $(LIBVIRT_URI)"
 	@echo "make guest-bin    build the static guest worker (and its probe) into $(GUEST_OUT)"
 	@echo "make image        build the guest image with the worker into $(IMAGE_DIR) (workloads/build-image.sh)"
@@ -145,9 +151,10 @@ build: deps-rust
 
 # The end-to-end tests run the agent binary, which `cargo test` alone does not
 # build (no integration tests live in the agent package): build it first.
-test: deps libvirtd image boot-check
+test: deps tus-venv libvirtd image boot-check
 	$(CARGO) build --workspace
-	$(VM_ENV) RUST_BACKTRACE=1 $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+	$(VM_ENV) SPAREGRID_TUSPY=$(TUS_VENV)/bin/python RUST_BACKTRACE=1 \
+	    $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 # The grid end to end: a controller, two local agents (libvirt runtime, one
 # TCG grid VM each), the sample job submitted with the CLI and run inside the
@@ -182,6 +189,15 @@ bench-transfer: deps
 bench-tunnel: deps
 	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests --bin bench-tunnel
 	./target/release/bench-tunnel $(BENCH_ARGS)
+
+# tuspy from PyPI only when the venv lacks the pinned version.
+tus-venv: deps-system
+	@if [ -x $(TUS_VENV)/bin/python ] && $(TUS_VENV)/bin/python -c \
+	    'import sys, importlib.metadata as m; sys.exit(m.version("tuspy") != "$(TUSPY_VERSION)")' 2>/dev/null; then \
+	    echo "tus-venv: $(TUS_VENV) has tuspy $(TUSPY_VERSION)"; exit 0; \
+	fi; \
+	python3 -m venv $(TUS_VENV); \
+	$(TUS_VENV)/bin/pip install -q --disable-pip-version-check 'tuspy==$(TUSPY_VERSION)'
 
 # python3-venv from apt only when missing; dask from PyPI only when the venv
 # cannot import the pinned version.

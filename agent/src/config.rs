@@ -45,6 +45,8 @@ pub struct Config {
     pub controller: ControllerSection,
     /// Peer-to-peer work stealing ([`crate::peer`]).
     pub peers: crate::peer::config::PeersSection,
+    /// The resumable file-transfer endpoint ([`crate::transfer`]).
+    pub transfer: crate::transfer::TransferConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -722,7 +724,17 @@ impl Config {
             ));
         }
         self.controller.validate()?;
-        self.peers.validate()
+        self.peers.validate()?;
+        self.transfer
+            .validate()
+            .map_err(|e| invalid(&e.field, e.message))?;
+        if self.transfer.enabled && self.controller.token.is_empty() {
+            return Err(invalid(
+                "transfer.enabled",
+                "the transfer endpoint signs and checks its tokens with the agent token: set controller.token",
+            ));
+        }
+        Ok(())
     }
 
     /// The partition's memory ceiling in bytes.

@@ -730,3 +730,80 @@ print(u.url)
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), s.url("py1"));
     assert!(fetch(&s, "py1").await.1 == std::fs::read(&src).unwrap());
 }
+
+/// The agent daemon itself serves the endpoint when `[transfer] enabled`:
+/// a real `sparegrid-agent` process (process runtime, no VMs; root for its
+/// cgroup partition) takes an upload with the agent's client on
+/// `transfer.listen`, and `curl` downloads the same bytes back.
+#[test]
+fn root_agent_daemon_serves_the_transfer_endpoint() {
+    const T: &str = "root_agent_daemon_serves_the_transfer_endpoint";
+    if sparegrid_tests::skip_unless_root(T) {
+        return;
+    }
+    use sparegrid_tests::{free_port, unique, Harness};
+    let mut h = Harness::new();
+    let partition = unique("sparegrid-transfer");
+    h.cleanup_partition_on_drop(
+        Path::new(sparegrid_tests::controller::CGROUP_ROOT),
+        &partition,
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent_token = "daemon-transfer-token";
+    let mut c = h.base_conf();
+    c.str("agent", "host_name", &unique("sgx"))
+        .str("runtime", "kind", "process")
+        .str("cgroup", "partition", &partition)
+        .set("policy", "max_grid_vms", 0)
+        .str("controller", "token", agent_token)
+        .set("transfer", "enabled", true)
+        .str("transfer", "listen", &addr.to_string());
+    let agent = h.start(&c);
+
+    let src = h.dir().join("payload.bin");
+    let bytes: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    std::fs::write(&src, &bytes).unwrap();
+    let id = "daemon-up";
+    let expires = SystemTime::now() + Duration::from_secs(300);
+    let up = token::sign(agent_token.as_bytes(), id, Direction::Upload, expires).unwrap();
+    let down = token::sign(agent_token.as_bytes(), id, Direction::Download, expires).unwrap();
+    let base = format!("http://{addr}");
+    let journals = h.subdir("client-journals");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rep = rt
+        .block_on(client::upload(
+            &reqwest::Client::new(),
+            &base,
+            &up,
+            id,
+            &src,
+            &journals,
+            &UploadOptions::default(),
+        ))
+        .unwrap_or_else(|e| panic!("upload to the agent: {e}\n{}", agent.log_tail(40)));
+    assert_eq!(rep.sent, bytes.len() as u64);
+    let out = h.dir().join("fetched.bin");
+    let st = Command::new("curl")
+        .args(["-sSf", "-o"])
+        .arg(&out)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {down}"))
+        .arg(format!("{base}{}/{id}", transfer::FILES))
+        .status()
+        .unwrap();
+    assert!(st.success(), "curl download failed\n{}", agent.log_tail(40));
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "downloaded bytes differ"
+    );
+    // Without a token: refused.
+    let code = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{base}{}/{id}", transfer::FILES))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&code.stdout), "401");
+    drop(agent);
+}

@@ -60,6 +60,8 @@ pub enum DaemonError {
     Workload(#[from] crate::workload::WorkloadError),
     #[error("finding the controller: {0}")]
     Discover(#[from] crate::discover::DiscoverError),
+    #[error("transfer endpoint: {0}")]
+    Transfer(#[from] crate::transfer::TransferError),
 }
 
 /// This host's name: the config's `agent.host_name`, or the kernel's.
@@ -264,6 +266,25 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     if let Some(g) = &grid {
         app = app.merge(g.routes());
     }
+    // The transfer endpoint on its own listener, stopped with the server.
+    let (transfer_stop, transfer_stopped) = tokio::sync::oneshot::channel::<()>();
+    let transfer = if cfg.transfer.enabled {
+        let state = crate::transfer::TransferState::new(
+            &cfg.transfer,
+            &cfg.agent.data_dir,
+            cfg.controller.token.as_bytes(),
+        )?;
+        let addr = cfg.transfer.listen;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|source| crate::transfer::TransferError::Bind { addr, source })?;
+        tracing::info!("transfer endpoint on {addr}");
+        Some(rt.spawn(crate::transfer::serve_on(listener, state, async {
+            let _ = transfer_stopped.await;
+        })))
+    } else {
+        None
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -280,7 +301,15 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
         )))
     });
     let _ = stop_tx.send(());
+    let _ = transfer_stop.send(());
     let _ = rt.block_on(server);
+    if let Some(t) = transfer {
+        match rt.block_on(t) {
+            Ok(Err(e)) => tracing::error!("transfer endpoint: {e}"),
+            Err(e) => tracing::error!("transfer endpoint task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
     if let Some(g) = grid {
         g.stop();
     }
