@@ -187,7 +187,7 @@ bench-transfer: deps
 # The WireGuard tunnel endpoint against wireguard-go, iperf3 through both,
 # in network namespaces (root; docs/tunnel.md).
 bench-tunnel: deps
-	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests --bin bench-tunnel
+	$(CARGO) build --release -p sparegrid-agent -p sparegrid-tests --bin bench-tunnel --bin sparegrid-tunnel
 	./target/release/bench-tunnel $(BENCH_ARGS)
 
 # tuspy from PyPI only when the venv lacks the pinned version.
