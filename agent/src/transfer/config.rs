@@ -51,8 +51,10 @@ pub struct TransferConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// PEM certificate chain for TLS; with `tls_key`, or neither (plain HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
 }
 
