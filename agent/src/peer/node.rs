@@ -83,7 +83,8 @@ pub struct Node {
     maybe_unreported: AtomicBool,
     /// Steal counts the controller has acknowledged, per job.
     steals_sent: Mutex<BTreeMap<String, (u64, u64)>>,
-    /// Wakes the worker (seeds, received trades).
+    /// Wakes the worker and the grid client (the runner's report
+    /// wake-up): seeds, a pushed peer list, completions in the outbox.
     wake: Arc<dyn Fn() + Send + Sync>,
 }
 
@@ -223,6 +224,7 @@ impl Node {
     pub fn settle(&self, runner: &Runner) {
         let ends = runner.take_p2p();
         let now = now_ms();
+        let finished = !ends.done.is_empty();
         for c in ends.done {
             let report = match rmp_serde::to_vec_named(&c) {
                 Ok(b) => b,
@@ -235,6 +237,10 @@ impl Node {
                 Ok(()) => self.maybe_unreported.store(true, Ordering::SeqCst),
                 Err(e) => tracing::error!("peer queue: finishing: {e}"),
             }
+        }
+        if finished {
+            // The grid client sends the outbox when woken.
+            (self.wake)();
         }
         for a in ends.back {
             match self.queue.requeue(&a, now) {
@@ -254,9 +260,12 @@ impl Node {
     /// (the queue ran dry).
     fn feed(&self, runner: &Runner, slots: u32) -> u32 {
         let mut free = runner.free_slots(slots);
-        while free > 0 && self.maybe_queued.load(Ordering::SeqCst) {
+        // Cleared before the query, so a seed that lands meanwhile (its
+        // route sets the flag again) is not lost.
+        while free > 0 && self.maybe_queued.swap(false, Ordering::SeqCst) {
             match self.queue.take_next(now_ms()) {
                 Ok(Some(a)) => {
+                    self.maybe_queued.store(true, Ordering::SeqCst);
                     let attempt = a.attempt.clone();
                     if !runner.submit_p2p(a) {
                         // Draining, or already here: back to the queue.
@@ -267,9 +276,10 @@ impl Node {
                     }
                     free -= 1;
                 }
-                Ok(None) => self.maybe_queued.store(false, Ordering::SeqCst),
+                Ok(None) => {}
                 Err(e) => {
                     tracing::error!("peer queue: taking the next subtask: {e}");
+                    self.maybe_queued.store(true, Ordering::SeqCst);
                     return 0;
                 }
             }
