@@ -625,53 +625,118 @@ fn calm_status(host: &str) -> sparegrid_proto::AgentStatus {
 /// `n`-subtask job of `true`; the time from the submit until it is done.
 fn one_mode(rt: &tokio::runtime::Runtime, mode: &str, n: u64, agents: usize) -> Result<Duration> {
     use sparegrid_agent::config::{AgentDispatch, Config};
-    use sparegrid_agent::daemon::status::Shared;
-    use sparegrid_agent::grid::Grid;
-    use sparegrid_agent::subtask::{Executor, Limits};
 
-    let dir = tempfile::tempdir()?;
-    let config = ControllerConfig {
-        db_path: dir.path().join("controller.db"),
-        ..ControllerConfig::default()
-    };
-    config.validate()?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
-        &config.db_path,
-        StoreOptions::default(),
-    )?);
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let state = AppState::new(Arc::clone(&store), &config);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(api::serve_on(listener, state, async {
-        let _ = stop_rx.await;
-    }));
-
-    let mut grids = Vec::new();
+    let mut run = InProcess::start(rt, |_| {})?;
     for i in 0..agents {
-        let host = format!("{mode}-{i}");
         let mut cfg = Config::default();
-        cfg.controller.url = base.clone();
         cfg.controller.slots = PULL_SLOTS;
         // Push and pull jobs only (no p2p queue in the default data_dir).
         cfg.peers.enabled = false;
-        let push_listener = if mode == "push" {
+        if mode != "push" {
+            cfg.controller.dispatch = AgentDispatch::Pull;
+        }
+        run.add_agent(rt, &format!("{mode}-{i}"), cfg, mode == "push")?;
+    }
+    run.wait_registered()?;
+    let job = serde_json::json!({
+        "name": format!("bench-{mode}"),
+        "command": {"argv": ["true", "{start}"]},
+        "split": {"range": {"start": 0, "end": n, "chunk": 1}},
+        "mode": mode,
+    });
+    let (id, elapsed) = run.run_job(mode, &job, n, Duration::from_secs(600), false)?;
+    // Exactly once: one attempt per subtask (spot checks across the job).
+    for i in (0..n).step_by((n as usize / 50).max(1)) {
+        let attempts = run.store.attempts(&id, i)?;
+        ensure!(
+            attempts.len() == 1,
+            "{mode}: subtask {i} ran {} times",
+            attempts.len()
+        );
+    }
+    drop(run.stop(rt));
+    Ok(elapsed)
+}
+
+/// The controller in this process (the real router and dispatcher on a
+/// loopback listener, SQLite on disk in a temporary directory) with real
+/// agents (the agent library's grid client and runner, subtasks as
+/// processes without a cgroup): figures 3 and 5.
+struct InProcess {
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    base: String,
+    plane: sparegrid_controller::agents::AgentPlane,
+    grids: Vec<sparegrid_agent::grid::Grid>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), api::ApiError>>,
+}
+
+impl InProcess {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        adjust: impl FnOnce(&mut ControllerConfig),
+    ) -> Result<InProcess> {
+        let dir = tempfile::tempdir()?;
+        let mut config = ControllerConfig {
+            db_path: dir.path().join("controller.db"),
+            ..ControllerConfig::default()
+        };
+        adjust(&mut config);
+        config.validate()?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
+            &config.db_path,
+            StoreOptions::default(),
+        )?);
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let state = AppState::new(Arc::clone(&store), &config);
+        let plane = state.agents.clone();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(api::serve_on(listener, state, async {
+            let _ = stop_rx.await;
+        }));
+        Ok(InProcess {
+            dir,
+            store,
+            base,
+            plane,
+            grids: Vec::new(),
+            stop,
+            server,
+        })
+    }
+
+    /// Starts agent `host` on `cfg` (its controller URL filled in). With
+    /// `serve`, its routes (push, peer) listen on loopback at the URL it
+    /// advertises.
+    fn add_agent(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        host: &str,
+        mut cfg: sparegrid_agent::config::Config,
+        serve: bool,
+    ) -> Result<()> {
+        use sparegrid_agent::daemon::status::Shared;
+        use sparegrid_agent::grid::Grid;
+        use sparegrid_agent::subtask::{Executor, Limits};
+        cfg.controller.url = self.base.clone();
+        let listener = if serve {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             cfg.controller.advertise_url = format!("http://{}", l.local_addr()?);
             Some(l)
         } else {
-            cfg.controller.dispatch = AgentDispatch::Pull;
             None
         };
         cfg.validate()?;
-        let shared = Arc::new(Shared::new(calm_status(&host)));
+        let shared = Arc::new(Shared::new(calm_status(host)));
         let grid = Grid::start(
             &cfg,
-            &host,
-            Executor::new(None, host.as_str(), Limits::default()),
+            host,
+            Executor::new(None, host, Limits::default()),
             shared,
         )?;
-        if let Some(l) = push_listener {
+        if let Some(l) = listener {
             l.set_nonblocking(true)?;
             let app = grid.routes();
             rt.spawn(async move {
@@ -680,66 +745,85 @@ fn one_mode(rt: &tokio::runtime::Runtime, mode: &str, n: u64, agents: usize) -> 
                 }
             });
         }
-        grids.push(grid);
+        self.grids.push(grid);
+        Ok(())
     }
-    // Every agent registered and heartbeating before the clock starts.
-    let started = Instant::now();
-    while store.list_hosts()?.len() < agents {
-        ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "the agents did not register"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
 
-    let client = reqwest::blocking::Client::new();
-    let job = serde_json::json!({
-        "name": format!("bench-{mode}"),
-        "command": {"argv": ["true", "{start}"]},
-        "split": {"range": {"start": 0, "end": n, "chunk": 1}},
-        "mode": mode,
-    });
-    let started = Instant::now();
-    let resp = client.post(format!("{base}/v1/jobs")).json(&job).send()?;
-    ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
-    let id: serde_json::Value = resp.json()?;
-    let id = sparegrid_controller::store::JobId(id["id"].as_str().context("no job id")?.to_owned());
-    let deadline = Duration::from_secs(600);
-    loop {
-        let rec = store.get_job(&id)?;
-        if rec.state.is_terminal() {
+    /// Waits until every agent registered (and a little more, so that
+    /// they have heartbeaten) before a clock starts.
+    fn wait_registered(&self) -> Result<()> {
+        let started = Instant::now();
+        while self.store.list_hosts()?.len() < self.grids.len() {
             ensure!(
-                rec.counts.done == n,
-                "{mode}: the job ended {} with {:?}",
-                rec.state,
+                started.elapsed() < Duration::from_secs(30),
+                "the agents did not register"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    /// Submits `job` and waits until it is done with all `n` subtasks
+    /// (`progress`: print the count every 10 s); returns its id and the
+    /// time from the submit.
+    fn run_job(
+        &self,
+        what: &str,
+        job: &serde_json::Value,
+        n: u64,
+        deadline: Duration,
+        progress: bool,
+    ) -> Result<(sparegrid_controller::store::JobId, Duration)> {
+        let client = reqwest::blocking::Client::new();
+        let started = Instant::now();
+        let resp = client
+            .post(format!("{}/v1/jobs", self.base))
+            .json(job)
+            .send()?;
+        ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
+        let id: serde_json::Value = resp.json()?;
+        let id =
+            sparegrid_controller::store::JobId(id["id"].as_str().context("no job id")?.to_owned());
+        let mut last_print = Instant::now();
+        loop {
+            let rec = self.store.get_job(&id)?;
+            if rec.state.is_terminal() {
+                ensure!(
+                    rec.counts.done == n,
+                    "{what}: the job ended {} with {:?}",
+                    rec.state,
+                    rec.counts
+                );
+                return Ok((id, started.elapsed()));
+            }
+            ensure!(
+                started.elapsed() < deadline,
+                "{what}: not done after {deadline:?}: {:?}",
                 rec.counts
             );
-            break;
+            if progress && last_print.elapsed() >= Duration::from_secs(10) {
+                last_print = Instant::now();
+                eprintln!(
+                    "   … {:.0} s: {} of {n} done",
+                    started.elapsed().as_secs_f64(),
+                    rec.counts.done
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        ensure!(
-            started.elapsed() < deadline,
-            "{mode}: not done after {deadline:?}: {:?}",
-            rec.counts
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
-    let elapsed = started.elapsed();
-    // Exactly once: one attempt per subtask (spot checks across the job).
-    for i in (0..n).step_by((n as usize / 50).max(1)) {
-        let attempts = store.attempts(&id, i)?;
-        ensure!(
-            attempts.len() == 1,
-            "{mode}: subtask {i} ran {} times",
-            attempts.len()
-        );
+
+    /// Stops the agents, then the controller; returns the temporary
+    /// directory (removed when dropped).
+    fn stop(self, rt: &tokio::runtime::Runtime) -> tempfile::TempDir {
+        for g in self.grids {
+            g.stop();
+        }
+        let _ = self.stop.send(());
+        let _ = rt.block_on(self.server);
+        self.dir
     }
-    for g in grids {
-        g.stop();
-    }
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
-    Ok(elapsed)
 }
 
 /// Median of a few durations.
@@ -1054,66 +1138,16 @@ fn p2p_sleep_ms(i: u64) -> u64 {
 
 fn p2p_balance(rt: &tokio::runtime::Runtime, n: u64) -> Result<()> {
     use sparegrid_agent::config::Config;
-    use sparegrid_agent::daemon::status::Shared;
-    use sparegrid_agent::grid::Grid;
-    use sparegrid_agent::subtask::{Executor, Limits};
 
-    let dir = tempfile::tempdir()?;
-    let mut config = ControllerConfig {
-        db_path: dir.path().join("controller.db"),
-        ..ControllerConfig::default()
-    };
-    config.dispatch.p2p_seed_hosts = 1;
-    config.validate()?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
-        &config.db_path,
-        StoreOptions::default(),
-    )?);
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let state = AppState::new(Arc::clone(&store), &config);
-    let plane = state.agents.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(api::serve_on(listener, state, async {
-        let _ = stop_rx.await;
-    }));
-
-    let mut grids = Vec::new();
+    let mut run = InProcess::start(rt, |c| c.dispatch.p2p_seed_hosts = 1)?;
     for i in 0..P2P_AGENTS {
         let host = format!("p2p-{i}");
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let mut cfg = Config::default();
-        cfg.controller.url = base.clone();
         cfg.controller.slots = 1;
-        cfg.controller.advertise_url = format!("http://{}", l.local_addr()?);
-        cfg.agent.data_dir = dir.path().join(&host);
-        cfg.validate()?;
-        let shared = Arc::new(Shared::new(calm_status(&host)));
-        let grid = Grid::start(
-            &cfg,
-            &host,
-            Executor::new(None, host.as_str(), Limits::default()),
-            shared,
-        )?;
-        l.set_nonblocking(true)?;
-        let app = grid.routes();
-        rt.spawn(async move {
-            if let Ok(l) = tokio::net::TcpListener::from_std(l) {
-                let _ = axum::serve(l, app).await;
-            }
-        });
-        grids.push(grid);
+        cfg.agent.data_dir = run.dir.path().join(&host);
+        run.add_agent(rt, &host, cfg, true)?;
     }
-    let started = Instant::now();
-    while store.list_hosts()?.len() < P2P_AGENTS {
-        ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "the agents did not register"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-
+    run.wait_registered()?;
     let exe = std::env::current_exe()?.display().to_string();
     let job = serde_json::json!({
         "name": "bench-p2p",
@@ -1122,44 +1156,11 @@ fn p2p_balance(rt: &tokio::runtime::Runtime, n: u64) -> Result<()> {
         "mode": "p2p",
         "resources": {"timeout_secs": 60},
     });
-    let client = reqwest::blocking::Client::new();
-    let started = Instant::now();
-    let resp = client.post(format!("{base}/v1/jobs")).json(&job).send()?;
-    ensure!(resp.status().as_u16() == 201, "submit: {}", resp.status());
-    let id: serde_json::Value = resp.json()?;
-    let id = sparegrid_controller::store::JobId(id["id"].as_str().context("no job id")?.to_owned());
-    let deadline = Duration::from_secs(1800);
-    let mut last_print = Instant::now();
-    loop {
-        let rec = store.get_job(&id)?;
-        if rec.state.is_terminal() {
-            ensure!(
-                rec.counts.done == n,
-                "p2p: the job ended {} with {:?}",
-                rec.state,
-                rec.counts
-            );
-            break;
-        }
-        ensure!(
-            started.elapsed() < deadline,
-            "p2p: not done after {deadline:?}: {:?}",
-            rec.counts
-        );
-        if last_print.elapsed() >= Duration::from_secs(10) {
-            last_print = Instant::now();
-            eprintln!(
-                "   … {:.0} s: {} of {n} done",
-                started.elapsed().as_secs_f64(),
-                rec.counts.done
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let makespan = started.elapsed();
+    let (id, makespan) = run.run_job("p2p", &job, n, Duration::from_secs(1800), true)?;
     // Let the last heartbeats carry the final steal counts.
     std::thread::sleep(Duration::from_millis(2500));
-    let steals = plane.steals_of(&id.0);
+    let steals = run.plane.steals_of(&id.0);
+    let store = Arc::clone(&run.store);
 
     let planned_ms: u64 = (0..n).map(p2p_sleep_ms).sum();
     let mut measured_ms = 0u64;
@@ -1170,9 +1171,7 @@ fn p2p_balance(rt: &tokio::runtime::Runtime, n: u64) -> Result<()> {
         from = last.index + 1;
         measured_ms += page.iter().map(|a| a.duration_ms.unwrap_or(0)).sum::<u64>();
     }
-    for g in grids {
-        g.stop();
-    }
+    let dir = run.stop(rt);
     // Who ran what: the agents' own queues (the controller records the
     // seed host on each attempt).
     let mut per_host: BTreeMap<String, u64> = BTreeMap::new();
@@ -1186,8 +1185,6 @@ fn p2p_balance(rt: &tokio::runtime::Runtime, n: u64) -> Result<()> {
             .count() as u64;
         per_host.insert(host, done);
     }
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
 
     let ideal = planned_ms as f64 / 1000.0 / P2P_AGENTS as f64;
     let ideal_measured = measured_ms as f64 / 1000.0 / P2P_AGENTS as f64;
