@@ -659,9 +659,11 @@ fn one_mode(rt: &tokio::runtime::Runtime, mode: &str, n: u64, agents: usize) -> 
 }
 
 /// The controller in this process (the real router and dispatcher on a
-/// loopback listener, SQLite on disk in a temporary directory) with real
-/// agents (the agent library's grid client and runner, subtasks as
-/// processes without a cgroup): figures 3 and 5.
+/// loopback listener, SQLite on disk in a temporary directory), with real
+/// agents in this process too (the agent library's grid client and
+/// runner, subtasks as processes without a cgroup): figures 3 and 5; the
+/// recovery figure (4) uses the controller alone, its agents being
+/// processes.
 struct InProcess {
     dir: tempfile::TempDir,
     store: Arc<dyn Store>,
@@ -900,28 +902,15 @@ fn recovery_round(rt: &tokio::runtime::Runtime, mode: &str) -> Result<Vec<Durati
     use sparegrid_tests::controller::CGROUP_ROOT;
     use sparegrid_tests::{unique, Conf, Harness};
 
-    let dir = tempfile::tempdir()?;
-    let mut config = ControllerConfig {
-        db_path: dir.path().join("controller.db"),
-        ..ControllerConfig::default()
-    };
-    config.dispatch.lease_ttl = RECOVERY_LEASE_TTL;
-    config.dispatch.lease_wait_max = Duration::from_secs(2);
-    config.dispatch.interval = RECOVERY_DISPATCH_INTERVAL;
-    config.registry.heartbeat_interval = RECOVERY_HEARTBEAT;
-    config.registry.host_timeout = RECOVERY_HOST_TIMEOUT;
-    config.validate()?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
-        &config.db_path,
-        StoreOptions::default(),
-    )?);
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let state = AppState::new(Arc::clone(&store), &config);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(api::serve_on(listener, state, async {
-        let _ = stop_rx.await;
-    }));
+    // The controller in process; the agents are processes (below).
+    let controller = InProcess::start(rt, |config| {
+        config.dispatch.lease_ttl = RECOVERY_LEASE_TTL;
+        config.dispatch.lease_wait_max = Duration::from_secs(2);
+        config.dispatch.interval = RECOVERY_DISPATCH_INTERVAL;
+        config.registry.heartbeat_interval = RECOVERY_HEARTBEAT;
+        config.registry.host_timeout = RECOVERY_HOST_TIMEOUT;
+    })?;
+    let (store, base) = (Arc::clone(&controller.store), controller.base.clone());
 
     // Real agent processes (process runtime, own cgroup partition, load
     // signal off: RTT only, which nothing here moves). Drop order: the
@@ -1049,8 +1038,7 @@ fn recovery_round(rt: &tokio::runtime::Runtime, mode: &str) -> Result<Vec<Durati
     })();
     drop(agents);
     drop(harnesses);
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
+    drop(controller.stop(rt));
     result
 }
 
