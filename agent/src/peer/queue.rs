@@ -106,6 +106,30 @@ const V_GIVEN: i64 = 0;
 const V_COMMITTED: i64 = 1;
 const V_RETURNED: i64 = 2;
 
+/// Ends a victim-side trade in `state` (committed or returned): its rows
+/// still `given` go back to `queued`; returns how many did.
+fn close_victim_trade(
+    tx: &Transaction,
+    trade: &str,
+    state: i64,
+    now_ms: u64,
+    op: &'static str,
+) -> Result<u32> {
+    let returned = tx
+        .execute(
+            "UPDATE subtasks SET state = 0, trade = NULL, since_ms = ?2
+             WHERE trade = ?1 AND state = 2",
+            params![trade, now_ms as i64],
+        )
+        .map_err(db(op))? as u32;
+    tx.execute(
+        "UPDATE victim_trades SET state = ?2, updated_ms = ?3 WHERE trade = ?1",
+        params![trade, state, now_ms as i64],
+    )
+    .map_err(db(op))?;
+    Ok(returned)
+}
+
 /// Where one attempt is in this agent's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SubtaskState {
@@ -972,18 +996,7 @@ impl PeerQueue {
                     )
                     .map_err(db("commit_given"))? as u32;
             }
-            let returned = tx
-                .execute(
-                    "UPDATE subtasks SET state = 0, trade = NULL, since_ms = ?2
-                     WHERE trade = ?1 AND state = 2",
-                    params![trade, now_ms as i64],
-                )
-                .map_err(db("commit_given"))? as u32;
-            tx.execute(
-                "UPDATE victim_trades SET state = ?2, updated_ms = ?3 WHERE trade = ?1",
-                params![trade, V_COMMITTED, now_ms as i64],
-            )
-            .map_err(db("commit_given"))?;
+            let returned = close_victim_trade(tx, trade, V_COMMITTED, now_ms, "commit_given")?;
             bump(tx, thief, 0, moved as i64)?;
             Ok(CommitResult {
                 moved,
@@ -1002,19 +1015,7 @@ impl PeerQueue {
             if state != V_GIVEN {
                 return Ok(0);
             }
-            let n = tx
-                .execute(
-                    "UPDATE subtasks SET state = 0, trade = NULL, since_ms = ?2
-                     WHERE trade = ?1 AND state = 2",
-                    params![trade, now_ms as i64],
-                )
-                .map_err(db("take_back"))? as u32;
-            tx.execute(
-                "UPDATE victim_trades SET state = ?2, updated_ms = ?3 WHERE trade = ?1",
-                params![trade, V_RETURNED, now_ms as i64],
-            )
-            .map_err(db("take_back"))?;
-            Ok(n)
+            close_victim_trade(tx, trade, V_RETURNED, now_ms, "take_back")
         })
     }
 
