@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::overlay::{Network, OverlayLease, OverlayPeers, TunnelInfo, TunnelReport};
 use crate::{Metric, VmState};
 
 /// Identifies one attempt at one subtask. `epoch` is the attempt number the
@@ -33,6 +34,11 @@ pub struct Register {
     /// older agents.
     #[serde(default)]
     pub p2p: bool,
+    /// The agent's WireGuard tunnel endpoint, when `[tunnel]` is enabled:
+    /// the controller leases it a slice of the overlay and lists it to the
+    /// other hosts. Absent from agents without a tunnel and older agents.
+    #[serde(default)]
+    pub tunnel: Option<TunnelInfo>,
 }
 
 /// The controller's answer to [`Register`].
@@ -41,6 +47,10 @@ pub struct Registered {
     pub host: String,
     /// How often the agent should heartbeat.
     pub heartbeat_ms: u64,
+    /// The overlay slice leased to this host, when it registered a tunnel
+    /// and the controller has an overlay configured.
+    #[serde(default)]
+    pub overlay: Option<OverlayLease>,
 }
 
 /// `POST /v1/agents/heartbeat`.
@@ -70,6 +80,10 @@ pub struct Heartbeat {
     /// that do not steal, and from older agents.
     #[serde(default)]
     pub steals: Vec<JobSteals>,
+    /// The tunnel's per-peer state and the peer-list version applied, from
+    /// agents with a tunnel. Absent otherwise and from older agents.
+    #[serde(default)]
+    pub tunnel: Option<TunnelReport>,
 }
 
 /// One job's work-stealing counts on one agent.
@@ -113,6 +127,10 @@ pub struct HeartbeatReply {
     /// controllers).
     #[serde(default)]
     pub peers: Vec<PeerAddr>,
+    /// The overlay's peer list, when it differs from the version in
+    /// [`Heartbeat::tunnel`] (absent: no change, or no tunnel).
+    #[serde(default)]
+    pub overlay_peers: Option<OverlayPeers>,
 }
 
 /// One subtask pushed to an agent.
@@ -126,6 +144,9 @@ pub struct Assignment {
     pub timeout_ms: u64,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// The job's network (`none` when absent, as from older controllers).
+    #[serde(default)]
+    pub network: Network,
 }
 
 /// `POST /v1/subtasks` on the agent: a batch of assignments.
@@ -317,6 +338,7 @@ mod tests {
     #[test]
     fn heartbeat_round_trips() {
         let hb = Heartbeat {
+            tunnel: None,
             steals: Vec::new(),
             host: "h1".into(),
             load: 0.4,
@@ -337,6 +359,7 @@ mod tests {
         let grant = LeaseGrant {
             leases: vec![Lease {
                 assignment: Assignment {
+                    network: crate::overlay::Network::None,
                     attempt: completion().attempt,
                     argv: vec!["echo".into()],
                     env: BTreeMap::new(),

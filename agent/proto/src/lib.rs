@@ -7,9 +7,11 @@
 pub mod grid;
 pub mod guest;
 pub mod load;
+pub mod overlay;
 pub mod status;
 pub mod vm;
 
 pub use load::{LoadBreakdown, Metric, MetricReading};
+pub use overlay::Network;
 pub use status::{AgentStatus, GridVmStatus};
 pub use vm::{Reason, Transition, VmState};

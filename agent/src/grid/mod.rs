@@ -147,6 +147,7 @@ impl Settings {
 
     fn register(&self) -> Register {
         Register {
+            tunnel: None,
             host: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             // A pulling agent cannot be reached: the controller never
@@ -298,6 +299,7 @@ pub fn heartbeat(host: &str, status: &AgentStatus, slots: u32, runner: &Runner) 
         runner.free_slots(slots)
     };
     Heartbeat {
+        tunnel: None,
         host: host.to_string(),
         load,
         dominant,

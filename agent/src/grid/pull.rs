@@ -389,6 +389,7 @@ mod tests {
     fn lease(index: u64, ttl_ms: u64) -> Lease {
         Lease {
             assignment: Assignment {
+                network: sparegrid_proto::Network::None,
                 attempt: attempt(index),
                 argv: vec!["true".into()],
                 env: BTreeMap::new(),

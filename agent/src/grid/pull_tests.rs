@@ -385,6 +385,7 @@ fn the_lease_loop_backs_off_while_the_controller_fails() {
                 "/v1/agents/register",
                 post(|| async {
                     rmp_serde::to_vec_named(&sparegrid_proto::grid::Registered {
+                        overlay: None,
                         host: "backoff".into(),
                         heartbeat_ms: 100,
                     })

@@ -47,6 +47,7 @@ async fn fake_register(State(s): State<FakeState>, body: Bytes) -> Response {
     let host = r.host.clone();
     s.lock().unwrap().registers.push(r);
     mp(&Registered {
+        overlay: None,
         host,
         heartbeat_ms: 50,
     })
@@ -65,6 +66,7 @@ async fn fake_heartbeat(State(s): State<FakeState>, body: Bytes) -> Response {
     f.heartbeats.push(hb);
     let withdraw = std::mem::take(&mut f.withdraw);
     mp(&HeartbeatReply {
+        overlay_peers: None,
         peers: Vec::new(),
         withdraw,
         lost: Vec::new(),
@@ -173,6 +175,7 @@ pub(super) fn status(load: f64, vms: &[VmState]) -> AgentStatus {
 
 fn sh(job: &str, index: u64, script: &str) -> Assignment {
     Assignment {
+        network: sparegrid_proto::Network::None,
         attempt: AttemptRef {
             job: job.into(),
             index,
@@ -975,6 +978,7 @@ fn the_client_joins_an_https_controller_that_its_ca_cert_vouches_for() {
     let (ctl, store) = spawn_real_controller(|_| {}, Some((&cert, &key)));
 
     let reg = Register {
+        tunnel: None,
         p2p: false,
         host: "tls-1".into(),
         version: "t".into(),

@@ -708,6 +708,7 @@ impl GuestPool {
             timeout_ms,
             vcpus,
             memory_mib,
+            network: _,
         } = a;
         // The same identity variables a process-run subtask gets; the
         // assignment's own env may override them.
@@ -760,6 +761,7 @@ impl GuestPool {
                 unreachable!("built above as RunSubtask")
             };
             return Err(Assignment {
+                network: sparegrid_proto::Network::None,
                 attempt,
                 argv: r.argv,
                 env: r.env,

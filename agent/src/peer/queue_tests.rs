@@ -12,6 +12,7 @@ use super::*;
 
 pub(crate) fn assignment(job: &str, index: u64) -> Assignment {
     Assignment {
+        network: sparegrid_proto::Network::None,
         attempt: AttemptRef {
             job: job.into(),
             index,

@@ -21,6 +21,7 @@ fn attempt(job: &str, index: u64) -> AttemptRef {
 
 fn assignment(argv: &[&str]) -> Assignment {
     Assignment {
+        network: sparegrid_proto::Network::None,
         attempt: attempt("job-1", 0),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: BTreeMap::new(),

@@ -93,6 +93,7 @@ async fn restore(plane: &AgentPlane) {
         let agent_url = (h.address.starts_with("http://") || h.address.starts_with("https://"))
             .then(|| h.address.clone());
         let reg = Register {
+            tunnel: None,
             host: h.id.clone(),
             version: String::new(),
             agent_url,
@@ -365,6 +366,7 @@ fn build_batch(plane: &AgentPlane, claimed: Vec<Assignment>) -> Result<Vec<u8>, 
 /// A store assignment as the agent receives it.
 pub fn to_wire(a: Assignment, r: &Resources) -> WireAssignment {
     WireAssignment {
+        network: sparegrid_proto::Network::None,
         attempt: AttemptRef {
             job: a.job.0,
             index: a.index,

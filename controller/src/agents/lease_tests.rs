@@ -76,6 +76,7 @@ impl Ctl {
     /// is aborted; returns once the host may lease.
     async fn pulling_agent(&self, host: &str) -> JoinHandle<()> {
         let reg = enc(&Register {
+            tunnel: None,
             p2p: false,
             host: host.into(),
             version: "t".into(),
@@ -85,6 +86,7 @@ impl Ctl {
         let (status, _) = self.agent_post("/v1/agents/register", reg).await;
         assert_eq!(status, StatusCode::OK);
         let hb = enc(&Heartbeat {
+            tunnel: None,
             steals: Vec::new(),
             host: host.into(),
             load: 0.1,
@@ -412,6 +414,7 @@ async fn leases_renew_in_the_heartbeat_and_lost_ones_come_back() {
         ..held.clone()
     };
     let hb = enc(&Heartbeat {
+        tunnel: None,
         steals: Vec::new(),
         host: "hb".into(),
         load: 0.1,

@@ -148,6 +148,7 @@ mod tests {
 
     fn hb(free: u32, running: &[u64]) -> Heartbeat {
         Heartbeat {
+            tunnel: None,
             steals: Vec::new(),
             host: "h".into(),
             load: 0.1,
@@ -167,6 +168,7 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                tunnel: None,
                 p2p: false,
                 host: "h".into(),
                 version: "t".into(),
@@ -259,6 +261,7 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                tunnel: None,
                 p2p: false,
                 host: "h".into(),
                 version: "t".into(),

@@ -270,6 +270,7 @@ impl Fake {
             .post(
                 "/v1/agents/register",
                 enc(&Register {
+                    tunnel: None,
                     p2p: false,
                     host: self.name.clone(),
                     version: "test".into(),
@@ -287,6 +288,7 @@ impl Fake {
         let hb = {
             let st = self.st.lock().unwrap();
             Heartbeat {
+                tunnel: None,
                 steals: Vec::new(),
                 host: self.name.clone(),
                 load: st.load,
@@ -534,6 +536,7 @@ async fn a_silent_agent_is_lost_its_work_redone_and_late_reports_change_nothing(
 async fn auth_media_type_and_garbage_bodies_are_refused() {
     let ctl = controller().await;
     let reg = enc(&Register {
+        tunnel: None,
         p2p: false,
         host: "h1".into(),
         version: "t".into(),
@@ -596,6 +599,7 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
 
     // A heartbeat before registering: register first.
     let hb = enc(&Heartbeat {
+        tunnel: None,
         steals: Vec::new(),
         host: "h1".into(),
         load: 0.1,
@@ -616,6 +620,7 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
 
     // A bad host name names its field.
     let bad = enc(&Register {
+        tunnel: None,
         p2p: false,
         host: "no spaces".into(),
         version: "t".into(),
@@ -643,6 +648,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
     let reg = enc(&Register {
+        tunnel: None,
         p2p: false,
         host: "h-dead".into(),
         version: "t".into(),
@@ -652,6 +658,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let (status, _) = ctl.post_mp("/v1/agents/register", Some(TOKEN), reg).await;
     assert_eq!(status, StatusCode::OK);
     let hb = enc(&Heartbeat {
+        tunnel: None,
         steals: Vec::new(),
         host: "h-dead".into(),
         load: 0.1,

@@ -219,6 +219,7 @@ fn job() -> String {
 
 fn register_body() -> Vec<u8> {
     rmp_serde::to_vec_named(&Register {
+        tunnel: None,
         p2p: false,
         host: "h1".into(),
         version: "t".into(),

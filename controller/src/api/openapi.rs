@@ -834,6 +834,7 @@ mod tests {
             &doc,
             "Register",
             Register {
+                tunnel: None,
                 p2p: false,
                 host: "h".into(),
                 version: "v".into(),
@@ -845,6 +846,7 @@ mod tests {
             &doc,
             "Registered",
             Registered {
+                overlay: None,
                 host: "h".into(),
                 heartbeat_ms: 1,
             },
@@ -853,6 +855,7 @@ mod tests {
             &doc,
             "Heartbeat",
             Heartbeat {
+                tunnel: None,
                 steals: Vec::new(),
                 host: "h".into(),
                 load: 0.1,
@@ -869,6 +872,7 @@ mod tests {
             &doc,
             "HeartbeatReply",
             HeartbeatReply {
+                overlay_peers: None,
                 peers: Vec::new(),
                 withdraw: vec![attempt.clone()],
                 lost: vec![attempt.clone()],

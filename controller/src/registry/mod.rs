@@ -237,6 +237,7 @@ impl HeartbeatOutcome {
     /// The agent's reply.
     pub fn into_reply(self) -> HeartbeatReply {
         HeartbeatReply {
+            overlay_peers: None,
             withdraw: self.withdraw,
             lost: Vec::new(),
             peers: Vec::new(),
@@ -337,6 +338,7 @@ impl Registry {
             agent_url,
             slots,
             p2p,
+            tunnel: _,
         } = reg;
         match self.hosts.get_mut(host.as_str()) {
             Some(h) => {
@@ -378,6 +380,7 @@ impl Registry {
             }
         }
         Ok(Registered {
+            overlay: None,
             host,
             heartbeat_ms: self.config.heartbeat_ms(),
         })

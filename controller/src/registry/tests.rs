@@ -28,6 +28,7 @@ fn att(job: &str, index: u64) -> AttemptRef {
 
 fn reg(host: &str, slots: u32) -> Register {
     Register {
+        tunnel: None,
         p2p: false,
         host: host.into(),
         version: "0.1.0".into(),
@@ -44,6 +45,7 @@ fn hb(
     suspended_ms: u64,
 ) -> Heartbeat {
     Heartbeat {
+        tunnel: None,
         steals: Vec::new(),
         host: host.into(),
         load,
@@ -417,6 +419,7 @@ fn heartbeat_withdraws_attempts_the_store_no_longer_counts() {
     assert_eq!(
         out.clone().into_reply(),
         HeartbeatReply {
+            overlay_peers: None,
             peers: Vec::new(),
             withdraw: out.withdraw,
             lost: Vec::new(),
@@ -488,6 +491,7 @@ fn register_replies_with_heartbeat_interval_and_checks_fields() {
     assert_eq!(
         ok,
         Registered {
+            overlay: None,
             host: "host-1.example".into(),
             heartbeat_ms: 1500
         }

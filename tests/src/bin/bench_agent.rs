@@ -409,6 +409,7 @@ fn run_in_vm(pool: &GuestPool, argv: &[&str], n: u64) -> Completion {
         epoch: 1,
     };
     let a = Assignment {
+        network: sparegrid_proto::Network::None,
         attempt: attempt.clone(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: Default::default(),

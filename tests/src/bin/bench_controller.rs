@@ -249,6 +249,7 @@ async fn post_msgpack<T: serde::Serialize>(
 
 fn heartbeat_of(host: &str, slots: u32, running: Vec<AttemptRef>) -> Heartbeat {
     Heartbeat {
+        tunnel: None,
         steals: Vec::new(),
         host: host.to_owned(),
         load: 0.0,
@@ -303,6 +304,7 @@ async fn dispatch_throughput(n: u64, args: &Args) -> Result<()> {
         let url = start_fake(fake.clone()).await?;
         let host = format!("fake-{i}");
         let reg = Register {
+            tunnel: None,
             p2p: false,
             host: host.clone(),
             version: "bench".into(),

@@ -611,6 +611,7 @@ fn executor_profile(n: u32, stop: &AtomicBool) -> Result<()> {
         ),
     ] {
         let assignment = |index: u64| Assignment {
+            network: sparegrid_proto::Network::None,
             attempt: AttemptRef {
                 job: "profile".into(),
                 index,
