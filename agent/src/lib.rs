@@ -16,9 +16,9 @@
 //! - [`workload`]: workload files (image, vCPUs, memory, interpreters).
 //! - [`discover`]: finding the controller through a DNS SRV record.
 //! - [`transfer`]: the transfer endpoint (tus uploads, Range downloads,
-//!   checkpoint journals); not yet wired into the daemon.
-//! - [`peer`]: p2p work stealing's durable queue and trade protocol (not yet
-//!   wired into the daemon; see docs/p2p.md).
+//!   checkpoint journals), the `sparegrid-transfer` crate re-exported;
+//!   served with `[transfer] enabled`.
+//! - [`peer`]: p2p work stealing's durable queue and trade protocol.
 //! - [`tunnel`]: the WireGuard tunnel endpoint (not yet wired into the
 //!   daemon; see docs/tunnel.md).
 
@@ -35,6 +35,8 @@ pub mod policy;
 pub mod runtime;
 pub mod sampler;
 pub mod subtask;
-pub mod transfer;
+/// The transfer endpoint lives in its own crate (the controller serves it
+/// too); re-exported so agent code keeps its `crate::transfer` paths.
+pub use sparegrid_transfer as transfer;
 pub mod tunnel;
 pub mod workload;
