@@ -13,7 +13,10 @@
 //!   free slots and nothing queued it steals from a peer ([`trade::steal`],
 //!   the policy choosing whom and how much); every second it settles
 //!   trades it gave in that are not committed ([`trade::resolve_given`])
-//!   and aborts its own requests that outlived `request_timeout`.
+//!   and aborts its own requests that outlived `request_timeout`; every
+//!   [`PRUNE_EVERY`] it forgets jobs finished here more than
+//!   [`KEEP_FINISHED`] ago ([`PeerQueue::prune`]), so the file and the
+//!   heartbeat's per-job steal scan stay small.
 //! - **Completion callbacks** ([`Node::report`], called by the grid
 //!   client thread): the outbox goes to the controller's
 //!   `POST /v1/agents/completions`; every answered report (accepted,
@@ -46,6 +49,12 @@ use crate::grid::runner::Runner;
 pub const REPORT_BATCH: usize = 64;
 /// How often given trades are settled and stale requests aborted.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often finished jobs are pruned from the queue.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long a job this agent is finished with (nothing queued, running or
+/// given here, every report sent) stays in the queue: long past any trade
+/// still being settled and any duplicate seed of it.
+pub const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 /// Longest the worker sleeps when nothing wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -195,7 +204,9 @@ impl Node {
                 return Vec::new();
             }
         };
-        let sent = lock(&self.steals_sent);
+        let mut sent = lock(&self.steals_sent);
+        // Jobs pruned from the queue are forgotten here too.
+        sent.retain(|job, _| now.contains_key(job));
         now.into_iter()
             .filter(|(job, c)| sent.get(job) != Some(c))
             .map(|(job, (stolen_in, given_out))| JobSteals {
@@ -342,10 +353,20 @@ impl Node {
         }
     }
 
+    /// Forgets finished jobs (see [`KEEP_FINISHED`]).
+    fn prune(&self) {
+        match self.queue.prune(KEEP_FINISHED, now_ms()) {
+            Ok(n) if n > 0 => tracing::info!(rows = n, "pruned finished jobs from the peer queue"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning the peer queue: {e}"),
+        }
+    }
+
     /// The worker loop (see the module docs) until `stop`. `slots` reads
     /// `controller.slots` (it follows reloads).
     pub fn run(&self, runner: &Runner, slots: impl Fn() -> u32, stop: &AtomicBool) {
         let mut last_housekeeping = Instant::now() - HOUSEKEEPING;
+        let mut last_prune = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             let seen = runner.reports_seen();
             self.settle(runner);
@@ -361,6 +382,10 @@ impl Node {
             if last_housekeeping.elapsed() >= HOUSEKEEPING {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = Instant::now();
+                self.prune();
             }
             let wait = if free > 0 {
                 // Try the next peer once its backoff is over.

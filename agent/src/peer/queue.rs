@@ -96,7 +96,14 @@ CREATE TABLE peer_counters (
 );
 "#;
 
-const SCHEMA_VERSION: i64 = 1;
+/// Version 2: indexes for the outbox scan and for pruning by job.
+const MIGRATE_V2: &str = r#"
+CREATE INDEX IF NOT EXISTS subtasks_unreported ON subtasks (since_ms, seq)
+    WHERE state = 3 AND reported = 0;
+CREATE INDEX IF NOT EXISTS subtasks_job ON subtasks (job, state);
+"#;
+
+const SCHEMA_VERSION: i64 = 2;
 
 const T_PENDING: i64 = 0;
 const T_RECEIVED: i64 = 1;
@@ -342,7 +349,10 @@ impl PeerQueue {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(open_err)?;
-            tx.execute_batch(SCHEMA).map_err(open_err)?;
+            if version < 1 {
+                tx.execute_batch(SCHEMA).map_err(open_err)?;
+            }
+            tx.execute_batch(MIGRATE_V2).map_err(open_err)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(open_err)?;
             tx.commit().map_err(open_err)?;
@@ -718,6 +728,57 @@ impl PeerQueue {
                 out.entry(job).or_default().1 = n as u64;
             }
             Ok(out)
+        })
+    }
+
+    /// Forgets the jobs this agent is finished with: every row of a job
+    /// with nothing queued, running or given here and every report sent,
+    /// whose last change is older than `keep`, with its run-time
+    /// statistics and the settled trades (received or aborted on the thief
+    /// side, committed or returned on the victim side) last changed before
+    /// then. Pending and given trades, and the per-peer counters, stay.
+    /// Returns how many subtask rows went.
+    pub fn prune(&self, keep: Duration, now_ms: u64) -> Result<u64> {
+        let cutoff = now_ms.saturating_sub(keep.as_millis() as u64) as i64;
+        self.tx("prune", |tx| {
+            let rows = tx
+                .execute(
+                    "DELETE FROM subtasks WHERE job IN (
+                         SELECT job FROM subtasks GROUP BY job
+                         HAVING SUM(state IN (0, 1, 2)) = 0
+                            AND SUM(state = 3 AND reported = 0) = 0
+                            AND MAX(since_ms) < ?1)",
+                    params![cutoff],
+                )
+                .map_err(db("prune"))?;
+            tx.execute(
+                "DELETE FROM job_stats WHERE job NOT IN (SELECT DISTINCT job FROM subtasks)",
+                [],
+            )
+            .map_err(db("prune"))?;
+            tx.execute(
+                "DELETE FROM thief_items
+                 WHERE job NOT IN (SELECT DISTINCT job FROM subtasks)
+                   AND trade IN (SELECT trade FROM thief_trades
+                                 WHERE state != ?1 AND updated_ms < ?2)",
+                params![T_PENDING, cutoff],
+            )
+            .map_err(db("prune"))?;
+            tx.execute(
+                "DELETE FROM thief_trades
+                 WHERE state != ?1 AND updated_ms < ?2
+                   AND trade NOT IN (SELECT trade FROM thief_items)",
+                params![T_PENDING, cutoff],
+            )
+            .map_err(db("prune"))?;
+            tx.execute(
+                "DELETE FROM victim_trades
+                 WHERE state != ?1 AND updated_ms < ?2
+                   AND trade NOT IN (SELECT trade FROM subtasks WHERE trade IS NOT NULL)",
+                params![V_GIVEN, cutoff],
+            )
+            .map_err(db("prune"))?;
+            Ok(rows as u64)
         })
     }
 

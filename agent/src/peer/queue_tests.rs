@@ -465,3 +465,88 @@ fn a_subtask_stolen_back_before_its_trade_settled_is_revived_once() {
     assert_eq!(states(&q)[&0], SubtaskState::Queued);
     assert_eq!(q.rows().unwrap().len(), 1);
 }
+
+#[test]
+fn prune_forgets_finished_jobs_only_after_keep() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = PeerQueue::open(dir.path(), "v").unwrap();
+    // Job "done": every row finished and reported at t = 10.
+    seed(&q, "done", 0..2);
+    for _ in 0..2 {
+        let a = q.take_next(5).unwrap().unwrap().attempt;
+        q.finish(&a, 1, b"r", 10).unwrap();
+    }
+    let sent: Vec<AttemptRef> = q.unreported(10).unwrap().into_iter().map(|r| r.0).collect();
+    assert_eq!(q.mark_reported(&sent).unwrap(), 2);
+    // Job "gone": one row went to a thief in a committed trade, the other
+    // ran here and was reported.
+    seed(&q, "gone", 0..2);
+    let given = q.give("t#1", "t", 1, 0, false, 10).unwrap();
+    assert_eq!(given.len(), 1);
+    let listed: Vec<AttemptRef> = given.iter().map(|g| g.attempt.clone()).collect();
+    q.commit_given("t#1", "t", &listed, 10).unwrap();
+    let a = q.take_next(10).unwrap().unwrap().attempt;
+    q.finish(&a, 1, b"r", 10).unwrap();
+    q.mark_reported(&[a]).unwrap();
+    // Job "open": one finished but not reported, one still queued.
+    seed(&q, "open", 0..2);
+    let a = q.take_next(5).unwrap().unwrap().attempt;
+    q.finish(&a, 1, b"r", 10).unwrap();
+
+    let keep = Duration::from_millis(100);
+    // Too recent: nothing goes.
+    assert_eq!(q.prune(keep, 50).unwrap(), 0);
+    assert_eq!(q.rows().unwrap().len(), 6);
+
+    let gone_rows = q.prune(keep, 1_000).unwrap();
+    assert_eq!(gone_rows, 4, "'done' and 'gone' go, 'open' stays");
+    let jobs: std::collections::BTreeSet<String> = q
+        .rows()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.attempt.job)
+        .collect();
+    assert_eq!(jobs, ["open".to_owned()].into());
+    assert_eq!(q.job_mean_ms("done").unwrap(), None);
+    assert!(!q.steals_by_job().unwrap().contains_key("gone"));
+    // The outbox still holds the unsent report; the per-peer counters stay.
+    assert_eq!(q.unreported(10).unwrap().len(), 1);
+    assert_eq!(q.steal_counts().unwrap()["t"].given, 1);
+    // A committed trade that was pruned is unknown afterwards.
+    assert!(matches!(
+        q.commit_given("t#1", "t", &listed, 2_000).unwrap_err(),
+        QueueError::UnknownTrade(_)
+    ));
+}
+
+#[test]
+fn a_version_1_file_gains_the_v2_indexes_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO subtasks (job, idx, epoch, assignment, state, since_ms)
+             VALUES ('j', 0, 1, ?1, 0, 1)",
+            [rmp_serde::to_vec_named(&assignment("j", 0)).unwrap()],
+        )
+        .unwrap();
+    }
+    let q = PeerQueue::open(dir.path(), "v").unwrap();
+    assert_eq!(q.counts().unwrap().queued, 1);
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, SCHEMA_VERSION);
+    let n: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index'
+             AND name IN ('subtasks_unreported', 'subtasks_job')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 2);
+}
