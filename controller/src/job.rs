@@ -20,6 +20,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+pub use sparegrid_proto::Network;
 
 /// What runs for each subtask.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +100,10 @@ pub struct JobRequest {
     /// outputs are concatenated.
     #[serde(default)]
     pub reduce: Option<Command>,
+    /// The network its subtasks get: `none` (the default) or `overlay`
+    /// (only hosts that hold a slice of the grid overlay run them).
+    #[serde(default)]
+    pub network: Network,
 }
 
 /// One unit of work cut from a request.
@@ -746,6 +751,7 @@ pub fn parse_value(value: &Value) -> Result<JobRequest, ValidationError> {
             "priority",
             "mode",
             "reduce",
+            "network",
         ],
     )?;
     let name = match top.get("name") {
@@ -786,6 +792,19 @@ pub fn parse_value(value: &Value) -> Result<JobRequest, ValidationError> {
         None | Some(Value::Null) => None,
         Some(v) => Some(parse_command(v, "reduce")?),
     };
+    let network = match top.get("network") {
+        Some(v) => match string(v, "network")?.as_str() {
+            "none" => Network::None,
+            "overlay" => Network::Overlay,
+            other => {
+                return Err(ValidationError::invalid(
+                    "network",
+                    format!("unknown network {other:?}; expected \"none\" or \"overlay\""),
+                ))
+            }
+        },
+        None => Network::default(),
+    };
     Ok(JobRequest {
         name,
         command,
@@ -795,6 +814,7 @@ pub fn parse_value(value: &Value) -> Result<JobRequest, ValidationError> {
         priority,
         mode,
         reduce,
+        network,
     })
 }
 
@@ -1071,6 +1091,7 @@ mod tests {
             priority: 0,
             mode: DispatchMode::Push,
             reduce: None,
+            network: Network::None,
         }
     }
 
@@ -1376,7 +1397,8 @@ mod tests {
                 "resources": {"vcpus": 2}, "max_attempts": 5, "priority": -3, "mode": "pull",
                 "reduce": {"argv": ["sort"]}}"#,
             r#"{"command": {"argv": ["wc"]}, "split": {"lines": {"input": "a\r\nb\n", "block": 2}},
-                "resources": {"vcpus": 1, "memory_mib": 512, "timeout_secs": 5}, "reduce": null, "mode": "p2p"}"#,
+                "resources": {"vcpus": 1, "memory_mib": 512, "timeout_secs": 5}, "reduce": null, "mode": "p2p",
+                "network": "overlay"}"#,
         ];
         for body in bodies {
             let ours = parse_json(body.as_bytes()).unwrap();
@@ -1390,6 +1412,7 @@ mod tests {
         assert_eq!(r.max_attempts, 3);
         assert_eq!(r.resources, Resources::default());
         assert_eq!(r.mode, DispatchMode::Push);
+        assert_eq!(r.network, Network::None);
     }
 
     #[test]
@@ -1525,6 +1548,17 @@ mod tests {
             ErrorCode::InvalidField,
             "mode",
         );
+        let e = parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "network": "bridge"}"#,
+            ErrorCode::InvalidField,
+            "network",
+        );
+        assert!(e.message.contains("overlay"), "{e}");
+        parse_err(
+            r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "network": 1}"#,
+            ErrorCode::InvalidType,
+            "network",
+        );
         parse_err(
             r#"{"command": {"argv": ["x"]}, "split": {"range": {"start": 0, "end": 1, "chunk": 1}}, "max_attempts": true}"#,
             ErrorCode::InvalidType,
@@ -1577,9 +1611,20 @@ mod tests {
             any::<i32>(),
             mode,
             proptest::option::of(command_strategy()),
+            prop_oneof![Just(Network::None), Just(Network::Overlay)],
         )
             .prop_map(
-                |(name, command, split, resources, max_attempts, priority, mode, reduce)| {
+                |(
+                    name,
+                    command,
+                    split,
+                    resources,
+                    max_attempts,
+                    priority,
+                    mode,
+                    reduce,
+                    network,
+                )| {
                     JobRequest {
                         name,
                         command,
@@ -1589,6 +1634,7 @@ mod tests {
                         priority,
                         mode,
                         reduce,
+                        network,
                     }
                 },
             )

@@ -427,6 +427,7 @@ mod tests {
             priority: 0,
             mode: DispatchMode::Push,
             reduce: None,
+            network: crate::job::Network::None,
         }
     }
 

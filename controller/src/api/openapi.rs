@@ -64,6 +64,22 @@ pub struct JobRequestDoc {
     /// Run on the concatenated outputs in subtask order.
     #[serde(default)]
     pub reduce: Option<CommandDoc>,
+    /// The subtasks' network (default `none`): `overlay` runs them only on
+    /// hosts that hold a slice of the grid overlay, with an overlay
+    /// address each (refused when the controller has no `overlay.cidr`).
+    #[serde(default)]
+    pub network: Option<NetworkDoc>,
+}
+
+/// A job's network.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = Network)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkDoc {
+    /// No network (the default).
+    None,
+    /// The grid overlay (WireGuard between hosts; see docs/tunnel.md).
+    Overlay,
 }
 
 /// What runs for each subtask: exactly one of `argv` or `script`.
@@ -619,6 +635,7 @@ impl Modify for RoleSecurity {
         SplitDoc,
         ResourcesDoc,
         DispatchModeDoc,
+        NetworkDoc,
         JobStateDoc,
         JobCountsDoc,
         MetricDoc,
@@ -714,6 +731,7 @@ mod tests {
                 interpreter: "sh".into(),
                 source: "cat".into(),
             }),
+            network: crate::job::Network::Overlay,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(props(schema(&doc, "JobRequest")), keys(&v));
@@ -767,6 +785,7 @@ mod tests {
                 .contains(&v);
             assert!(listed, "{v}");
         }
+        same_network_values(&doc);
         for st in [
             JobState::Queued,
             JobState::Running,
@@ -782,6 +801,11 @@ mod tests {
         }
         let counts = serde_json::to_value(JobCounts::default()).unwrap();
         assert_eq!(props(schema(&doc, "JobCounts")), keys(&counts));
+    }
+
+    fn same_network_values(doc: &Value) {
+        use crate::job::Network;
+        same_values(doc, "Network", &[Network::None, Network::Overlay]);
     }
 
     /// Asserts the schema `name` has exactly the fields `value` (a real

@@ -143,4 +143,21 @@ chunk = 10
         ));
         assert_eq!(Format::of(Path::new("JOB.JSON")).unwrap(), Format::Json);
     }
+
+    #[test]
+    fn network_is_read_and_an_unknown_one_is_named() {
+        let t = parse(Path::new("j.toml"), Format::Toml, TOML_JOB).unwrap();
+        assert_eq!(t.network, crate::job::Network::None);
+        let overlay = format!("network = \"overlay\"\n{TOML_JOB}");
+        let t = parse(Path::new("j.toml"), Format::Toml, &overlay).unwrap();
+        assert_eq!(t.network, crate::job::Network::Overlay);
+        let bad = format!("network = \"bridge\"\n{TOML_JOB}");
+        match parse(Path::new("j.toml"), Format::Toml, &bad) {
+            Err(CliError::Invalid { error, .. }) => {
+                assert_eq!(error.field, "network");
+                assert_eq!(error.code, ErrorCode::InvalidField);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -151,10 +151,11 @@ pub fn job_detail_at(out: &mut dyn Write, d: &JobDetail, now: i64) -> io::Result
     writeln!(out, "  subtasks: {}", counts_line(&j.counts))?;
     writeln!(
         out,
-        "  mode {}, priority {}, max attempts {}",
+        "  mode {}, priority {}, max attempts {}, network {}",
         mode_name(d.request.mode),
         j.priority,
-        j.max_attempts
+        j.max_attempts,
+        d.request.network.as_str()
     )?;
     match elapsed(j) {
         Some(e) if j.finished_ms.is_some() => writeln!(out, "  ran for {e}")?,

@@ -24,6 +24,7 @@ fn request(name: &str, mode: DispatchMode, max_attempts: u32) -> JobRequest {
         priority: 0,
         mode,
         reduce: None,
+        network: Default::default(),
     }
 }
 

@@ -24,6 +24,7 @@ fn request(name: &str, max_attempts: u32, priority: i32) -> JobRequest {
         priority,
         mode: Default::default(),
         reduce: None,
+        network: Default::default(),
     }
 }
 
