@@ -37,6 +37,11 @@
 //! [tls]                          # HTTPS with rustls; both or neither
 //! cert = "/etc/sparegrid/tls/cert.pem"
 //! key = "/etc/sparegrid/tls/key.pem"
+//!
+//! [overlay]                      # the grid overlay (see crate::overlay)
+//! cidr = "100.96.0.0/16"         # empty (the default): no overlay
+//! slice_prefix = 24              # each host's slice
+//! release_after = "24h"          # a lost host's slice is freed after this
 //! ```
 //!
 //! With no token at all the API is open: allowed only on a loopback
@@ -50,6 +55,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::job::Limits;
+use crate::overlay::OverlayConfig;
 use crate::registry::RegistryConfig;
 
 /// Default `listen`.
@@ -295,6 +301,8 @@ pub struct ControllerConfig {
     pub auth: AuthConfig,
     /// HTTPS.
     pub tls: TlsConfig,
+    /// The grid overlay's address pool.
+    pub overlay: OverlayConfig,
 }
 
 impl Default for ControllerConfig {
@@ -309,6 +317,7 @@ impl Default for ControllerConfig {
             dispatch: DispatchConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            overlay: OverlayConfig::default(),
         }
     }
 }
@@ -458,6 +467,9 @@ impl ControllerConfig {
         }
         self.auth.validate(self.listen)?;
         self.tls.validate()?;
+        self.overlay
+            .validate()
+            .map_err(|e| invalid(e.field, e.message))?;
         Ok(())
     }
 }
@@ -705,6 +717,36 @@ batch = 1",
         assert_eq!(bad(Some("/c.pem"), None).as_deref(), Some("tls.key"));
         assert_eq!(bad(None, Some("/k.pem")).as_deref(), Some("tls.cert"));
         assert_eq!(bad(Some(""), Some("/k.pem")).as_deref(), Some("tls.cert"));
+    }
+
+    #[test]
+    fn reads_and_checks_the_overlay() {
+        let c = ControllerConfig::parse("", "t.toml").unwrap();
+        assert!(!c.overlay.enabled());
+        let c = ControllerConfig::parse(
+            "[overlay]\ncidr = \"100.96.0.0/16\"\nslice_prefix = 20\nrelease_after = \"2h\"",
+            "t.toml",
+        )
+        .unwrap();
+        assert!(c.overlay.enabled());
+        assert_eq!(c.overlay.slice_prefix, 20);
+        assert_eq!(c.overlay.release_after, Duration::from_secs(7200));
+        let bad = |text: &str| {
+            let e = ControllerConfig::parse(text, "t.toml").unwrap_err();
+            let text = e.to_string();
+            (field_of(e), text)
+        };
+        let (f, m) = bad("[overlay]\ncidr = \"100.96.0.0\"");
+        assert_eq!(f, "overlay.cidr", "{m}");
+        assert!(m.contains("overlay.cidr"), "{m}");
+        let (f, _) = bad("[overlay]\ncidr = \"100.96.0.0/16\"\nslice_prefix = 16");
+        assert_eq!(f, "overlay.slice_prefix");
+        let (f, _) = bad("[overlay]\ncidr = \"100.96.0.0/24\"\nslice_prefix = 31");
+        assert_eq!(f, "overlay.slice_prefix");
+        let (f, _) = bad("[overlay]\nrelease_after = \"1ms\"");
+        assert_eq!(f, "overlay.release_after");
+        let e = ControllerConfig::parse("[overlay]\nprefix = 24", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("prefix"), "{e}");
     }
 
     #[test]

@@ -11,13 +11,16 @@
 //! - [`config`]: the controller's TOML config;
 //! - [`api`]: the HTTP/JSON job API, `/metrics` and `/openapi.json`;
 //! - [`agents`]: the agent plane (register, heartbeat, completions over
-//!   MessagePack), `GET /v1/hosts`, and the push dispatcher.
+//!   MessagePack), `GET /v1/hosts`, and the push dispatcher;
+//! - [`overlay`]: the grid overlay's address pool, peer list and tunnel
+//!   status (issue 7).
 
 pub mod agents;
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod job;
+pub mod overlay;
 pub mod registry;
 pub mod split;
 pub mod store;

@@ -59,6 +59,7 @@ const RESOURCE_CACHE: usize = 1024;
 pub fn spawn_dispatcher(plane: AgentPlane) -> JoinHandle<()> {
     tokio::spawn(async move {
         restore(&plane).await;
+        crate::overlay::plane::restore(&plane).await;
         let mut every = tokio::time::interval(plane.inner.config.interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -127,6 +128,7 @@ pub(crate) async fn round(plane: &AgentPlane) {
     };
     apply_events(plane, events).await;
     super::leases::expire(plane).await;
+    crate::overlay::plane::sweep(plane).await;
     let hosts = {
         let book = plane.book();
         let now = plane.now();
@@ -366,7 +368,7 @@ fn build_batch(plane: &AgentPlane, claimed: Vec<Assignment>) -> Result<Vec<u8>, 
 /// A store assignment as the agent receives it.
 pub fn to_wire(a: Assignment, r: &Resources) -> WireAssignment {
     WireAssignment {
-        network: sparegrid_proto::Network::None,
+        network: a.network,
         attempt: AttemptRef {
             job: a.job.0,
             index: a.index,
@@ -511,6 +513,7 @@ pub(crate) async fn apply_events(plane: &AgentPlane, events: Vec<RegistryEvent>)
             }
             RegistryEvent::HostLost { attempts, .. } => {
                 plane.book().slots.forget(&host);
+                crate::overlay::plane::host_lost(plane, &host);
                 let h = host.clone();
                 let result = plane
                     .blocking(move |s| match s.mark_lost(&h) {

@@ -1,7 +1,8 @@
 //! `GET /v1/hosts`: every host as users see it — the registry's live view
 //! (load, dominant metric, free slots, membership, running count) for hosts
 //! registered since the controller started, and the store's last record
-//! for the others.
+//! for the others; for hosts that hold an overlay slice, their place in the
+//! overlay and their tunnel's last report ([`HostOverlay`]).
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,7 @@ use sparegrid_proto::{Metric, VmState};
 
 use super::AgentError;
 use crate::api::AppState;
+use crate::overlay::HostOverlay;
 use crate::registry::Membership;
 use crate::store::HostState;
 
@@ -45,6 +47,9 @@ pub struct HostView {
     pub last_seen_ms_ago: Option<u64>,
     /// Its last heartbeat, ms since the Unix epoch, as the store has it.
     pub last_heartbeat_ms: Option<i64>,
+    /// Its slice of the grid overlay and its tunnel's status; absent when
+    /// it holds no slice.
+    pub overlay: Option<HostOverlay>,
 }
 
 /// `GET /v1/hosts` answer, hosts by id.
@@ -104,6 +109,7 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<Json<HostsView>, A
                             .unwrap_or(u64::MAX),
                     ),
                     last_heartbeat_ms: None,
+                    overlay: None,
                 },
             );
         }
@@ -136,8 +142,16 @@ pub(super) async fn list(State(s): State<AppState>) -> Result<Json<HostsView>, A
                 suspended_ms: load.suspended_ms,
                 last_seen_ms_ago: None,
                 last_heartbeat_ms: Some(r.last_heartbeat_ms),
+                overlay: None,
             },
         );
+    }
+    {
+        let overlay = plane.overlay();
+        let now = std::time::Instant::now();
+        for (id, v) in hosts.iter_mut() {
+            v.overlay = overlay.view(id, now);
+        }
     }
     Ok(Json(HostsView {
         hosts: hosts.into_values().collect(),

@@ -4,8 +4,8 @@
 //!
 //! | route | body in → out | what |
 //! |---|---|---|
-//! | `POST /v1/agents/register` | [`Register`] → [`Registered`] | join (or rejoin) the registry; the host is upserted in the store |
-//! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts, and renew pull leases (`renew`); the reply lists attempts to stop, and lost leases (`lost`) |
+//! | `POST /v1/agents/register` | [`Register`] → [`Registered`] | join (or rejoin) the registry; the host is upserted in the store; with a `tunnel` and `[overlay]` on, it gets its overlay slice (`overlay`, see [`crate::overlay`]) |
+//! | `POST /v1/agents/heartbeat` | [`Heartbeat`] → [`HeartbeatReply`] | report load and running attempts, renew pull leases (`renew`), and report the tunnel (`tunnel`); the reply lists attempts to stop, lost leases (`lost`), and the overlay peer list when the agent's version is not current (`overlay_peers`) |
 //! | `POST /v1/agents/completions` | `Vec<Completion>` → [`CompletionsReply`] | report finished attempts; each is accepted, duplicate, stale or rejected |
 //! | `POST /v1/agents/release` | [`Release`] → [`Released`] | hand attempts back unfinished (the agent drains or stops): each still current on that host goes back to the queue, not as a failure |
 //! | `POST /v1/leases` | [`LeaseRequest`](sparegrid_proto::grid::LeaseRequest) → [`LeaseGrant`](sparegrid_proto::grid::LeaseGrant) | pull mode: lease up to `max` subtasks of pull jobs; a long poll (see [`leases`]) |
@@ -26,7 +26,8 @@
 //! | `unauthorized` | 401 | no bearer token, or a wrong one |
 //! | `forbidden` | 403 | a submit token (agent routes) or an agent token (`/v1/hosts`) |
 //! | `malformed_msgpack` | 400 | the body is not the expected MessagePack message (rmp-serde's description follows) |
-//! | `invalid_field` | 400 | a register or heartbeat field is refused (`field` names it) |
+//! | `invalid_field` | 400 | a register or heartbeat field is refused (`field` names it, e.g. `tunnel.public_key`) |
+//! | `public_key_in_use` | 409 | a register whose `tunnel.public_key` another host (not lost) registered; `field` is `tunnel.public_key` |
 //! | `body_unreadable` | 400 | the body could not be read off the connection |
 //! | `must_register` | 409 | a heartbeat, lease request or renewal from a host the controller does not know (yet, or any more): register, then heartbeat again |
 //! | `stale_epoch` | 409 | a pull completion (`POST /v1/subtasks/{job}/{index}/complete`) whose epoch is not current; nothing changed |
@@ -93,6 +94,7 @@ pub use msgpack::{MsgPack, MSGPACK};
 use crate::api::{AppState, ErrorBody};
 use crate::config::{ControllerConfig, DispatchConfig};
 use crate::job::Resources;
+use crate::overlay::Overlay;
 use crate::registry::{Registry, RegistryError, RegistryEvent};
 use crate::store::{
     CompletionResult, HostState, JobId, Outcome, Report, Store, StoreError, SubtaskRef,
@@ -144,6 +146,17 @@ pub enum AgentError {
         field: &'static str,
         message: String,
     },
+    /// A register's `tunnel` field is refused (400 `invalid_field`).
+    #[error("register from host {host:?}: {field} {message}")]
+    Tunnel {
+        host: String,
+        field: &'static str,
+        message: String,
+    },
+    /// A register whose tunnel key another live host holds (409
+    /// `public_key_in_use`).
+    #[error("register from host {host:?}: tunnel.public_key is already registered by host {other:?}; every host needs its own key pair")]
+    PublicKeyInUse { host: String, other: String },
     /// The store failed (500).
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -168,6 +181,8 @@ impl AgentError {
             AgentError::SubtaskNotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Mismatch { .. } => StatusCode::BAD_REQUEST,
             AgentError::Registry(_) => StatusCode::BAD_REQUEST,
+            AgentError::Tunnel { .. } => StatusCode::BAD_REQUEST,
+            AgentError::PublicKeyInUse { .. } => StatusCode::CONFLICT,
             AgentError::Store(_) | AgentError::Task(_) | AgentError::Encode(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -187,6 +202,8 @@ impl AgentError {
             AgentError::StaleEpoch { .. } => "stale_epoch",
             AgentError::SubtaskNotFound(_) => "not_found",
             AgentError::Registry(_) | AgentError::Mismatch { .. } => "invalid_field",
+            AgentError::Tunnel { .. } => "invalid_field",
+            AgentError::PublicKeyInUse { .. } => "public_key_in_use",
             AgentError::Store(_) | AgentError::Task(_) | AgentError::Encode(_) => "internal",
         }
     }
@@ -199,6 +216,8 @@ impl AgentError {
             ) => Some((*field).to_owned()),
             AgentError::BadMsgpack { .. } => Some("body".to_owned()),
             AgentError::Mismatch { field, .. } => Some((*field).to_owned()),
+            AgentError::Tunnel { field, .. } => Some((*field).to_owned()),
+            AgentError::PublicKeyInUse { .. } => Some("tunnel.public_key".to_owned()),
             _ => None,
         };
         ErrorBody {
@@ -275,6 +294,9 @@ pub(crate) struct Inner {
     /// Wakes the lease requests that wait for work ([`leases`]).
     pub(crate) lease_wake: Notify,
     pub(crate) client: reqwest::Client,
+    /// The grid overlay, behind its own lock: never held together with
+    /// `book`'s.
+    pub(crate) overlay: Arc<Mutex<Overlay>>,
 }
 
 /// The agent plane's shared state; cheap to clone. Lives in
@@ -323,6 +345,7 @@ impl AgentPlane {
                 wake: Notify::new(),
                 lease_wake: Notify::new(),
                 client,
+                overlay: Arc::new(Mutex::new(Overlay::new(&config.overlay))),
             }),
         }
     }
@@ -364,6 +387,24 @@ impl AgentPlane {
     /// Largest agent-plane body accepted.
     pub fn max_body_bytes(&self) -> usize {
         usize::try_from(self.inner.config.max_agent_body_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// The overlay's state (see [`crate::overlay`]).
+    pub(crate) fn overlay(&self) -> MutexGuard<'_, Overlay> {
+        self.inner
+            .overlay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The overlay's state, shared (for the metrics collector).
+    pub fn overlay_state(&self) -> Arc<Mutex<Overlay>> {
+        Arc::clone(&self.inner.overlay)
+    }
+
+    /// True when `[overlay]` is on, so `network = "overlay"` jobs can run.
+    pub fn overlay_enabled(&self) -> bool {
+        crate::overlay::plane::enabled(&self.overlay())
     }
 
     pub(crate) fn book(&self) -> MutexGuard<'_, Book> {
@@ -487,18 +528,43 @@ pub async fn wake_on_submit(State(s): State<AppState>, req: Request, next: Next)
     response
 }
 
+/// Extractor: the peer address of the request's connection, when the
+/// server was started with connect info (`serve_on`, `serve_tls_on`);
+/// `None` otherwise (tests that serve the bare router).
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RemoteAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(RemoteAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
 /// `POST /v1/agents/register`.
 async fn register(
     State(s): State<AppState>,
     _auth: AgentAuth,
+    RemoteAddr(remote): RemoteAddr,
     MsgPack(reg): MsgPack<Register>,
 ) -> Result<MsgPack<Registered>, AgentError> {
     let plane = &s.agents;
     let host = reg.host.clone();
     let address = reg.agent_url.clone().unwrap_or_default();
+    // The registration's own fields first, then the overlay (which may
+    // refuse it, e.g. a key another host holds), then the registry.
+    crate::registry::check_register(&reg)?;
+    let overlay = crate::overlay::plane::register(plane, &reg, remote).await?;
     let registered = {
         let mut book = plane.book();
-        let registered = book.registry.register(reg, plane.now())?;
+        let mut registered = book.registry.register(reg, plane.now())?;
+        registered.overlay = overlay;
         book.restored.remove(&host);
         book.skip.remove(&host);
         book.stop.remove(&host);
@@ -538,6 +604,7 @@ async fn heartbeat(
     }
     let renew = std::mem::take(&mut hb.renew);
     let steals = std::mem::take(&mut hb.steals);
+    let tunnel = hb.tunnel.take();
     let load = load_json(&hb);
     let h = host.clone();
     let current: HashSet<(String, u64, u32)> = plane
@@ -599,6 +666,7 @@ async fn heartbeat(
     plane.wake();
     let mut reply = outcome.into_reply();
     reply.peers = plane.book().peers_of(&host);
+    reply.overlay_peers = crate::overlay::plane::heartbeat(plane, &host, tunnel);
     if !renew.is_empty() {
         // Pull mode: renewals ride on the heartbeat (see `leases`).
         reply.lost = leases::renew_for(plane, &host, renew).await?.lost;

@@ -493,6 +493,14 @@ pub async fn submit(
     })?;
     let req = job::parse_json(&body)?;
     req.validate(&s.limits)?;
+    if req.network == job::Network::Overlay && !s.agents.overlay_enabled() {
+        return Err(job::ValidationError::new(
+            job::ErrorCode::InvalidField,
+            "network",
+            "\"overlay\" needs the grid overlay, and this controller has none (overlay.cidr)",
+        )
+        .into());
+    }
     // Validated above, so the count is that of the plan the store makes.
     let count = split::subtask_count(&req);
     let name = req.name.clone();

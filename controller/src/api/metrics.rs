@@ -85,6 +85,15 @@ impl ApiMetrics {
         }
     }
 
+    /// Adds a collector read at every scrape (the overlay's gauges, see
+    /// [`crate::overlay::metrics`]).
+    pub fn register_collector(
+        &mut self,
+        collector: Box<dyn prometheus_client::collector::Collector>,
+    ) {
+        self.registry.register_collector(collector);
+    }
+
     /// Counts one answered request.
     pub fn record_request(&self, route: &str, method: &str, status: u16) {
         self.http

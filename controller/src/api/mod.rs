@@ -12,7 +12,7 @@
 //! | `GET /v1/jobs/{id}/events` | server-sent `progress` events, then `end` |
 //! | `GET /v1/hosts` | hosts with load, dominant metric, free slots, state (see [`crate::agents`]) |
 //! | `POST /v1/agents/{register,heartbeat,completions,release}` | the agent plane, MessagePack (see [`crate::agents`]) |
-//! | `GET /metrics` | Prometheus text |
+//! | `GET /metrics` | Prometheus text (jobs, subtasks, requests; the overlay, see [`crate::overlay::metrics`]) |
 //! | `GET /openapi.json` | the OpenAPI 3 document of all of the above |
 //!
 //! Only `push` jobs are accepted until the other dispatch modes exist.
@@ -118,13 +118,18 @@ impl AppState {
     /// State over `store` with the limits, body cap and poll interval of
     /// `config` (which should have been validated).
     pub fn new(store: Arc<dyn Store>, config: &ControllerConfig) -> AppState {
+        let agents = AgentPlane::new(Arc::clone(&store), config);
+        let mut metrics = ApiMetrics::new();
+        metrics.register_collector(Box::new(crate::overlay::metrics::OverlayCollector(
+            agents.overlay_state(),
+        )));
         AppState {
-            agents: AgentPlane::new(Arc::clone(&store), config),
+            agents,
             store,
             limits: Arc::new(config.job_limits.clone()),
             max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
             events_poll: config.events_poll,
-            metrics: Arc::new(ApiMetrics::new()),
+            metrics: Arc::new(metrics),
             auth: Arc::new(Auth::new(&config.auth)),
         }
     }
@@ -186,7 +191,7 @@ async fn count_requests(State(s): State<AppState>, req: Request, next: Next) -> 
 }
 
 /// Prometheus metrics: jobs and subtasks by state, HTTP requests by route
-/// and status.
+/// and status, the overlay's slices and per-peer tunnel figures.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -217,7 +222,9 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ApiError> {
     let dispatcher = agents::spawn_dispatcher(state.agents.clone());
-    let served = axum::serve(listener, router(state))
+    // With the peer address, for the overlay's default tunnel endpoint.
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ApiError::Serve);

@@ -221,6 +221,113 @@ pub struct RegisterDoc {
     /// absent (false).
     #[serde(default)]
     pub p2p: bool,
+    /// Its WireGuard tunnel endpoint, when it runs one; may be absent.
+    #[serde(default)]
+    pub tunnel: Option<TunnelInfoDoc>,
+}
+
+/// An agent's tunnel endpoint (in a register).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = TunnelInfo)]
+pub struct TunnelInfoDoc {
+    /// The WireGuard public key, base64 of 32 bytes.
+    pub public_key: String,
+    /// The UDP port it listens on.
+    pub listen_port: u16,
+    /// Where peers reach it (`ip:port`); absent: the register's source
+    /// address with `listen_port`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// The slice of the overlay leased to a host (in a register's answer).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = OverlayLease)]
+pub struct OverlayLeaseDoc {
+    /// The whole overlay (`overlay.cidr`).
+    pub cidr: String,
+    /// The host's slice.
+    pub slice: String,
+    /// The host's own address in it, with the slice's prefix.
+    pub address: String,
+}
+
+/// The tunnel as the agent sees it (in a heartbeat).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = TunnelReport)]
+pub struct TunnelReportDoc {
+    /// The peer-list version applied last (0: none yet).
+    pub peers_version: u64,
+    pub peers: Vec<TunnelPeerStatusDoc>,
+    /// Handshakes from unlisted keys refused since start; may be absent.
+    #[serde(default)]
+    pub rejected_handshakes: u64,
+}
+
+/// One tunnel peer's state.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = TunnelPeerStatus)]
+pub struct TunnelPeerStatusDoc {
+    /// The peer's host, when known.
+    #[serde(default)]
+    pub host: Option<String>,
+    pub public_key: String,
+    /// The endpoint in use (`ip:port`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Seconds since the last handshake; absent: never.
+    #[serde(default)]
+    pub last_handshake_secs: Option<u64>,
+    /// Plaintext bytes received from and sent to the peer.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// The overlay peer list (in a heartbeat reply).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = OverlayPeers)]
+pub struct OverlayPeersDoc {
+    /// Changes whenever the list does; the agent reports it back.
+    pub version: u64,
+    /// Every other listed host.
+    pub peers: Vec<OverlayPeerDoc>,
+}
+
+/// One other host of the overlay.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = OverlayPeer)]
+pub struct OverlayPeerDoc {
+    pub host: String,
+    /// Its WireGuard public key (base64).
+    pub public_key: String,
+    /// `ip:port`, when known.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Its slice.
+    pub allowed_ips: Vec<String>,
+}
+
+/// A host's place in the grid overlay (in `GET /v1/hosts`).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = HostOverlay)]
+pub struct HostOverlayDoc {
+    pub slice: String,
+    /// Its own address in the slice.
+    pub address: String,
+    /// Absent while it runs without a tunnel.
+    pub public_key: Option<String>,
+    pub endpoint: Option<String>,
+    /// In the peer list (tunnel registered, not lost).
+    pub listed: bool,
+    /// The peer-list version its agent last applied.
+    pub peers_version: Option<u64>,
+    /// True when that is the current version.
+    pub peers_current: bool,
+    pub rejected_handshakes: u64,
+    /// Milliseconds since its last tunnel report.
+    pub report_age_ms: Option<u64>,
+    /// Its tunnel's peers as last reported.
+    pub peers: Vec<TunnelPeerStatusDoc>,
 }
 
 /// The answer to a register (MessagePack).
@@ -230,6 +337,9 @@ pub struct RegisteredDoc {
     pub host: String,
     /// How often the agent should heartbeat.
     pub heartbeat_ms: u64,
+    /// Its overlay slice (it registered a tunnel and the overlay is on).
+    #[serde(default)]
+    pub overlay: Option<OverlayLeaseDoc>,
 }
 
 /// `POST /v1/agents/heartbeat` body (MessagePack).
@@ -255,6 +365,9 @@ pub struct HeartbeatDoc {
     /// P2p mode: per-job steal counts that changed; may be absent.
     #[serde(default)]
     pub steals: Vec<JobStealsDoc>,
+    /// Its tunnel's state, from agents with one; may be absent.
+    #[serde(default)]
+    pub tunnel: Option<TunnelReportDoc>,
 }
 
 /// One job's work stealing on one agent (in a heartbeat).
@@ -288,6 +401,9 @@ pub struct HeartbeatReplyDoc {
     /// P2p mode: the other active p2p agents (for a p2p agent).
     #[serde(default)]
     pub peers: Vec<PeerAddrDoc>,
+    /// The overlay peer list, when `tunnel.peers_version` is not current.
+    #[serde(default)]
+    pub overlay_peers: Option<OverlayPeersDoc>,
 }
 
 /// How one attempt ended (an element of the `POST /v1/agents/completions`
@@ -423,6 +539,8 @@ pub struct HostViewDoc {
     pub last_seen_ms_ago: Option<u64>,
     /// Its last heartbeat, ms since the Unix epoch, as the store has it.
     pub last_heartbeat_ms: Option<i64>,
+    /// Its overlay slice and tunnel status; absent without a slice.
+    pub overlay: Option<HostOverlayDoc>,
 }
 
 /// The `GET /v1/hosts` answer, hosts by id.
@@ -453,7 +571,8 @@ fn hosts() {}
     request_body(content = RegisterDoc, content_type = "application/msgpack"),
     responses(
         (status = 200, description = "Registered", content_type = "application/msgpack", body = RegisteredDoc),
-        (status = 400, description = "`malformed_msgpack`, or `invalid_field` naming the field", body = ErrorBody),
+        (status = 400, description = "`malformed_msgpack`, or `invalid_field` naming the field (`tunnel.public_key`, `tunnel.endpoint`, …)", body = ErrorBody),
+        (status = 409, description = "`public_key_in_use`: another host (not lost) registered this `tunnel.public_key`", body = ErrorBody),
         (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
         (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
         (status = 500, description = "The store failed", body = ErrorBody),
@@ -837,6 +956,82 @@ mod tests {
         assert_eq!(listed, real, "{name}");
     }
 
+    /// The overlay's wire types and hosts view, each with every optional
+    /// field set so that it serialises.
+    fn overlay_mirrors_match(doc: &Value) {
+        use crate::overlay::HostOverlay;
+        use sparegrid_proto::overlay::{
+            OverlayLease, OverlayPeer, OverlayPeers, TunnelInfo, TunnelPeerStatus, TunnelReport,
+        };
+        same_fields(
+            doc,
+            "TunnelInfo",
+            TunnelInfo {
+                public_key: "k".into(),
+                listen_port: 1,
+                endpoint: Some("192.0.2.1:1".into()),
+            },
+        );
+        same_fields(
+            doc,
+            "OverlayLease",
+            OverlayLease {
+                cidr: "c".into(),
+                slice: "s".into(),
+                address: "a".into(),
+            },
+        );
+        let peer = TunnelPeerStatus {
+            host: Some("b".into()),
+            public_key: "k".into(),
+            endpoint: Some("e".into()),
+            last_handshake_secs: Some(1),
+            rx_bytes: 1,
+            tx_bytes: 2,
+        };
+        same_fields(doc, "TunnelPeerStatus", &peer);
+        same_fields(
+            doc,
+            "TunnelReport",
+            TunnelReport {
+                peers_version: 1,
+                peers: vec![peer.clone()],
+                rejected_handshakes: 0,
+            },
+        );
+        let op = OverlayPeer {
+            host: "b".into(),
+            public_key: "k".into(),
+            endpoint: Some("e".into()),
+            allowed_ips: vec!["s".into()],
+        };
+        same_fields(doc, "OverlayPeer", &op);
+        same_fields(
+            doc,
+            "OverlayPeers",
+            OverlayPeers {
+                version: 1,
+                peers: vec![op],
+            },
+        );
+        same_fields(
+            doc,
+            "HostOverlay",
+            HostOverlay {
+                slice: "s".into(),
+                address: "a".into(),
+                public_key: Some("k".into()),
+                endpoint: Some("e".into()),
+                listed: true,
+                peers_version: Some(1),
+                peers_current: true,
+                rejected_handshakes: 0,
+                report_age_ms: Some(1),
+                peers: vec![peer],
+            },
+        );
+    }
+
     #[test]
     fn agent_plane_and_hosts_mirrors_match_the_real_types() {
         use crate::agents::{Ack, CompletionAck, CompletionsReply, HostView, HostsView};
@@ -959,8 +1154,10 @@ mod tests {
             suspended_ms: 0,
             last_seen_ms_ago: Some(1),
             last_heartbeat_ms: None,
+            overlay: None,
         };
         same_fields(&doc, "HostView", &host);
+        overlay_mirrors_match(&doc);
         same_fields(&doc, "HostsView", HostsView { hosts: vec![host] });
         same_values(
             &doc,

@@ -123,7 +123,7 @@ pub async fn serve_tls_on(
     });
     axum_server::from_tcp_rustls(listener.into_std()?, RustlsConfig::from_config(config))?
         .handle(handle)
-        .serve(app.into_make_service())
+        .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .await
 }
 

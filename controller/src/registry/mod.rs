@@ -566,7 +566,10 @@ impl Registry {
     }
 }
 
-fn check_register(reg: &Register) -> Result<(), RegistryError> {
+/// Checks a registration's own fields (`host`, `agent_url`), as
+/// [`Registry::register`] does first; callers with more to check (the
+/// overlay's tunnel) call it before they act on the registration.
+pub fn check_register(reg: &Register) -> Result<(), RegistryError> {
     let bad = |field, message: String| RegistryError::BadRegister {
         host: reg.host.clone(),
         field,

@@ -54,6 +54,15 @@
 //!   [`Store::expire_leases`] withdraws expired ones (not a failure) and
 //!   requeues their subtasks. Completion, retries and dead-lettering are
 //!   the same as for pushed subtasks: the epoch is the fencing token.
+//! - **Overlay slices.** A host that registers a tunnel holds one slice of
+//!   the grid overlay ([`SliceRecord`]); [`Store::lease_slice`] gives it
+//!   the slice it held before or the lowest free one the caller's pool
+//!   picks, and keeps public keys unique among hosts that are not lost.
+//!   The claims ([`Store::claim`], [`Store::claim_seeds`],
+//!   [`Store::claim_leases`]) give an `overlay` job's subtasks only to a
+//!   host whose slice has a key (it registered a tunnel), in the same
+//!   transaction. [`Store::release_slices`] frees the slices of hosts lost
+//!   for long enough.
 //! - **Job rollup.** A job is `done` when every subtask is done (for a job
 //!   with a reduce, that includes the reduce subtask) and `failed` when some
 //!   subtask is dead and none is queued or assigned; `cancelled` is final.
@@ -66,7 +75,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobRequest, SubtaskSpec};
+use crate::job::{JobRequest, Network, SubtaskSpec};
 
 pub use sqlite::{SqliteStore, StoreOptions, LEASE_EXPIRED, SCHEMA_VERSION};
 
@@ -334,6 +343,8 @@ pub struct Assignment {
     /// The attempt number; a completion must carry it back.
     pub epoch: u32,
     pub spec: SubtaskSpec,
+    /// The job's network (for the agent's [`Assignment`](sparegrid_proto::grid::Assignment)).
+    pub network: Network,
 }
 
 /// A subtask named by job, index and the epoch it had.
@@ -471,6 +482,30 @@ pub struct HostRecord {
     pub load: Option<serde_json::Value>,
 }
 
+/// One host's slice of the grid overlay (see `schema_v4.sql`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceRecord {
+    pub host: String,
+    /// `"100.96.3.0/24"`.
+    pub slice: String,
+    /// The host's WireGuard public key (canonical base64); `None` while it
+    /// runs without a tunnel.
+    pub public_key: Option<String>,
+    /// Where peers reach its tunnel (`ip:port`), when known.
+    pub endpoint: Option<String>,
+    pub allocated_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// What [`Store::lease_slice`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SliceLease {
+    /// The host holds this slice; `new` when it was just allocated.
+    Leased { record: SliceRecord, new: bool },
+    /// The pool has no free slice; nothing changed.
+    Exhausted,
+}
+
 /// Errors of the store; each names the job, subtask, host or file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -521,6 +556,11 @@ pub enum StoreError {
         #[source]
         source: crate::job::ValidationError,
     },
+    #[error(
+        "tunnel.public_key of host {host:?} is already registered by host {other:?}; every \
+         host needs its own key pair"
+    )]
+    PublicKeyInUse { host: String, other: String },
     #[error("job {name:?}: encoding for the store: {source}")]
     Encode {
         name: String,
@@ -675,4 +715,34 @@ pub trait Store: Send + Sync {
     fn mark_lost(&self, id: &str) -> Result<Vec<SubtaskRef>>;
 
     fn list_hosts(&self) -> Result<Vec<HostRecord>>;
+
+    /// Overlay: `host` registered a tunnel with `public_key` (and
+    /// `endpoint`, when known). It keeps the slice it holds; a host without
+    /// one gets `pick(slices in use)`, or [`SliceLease::Exhausted`] (and
+    /// nothing changes) when that is `None`. The key must not be another
+    /// host's that is not lost ([`StoreError::PublicKeyInUse`], nothing
+    /// changes); a lost host's key moves to `host` (the lost host keeps
+    /// its slice, without a key, until it is released).
+    fn lease_slice(
+        &self,
+        host: &str,
+        public_key: &str,
+        endpoint: Option<&str>,
+        pick: &dyn Fn(&[String]) -> Option<String>,
+    ) -> Result<SliceLease>;
+
+    /// Overlay: `host` (every host, with `None`) runs without a tunnel: its
+    /// key and endpoint are cleared, so it takes no overlay job; the slice
+    /// stays its own.
+    fn detach_slice(&self, host: Option<&str>) -> Result<()>;
+
+    /// Every slice held, by host.
+    fn slices(&self) -> Result<Vec<SliceRecord>>;
+
+    /// Releases (deletes) the slices of hosts that are lost and whose last
+    /// heartbeat is before `before_ms` (ms since the epoch); returns them.
+    fn release_slices(&self, before_ms: i64) -> Result<Vec<SliceRecord>>;
+
+    /// Deletes the slices of `hosts` (slices outside a changed pool).
+    fn drop_slices(&self, hosts: &[String]) -> Result<usize>;
 }

@@ -24,7 +24,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use super::{
     Assignment, AttemptRecord, AttemptState, CancelOutcome, CompletionResult, DeadSubtask,
     HostLeases, HostRecord, HostState, JobCounts, JobId, JobRecord, JobState, Outcome, ReduceState,
-    Report, Result, Store, StoreError, SubtaskRecord, SubtaskRef, SubtaskState,
+    Report, Result, SliceLease, SliceRecord, Store, StoreError, SubtaskRecord, SubtaskRef,
+    SubtaskState,
 };
 use crate::job::{DispatchMode, JobRequest, Limits, SubtaskSpec};
 use crate::split::{self, Part, Plan};
@@ -34,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
+    include_str!("schema_v4.sql"),
 ];
 
 /// The schema version this code reads and writes.
@@ -863,13 +865,18 @@ impl SqliteStore {
             if n == 0 {
                 return Ok(out);
             }
-            let jobs: Vec<(i64, String, u64, bool)> = tx
+            // Overlay jobs only for a host that holds a slice and registered
+            // a tunnel (network 0 is none, 1 overlay).
+            let max_network = i64::from(overlay::host_has_tunnel(tx, host)?);
+            let jobs: Vec<(i64, String, u64, bool, i64)> = tx
                 .prepare_cached(
-                    "SELECT seq, state, n_map, has_reduce FROM jobs \
+                    "SELECT seq, state, n_map, has_reduce, network FROM jobs \
                      WHERE state IN ('queued', 'running') AND n_queued > 0 AND mode = ?1 \
-                     ORDER BY priority DESC, seq",
+                     AND network <= ?2 ORDER BY priority DESC, seq",
                 )?
-                .query_map([mode], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([mode, max_network], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             let mut pick = tx.prepare_cached(
                 "SELECT epoch, idx, lo, hi, argv, env, stdin FROM subtasks \
@@ -893,7 +900,7 @@ impl SqliteStore {
                  SET state = 1, epoch = epoch + 1, host = ?3, lease_expires_ms = ?4 \
                  WHERE job = ?1 AND state = 0 AND idx <= ?2",
             )?;
-            for (seq, state, n_map, has_reduce) in jobs {
+            for (seq, state, n_map, has_reduce, network) in jobs {
                 let want = n - out.len();
                 if want == 0 {
                     break;
@@ -913,6 +920,7 @@ impl SqliteStore {
                         index,
                         epoch,
                         spec,
+                        network: overlay::network_of(network),
                     });
                 }
                 let started = attempts.execute(params![seq, last, host, now])?;
@@ -997,8 +1005,8 @@ impl SqliteStore {
         let seq = self.write("create_job", &format_args!("job {name:?}"), |tx| {
             tx.execute(
                 "INSERT INTO jobs (name, request, state, priority, max_attempts, created_ms, \
-                 n_total, n_queued, n_map, has_reduce, mode) \
-                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8)",
+                 n_total, n_queued, n_map, has_reduce, mode, network) \
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9)",
                 params![
                     req.name,
                     request,
@@ -1008,6 +1016,7 @@ impl SqliteStore {
                     n,
                     req.reduce.is_some(),
                     mode_code(req.mode),
+                    overlay::network_code(req.network),
                 ],
             )?;
             let seq = tx.last_insert_rowid();
@@ -1604,6 +1613,45 @@ impl Store for SqliteStore {
         })
     }
 
+    fn lease_slice(
+        &self,
+        host: &str,
+        public_key: &str,
+        endpoint: Option<&str>,
+        pick: &dyn Fn(&[String]) -> Option<String>,
+    ) -> Result<SliceLease> {
+        self.write("lease_slice", &format_args!("host {host}"), |tx| {
+            overlay::lease(tx, host, public_key, endpoint, pick)
+        })
+    }
+
+    fn detach_slice(&self, host: Option<&str>) -> Result<()> {
+        let about = host.unwrap_or("every host");
+        self.write("detach_slice", &format_args!("host {about}"), |tx| {
+            overlay::detach(tx, host)
+        })
+    }
+
+    fn slices(&self) -> Result<Vec<SliceRecord>> {
+        self.run("slices", &"all slices", |conn| overlay::all(conn))
+    }
+
+    fn release_slices(&self, before_ms: i64) -> Result<Vec<SliceRecord>> {
+        self.write(
+            "release_slices",
+            &format_args!("lost before {before_ms}"),
+            |tx| overlay::release(tx, before_ms),
+        )
+    }
+
+    fn drop_slices(&self, hosts: &[String]) -> Result<usize> {
+        self.write(
+            "drop_slices",
+            &format_args!("{} hosts", hosts.len()),
+            |tx| overlay::drop_hosts(tx, hosts),
+        )
+    }
+
     fn list_hosts(&self) -> Result<Vec<HostRecord>> {
         self.run("list_hosts", &"all hosts", |conn| {
             Ok(conn
@@ -1633,7 +1681,11 @@ impl Store for SqliteStore {
     }
 }
 
+mod overlay;
+
 #[cfg(test)]
 mod lease_tests;
+#[cfg(test)]
+mod overlay_tests;
 #[cfg(test)]
 mod tests;
