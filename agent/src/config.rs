@@ -47,6 +47,10 @@ pub struct Config {
     pub peers: crate::peer::config::PeersSection,
     /// The resumable file-transfer endpoint ([`crate::transfer`]).
     pub transfer: crate::transfer::TransferConfig,
+    /// The WireGuard tunnel endpoint of the grid overlay
+    /// ([`crate::tunnel::service`]); its address and peers come from the
+    /// controller.
+    pub tunnel: crate::tunnel::AgentTunnelSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -734,6 +738,21 @@ impl Config {
                 "the transfer endpoint signs and checks its tokens with the agent token: set controller.token",
             ));
         }
+        self.tunnel.validate().map_err(|e| match e {
+            crate::tunnel::config::ConfigError::Invalid { field, message } => {
+                invalid(&field, message)
+            }
+            other => invalid("tunnel", other.to_string()),
+        })?;
+        if self.tunnel.enabled
+            && !self.controller.enabled()
+            && self.controller.discover == Discover::None
+        {
+            return Err(invalid(
+                "tunnel.enabled",
+                "the tunnel takes its overlay address and peers from the controller: set controller.url (or controller.discover)",
+            ));
+        }
         Ok(())
     }
 
@@ -961,5 +980,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_section_parses_and_needs_a_controller() {
+        let on = "[controller]\nurl = \"http://10.0.0.1:7400\"\n";
+        let c = Config::parse(&format!(
+            "{on}[tunnel]\nenabled = true\npublic_endpoint = \"203.0.113.7:51820\"\npersistent_keepalive = \"10s\"\n"
+        ))
+        .unwrap();
+        assert!(c.tunnel.enabled);
+        assert_eq!(c.tunnel.keepalive_secs(), Some(10));
+        assert_eq!(
+            c.tunnel.key_file(&c.agent.data_dir),
+            Path::new("/var/lib/sparegrid/tunnel.key")
+        );
+        assert_eq!(
+            field_of("[tunnel]\nenabled = true\n"),
+            "tunnel.enabled",
+            "peers and the address come from a controller"
+        );
+        assert_eq!(
+            field_of(&format!("{on}[tunnel]\nlisten_port = 0\n")),
+            "tunnel.listen_port"
+        );
+        assert_eq!(
+            field_of(&format!("{on}[tunnel]\npublic_endpoint = \"h:1\"\n")),
+            "tunnel.public_endpoint"
+        );
+        let err = Config::parse("[tunnel]\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
     }
 }

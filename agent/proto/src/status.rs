@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::overlay::{OverlayLease, TunnelPeerStatus};
 use crate::{LoadBreakdown, Transition, VmState};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +35,43 @@ pub struct AgentStatus {
     pub vms: Vec<GridVmStatus>,
     /// The most recent transitions, oldest first.
     pub transitions: Vec<Transition>,
+    /// The WireGuard tunnel endpoint, when `[tunnel]` is enabled (absent
+    /// otherwise and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelStatus>,
+}
+
+/// The agent's tunnel endpoint as `GET /v1/status` shows it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TunnelStatus {
+    /// The host's WireGuard public key, base64.
+    pub public_key: String,
+    pub listen_port: u16,
+    /// The TUN device's name.
+    pub interface: String,
+    /// The device and socket are up (a lease arrived and the start worked).
+    pub up: bool,
+    /// The TUN device's address (`host address/overlay prefix`).
+    pub address: Option<String>,
+    /// The slice the controller leased this host.
+    pub lease: Option<OverlayLease>,
+    /// The controller's peer-list version applied to the running tunnel
+    /// (0: none yet).
+    pub peers_version: u64,
+    pub peers: Vec<TunnelPeerStatus>,
+    /// Handshake initiations from keys not in the peer list.
+    pub rejected_handshakes: u64,
+    /// Packets with a receiver index that is no session of ours.
+    pub unknown_index_packets: u64,
+    /// Packets into the device for an address no peer holds.
+    pub no_route_packets: u64,
+    /// Decrypted packets whose inner source is not the sender's.
+    pub bad_source_packets: u64,
+    /// Datagrams that failed to parse, authenticate or decrypt.
+    pub invalid_packets: u64,
+    /// Why the tunnel is not up or the last peer list was refused.
+    pub error: Option<String>,
 }
 
 #[cfg(test)]
@@ -81,6 +119,22 @@ mod tests {
                 at_unix_ms: 1,
                 load: 0.9,
             }],
+            tunnel: Some(TunnelStatus {
+                public_key: "k".into(),
+                listen_port: 51820,
+                up: true,
+                peers_version: 3,
+                peers: vec![TunnelPeerStatus {
+                    host: Some("h2".into()),
+                    public_key: "k2".into(),
+                    endpoint: Some("10.0.0.2:51820".into()),
+                    last_handshake_secs: Some(4),
+                    rx_bytes: 1,
+                    tx_bytes: 2,
+                }],
+                rejected_handshakes: 1,
+                ..TunnelStatus::default()
+            }),
         }
     }
 
@@ -93,6 +147,11 @@ mod tests {
         assert_eq!(serde_json::from_str::<AgentStatus>(&json).unwrap(), s);
         let mp = rmp_serde::to_vec_named(&s).unwrap();
         assert_eq!(rmp_serde::from_slice::<AgentStatus>(&mp).unwrap(), s);
+        // Without a tunnel the field is left out, and older bodies decode.
+        let bare = AgentStatus { tunnel: None, ..s };
+        let json = serde_json::to_string(&bare).unwrap();
+        assert!(!json.contains("tunnel"), "{json}");
+        assert_eq!(serde_json::from_str::<AgentStatus>(&json).unwrap(), bare);
     }
 
     #[test]

@@ -1,15 +1,22 @@
 //! Prometheus metrics of the agent, rendered as text on `GET /metrics`.
 //! Every load figure, every grid VM state and every transition (with its
-//! reason) is visible here.
+//! reason) is visible here, and with `[tunnel]` enabled the tunnel's
+//! figures (per peer: endpoint, handshake age, bytes; rejected
+//! handshakes and dropped packets), read live from the
+//! [`TunnelService`] at each scrape ([`TunnelCollector`]).
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sparegrid_proto::{LoadBreakdown, Transition, VmState};
+
+use crate::tunnel::TunnelService;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MetricLabel {
@@ -56,7 +63,10 @@ pub struct AgentMetrics {
     sample_errors: Counter,
     tick_seconds: FloatGauge,
     draining: Gauge,
+    tunnel: TunnelSource,
 }
+
+type TunnelSource = Arc<RwLock<Option<Arc<TunnelService>>>>;
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -82,6 +92,7 @@ impl AgentMetrics {
             sample_errors: Counter::default(),
             tick_seconds: FloatGauge::default(),
             draining: Gauge::default(),
+            tunnel: TunnelSource::default(),
         };
         registry.register(
             "load_factor",
@@ -136,7 +147,13 @@ impl AgentMetrics {
             m.tick_seconds.clone(),
         );
         registry.register("draining", "1 while the agent drains", m.draining.clone());
+        registry.register_collector(Box::new(TunnelCollector(m.tunnel.clone())));
         AgentMetrics { registry, ..m }
+    }
+
+    /// Renders `tunnel`'s figures from now on.
+    pub fn set_tunnel(&self, tunnel: Arc<TunnelService>) {
+        *self.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
     }
 
     pub fn record_load(&self, b: &LoadBreakdown, tick_seconds: f64) {
@@ -213,6 +230,140 @@ impl AgentMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    /// The peer's host name from the controller's list ("" if unknown).
+    host: String,
+    public_key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerInfoLabels {
+    host: String,
+    public_key: String,
+    /// `ip:port` in use ("" until known).
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// The tunnel's figures, read from the service at each scrape (nothing is
+/// rendered without a tunnel). Families are built per scrape so peers that
+/// left the list leave the output too.
+#[derive(Debug)]
+struct TunnelCollector(TunnelSource);
+
+fn encode_one(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(e)
+}
+
+impl Collector for TunnelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(svc) = self.0.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let st = svc.status();
+        let up = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        up.set(i64::from(st.up));
+        encode_one(
+            &mut encoder,
+            "tunnel_up",
+            "1 while the tunnel endpoint runs",
+            &up,
+        )?;
+        let version = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        version.set(st.peers_version as i64);
+        encode_one(
+            &mut encoder,
+            "tunnel_peers_version",
+            "The controller's peer-list version applied (0: none)",
+            &version,
+        )?;
+        let rejected = Counter::<u64>::default();
+        rejected.inc_by(st.rejected_handshakes);
+        encode_one(
+            &mut encoder,
+            "tunnel_rejected_handshakes",
+            "Handshake initiations from keys not in the peer list",
+            &rejected,
+        )?;
+        let dropped: Family<ReasonLabel, Counter> = Family::default();
+        for (reason, n) in [
+            ("unknown_index", st.unknown_index_packets),
+            ("no_route", st.no_route_packets),
+            ("bad_source", st.bad_source_packets),
+            ("invalid", st.invalid_packets),
+        ] {
+            dropped
+                .get_or_create(&ReasonLabel {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
+        encode_one(
+            &mut encoder,
+            "tunnel_dropped_packets",
+            "Tunnel input dropped, by reason",
+            &dropped,
+        )?;
+        let info: Family<PeerInfoLabels, Gauge> = Family::default();
+        let age: Family<PeerLabels, FloatGauge> = Family::default();
+        let rx: Family<PeerLabels, Counter> = Family::default();
+        let tx: Family<PeerLabels, Counter> = Family::default();
+        for p in &st.peers {
+            let l = PeerLabels {
+                host: p.host.clone().unwrap_or_default(),
+                public_key: p.public_key.clone(),
+            };
+            info.get_or_create(&PeerInfoLabels {
+                host: l.host.clone(),
+                public_key: l.public_key.clone(),
+                endpoint: p.endpoint.clone().unwrap_or_default(),
+            })
+            .set(1);
+            if let Some(s) = p.last_handshake_secs {
+                age.get_or_create(&l).set(s as f64);
+            }
+            rx.get_or_create(&l).inc_by(p.rx_bytes);
+            tx.get_or_create(&l).inc_by(p.tx_bytes);
+        }
+        encode_one(
+            &mut encoder,
+            "tunnel_peer_info",
+            "1 per tunnel peer, with its current endpoint",
+            &info,
+        )?;
+        encode_one(
+            &mut encoder,
+            "tunnel_peer_handshake_age_seconds",
+            "Seconds since the peer's last completed handshake (absent: none)",
+            &age,
+        )?;
+        encode_one(
+            &mut encoder,
+            "tunnel_peer_rx_bytes",
+            "Plaintext bytes received from the peer through the tunnel",
+            &rx,
+        )?;
+        encode_one(
+            &mut encoder,
+            "tunnel_peer_tx_bytes",
+            "Plaintext bytes sent to the peer through the tunnel",
+            &tx,
+        )?;
+        Ok(())
+    }
+}
+
 fn kind(k: &str) -> KindLabel {
     KindLabel { kind: k.into() }
 }
@@ -265,6 +416,36 @@ mod tests {
             "sparegrid_grid_vms{state=\"saved\"} 1",
             "sparegrid_transitions_total{from=\"running\",to=\"suspended\",reason=\"cpu_pressure\"} 1",
             "sparegrid_samples_total 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert!(
+            !text.contains("tunnel"),
+            "no tunnel, no tunnel figures:\n{text}"
+        );
+    }
+
+    #[test]
+    fn renders_the_tunnel_once_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Arc::new(
+            TunnelService::new(
+                &crate::tunnel::AgentTunnelSection {
+                    enabled: true,
+                    ..Default::default()
+                },
+                dir.path(),
+            )
+            .unwrap(),
+        );
+        let m = AgentMetrics::new();
+        m.set_tunnel(svc);
+        let text = m.render();
+        for needle in [
+            "sparegrid_tunnel_up 0",
+            "sparegrid_tunnel_peers_version 0",
+            "sparegrid_tunnel_rejected_handshakes_total 0",
+            "sparegrid_tunnel_dropped_packets_total{reason=\"no_route\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

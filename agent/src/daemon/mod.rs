@@ -6,6 +6,14 @@
 //! tokio runtime for HTTP. With a controller configured, the grid client's
 //! threads too ([`crate::grid`]): the signal thread tells it at once to hand
 //! its subtasks back on SIGTERM, and passes a reloaded config on SIGHUP.
+//!
+//! With `[tunnel] enabled` (which needs a controller) the host key is
+//! loaded (or generated) at start and a [`crate::tunnel::TunnelService`]
+//! and a [`crate::overlay::HostNet`] (the grid bridge, forwarding from the
+//! TUN device) are handed to the grid client, which brings them up on the
+//! controller's lease and applies its peer lists; status and metrics show
+//! the tunnel. On the way out the tunnel goes after the grid client has
+//! stopped, then the bridge. `[tunnel]` changes need a restart.
 
 pub mod boost;
 pub mod control;
@@ -62,6 +70,10 @@ pub enum DaemonError {
     Discover(#[from] crate::discover::DiscoverError),
     #[error("transfer endpoint: {0}")]
     Transfer(#[from] crate::transfer::TransferError),
+    #[error("tunnel: {0}")]
+    Tunnel(#[from] crate::tunnel::ServiceError),
+    #[error("overlay: {0}")]
+    Overlay(#[from] crate::overlay::OverlayError),
 }
 
 /// This host's name: the config's `agent.host_name`, or the kernel's.
@@ -198,6 +210,7 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     };
     let (runtime, can_save) = build_runtime(&cfg, &host, cgroup.clone())?;
     let shared = Arc::new(Shared::new(AgentStatus {
+        tunnel: None,
         version: env!("CARGO_PKG_VERSION").to_string(),
         host: host.clone(),
         runtime: runtime.kind().to_string(),
@@ -242,12 +255,17 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
         })?;
     listener.set_nonblocking(true)?;
     tracing::info!("status and metrics on http://{}", cfg.agent.listen);
+    let overlay = overlay_parts(&cfg)?;
+    if let Some(t) = &overlay.tunnel {
+        shared.set_tunnel(t.clone());
+    }
     let grid = match backend {
-        Some(b) => Some(crate::grid::Grid::start(
+        Some(b) => Some(crate::grid::Grid::start_with_overlay(
             &cfg,
             &grid_host,
             b,
             shared.clone(),
+            overlay.clone(),
         )?),
         None => None,
     };
@@ -313,8 +331,38 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     if let Some(g) = grid {
         g.stop();
     }
+    stop_overlay(&overlay);
     tracing::info!("stopped");
     result
+}
+
+/// With `[tunnel] enabled`: the tunnel service (its key loaded or made
+/// now, so a bad key file fails the start) and the host's grid bridge,
+/// which forwards from the TUN device. Nothing runs until the lease.
+pub fn overlay_parts(cfg: &Config) -> Result<crate::grid::OverlayParts, DaemonError> {
+    if !cfg.tunnel.enabled {
+        return Ok(crate::grid::OverlayParts::default());
+    }
+    let tunnel = crate::tunnel::TunnelService::new(&cfg.tunnel, &cfg.agent.data_dir)?;
+    let host_net =
+        crate::overlay::HostNet::new(&cfg.overlay)?.forward_from(&[cfg.tunnel.interface.as_str()]);
+    Ok(crate::grid::OverlayParts {
+        tunnel: Some(Arc::new(tunnel)),
+        host_net: Some(Arc::new(host_net)),
+    })
+}
+
+/// Stops the tunnel (device and routes go with it) and removes the grid
+/// bridge and its filtering.
+fn stop_overlay(overlay: &crate::grid::OverlayParts) {
+    if let Some(t) = &overlay.tunnel {
+        t.shutdown();
+    }
+    if let Some(h) = &overlay.host_net {
+        if let Err(e) = h.teardown() {
+            tracing::warn!("overlay teardown: {e}");
+        }
+    }
 }
 
 fn spawn_signal_thread(

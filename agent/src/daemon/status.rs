@@ -1,17 +1,21 @@
 //! The status board: what `GET /v1/status` returns, plus the ring of recent
 //! transitions. Written by the control loop once per tick, read by HTTP.
+//! The tunnel's part (`tunnel`) is read live from the
+//! [`TunnelService`] at each read, not published by the control loop.
 
 use std::collections::VecDeque;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use sparegrid_proto::{AgentStatus, Transition};
 
 use super::metrics::AgentMetrics;
+use crate::tunnel::TunnelService;
 
 /// State shared between the control loop and the HTTP server.
 pub struct Shared {
     status: RwLock<AgentStatus>,
     pub metrics: AgentMetrics,
+    tunnel: RwLock<Option<Arc<TunnelService>>>,
 }
 
 impl Shared {
@@ -19,14 +23,29 @@ impl Shared {
         Shared {
             status: RwLock::new(initial),
             metrics: AgentMetrics::new(),
+            tunnel: RwLock::new(None),
         }
     }
 
+    /// Shows `tunnel` in the status and the metrics from now on.
+    pub fn set_tunnel(&self, tunnel: Arc<TunnelService>) {
+        self.metrics.set_tunnel(tunnel.clone());
+        *self.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
+    }
+
     pub fn status(&self) -> AgentStatus {
-        self.status
+        let mut s = self
+            .status
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        let tunnel = self
+            .tunnel
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.tunnel = tunnel.map(|t| t.status());
+        s
     }
 
     pub fn publish(&self, status: AgentStatus) {

@@ -26,6 +26,16 @@
 //!   client wakes the same way when a completion or release is waiting, so
 //!   a no-op subtask's round trip is not paced by a tick.
 //!
+//! **Overlay** (with `[tunnel] enabled`, [`OverlayParts`]): the
+//! registration carries the tunnel's public key and port
+//! (`Register.tunnel`); the lease in `Registered.overlay` brings the
+//! tunnel up (or moves it to a changed slice) and sets up the host's grid
+//! bridge ([`crate::overlay::HostNet`], when given); every heartbeat
+//! carries the tunnel's per-peer report and the peer-list version applied
+//! (`Heartbeat.tunnel`), and a `HeartbeatReply.overlay_peers` is applied
+//! live. A lease that could not be applied is tried again at each
+//! heartbeat. The client thread makes these calls (blocking but short).
+//!
 //! Routes ([`routes`]), MessagePack bodies; with `controller.token` set
 //! they need `Authorization: Bearer <token>` (401 `unauthorized`); a body
 //! that is not the expected message is a 400 `malformed_msgpack`; bodies
@@ -94,12 +104,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use sparegrid_proto::grid::{AssignBatch, Heartbeat, Register, Registered, Release, StopBatch};
+use sparegrid_proto::overlay::{OverlayLease, OverlayPeers};
 use sparegrid_proto::{AgentStatus, VmState};
 
 use crate::config::{AgentDispatch, Config, ControllerSection, PolicySection};
 use crate::daemon::status::Shared;
 
 use crate::peer::node::Node;
+use crate::tunnel::TunnelService;
 use client::{ClientError, ControllerClient};
 use runner::{Backend, Runner};
 
@@ -175,6 +187,56 @@ struct Inner {
     leases: pull::Leases,
     /// Peer-to-peer work stealing, when this agent takes part.
     node: Option<Arc<Node>>,
+    overlay: OverlayParts,
+}
+
+/// The overlay's parts the grid client drives (see the module docs);
+/// both absent without `[tunnel] enabled`.
+#[derive(Clone, Default)]
+pub struct OverlayParts {
+    /// The WireGuard endpoint: registered, brought up on the lease, fed
+    /// the peer list, reported in heartbeats.
+    pub tunnel: Option<Arc<TunnelService>>,
+    /// The grid bridge and its filtering, given every lease.
+    pub host_net: Option<Arc<crate::overlay::HostNet>>,
+}
+
+impl OverlayParts {
+    /// Applies a lease from `Registered.overlay`: the tunnel, then the
+    /// host's grid bridge. True when both are in place (else try again).
+    fn apply_lease(&self, lease: &OverlayLease) -> bool {
+        let mut ok = true;
+        if let Some(t) = &self.tunnel {
+            if let Err(e) = t.apply_lease(lease) {
+                tracing::error!(
+                    "overlay lease {}: {e} (trying again at the next heartbeat)",
+                    lease.slice
+                );
+                ok = false;
+            }
+        }
+        if let Some(h) = &self.host_net {
+            if let Err(e) = h.apply_lease(lease) {
+                tracing::error!(
+                    "overlay lease {}: grid bridge: {e} (trying again at the next heartbeat)",
+                    lease.slice
+                );
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    fn apply_peers(&self, peers: &OverlayPeers) {
+        if let Some(t) = &self.tunnel {
+            if let Err(e) = t.apply_peers(peers) {
+                tracing::warn!(
+                    "overlay peer list version {} refused, keeping the current peers: {e}",
+                    peers.version
+                );
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -322,6 +384,18 @@ impl Grid {
         backend: impl Into<Backend>,
         shared: Arc<Shared>,
     ) -> std::io::Result<Grid> {
+        Self::start_with_overlay(cfg, host, backend, shared, OverlayParts::default())
+    }
+
+    /// [`Grid::start`] with the overlay's parts (the daemon with `[tunnel]
+    /// enabled`).
+    pub fn start_with_overlay(
+        cfg: &Config,
+        host: &str,
+        backend: impl Into<Backend>,
+        shared: Arc<Shared>,
+        overlay: OverlayParts,
+    ) -> std::io::Result<Grid> {
         let settings = Settings::of(cfg, host);
         let client = ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
         let runner = Arc::new(Runner::new(backend));
@@ -347,6 +421,7 @@ impl Grid {
             stop: AtomicBool::new(false),
             leases: pull::Leases::default(),
             node,
+            overlay,
         });
         tracing::info!(
             "joining the controller at {} as {:?} ({} slots, {})",
@@ -739,8 +814,15 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
         let g = inner.settings();
         (g.0, g.1.clone())
     };
-    let mut register = settings.register();
+    let registration = |s: &Settings| Register {
+        tunnel: inner.overlay.tunnel.as_ref().map(|t| t.info()),
+        ..s.register()
+    };
+    let mut register = registration(&settings);
     let mut registered: Option<Registered> = None;
+    // A lease not applied yet (the tunnel or bridge failed): retried at
+    // each heartbeat.
+    let mut lease_pending: Option<OverlayLease> = None;
     let mut reg = Backoff::new();
     let mut hb_at = Instant::now();
     let mut sends = Backoff::new();
@@ -787,7 +869,7 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                     }
                     client = c;
                     settings = new;
-                    register = settings.register();
+                    register = registration(&settings);
                     registered = None;
                     reg = Backoff::new();
                 }
@@ -832,6 +914,19 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             None if reg.due(now) => match client.register(&register) {
                 Ok(r) => {
                     tracing::info!("registered with the controller as {:?}", r.host);
+                    if let Some(t) = &inner.overlay.tunnel {
+                        // The controller sends its whole peer list again.
+                        t.forget_version();
+                        match &r.overlay {
+                            Some(lease) => {
+                                lease_pending = (!inner.overlay.apply_lease(lease))
+                                    .then(|| lease.clone());
+                            }
+                            None => tracing::warn!(
+                                "the controller leased this host no overlay slice (no overlay.cidr there?); the tunnel stays down"
+                            ),
+                        }
+                    }
                     reg.ok();
                     hb_at = now;
                     registered = Some(r);
@@ -856,8 +951,17 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                 if let Some(node) = &inner.node {
                     hb.steals = node.steals_to_report();
                 }
+                if let Some(lease) = &lease_pending {
+                    if inner.overlay.apply_lease(lease) {
+                        lease_pending = None;
+                    }
+                }
+                hb.tunnel = inner.overlay.tunnel.as_ref().map(|t| t.report());
                 match client.heartbeat(&hb) {
                     Ok(reply) => {
+                        if let Some(peers) = &reply.overlay_peers {
+                            inner.overlay.apply_peers(peers);
+                        }
                         runner.withdraw(&reply.withdraw);
                         pull::lost(runner, &inner.leases, &hb.renew, &reply.lost, now);
                         if let Some(node) = &inner.node {

@@ -125,6 +125,7 @@ fn fake_controller() -> (String, FakeState) {
 
 pub(super) fn status(load: f64, vms: &[VmState]) -> AgentStatus {
     AgentStatus {
+        tunnel: None,
         version: "0".into(),
         host: "h1".into(),
         runtime: "process".into(),

@@ -201,6 +201,136 @@ pub fn validate_peers(peers: &[PeerConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `[tunnel]` in the agent's config: the endpoint's own settings. Its
+/// overlay address and its peers come from the controller (the lease in
+/// `Registered.overlay`, the list in `HeartbeatReply.overlay_peers`), so
+/// they are not here; [`AgentTunnelSection::tunnel_config`] builds the
+/// [`TunnelConfig`] once the lease is known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentTunnelSection {
+    /// Run the endpoint (needs `controller.url`: the controller leases the
+    /// address and lists the peers).
+    pub enabled: bool,
+    /// The host's private key (`wg genkey` format), generated with mode
+    /// 0600 on first start; empty: `<agent.data_dir>/tunnel.key`.
+    pub private_key_file: PathBuf,
+    /// UDP port for WireGuard; published to the controller when the agent
+    /// registers, so it must be fixed (not 0).
+    pub listen_port: u16,
+    /// The TUN device's name.
+    pub interface: String,
+    pub mtu: u16,
+    /// GSO/GRO on the TUN device.
+    pub offload: bool,
+    /// `ip:port` other hosts reach this endpoint at (behind NAT or port
+    /// forwarding); empty: the controller uses the address the agent
+    /// registers from, with `listen_port`.
+    pub public_endpoint: String,
+    /// Keepalive sent to every peer when idle (keeps NAT mappings open and
+    /// lets a cut underlay be noticed); whole seconds, "0s" turns it off.
+    #[serde(with = "humantime_serde")]
+    pub persistent_keepalive: std::time::Duration,
+}
+
+impl Default for AgentTunnelSection {
+    fn default() -> Self {
+        AgentTunnelSection {
+            enabled: false,
+            private_key_file: PathBuf::new(),
+            listen_port: default_port(),
+            interface: default_interface(),
+            mtu: default_mtu(),
+            offload: true,
+            public_endpoint: String::new(),
+            persistent_keepalive: std::time::Duration::from_secs(25),
+        }
+    }
+}
+
+impl AgentTunnelSection {
+    /// The key file: `private_key_file`, or `tunnel.key` in `data_dir`.
+    pub fn key_file(&self, data_dir: &Path) -> PathBuf {
+        if self.private_key_file.as_os_str().is_empty() {
+            data_dir.join("tunnel.key")
+        } else {
+            self.private_key_file.clone()
+        }
+    }
+
+    /// `public_endpoint` parsed (validated: `None` when empty).
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.public_endpoint.trim().parse().ok()
+    }
+
+    /// `persistent_keepalive` in seconds for each peer (`None`: off).
+    pub fn keepalive_secs(&self) -> Option<u16> {
+        let s = self.persistent_keepalive.as_secs();
+        (s > 0).then(|| s.min(u16::MAX as u64) as u16)
+    }
+
+    /// Checks every field; field names are `tunnel.<key>`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.private_key_file.as_os_str().is_empty() && !self.private_key_file.is_absolute() {
+            return Err(invalid(
+                "tunnel.private_key_file",
+                format!("must be an absolute path, got {:?}", self.private_key_file),
+            ));
+        }
+        if self.listen_port == 0 {
+            return Err(invalid(
+                "tunnel.listen_port",
+                "must be a fixed port (the controller publishes it to the other hosts)",
+            ));
+        }
+        if !self.public_endpoint.trim().is_empty() {
+            match self.public_endpoint.trim().parse::<SocketAddr>() {
+                Ok(a) if a.is_ipv4() && a.port() != 0 && !a.ip().is_unspecified() => {}
+                _ => {
+                    return Err(invalid(
+                        "tunnel.public_endpoint",
+                        format!(
+                            "must be an IPv4 ip:port other hosts can reach (e.g. 203.0.113.7:51820), got {:?}",
+                            self.public_endpoint
+                        ),
+                    ))
+                }
+            }
+        }
+        let k = self.persistent_keepalive;
+        if k.subsec_nanos() != 0 || k.as_secs() > u16::MAX as u64 {
+            return Err(invalid(
+                "tunnel.persistent_keepalive",
+                format!("must be whole seconds up to 65535s (0s: off), got {k:?}"),
+            ));
+        }
+        // The rest as the endpoint checks it (any address will do here).
+        self.tunnel_config(Path::new("/"), "100.96.0.1/16".parse().expect("static"))
+            .validate()
+            .map_err(|e| match e {
+                ConfigError::Invalid { field, message } => ConfigError::Invalid {
+                    field: format!("tunnel.{field}"),
+                    message,
+                },
+                other => other,
+            })
+    }
+
+    /// The endpoint's config with `address` (the host's overlay address
+    /// with the prefix routed into the device) and no peers yet.
+    pub fn tunnel_config(&self, data_dir: &Path, address: IpNet) -> TunnelConfig {
+        TunnelConfig {
+            private_key_file: self.key_file(data_dir),
+            listen_port: self.listen_port,
+            interface: self.interface.clone(),
+            address,
+            mtu: self.mtu,
+            offload: self.offload,
+            peers: Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,5 +402,76 @@ mod tests {
         );
         let err = TunnelConfig::parse(&text).unwrap_err().to_string();
         assert!(err.contains("peer[1].public_key"), "{err}");
+    }
+
+    #[test]
+    fn agent_section_defaults_and_errors_name_the_field() {
+        let d = AgentTunnelSection::default();
+        d.validate().unwrap();
+        assert_eq!(d.keepalive_secs(), Some(25));
+        assert_eq!(
+            d.key_file(Path::new("/var/lib/sg")),
+            Path::new("/var/lib/sg/tunnel.key")
+        );
+        assert_eq!(d.public_endpoint(), None);
+        let cases: [(&str, AgentTunnelSection); 6] = [
+            (
+                "tunnel.listen_port",
+                AgentTunnelSection {
+                    listen_port: 0,
+                    ..d.clone()
+                },
+            ),
+            (
+                "tunnel.mtu",
+                AgentTunnelSection {
+                    mtu: 100,
+                    ..d.clone()
+                },
+            ),
+            (
+                "tunnel.interface",
+                AgentTunnelSection {
+                    interface: "a b".into(),
+                    ..d.clone()
+                },
+            ),
+            (
+                "tunnel.public_endpoint",
+                AgentTunnelSection {
+                    public_endpoint: "nope".into(),
+                    ..d.clone()
+                },
+            ),
+            (
+                "tunnel.private_key_file",
+                AgentTunnelSection {
+                    private_key_file: "rel/k".into(),
+                    ..d.clone()
+                },
+            ),
+            (
+                "tunnel.persistent_keepalive",
+                AgentTunnelSection {
+                    persistent_keepalive: std::time::Duration::from_millis(1500),
+                    ..d.clone()
+                },
+            ),
+        ];
+        for (field, s) in cases {
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}`")), "{field}: {err}");
+        }
+        let s = AgentTunnelSection {
+            public_endpoint: "203.0.113.7:51820".into(),
+            persistent_keepalive: std::time::Duration::ZERO,
+            ..d
+        };
+        s.validate().unwrap();
+        assert_eq!(s.keepalive_secs(), None);
+        assert_eq!(
+            s.public_endpoint(),
+            Some("203.0.113.7:51820".parse().unwrap())
+        );
     }
 }

@@ -14,10 +14,15 @@
 //! - [`endpoint`]: the engine: packet loops and WireGuard's timers.
 //! - [`control`]: a small unix-socket control channel (stats, reload) for
 //!   the standalone `sparegrid-tunnel` binary.
+//! - [`service`]: the tunnel as the agent daemon runs it: the key at
+//!   start, the endpoint brought up on the controller's overlay lease, the
+//!   controller's peer list applied live, the heartbeat's report and the
+//!   status.
 //!
-//! The agent daemon wires it in with [`Tunnel::from_config`],
-//! [`Tunnel::update_peers`] (when the controller's peer list changes) and
-//! [`Tunnel::stats`] (status and metrics). See docs/tunnel.md.
+//! The agent daemon wires it in through [`TunnelService`] (with
+//! `[tunnel] enabled`, driven by the grid client, [`crate::grid`]); the
+//! endpoint itself is [`Tunnel::from_config`], [`Tunnel::update_peers`] and
+//! [`Tunnel::stats`]. See docs/tunnel.md.
 
 pub mod config;
 pub mod control;
@@ -25,11 +30,13 @@ pub mod device;
 pub mod endpoint;
 pub mod keys;
 pub mod peers;
+pub mod service;
 
-pub use config::{PeerConfig, TunnelConfig};
+pub use config::{AgentTunnelSection, PeerConfig, TunnelConfig};
 pub use endpoint::{EndpointError, Tunnel, TunnelStats};
 pub use keys::Key;
 pub use peers::{PeerChange, PeerStats};
+pub use service::{ServiceError, TunnelService};
 
 #[cfg(test)]
 mod tests;
