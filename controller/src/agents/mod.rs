@@ -67,6 +67,8 @@ mod slots;
 #[cfg(test)]
 mod lease_tests;
 #[cfg(test)]
+mod overlay_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -9,7 +9,7 @@
 //!   watch ID [--poll]               progress bar; exit 0 done, 1 failed/cancelled
 //!   results ID [--partial] [-o FILE]
 //!   cancel ID
-//!   hosts
+//!   hosts [--peers]                 --peers: each host's overlay tunnel peers
 //! ```
 //!
 //! `--controller` falls back to `SPAREGRID_CONTROLLER`, then
@@ -136,8 +136,14 @@ pub enum Cmd {
     },
     /// Cancel a job: queued subtasks are dropped, running ones stopped
     Cancel { id: String },
-    /// The hosts: state, load factor, dominant metric, free slots, running subtasks
-    Hosts,
+    /// The hosts: state, load factor, dominant metric, free slots, running
+    /// subtasks, overlay slice and connected tunnel peers
+    Hosts {
+        /// Also list each host's overlay tunnel peers: endpoint, last
+        /// handshake, bytes received and sent
+        #[arg(long)]
+        peers: bool,
+    },
 }
 
 /// Everything the CLI can fail with.
@@ -481,7 +487,7 @@ fn execute(cli: &Cli, opts: &RunOptions, io: &mut Io<'_>) -> Result<i32, CliErro
             }
             Ok(EXIT_OK)
         }
-        Cmd::Hosts => hosts(&client, io),
+        Cmd::Hosts { peers } => hosts(&client, io, *peers),
     }
 }
 
@@ -596,7 +602,7 @@ fn results(
     Ok(EXIT_OK)
 }
 
-fn hosts(client: &Client, io: &mut Io<'_>) -> Result<i32, CliError> {
+fn hosts(client: &Client, io: &mut Io<'_>, peers: bool) -> Result<i32, CliError> {
     let path = "/v1/hosts";
     let url = client.url(path);
     let resp = match client.get(path) {
@@ -626,5 +632,8 @@ fn hosts(client: &Client, io: &mut Io<'_>) -> Result<i32, CliError> {
         message: "expected a list of hosts or {\"hosts\": [...]}".to_owned(),
     })?;
     output::host_table(io.out, list).map_err(CliError::Output)?;
+    if peers {
+        output::overlay_peer_table(io.out, list).map_err(CliError::Output)?;
+    }
     Ok(EXIT_OK)
 }

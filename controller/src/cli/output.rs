@@ -278,13 +278,14 @@ pub fn host_list(v: &Value) -> Option<&Vec<Value>> {
 /// host or inside its last heartbeat, so the table reads the registry's
 /// host view as it stands: `id`/`host`, `state`, `load` (0..1, shown as a
 /// percentage), `dominant`, `free_slots`, `running` (a count or a list),
-/// `vms` (counts by VM state).
+/// `vms` (counts by VM state), `overlay` (its slice and the tunnel peers
+/// with a recent handshake of those it reported, `100.96.3.0/24 2/3`).
 pub fn host_table(out: &mut dyn Write, hosts: &[Value]) -> io::Result<()> {
     if hosts.is_empty() {
         return writeln!(out, "no hosts registered");
     }
     let mut t = Table::new(&[
-        "HOST", "STATE", ">LOAD", "DOMINANT", ">FREE", ">RUNNING", "VMS",
+        "HOST", "STATE", ">LOAD", "DOMINANT", ">FREE", ">RUNNING", "VMS", "OVERLAY",
     ]);
     for h in hosts {
         let load = pick(h, &["load", "load_factor", "last.load", "heartbeat.load"])
@@ -319,7 +320,92 @@ pub fn host_table(out: &mut dyn Write, hosts: &[Value]) -> io::Result<()> {
             )),
             text(pick(h, &["running", "last.running", "heartbeat.running"])),
             vms,
+            overlay_cell(h),
         ]);
+    }
+    t.write(out)
+}
+
+/// A tunnel peer of a host's overlay view, as `(host or key, endpoint,
+/// seconds since handshake, rx, tx)`.
+fn overlay_peers(h: &Value) -> Vec<(String, String, Option<u64>, u64, u64)> {
+    let Some(Value::Array(peers)) = pick(h, &["overlay.peers"]) else {
+        return Vec::new();
+    };
+    peers
+        .iter()
+        .map(|p| {
+            let num = |k: &str| p.get(k).and_then(Value::as_u64);
+            (
+                text(pick(p, &["host", "public_key"])),
+                text(pick(p, &["endpoint"])),
+                num("last_handshake_secs"),
+                num("rx_bytes").unwrap_or(0),
+                num("tx_bytes").unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// The `OVERLAY` cell: `slice connected/peers` (`-` without a slice; a
+/// slice without a tunnel is marked `(no tunnel)`).
+fn overlay_cell(h: &Value) -> String {
+    let Some(slice) = pick(h, &["overlay.slice"]).and_then(Value::as_str) else {
+        return "-".to_owned();
+    };
+    if !pick(h, &["overlay.listed"])
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+    {
+        return format!("{slice} (unlisted)");
+    }
+    let peers = overlay_peers(h);
+    let recent = peers
+        .iter()
+        .filter(|p| {
+            p.2.is_some_and(|s| s <= crate::overlay::RECENT_HANDSHAKE_SECS)
+        })
+        .count();
+    format!("{slice} {recent}/{}", peers.len())
+}
+
+/// Bytes in binary units (`1.5 MiB`).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `hosts --peers`: each host's tunnel peers as it last reported them.
+pub fn overlay_peer_table(out: &mut dyn Write, hosts: &[Value]) -> io::Result<()> {
+    let mut t = Table::new(&["HOST", "PEER", "ENDPOINT", ">HANDSHAKE", ">RX", ">TX"]);
+    let mut rows = 0;
+    for h in hosts {
+        let host = text(pick(h, &["id", "host", "name"]));
+        for (peer, endpoint, handshake, rx, tx) in overlay_peers(h) {
+            t.row(vec![
+                host.clone(),
+                peer,
+                endpoint,
+                handshake.map_or_else(|| "never".to_owned(), |s| format!("{s} s ago")),
+                bytes(rx),
+                bytes(tx),
+            ]);
+            rows += 1;
+        }
+    }
+    writeln!(out)?;
+    if rows == 0 {
+        return writeln!(out, "no overlay tunnel peers reported");
     }
     t.write(out)
 }
@@ -348,6 +434,50 @@ mod tests {
         assert_eq!(duration_ms(123_000), "2 min 3 s");
         assert_eq!(duration_ms(3_720_000), "1 h 2 min");
         assert_eq!(duration_ms(-5), "0.0 s");
+    }
+
+    #[test]
+    fn overlay_column_and_peer_table() {
+        let hosts = json!({"hosts": [
+            {"id": "a", "state": "active", "overlay": {
+                "slice": "100.96.1.0/24", "listed": true,
+                "peers": [
+                    {"host": "b", "public_key": "kb", "endpoint": "192.0.2.2:51820",
+                     "last_handshake_secs": 12, "rx_bytes": 1536, "tx_bytes": 10},
+                    {"host": null, "public_key": "kc", "endpoint": null,
+                     "last_handshake_secs": null, "rx_bytes": 0, "tx_bytes": 0},
+                    {"host": "d", "public_key": "kd", "last_handshake_secs": 900,
+                     "rx_bytes": 0, "tx_bytes": 0}
+                ]}},
+            {"id": "b", "state": "active", "overlay": {"slice": "100.96.2.0/24",
+             "listed": false, "peers": []}},
+            {"id": "c", "state": "active"}
+        ]});
+        let list = host_list(&hosts).unwrap();
+        let mut out = Vec::new();
+        host_table(&mut out, list).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert!(lines[0].ends_with("OVERLAY"), "{s}");
+        // One of three peers had a handshake in the last 180 s.
+        assert!(lines[1].ends_with("100.96.1.0/24 1/3"), "{s}");
+        assert!(lines[2].ends_with("100.96.2.0/24 (unlisted)"), "{s}");
+        assert!(lines[3].ends_with(" -"), "{s}");
+        let mut out = Vec::new();
+        overlay_peer_table(&mut out, list).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 5, "blank, header, three peers: {s}");
+        assert!(lines[1].starts_with("HOST"), "{s}");
+        for w in ["a", "b", "192.0.2.2:51820", "12 s ago", "1.5 KiB", "10 B"] {
+            assert!(lines[2].contains(w), "{w}: {s}");
+        }
+        assert!(lines[3].contains("kc") && lines[3].contains("never"), "{s}");
+        let mut out = Vec::new();
+        overlay_peer_table(&mut out, &list[1..]).unwrap();
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("no overlay tunnel peers"));
     }
 
     #[test]
