@@ -47,6 +47,9 @@ pub struct Config {
     pub peers: crate::peer::config::PeersSection,
     /// The resumable file-transfer endpoint ([`crate::transfer`]).
     pub transfer: crate::transfer::TransferConfig,
+    /// Grid networking on the overlay: the grid bridge, its filtering
+    /// ([`crate::overlay`]).
+    pub overlay: crate::overlay::OverlaySection,
     /// The WireGuard tunnel endpoint of the grid overlay
     /// ([`crate::tunnel::service`]); its address and peers come from the
     /// controller.
@@ -729,6 +732,7 @@ impl Config {
         }
         self.controller.validate()?;
         self.peers.validate()?;
+        self.overlay.validate()?;
         self.transfer
             .validate()
             .map_err(|e| invalid(&e.field, e.message))?;

@@ -19,6 +19,8 @@
 //!   checkpoint journals), the `sparegrid-transfer` crate re-exported;
 //!   served with `[transfer] enabled`.
 //! - [`peer`]: p2p work stealing's durable queue and trade protocol.
+//! - [`overlay`]: the grid bridge of this host's overlay slice, its
+//!   nftables filtering, grid namespaces for overlay subtasks.
 //! - [`tunnel`]: the WireGuard tunnel endpoint (not yet wired into the
 //!   daemon; see docs/tunnel.md).
 
@@ -30,6 +32,7 @@ pub mod discover;
 pub mod grid;
 pub mod guestlink;
 pub mod load;
+pub mod overlay;
 pub mod peer;
 pub mod policy;
 pub mod runtime;

@@ -22,6 +22,13 @@
 //! not reported: the controller has already handed it elsewhere or
 //! cancelled it.
 //!
+//! **Overlay network.** An assignment with `network = overlay` runs, on the
+//! process backend, in a fresh grid namespace on the host's grid bridge
+//! ([`Runner::with_overlay`], [`crate::overlay`]), torn down when it ends.
+//! Without an overlay (no tunnel, or no slice leased yet) it ends at once
+//! with an error in its completion; on the grid VM backend too, for now
+//! ([`VM_OVERLAY_MISSING`]).
+//!
 //! **Peer-to-peer attempts** ([`Runner::submit_p2p`], taken from the
 //! agent's durable peer queue by [`crate::peer::node`]) run like pushed
 //! ones but never reach the controller through the runner: they are left
@@ -43,11 +50,13 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
+use sparegrid_proto::overlay::Network;
 
 use std::sync::Arc;
 
 use crate::guestlink::{GuestPool, VmEnd};
-use crate::subtask::{label, Activity, Executor, RunningSubtask};
+use crate::overlay::{HostNet, OverlayError};
+use crate::subtask::{label, Activity, Executor, RunningSubtask, SubtaskError};
 
 /// Where subtasks run (see the module docs).
 pub enum Backend {
@@ -76,6 +85,10 @@ impl Backend {
 /// their grid VM went away (not a failure).
 pub const PREEMPTED: &str = "preempted: its grid VM was reclaimed";
 
+/// The error of a `network = overlay` subtask on the libvirt runtime.
+pub const VM_OVERLAY_MISSING: &str =
+    "network = overlay is not supported in grid VMs yet (run the agent with the process runtime)";
+
 /// Peer-to-peer attempts that are over in the runner ([`Runner::take_p2p`]).
 #[derive(Debug, Default)]
 pub struct P2pEnds {
@@ -89,6 +102,8 @@ pub struct P2pEnds {
 
 pub struct Runner {
     backend: Backend,
+    /// The host's grid bridge, for `network = overlay` subtasks.
+    overlay: Option<Arc<HostNet>>,
     state: Mutex<State>,
     /// Bumped when something is added to the outbox or the release list,
     /// so the client thread reports it at once instead of on its next tick.
@@ -168,9 +183,42 @@ impl Runner {
     pub fn new(backend: impl Into<Backend>) -> Runner {
         Runner {
             backend: backend.into(),
+            overlay: None,
             state: Mutex::new(State::default()),
             reports: Activity::default(),
         }
+    }
+
+    /// Gives the runner the host's grid bridge: `network = overlay`
+    /// subtasks then run in a grid namespace on it (process backend).
+    /// Without it, or before the controller leased a slice, such a subtask
+    /// ends at once with an error saying so.
+    pub fn with_overlay(mut self, overlay: Option<Arc<HostNet>>) -> Runner {
+        self.overlay = overlay;
+        self
+    }
+
+    /// Starts one assignment on the process backend, in a grid namespace
+    /// when it asks for the overlay.
+    fn start_process(
+        &self,
+        executor: &Executor,
+        a: &Assignment,
+    ) -> Result<RunningSubtask, SubtaskError> {
+        let net = match a.network {
+            Network::None => None,
+            Network::Overlay => {
+                let attached = match &self.overlay {
+                    Some(host) => host.attach_namespace(&label(&a.attempt)),
+                    None => Err(OverlayError::NotConfigured),
+                };
+                Some(attached.map_err(|source| SubtaskError::Network {
+                    subtask: label(&a.attempt),
+                    source,
+                })?)
+            }
+        };
+        executor.start_with(a, net)
     }
 
     /// The driver's wake-up counter: bumped when a subtask ends or new work
@@ -460,7 +508,7 @@ impl Runner {
         let reported_before = st.pending_reports();
         if !suspend {
             while let Some(a) = st.queued.pop_front() {
-                match executor.start(&a) {
+                match self.start_process(executor, &a) {
                     Ok(r) => st.running.push(r),
                     Err(e) => {
                         tracing::warn!("{e}");
@@ -557,6 +605,23 @@ impl Runner {
         }
         if !suspend && st.draining.is_none() {
             while let Some(a) = st.queued.pop_front() {
+                if a.network == Network::Overlay {
+                    // Grid VMs get no NIC yet (see docs/tunnel.md): such a
+                    // subtask fails rather than run without its network.
+                    st.finished(Completion {
+                        attempt: a.attempt,
+                        host: pool.options().host.clone(),
+                        exit_code: None,
+                        signal: None,
+                        error: Some(VM_OVERLAY_MISSING.into()),
+                        stdout: Vec::new(),
+                        stderr: Vec::new(),
+                        stdout_size: 0,
+                        stderr_size: 0,
+                        duration_ms: 0,
+                    });
+                    continue;
+                }
                 let attempt = a.attempt.clone();
                 match pool.start(a) {
                     Ok(()) => st.in_vm.push(attempt),
@@ -605,5 +670,104 @@ impl Runner {
         for mut r in running {
             r.cancel("the agent is stopping");
         }
+    }
+}
+
+#[cfg(test)]
+mod overlay_tests {
+    //! `network = overlay` on the runner without root: the errors when
+    //! there is no overlay or no lease, and the attachment's commands on a
+    //! recorded host (tests/tests/overlay_filter.rs runs the real thing).
+
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
+    use sparegrid_proto::overlay::{Network, OverlayLease};
+
+    use super::*;
+    use crate::overlay::{OverlaySection, Recorder};
+    use crate::subtask::Limits;
+
+    fn assignment(index: u64, network: Network) -> Assignment {
+        Assignment {
+            attempt: AttemptRef {
+                job: "net".into(),
+                index,
+                epoch: 1,
+            },
+            argv: vec!["sh".into(), "-c".into(), "echo ran".into()],
+            env: BTreeMap::new(),
+            stdin: Vec::new(),
+            timeout_ms: 10_000,
+            vcpus: 1,
+            memory_mib: 64,
+            network,
+        }
+    }
+
+    fn run_one(r: &Runner) -> Completion {
+        let t = Instant::now();
+        loop {
+            r.tick(false);
+            if let Some(c) = r.take_outbox(1).pop() {
+                return c;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no completion");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn overlay_without_a_tunnel_fails_in_the_completion() {
+        let r = Runner::new(Executor::new(None, "h", Limits::default()));
+        r.submit(vec![assignment(0, Network::Overlay)]);
+        let c = run_one(&r);
+        assert_eq!(c.exit_code, None);
+        let e = c.error.unwrap();
+        assert!(e.contains("no overlay"), "{e}");
+        assert!(c.stdout.is_empty(), "it must not run on the host's network");
+        // A job without the overlay still runs.
+        r.submit(vec![assignment(1, Network::None)]);
+        let c = run_one(&r);
+        assert_eq!(c.exit_code, Some(0), "{:?}", c.error);
+        assert_eq!(c.stdout, b"ran\n");
+    }
+
+    #[test]
+    fn overlay_before_a_lease_fails_and_after_it_attaches() {
+        let rec = Arc::new(Recorder::default());
+        let host = Arc::new(HostNet::with_ops(&OverlaySection::default(), rec.clone()).unwrap());
+        let r = Runner::new(Executor::new(None, "h", Limits::default()))
+            .with_overlay(Some(Arc::clone(&host)));
+        r.submit(vec![assignment(0, Network::Overlay)]);
+        let e = run_one(&r).error.unwrap();
+        assert!(e.contains("net/0#1") && e.contains("not leased"), "{e}");
+        host.apply_lease(&OverlayLease {
+            cidr: "100.96.0.0/16".into(),
+            slice: "100.96.3.0/24".into(),
+            address: "100.96.3.1/24".into(),
+        })
+        .unwrap();
+        rec.take();
+        r.submit(vec![assignment(1, Network::Overlay)]);
+        let c = run_one(&r);
+        let log = rec.take();
+        assert!(
+            log.contains(&"ip netns add sg-grid-0".to_string()),
+            "{log:?}"
+        );
+        // The recorder made no namespace, so entering it fails: reported.
+        let e = c.error.unwrap();
+        assert!(e.contains("/run/netns/sg-grid-0"), "{e}");
+        // And the namespace is torn down, its address free again.
+        assert!(
+            log.ends_with(&[
+                "ip link del dev sgv0".into(),
+                "ip netns del sg-grid-0".into()
+            ]),
+            "{log:?}"
+        );
+        assert_eq!(host.status().guests, 0);
     }
 }

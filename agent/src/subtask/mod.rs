@@ -27,6 +27,14 @@
 //!   where there is none), cancels, enforces the timeout and reports the
 //!   [`Completion`]; it removes the child cgroup once the command has ended.
 //!
+//! - `network = overlay`: [`Executor::start_with`] takes a grid namespace
+//!   ([`crate::overlay::Attachment`]); the command enters it in the same
+//!   `pre_exec` hook, before it joins its cgroup, gets
+//!   `SPAREGRID_OVERLAY_ADDRESS` (`100.96.3.2/24`) and
+//!   `SPAREGRID_OVERLAY_GATEWAY` in its environment, and the namespace is
+//!   torn down when the subtask has ended. Without one, such a subtask ends
+//!   at once with an error instead of running on the host's network.
+//!
 //! Bad input never panics: an empty argv, a missing binary, a NUL byte or a
 //! bad env name give a completed subtask whose `error` says so. Only
 //! agent-side trouble (the cgroup cannot be created, or still holds
@@ -50,6 +58,7 @@ use std::time::{Duration, Instant};
 use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
 
 use crate::cgroup::{CgroupError, GridCgroup};
+use crate::overlay::{Attachment, OverlayError};
 
 pub use running::RunningSubtask;
 
@@ -90,6 +99,12 @@ pub enum SubtaskError {
         subtask: String,
         group: String,
         pids: Vec<u32>,
+    },
+    #[error("subtask {subtask}: {source}")]
+    Network {
+        subtask: String,
+        #[source]
+        source: OverlayError,
     },
     #[error("subtask {subtask}: {op}: {message}")]
     Op {
@@ -228,7 +243,20 @@ impl Executor {
     /// A subtask that cannot start for its own reasons (empty argv, missing
     /// binary, …) is returned already completed with `error` set.
     pub fn start(&self, a: &Assignment) -> Result<RunningSubtask, SubtaskError> {
-        running::start(self, a)
+        running::start(self, a, None)
+    }
+
+    /// [`Executor::start`] in a grid namespace: the command runs inside
+    /// `net` (entered before exec) and the attachment is torn down with
+    /// the subtask. An assignment with `network = overlay` must come this
+    /// way; through [`Executor::start`] it fails (it would otherwise run
+    /// on the host's network).
+    pub fn start_with(
+        &self,
+        a: &Assignment,
+        net: Option<Attachment>,
+    ) -> Result<RunningSubtask, SubtaskError> {
+        running::start(self, a, net)
     }
 
     /// The completion to report when [`Executor::start`] failed on the agent

@@ -16,6 +16,8 @@
 //!   [`super`]), a subtask is pending: `try_wait` returns None without
 //!   waiting, while `pid`, `suspend`, `cancel` and drop wait for the report
 //!   (a spawn takes milliseconds).
+//! - A grid namespace ([`Attachment`]) is held until the subtask has
+//!   ended and its processes are gone, then dropped (torn down).
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -35,6 +37,8 @@ use sparegrid_proto::grid::{Assignment, AttemptRef, Completion};
 use super::capture::{self, Captured, Drain, Reader};
 use super::{cgroup_name, label, Activity, Executor, SubtaskError, BASE_PATH};
 use crate::cgroup::{CgroupError, GridCgroup, Partition};
+use crate::overlay::Attachment;
+use sparegrid_proto::overlay::Network;
 
 /// How long the end of a subtask waits for its processes to leave the
 /// child cgroup after SIGKILL before giving up on removing it.
@@ -80,6 +84,8 @@ pub struct RunningSubtask {
     paused_total: Duration,
     error: Option<String>,
     done: Option<Completion>,
+    /// The grid namespace (`network = overlay`) until the subtask has ended.
+    net: Option<Attachment>,
 }
 
 fn op(a: &AttemptRef, op: &'static str, message: impl Into<String>) -> SubtaskError {
@@ -119,11 +125,19 @@ fn check_input(a: &Assignment) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs in the forked child before exec: raises its OOM score (best effort)
-/// and joins the child group in every hierarchy by writing "0" (the writer
-/// itself) to each procs file. Only async-signal-safe calls (open, write,
-/// close), no allocation.
-fn pre_exec_hook(oom: &CString, files: &[CString]) -> std::io::Result<()> {
+/// Runs in the forked child before exec: enters the grid namespace if
+/// there is one, raises its OOM score (best effort) and joins the child
+/// group in every hierarchy by writing "0" (the writer itself) to each
+/// procs file. Only async-signal-safe calls (setns, open, write, close), no
+/// allocation.
+fn pre_exec_hook(oom: &CString, files: &[CString], netns: Option<RawFd>) -> std::io::Result<()> {
+    if let Some(fd) = netns {
+        // SAFETY: setns takes a descriptor and a flag; `fd` is open (the
+        // parent keeps it until the spawn has returned).
+        if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     // Failing to raise the OOM score is not worth failing the subtask.
     let _ = crate::cgroup::files::write_in_child(oom, b"1000");
     crate::cgroup::files::join_in_child(files)
@@ -167,7 +181,11 @@ fn pids_or_none(part: &dyn Partition, name: &str) -> Result<Vec<u32>, CgroupErro
     }
 }
 
-pub(super) fn start(ex: &Executor, a: &Assignment) -> Result<RunningSubtask, SubtaskError> {
+pub(super) fn start(
+    ex: &Executor,
+    a: &Assignment,
+    net: Option<Attachment>,
+) -> Result<RunningSubtask, SubtaskError> {
     let at = &a.attempt;
     let mut rs = RunningSubtask {
         attempt: at.clone(),
@@ -183,11 +201,32 @@ pub(super) fn start(ex: &Executor, a: &Assignment) -> Result<RunningSubtask, Sub
         paused_total: Duration::ZERO,
         error: None,
         done: None,
+        net,
     };
     if let Err(msg) = check_input(a) {
         rs.error = Some(format!("spawn failed: {msg}"));
         return Ok(rs);
     }
+    if a.network == Network::Overlay && rs.net.is_none() {
+        rs.error = Some(
+            "spawn failed: network = overlay, but the subtask was started without a grid namespace"
+                .into(),
+        );
+        return Ok(rs);
+    }
+    // Opened here (close-on-exec) and entered in the child before exec.
+    let netns = match rs.net.as_ref().map(|n| (n.open_netns(), n.netns_path())) {
+        None => None,
+        Some((Ok(f), _)) => Some(f),
+        Some((Err(e), path)) => {
+            rs.error = Some(format!(
+                "spawn failed: cannot open the grid namespace {}: {e}",
+                path.display()
+            ));
+            return Ok(rs);
+        }
+    };
+    let net_env: Vec<(&str, String)> = rs.net.iter().flat_map(|n| n.env()).collect();
 
     let mut files = Vec::new();
     if let Some(cgroup) = &ex.cgroup {
@@ -247,6 +286,7 @@ pub(super) fn start(ex: &Executor, a: &Assignment) -> Result<RunningSubtask, Sub
         .env("SPAREGRID_JOB", &at.job)
         .env("SPAREGRID_INDEX", at.index.to_string())
         .env("SPAREGRID_EPOCH", at.epoch.to_string())
+        .envs(net_env)
         .envs(&a.env)
         .current_dir(WORKDIR)
         .process_group(0)
@@ -260,7 +300,7 @@ pub(super) fn start(ex: &Executor, a: &Assignment) -> Result<RunningSubtask, Sub
     // SAFETY: the hook only calls open/write/close on paths prepared above;
     // it neither allocates nor takes locks.
     unsafe {
-        cmd.pre_exec(move || pre_exec_hook(&oom, &files));
+        cmd.pre_exec(move || pre_exec_hook(&oom, &files, netns.as_ref().map(|f| f.as_raw_fd())));
     }
     // The command is spawned on its I/O thread, not here: joining the child
     // cgroups before exec makes the kernel migrate the process, which often
@@ -752,6 +792,8 @@ impl RunningSubtask {
         let proc_ = self.proc_.take();
         self.paused = None;
         self.remove_group();
+        // Its processes are gone: the grid namespace (if any) goes too.
+        drop(self.net.take());
         let (out, err) = match proc_ {
             Some(p) => (
                 p.stdout.map(|r| r.finish(READER_GRACE)).unwrap_or_default(),
