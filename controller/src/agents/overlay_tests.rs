@@ -468,3 +468,60 @@ async fn a_controller_restart_keeps_slices_and_the_list_version() {
     assert_eq!(fresh.version, version);
     assert_eq!(fresh.peers[0].host, "b");
 }
+
+#[tokio::test]
+async fn a_host_back_without_its_tunnel_keeps_its_slice_but_leaves_the_list() {
+    let ctl = start(
+        Arc::new(SqliteStore::open_in_memory().unwrap()),
+        &config(|_| {}),
+    )
+    .await;
+    ctl.register_ok(register("a", Some((K1, None)))).await;
+    ctl.register_ok(register("b", Some((K2, None)))).await;
+    let v = ctl
+        .heartbeat(heartbeat("a", report(0, vec![])))
+        .await
+        .overlay_peers
+        .unwrap();
+    assert_eq!(v.peers.len(), 1);
+    // b restarts without [tunnel].
+    assert_eq!(ctl.register_ok(register("b", None)).await.overlay, None);
+    let p = ctl
+        .heartbeat(heartbeat("a", report(v.version, vec![])))
+        .await
+        .overlay_peers
+        .expect("a's list changed");
+    assert!(p.peers.is_empty(), "{p:?}");
+    let hosts: Value = serde_json::from_str(&ctl.get("/v1/hosts").await).unwrap();
+    let b = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == "b")
+        .unwrap();
+    assert_eq!(b["overlay"]["slice"], "100.96.2.0/24");
+    assert_eq!(b["overlay"]["listed"], false);
+    assert!(b["overlay"]["public_key"].is_null());
+    // No overlay work for it; with its tunnel back, the same slice.
+    ctl.heartbeat(heartbeat("b", None)).await;
+    let (status, _) = ctl.submit(overlay_job("pull")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut plain = overlay_job("pull");
+    plain["network"] = json!("none");
+    plain["split"]["range"]["end"] = json!(1);
+    assert_eq!(ctl.submit(plain).await.0, StatusCode::CREATED);
+    // It may lease (the plain job), but nothing of the overlay job.
+    let got = ctl.lease("b").await.leases;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].assignment.network, Network::None);
+    let back = ctl.register_ok(register("b", Some((K2, None)))).await;
+    assert_eq!(back.overlay.unwrap().slice, "100.96.2.0/24");
+    ctl.heartbeat(heartbeat("b", None)).await;
+    assert_eq!(ctl.lease("b").await.leases.len(), 2);
+    let p2 = ctl
+        .heartbeat(heartbeat("a", report(p.version, vec![])))
+        .await
+        .overlay_peers
+        .expect("b is back in a's list");
+    assert_eq!(p2.version, v.version, "the same list as before");
+}

@@ -41,29 +41,24 @@ pub(crate) async fn register(
     };
     let host = reg.host.clone();
     let Some(t) = &reg.tunnel else {
-        let had_key = plane
-            .overlay()
-            .peers
-            .member(&host)
-            .is_some_and(|m| m.public_key.is_some());
-        if had_key {
-            let h = host.clone();
-            plane.blocking(move |s| s.detach_slice(Some(&h))).await?;
-            let mut o = plane.overlay();
-            if let Some(m) = o.peers.member(&host).cloned() {
-                o.peers.upsert(
-                    &host,
-                    Member {
-                        public_key: None,
-                        endpoint: None,
-                        active: true,
-                        ..m
-                    },
-                );
+        // Always asked of the store (not only when the member we know has
+        // a key): a slice restored a moment later must not keep its key.
+        let h = host.clone();
+        plane.blocking(move |s| s.detach_slice(Some(&h))).await?;
+        let mut o = plane.overlay();
+        if let Some(m) = o.peers.member(&host).cloned() {
+            if m.public_key.is_some() {
+                tracing::info!(host = %host, "host registered without its tunnel; out of the peer list");
             }
-            tracing::info!(host = %host, "host registered without its tunnel; out of the peer list");
-        } else {
-            plane.overlay().peers.set_active(&host, true);
+            o.peers.upsert(
+                &host,
+                Member {
+                    public_key: None,
+                    endpoint: None,
+                    active: true,
+                    ..m
+                },
+            );
         }
         return Ok(None);
     };
