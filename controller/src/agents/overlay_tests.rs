@@ -525,3 +525,38 @@ async fn a_host_back_without_its_tunnel_keeps_its_slice_but_leaves_the_list() {
         .expect("b is back in a's list");
     assert_eq!(p2.version, v.version, "the same list as before");
 }
+
+#[tokio::test]
+async fn a_full_pool_registers_without_a_slice_and_counts_it() {
+    // A /29 of /30s: one slice (slice 0 is kept unused).
+    let ctl = start(
+        Arc::new(SqliteStore::open_in_memory().unwrap()),
+        &config(|c| {
+            c.overlay.cidr = "10.9.0.0/29".into();
+            c.overlay.slice_prefix = 30;
+        }),
+    )
+    .await;
+    let a = ctl.register_ok(register("a", Some((K1, None)))).await;
+    let lease = a.overlay.unwrap();
+    assert_eq!(
+        (lease.slice.as_str(), lease.address.as_str()),
+        ("10.9.0.4/30", "10.9.0.5/30")
+    );
+    let b = ctl.register_ok(register("b", Some((K2, None)))).await;
+    assert_eq!(b.overlay, None, "registered, without a slice");
+    assert_eq!(
+        ctl.heartbeat(heartbeat("b", report(0, vec![])))
+            .await
+            .overlay_peers,
+        None
+    );
+    let m = ctl.get("/metrics").await;
+    for line in [
+        "sparegrid_overlay_pool_exhausted_total 1",
+        "sparegrid_overlay_slices_in_use 1",
+        "sparegrid_overlay_slices_capacity 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} missing in:\n{m}");
+    }
+}
