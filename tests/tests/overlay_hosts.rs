@@ -439,17 +439,16 @@ fn root_overlay_three_agents_mesh_cut_and_reject_unknown_key() {
 
     // 2. Host 0 reaches hosts 1 and 2 through the tunnel.
     let h0 = lab.hosts[0].ns.clone();
-    for j in 1..AGENTS {
+    for (j, &addr) in addrs.iter().enumerate().skip(1) {
         assert!(
-            ping_until(&h0, addrs[j], DEADLINE),
-            "ov0 cannot reach ov{j} at {}\n{}",
-            addrs[j],
+            ping_until(&h0, addr, DEADLINE),
+            "ov0 cannot reach ov{j} at {addr}\n{}",
             report(&agents)
         );
         let (sent, got, n) = tcp_transfer(
             &h0,
             &lab.hosts[j].ns,
-            addrs[j],
+            addr,
             5000 + j as u16,
             TRANSFER,
             DEADLINE,
@@ -462,8 +461,8 @@ fn root_overlay_three_agents_mesh_cut_and_reject_unknown_key() {
         "ov1 cannot reach ov2"
     );
     let t0 = agents[0].tunnel().expect("ov0 tunnel");
-    for j in 1..AGENTS {
-        let p = peer(&t0, &agents[j].host).expect("peer");
+    for (j, a) in agents.iter().enumerate().skip(1) {
+        let p = peer(&t0, &a.host).expect("peer");
         assert!(
             p.tx_bytes >= TRANSFER as u64,
             "ov0 sent {TRANSFER} bytes to ov{j} but counts {}: {p:?}",

@@ -543,4 +543,80 @@ mod tests {
         assert_eq!(st.listen_port, 51820);
         assert_eq!(st.public_key, s.public_key().to_string());
     }
+
+    /// Root only: in a private network namespace (this thread's, inherited
+    /// by the tunnel's threads and its `ip` commands), a real TUN device
+    /// comes up on the lease, the same lease again changes nothing, a
+    /// changed slice restarts it on the new address with the peer list
+    /// kept, and shutdown removes the device.
+    #[test]
+    fn root_lease_brings_the_device_up_and_a_new_slice_moves_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+            eprintln!("skipping: needs root and /dev/net/tun");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) of this thread's network namespace only.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let ip = |args: &[&str]| {
+                let out = std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .expect("ip");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            ip(&["link", "set", "lo", "up"]);
+            let dir = tempfile::tempdir().unwrap();
+            let s = service(dir.path());
+            let other = Key::generate().unwrap().public();
+            let list = OverlayPeers {
+                version: 7,
+                peers: vec![OverlayPeer {
+                    host: "h2".into(),
+                    public_key: other.to_string(),
+                    endpoint: Some("192.0.2.2:51820".into()),
+                    // Outside the overlay: the endpoint routes it itself.
+                    allowed_ips: vec!["100.96.2.0/24".into(), "10.99.0.0/16".into()],
+                }],
+            };
+            // Peers first (kept until the lease), then the lease.
+            assert!(s.apply_peers(&list).unwrap().is_none());
+            let a = lease("100.96.0.0/16", "100.96.3.0/24", "100.96.3.1/24");
+            assert!(s.apply_lease(&a).unwrap());
+            let st = s.status();
+            assert!(st.up, "{st:?}");
+            assert_eq!(st.address.as_deref(), Some("100.96.3.1/16"));
+            assert_eq!(st.peers_version, 7, "the kept list is applied");
+            assert_eq!(st.peers[0].host.as_deref(), Some("h2"));
+            assert!(ip(&["-o", "addr", "show", "dev", "sgtun0"]).contains("100.96.3.1/16"));
+            let routes = ip(&["route", "show", "dev", "sgtun0"]);
+            assert!(routes.contains("100.96.0.0/16"), "{routes}");
+            assert!(routes.contains("10.99.0.0/16"), "{routes}");
+            assert!(!s.apply_lease(&a).unwrap(), "the same lease is a no-op");
+            assert_eq!(s.report().peers_version, 7);
+            s.forget_version();
+            assert_eq!(s.report().peers_version, 0);
+            // A re-registration with another slice.
+            let b = lease("100.96.0.0/16", "100.96.5.0/24", "100.96.5.1/24");
+            assert!(s.apply_lease(&b).unwrap());
+            let st = s.status();
+            assert_eq!(st.address.as_deref(), Some("100.96.5.1/16"));
+            assert_eq!(st.peers_version, 7, "re-applied on the new device");
+            let addrs = ip(&["-o", "addr", "show", "dev", "sgtun0"]);
+            assert!(
+                addrs.contains("100.96.5.1/16") && !addrs.contains("100.96.3.1"),
+                "{addrs}"
+            );
+            s.shutdown();
+            assert!(!s.status().up);
+            assert!(
+                ip(&["-o", "link", "show", "dev", "sgtun0"]).is_empty(),
+                "the device is gone"
+            );
+        })
+        .join()
+        .expect("test thread");
+    }
 }
