@@ -21,10 +21,13 @@
 //! Order of [`HostNet::apply_lease`]: the nftables table first (so the
 //! bridge never exists unfiltered), then the bridge (created if missing,
 //! its old addresses flushed, the host's slice address added, up, IPv6
-//! off), then IPv4 forwarding on the bridge and on the interfaces given
-//! with [`HostNet::forward_from`] (the tunnel's TUN device) only: per
-//! interface, so the host does not start routing between its other
-//! networks (`net.ipv4.ip_forward` is left alone).
+//! off), then IPv4 forwarding on the bridge, on the interfaces given with
+//! [`HostNet::forward_from`] (the tunnel's TUN device: traffic from other
+//! slices comes in there) and on those the `allow` CIDRs are routed
+//! through when the lease is applied (`ip route get`; their replies come in
+//! there): per interface, so the host does not start routing between its
+//! other networks (`net.ipv4.ip_forward` is left alone; the kernel checks
+//! the flag of the interface a packet arrives on).
 
 pub mod attach;
 pub mod config;
@@ -149,6 +152,18 @@ impl Inner {
     }
 }
 
+/// The interface `net` is routed through now (`ip route get`), unless it
+/// is the host itself (`lo`) or there is no route.
+fn route_dev(ops: &dyn NetOps, net: &Ipv4Net) -> Option<String> {
+    let addr = net.network().to_string();
+    let out = ops
+        .run(&["ip", "-o", "-4", "route", "get", &addr], None)
+        .ok()?;
+    let mut words = out.split_whitespace();
+    let dev = words.find(|w| *w == "dev").and_then(|_| words.next())?;
+    (dev != "lo" && config::valid_ifname(dev)).then(|| dev.to_owned())
+}
+
 /// The grid bridge, its filtering and its guests (see the module docs).
 pub struct HostNet {
     inner: Arc<Inner>,
@@ -231,7 +246,20 @@ impl HostNet {
         ops.run(&["ip", "-4", "addr", "flush", "dev", br], None)?;
         ops.run(&["ip", "addr", "add", &lease.host_cidr(), "dev", br], None)?;
         ops.run(&["ip", "link", "set", "dev", br, "up"], None)?;
-        for dev in std::iter::once(br).chain(inner.forward_from.iter().map(String::as_str)) {
+        let mut forward: Vec<String> = std::iter::once(br.to_owned())
+            .chain(inner.forward_from.iter().cloned())
+            .collect();
+        for net in &inner.allow {
+            // Replies from an allowed network come in where it is routed.
+            match route_dev(ops.as_ref(), net) {
+                Some(dev) if !forward.contains(&dev) => forward.push(dev),
+                Some(_) => {}
+                None => tracing::warn!(
+                    "overlay.allow {net}: no route to it now; grid traffic to it cannot return"
+                ),
+            }
+        }
+        for dev in &forward {
             ops.sysctl(&format!("net/ipv4/conf/{dev}/forwarding"), "1")?;
         }
         let generation = u64::from(inner.generations.fetch_add(1, Ordering::Relaxed)) + 1;

@@ -21,8 +21,10 @@
 //!   the host from an overlay address that is not a host's (the first
 //!   address of its slice), i.e. other hosts' grid VMs coming through the
 //!   tunnel; host-to-host traffic over the overlay stays open.
-//! - **forward, from the bridge**: not IPv4, or a source outside this
-//!   host's slice (spoofed), is dropped (`grid_spoofed`); a destination in
+//! - **forward, from the bridge**: IPv6 is dropped (`grid_ipv6`: the
+//!   overlay is IPv4; grid namespaces still send router solicitations), a
+//!   source outside this host's slice (spoofed) too (`grid_spoofed`); a
+//!   destination in
 //!   the overlay (other grid VMs here or, through the tunnel, elsewhere) or
 //!   in `allow` is accepted; anything else (customers, the internet) is
 //!   dropped (`grid_to_outside`).
@@ -48,10 +50,11 @@ use super::lease::Lease;
 pub const TABLE: &str = "sparegrid";
 
 /// The drop counters, in the order the ruleset declares them.
-pub const COUNTERS: [&str; 4] = [
+pub const COUNTERS: [&str; 5] = [
     "grid_to_host",
     "overlay_to_host",
     "grid_spoofed",
+    "grid_ipv6",
     "grid_to_outside",
 ];
 /// Counter of packets dropped on their way into the grid.
@@ -96,7 +99,7 @@ pub fn ruleset(bridge: &str, lease: &Lease, allow: &[Ipv4Net]) -> String {
     line(&format!("\t\toifname \"{bridge}\" jump to_grid"));
     line("\t}");
     line("\tchain from_grid {");
-    line("\t\tmeta nfproto != ipv4 counter name grid_spoofed drop");
+    line("\t\tmeta nfproto != ipv4 counter name grid_ipv6 drop");
     line(&format!(
         "\t\tip saddr != {slice} counter name grid_spoofed drop"
     ));

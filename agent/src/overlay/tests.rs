@@ -45,6 +45,8 @@ fn apply_lease_filters_first_then_builds_the_bridge() {
             "ip -4 addr flush dev sgbr0",
             "ip addr add 100.96.3.1/24 dev sgbr0",
             "ip link set dev sgbr0 up",
+            // No answer from the recorder: no route to the allowed CIDR.
+            "ip -o -4 route get 192.0.2.0",
             "sysctl net/ipv4/conf/sgbr0/forwarding=1",
             "sysctl net/ipv4/conf/sgtun0/forwarding=1",
         ]
@@ -74,6 +76,34 @@ fn the_same_lease_is_a_no_op_and_a_new_slice_re_applies() {
         "{log:?}"
     );
     assert!(rec.take_stdin().last().unwrap().contains("100.96.9.0/24"));
+}
+
+#[test]
+fn forwarding_follows_the_route_to_allowed_networks() {
+    let (net, rec) = host(&["192.0.2.0/24", "198.51.100.0/24"]);
+    rec.answer(
+        "ip -o -4 route get 192.0.2.0",
+        "192.0.2.0 via 10.0.0.1 dev eth1 src 10.0.0.5 uid 0 \\    cache \n",
+    );
+    rec.answer(
+        "ip -o -4 route get 198.51.100.0",
+        "local 198.51.100.0 dev lo src 127.0.0.1\n",
+    );
+    net.apply_lease(&lease("100.96.3.0/24", "100.96.3.1/24"))
+        .unwrap();
+    let fwd: Vec<String> = rec
+        .take()
+        .into_iter()
+        .filter(|l| l.ends_with("forwarding=1"))
+        .collect();
+    assert_eq!(
+        fwd,
+        [
+            "sysctl net/ipv4/conf/sgbr0/forwarding=1",
+            "sysctl net/ipv4/conf/sgtun0/forwarding=1",
+            "sysctl net/ipv4/conf/eth1/forwarding=1",
+        ]
+    );
 }
 
 #[test]
