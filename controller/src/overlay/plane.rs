@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use sparegrid_proto::grid::Register;
 use sparegrid_proto::overlay::{OverlayLease, OverlayPeers, TunnelReport};
 
-use super::{tunnel, HostReport, Member, Overlay, Pool};
+use super::{tunnel, HostReport, Member, Overlay};
 use crate::agents::{AgentError, AgentPlane};
 use crate::store::{HostState, SliceLease, StoreError};
 
@@ -252,5 +252,5 @@ pub(crate) async fn restore(plane: &AgentPlane) {
 
 /// The overlay is on and can serve `network = "overlay"` jobs.
 pub(crate) fn enabled(o: &Overlay) -> bool {
-    o.pool().is_some_and(|p: &Pool| p.capacity() > 0)
+    o.pool().is_some_and(|p| p.capacity() > 0)
 }
