@@ -357,6 +357,21 @@ fn api_errors_show_message_field_and_code() {
     assert_eq!(r.code, 0, "{}", r.err);
     let r = s.cli(&["status", "j-2"]);
     assert!(r.out.contains("  mode pull, priority "), "{}", r.out);
+    assert!(r.out.contains(", network none\n"), "{}", r.out);
+    // An overlay job, on a controller without an overlay: refused, naming
+    // the field.
+    let overlay = write(
+        dir.path(),
+        "overlay.toml",
+        &format!("network = \"overlay\"\n{TOML_JOB}"),
+    );
+    let r = s.cli(&["submit", &overlay]);
+    assert_eq!(r.code, 2, "{}{}", r.out, r.err);
+    assert!(
+        r.err.contains("(field: network, code: invalid_field)"),
+        "{}",
+        r.err
+    );
 
     let r = s.cli(&["status", "--state", "sleeping"]);
     assert_eq!(r.code, 2);
