@@ -197,7 +197,8 @@ pub struct OverlayParts {
     /// The WireGuard endpoint: registered, brought up on the lease, fed
     /// the peer list, reported in heartbeats.
     pub tunnel: Option<Arc<TunnelService>>,
-    /// The grid bridge and its filtering, given every lease.
+    /// The grid bridge and its filtering, given every lease; the runner
+    /// attaches `network = overlay` subtasks to it.
     pub host_net: Option<Arc<crate::overlay::HostNet>>,
 }
 
@@ -398,7 +399,7 @@ impl Grid {
     ) -> std::io::Result<Grid> {
         let settings = Settings::of(cfg, host);
         let client = ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
-        let runner = Arc::new(Runner::new(backend));
+        let runner = Arc::new(Runner::new(backend).with_overlay(overlay.host_net.clone()));
         let node = if settings.p2p {
             let r = runner.clone();
             let node = Node::open(
