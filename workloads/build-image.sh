@@ -13,7 +13,8 @@
 # Environment (all optional):
 #   SPAREGRID_IMAGE_OUT      output directory        (default: workloads/out/default)
 #   SPAREGRID_GUEST_MODULES  modules to load, deps are added and ordered from
-#                            modules.dep (default: "virtio_pci virtio_console virtio_rng")
+#                            modules.dep (default: "virtio_pci virtio_console virtio_rng virtio_net";
+#                            virtio_net is the overlay NIC of network = "overlay" jobs)
 #   SPAREGRID_GUEST_BIN      a static guest worker to install as /bin/sparegrid-guest
 #                            (its --version goes into the manifest as guest_version)
 #   SPAREGRID_EXTRA_BINARIES host programs to add to /bin with the shared libraries
@@ -31,7 +32,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${SPAREGRID_IMAGE_OUT:-$HERE/out/default}
-MODULES=${SPAREGRID_GUEST_MODULES:-virtio_pci virtio_console virtio_rng}
+MODULES=${SPAREGRID_GUEST_MODULES:-virtio_pci virtio_console virtio_rng virtio_net}
 FLAVOUR=${SPAREGRID_KERNEL_FLAVOUR:-cloud-amd64}
 EPOCH=${SOURCE_DATE_EPOCH:-0}
 # Bump when the image layout or the /init contract (cmdline keys, port name,

@@ -7,6 +7,7 @@
 //! - [`worker`]: read loop, dispatch, writer and heartbeat threads.
 //! - [`state`]: the shared state and the order of frames on the wire.
 //! - [`run`]: spawning and supervising one subtask.
+//! - [`net`]: the overlay NIC, configured for subtasks that ask for it.
 //! - [`sysinfo`]: interpreters, vCPUs, memory, monotonic uptime.
 //!
 //! Std threads only, no async runtime: the binary is built static
@@ -14,6 +15,7 @@
 //! child of the image's `/init`, which restarts it if it exits; it is written
 //! never to exit or panic on anything the host sends.
 
+pub mod net;
 pub mod port;
 pub mod run;
 pub mod state;

@@ -84,6 +84,18 @@ pub fn start(shared: &Arc<Shared>, req: RunSubtask) {
     let Some((prog, args)) = argv.split_first() else {
         return fail(shared, gen, "empty argv".into());
     };
+    // network = overlay: the VM's NIC is configured first (see `net`).
+    match crate::net::NetRequest::from_env(&env) {
+        Ok(None) => {}
+        Ok(Some(req)) => {
+            let class_net = Path::new(crate::net::CLASS_NET);
+            match crate::net::configure(&req, class_net, crate::net::NIC_WAIT) {
+                Ok(nic) => crate::vlog!("subtask {id}: overlay address {} on {nic}", req.address),
+                Err(e) => return fail(shared, gen, format!("overlay network: {e}")),
+            }
+        }
+        Err(e) => return fail(shared, gen, format!("overlay network: {e}")),
+    }
     let path = env.get("PATH").map(String::as_str).unwrap_or(SUBTASK_PATH);
     let mut cmd = Command::new(resolve_program(prog, path));
     cmd.arg0(prog)

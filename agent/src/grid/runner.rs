@@ -25,9 +25,15 @@
 //! **Overlay network.** An assignment with `network = overlay` runs, on the
 //! process backend, in a fresh grid namespace on the host's grid bridge
 //! ([`Runner::with_overlay`], [`crate::overlay`]), torn down when it ends.
-//! Without an overlay (no tunnel, or no slice leased yet) it ends at once
-//! with an error in its completion; on the grid VM backend too, for now
-//! ([`VM_OVERLAY_MISSING`]).
+//! On the grid VM backend it gets a guest address whose settings go into
+//! its environment (the guest worker configures the NIC from them), is
+//! sent to an idle VM, and that VM gets a NIC on the bridge hot-plugged
+//! ([`Runner::with_vm_nics`], [`crate::overlay::vm`]) until the subtask is
+//! over (ended, withdrawn, released, stopped); a VM that cannot take the
+//! NIC has the subtask cancelled and failed with the reason. Without an
+//! overlay (no tunnel, or no slice leased yet), or on grid VMs without a
+//! NIC plug ([`VM_OVERLAY_MISSING`]), it ends at once with an error in its
+//! completion.
 //!
 //! **Peer-to-peer attempts** ([`Runner::submit_p2p`], taken from the
 //! agent's durable peer queue by [`crate::peer::node`]) run like pushed
@@ -55,7 +61,7 @@ use sparegrid_proto::overlay::Network;
 use std::sync::Arc;
 
 use crate::guestlink::{GuestPool, VmEnd};
-use crate::overlay::{HostNet, OverlayError};
+use crate::overlay::{HostNet, NicPlug, OverlayError, VmNic};
 use crate::subtask::{label, Activity, Executor, RunningSubtask, SubtaskError};
 
 /// Where subtasks run (see the module docs).
@@ -85,9 +91,26 @@ impl Backend {
 /// their grid VM went away (not a failure).
 pub const PREEMPTED: &str = "preempted: its grid VM was reclaimed";
 
-/// The error of a `network = overlay` subtask on the libvirt runtime.
+/// The error of a `network = overlay` subtask on grid VMs when the runner
+/// has no way to plug NICs ([`Runner::with_vm_nics`]).
 pub const VM_OVERLAY_MISSING: &str =
-    "network = overlay is not supported in grid VMs yet (run the agent with the process runtime)";
+    "network = overlay: this agent cannot give grid VMs an overlay NIC (no NIC plug configured)";
+
+/// A completion for an attempt that never ran in a grid VM.
+fn vm_error(pool: &GuestPool, attempt: AttemptRef, error: String) -> Completion {
+    Completion {
+        attempt,
+        host: pool.options().host.clone(),
+        exit_code: None,
+        signal: None,
+        error: Some(error),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        stdout_size: 0,
+        stderr_size: 0,
+        duration_ms: 0,
+    }
+}
 
 /// Peer-to-peer attempts that are over in the runner ([`Runner::take_p2p`]).
 #[derive(Debug, Default)]
@@ -104,6 +127,8 @@ pub struct Runner {
     backend: Backend,
     /// The host's grid bridge, for `network = overlay` subtasks.
     overlay: Option<Arc<HostNet>>,
+    /// Hot-plugs grid VMs' overlay NICs (libvirt runtime).
+    vm_nics: Option<Arc<dyn NicPlug>>,
     state: Mutex<State>,
     /// Bumped when something is added to the outbox or the release list,
     /// so the client thread reports it at once instead of on its next tick.
@@ -135,6 +160,8 @@ struct State {
     p2p_back: Vec<AttemptRef>,
     /// Peer-to-peer attempts the controller stopped (job cancelled).
     p2p_stopped: Vec<AttemptRef>,
+    /// Overlay NICs plugged into grid VMs: (attempt, VM, NIC).
+    vm_nics: Vec<(AttemptRef, String, VmNic)>,
 }
 
 /// How many finished attempts the runner remembers to refuse repeats.
@@ -169,6 +196,15 @@ impl State {
             + self.p2p_stopped.len()
     }
 
+    /// Takes the overlay NICs of the attempts `over` picks, to unplug.
+    fn take_nics(&mut self, over: impl Fn(&AttemptRef) -> bool) -> Vec<(String, VmNic)> {
+        let (gone, keep) = std::mem::take(&mut self.vm_nics)
+            .into_iter()
+            .partition(|(a, _, _)| over(a));
+        self.vm_nics = keep;
+        gone.into_iter().map(|(_, vm, nic)| (vm, nic)).collect()
+    }
+
     /// Remembers an attempt that is over here (finished, withdrawn or
     /// released), so a repeated push never runs it again.
     fn remember(&mut self, a: AttemptRef) {
@@ -184,6 +220,7 @@ impl Runner {
         Runner {
             backend: backend.into(),
             overlay: None,
+            vm_nics: None,
             state: Mutex::new(State::default()),
             reports: Activity::default(),
         }
@@ -196,6 +233,89 @@ impl Runner {
     pub fn with_overlay(mut self, overlay: Option<Arc<HostNet>>) -> Runner {
         self.overlay = overlay;
         self
+    }
+
+    /// Lets `network = overlay` subtasks run in grid VMs: each gets a NIC
+    /// on the grid bridge, hot-plugged by `plug` while it runs (see
+    /// [`crate::overlay::vm`]). Needs [`Runner::with_overlay`] too.
+    pub fn with_vm_nics(mut self, plug: Option<Arc<dyn NicPlug>>) -> Runner {
+        self.vm_nics = plug;
+        self
+    }
+
+    /// A guest address for an overlay subtask in a grid VM.
+    fn vm_nic(&self) -> Result<VmNic, String> {
+        let Some(host) = &self.overlay else {
+            return Err(OverlayError::NotConfigured.to_string());
+        };
+        if self.vm_nics.is_none() {
+            return Err(VM_OVERLAY_MISSING.into());
+        }
+        host.attach_vm().map_err(|e| e.to_string())
+    }
+
+    /// Unplugs overlay NICs of attempts that are over (outside the lock);
+    /// dropping each gives its address back.
+    fn unplug(&self, nics: Vec<(String, VmNic)>) {
+        let Some(plug) = &self.vm_nics else { return };
+        for (vm, nic) in nics {
+            if let Err(e) = plug.unplug(&vm, &nic) {
+                tracing::warn!("grid VM {vm}: cannot unplug its overlay NIC: {e}");
+            }
+        }
+    }
+
+    /// Plugs the NICs of overlay subtasks just sent to grid VMs; a subtask
+    /// whose VM cannot take its NIC is cancelled and ends with the error.
+    /// Returns whether a completion was added.
+    fn plug(&self, pool: &GuestPool, started: Vec<(AttemptRef, VmNic)>) -> bool {
+        let (Some(plug), false) = (&self.vm_nics, started.is_empty()) else {
+            return false;
+        };
+        let vms = pool.snapshot();
+        let mut failed = false;
+        for (attempt, nic) in started {
+            let Some(vm) = vms
+                .iter()
+                .find(|s| s.attempt.as_ref() == Some(&attempt))
+                .map(|s| s.vm.clone())
+            else {
+                // Already over (its end is reported on the next tick).
+                continue;
+            };
+            match plug.plug(&vm, &nic) {
+                Ok(()) => {
+                    let mut st = self.lock();
+                    if st.in_vm.contains(&attempt) {
+                        tracing::debug!(
+                            "subtask {}: overlay NIC {} ({}) plugged into grid VM {vm}",
+                            label(&attempt),
+                            nic.mac(),
+                            nic.cidr()
+                        );
+                        st.vm_nics.push((attempt, vm, nic));
+                    } else {
+                        drop(st);
+                        self.unplug(vec![(vm, nic)]);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("subtask {}: {e}", label(&attempt));
+                    pool.cancel(&attempt);
+                    let mut st = self.lock();
+                    if let Some(i) = st.in_vm.iter().position(|a| *a == attempt) {
+                        st.in_vm.swap_remove(i);
+                        st.finished(vm_error(
+                            pool,
+                            attempt,
+                            format!("network = overlay: cannot give grid VM {vm} its NIC: {e}"),
+                        ));
+                        failed = true;
+                    }
+                }
+            }
+        }
+        failed
     }
 
     /// Starts one assignment on the process backend, in a grid namespace
@@ -360,6 +480,7 @@ impl Runner {
             return 0;
         }
         let in_vm_gone;
+        let nics;
         let (queued, dropped): (usize, Vec<RunningSubtask>) = {
             let mut st = self.lock();
             let before = st.queued.len();
@@ -372,6 +493,7 @@ impl Runner {
             let in_vm_before = st.in_vm.len();
             st.in_vm.retain(|a| !refs.contains(a));
             in_vm_gone = in_vm_before - st.in_vm.len();
+            nics = st.take_nics(|a| refs.contains(a));
             st.outbox.retain(|c| !refs.contains(&c.attempt));
             st.released.retain(|a| !refs.contains(a));
             for a in refs {
@@ -396,6 +518,7 @@ impl Runner {
                 pool.cancel(a);
             }
         }
+        self.unplug(nics);
         for mut r in dropped {
             tracing::info!(
                 "subtask {}: withdrawn by the controller",
@@ -411,7 +534,7 @@ impl Runner {
     /// queued or running: killed, not reported, listed for the client to
     /// release. Returns how many attempts it handed back.
     pub fn release_all(&self, reason: &str) -> usize {
-        let (queued, running, in_vm) = {
+        let (queued, running, in_vm, nics) = {
             let mut st = self.lock();
             st.draining.get_or_insert_with(|| reason.to_owned());
             let queued: Vec<AttemptRef> = st.queued.drain(..).map(|a| a.attempt).collect();
@@ -427,7 +550,8 @@ impl Runner {
                 st.remember(a.clone());
                 st.hand_back(a);
             }
-            (queued, running, in_vm)
+            let nics = st.take_nics(|_| true);
+            (queued, running, in_vm, nics)
         };
         let n = queued.len() + running.len() + in_vm.len();
         if let Backend::Vms(pool) = &self.backend {
@@ -435,6 +559,7 @@ impl Runner {
                 pool.cancel(a);
             }
         }
+        self.unplug(nics);
         if n > 0 {
             tracing::info!("{reason}: handing {n} grid subtasks back to the controller");
             self.reports.notify();
@@ -566,7 +691,14 @@ impl Runner {
         let ended = pool.take_ended();
         let mut st = self.lock();
         let reported_before = st.pending_reports();
+        let mut unplug = Vec::new();
+        let mut started = Vec::new();
         for end in ended {
+            let over = match &end {
+                VmEnd::Completed(c) => &c.attempt,
+                VmEnd::HandedBack { attempt, .. } => attempt,
+            };
+            unplug.extend(st.take_nics(|a| a == over));
             match end {
                 VmEnd::Completed(c) => {
                     let Some(i) = st.in_vm.iter().position(|a| *a == c.attempt) else {
@@ -604,36 +736,43 @@ impl Runner {
             }
         }
         if !suspend && st.draining.is_none() {
-            while let Some(a) = st.queued.pop_front() {
+            while let Some(mut a) = st.queued.pop_front() {
+                let mut nic = None;
                 if a.network == Network::Overlay {
-                    // Grid VMs get no NIC yet (see docs/tunnel.md): such a
-                    // subtask fails rather than run without its network.
-                    st.finished(Completion {
-                        attempt: a.attempt,
-                        host: pool.options().host.clone(),
-                        exit_code: None,
-                        signal: None,
-                        error: Some(VM_OVERLAY_MISSING.into()),
-                        stdout: Vec::new(),
-                        stderr: Vec::new(),
-                        stdout_size: 0,
-                        stderr_size: 0,
-                        duration_ms: 0,
-                    });
-                    continue;
+                    // The guest configures the NIC from these (its
+                    // address, gateway, MAC, MTU); ours win over the job's.
+                    match self.vm_nic() {
+                        Ok(n) => {
+                            a.env
+                                .extend(n.env().into_iter().map(|(k, v)| (k.to_owned(), v)));
+                            nic = Some(n);
+                        }
+                        Err(e) => {
+                            st.finished(vm_error(pool, a.attempt, e));
+                            continue;
+                        }
+                    }
                 }
                 let attempt = a.attempt.clone();
                 match pool.start(a) {
-                    Ok(()) => st.in_vm.push(attempt),
+                    Ok(()) => {
+                        st.in_vm.push(attempt.clone());
+                        if let Some(n) = nic {
+                            started.push((attempt, n));
+                        }
+                    }
                     Err(a) => {
+                        // No idle VM: the address goes back with `nic`.
                         st.queued.push_front(a);
                         break;
                     }
                 }
             }
         }
-        let more = st.pending_reports() > reported_before;
         drop(st);
+        self.unplug(unplug);
+        self.plug(pool, started);
+        let more = self.lock().pending_reports() > reported_before;
         if more {
             self.reports.notify();
         }
@@ -651,7 +790,7 @@ impl Runner {
     /// Kills everything queued or running; nothing is reported (see
     /// [`Runner::release_all`] to hand them back first).
     pub fn stop(&self) {
-        let (running, in_vm) = {
+        let (running, in_vm, nics) = {
             let mut st = self.lock();
             st.queued.clear();
             // Peer-to-peer attempts stay `running` in the peer queue, which
@@ -660,6 +799,7 @@ impl Runner {
             (
                 std::mem::take(&mut st.running),
                 std::mem::take(&mut st.in_vm),
+                st.take_nics(|_| true),
             )
         };
         if let Backend::Vms(pool) = &self.backend {
@@ -667,6 +807,7 @@ impl Runner {
                 pool.cancel(a);
             }
         }
+        self.unplug(nics);
         for mut r in running {
             r.cancel("the agent is stopping");
         }
@@ -737,7 +878,15 @@ mod overlay_tests {
     #[test]
     fn overlay_before_a_lease_fails_and_after_it_attaches() {
         let rec = Arc::new(Recorder::default());
-        let host = Arc::new(HostNet::with_ops(&OverlaySection::default(), rec.clone()).unwrap());
+        // No namespace is made (a recorder), and none of the machine's is
+        // entered: an empty directory stands for /run/netns.
+        let dir = tempfile::tempdir().unwrap();
+        let host = Arc::new(
+            HostNet::with_ops(&OverlaySection::default(), rec.clone())
+                .unwrap()
+                .netns_prefix("sg-grid-")
+                .netns_dir(dir.path()),
+        );
         let r = Runner::new(Executor::new(None, "h", Limits::default()))
             .with_overlay(Some(Arc::clone(&host)));
         r.submit(vec![assignment(0, Network::Overlay)]);
@@ -759,7 +908,10 @@ mod overlay_tests {
         );
         // The recorder made no namespace, so entering it fails: reported.
         let e = c.error.unwrap();
-        assert!(e.contains("/run/netns/sg-grid-0"), "{e}");
+        assert!(
+            e.contains(&format!("{}/sg-grid-0", dir.path().display())),
+            "{e}"
+        );
         // And the namespace is torn down, its address free again.
         assert!(
             log.ends_with(&[
@@ -769,5 +921,225 @@ mod overlay_tests {
             "{log:?}"
         );
         assert_eq!(host.status().guests, 0);
+    }
+
+    /// Grid VMs on a fake guest (a unix socket played with the proto codec)
+    /// and a recording NIC plug.
+    mod vms {
+        use std::io::{ErrorKind, Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::Mutex;
+
+        use sparegrid_proto::guest::{
+            decode_body, encode_frame, FrameDecoder, GuestMsg, Hello, HostMsg, RunSubtask,
+            SubtaskResult, MAX_GUEST_FRAME, MAX_HOST_FRAME, PROTOCOL_VERSION,
+        };
+
+        use super::*;
+        use crate::guestlink::LinkOptions;
+
+        const PATIENCE: Duration = Duration::from_secs(20);
+
+        #[derive(Default)]
+        struct FakePlug {
+            log: Mutex<Vec<String>>,
+            fail: bool,
+        }
+
+        impl NicPlug for FakePlug {
+            fn plug(&self, vm: &str, nic: &VmNic) -> Result<(), OverlayError> {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("plug {vm} {}", nic.mac()));
+                if self.fail {
+                    return Err(OverlayError::Command {
+                        command: "attach".into(),
+                        message: "no PCI slot".into(),
+                    });
+                }
+                Ok(())
+            }
+            fn unplug(&self, vm: &str, nic: &VmNic) -> Result<(), OverlayError> {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("unplug {vm} {}", nic.mac()));
+                Ok(())
+            }
+        }
+
+        struct Guest {
+            s: UnixStream,
+            dec: FrameDecoder,
+        }
+
+        impl Guest {
+            fn recv(&mut self) -> HostMsg {
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(body) = self.dec.next_frame().unwrap() {
+                        match decode_body::<HostMsg>(&body).unwrap() {
+                            HostMsg::Heartbeat { .. } => {}
+                            m => return m,
+                        }
+                    }
+                    let n = self.s.read(&mut buf).expect("a host message in time");
+                    assert!(n > 0, "the host closed the channel");
+                    self.dec.push(&buf[..n]);
+                }
+            }
+            fn send(&mut self, m: &GuestMsg) {
+                self.s
+                    .write_all(&encode_frame(m, MAX_GUEST_FRAME).unwrap())
+                    .unwrap();
+            }
+            fn run_subtask(&mut self) -> RunSubtask {
+                loop {
+                    match self.recv() {
+                        HostMsg::RunSubtask(r) => return r,
+                        HostMsg::Attach { .. } => {}
+                        m => panic!("expected RunSubtask, got {m:?}"),
+                    }
+                }
+            }
+        }
+
+        /// A pool with one ready VM `vm1` and a runner on it with the
+        /// overlay (a recorded host with a lease) and `plug`.
+        fn setup(
+            plug: Arc<FakePlug>,
+        ) -> (
+            tempfile::TempDir,
+            Arc<GuestPool>,
+            Guest,
+            Runner,
+            Arc<HostNet>,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("vm1.channel.sock");
+            let l = UnixListener::bind(&path).unwrap();
+            let pool = GuestPool::new(LinkOptions {
+                host: "h1".into(),
+                hello_timeout: Duration::from_secs(30),
+                heartbeat: Duration::from_millis(50),
+                dead_after: Duration::from_secs(30),
+                output_cap: 1 << 20,
+            });
+            pool.attach("vm1", path);
+            l.set_nonblocking(true).unwrap();
+            let t = Instant::now();
+            let s = loop {
+                match l.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && t.elapsed() < PATIENCE => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut g = Guest {
+                s,
+                dec: FrameDecoder::new(MAX_HOST_FRAME),
+            };
+            let HostMsg::Attach { session, .. } = g.recv() else {
+                panic!("expected Attach");
+            };
+            g.send(&GuestMsg::Hello(Hello {
+                session,
+                protocol: PROTOCOL_VERSION,
+                worker_version: "test".into(),
+                capabilities: vec!["cancel".into()],
+                interpreters: vec!["sh".into()],
+                vcpus: 1,
+                memory_mib: 128,
+                current: None,
+            }));
+            let t = Instant::now();
+            while pool.idle() == 0 {
+                assert!(t.elapsed() < PATIENCE, "the VM never got ready");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let host = Arc::new(
+                HostNet::with_ops(&OverlaySection::default(), Arc::new(Recorder::default()))
+                    .unwrap(),
+            );
+            host.apply_lease(&OverlayLease {
+                cidr: "100.96.0.0/16".into(),
+                slice: "100.96.3.0/24".into(),
+                address: "100.96.3.1/24".into(),
+            })
+            .unwrap();
+            let r = Runner::new(Backend::Vms(Arc::clone(&pool)))
+                .with_overlay(Some(Arc::clone(&host)))
+                .with_vm_nics(Some(plug));
+            (dir, pool, g, r, host)
+        }
+
+        #[test]
+        fn an_overlay_subtask_gets_a_nic_while_it_runs() {
+            let plug = Arc::new(FakePlug::default());
+            let (_dir, _pool, mut g, r, host) = setup(Arc::clone(&plug));
+            let mut a = assignment(0, Network::Overlay);
+            // The job cannot pick its own address.
+            a.env
+                .insert("SPAREGRID_OVERLAY_ADDRESS".into(), "100.96.3.99/24".into());
+            r.submit(vec![a]);
+            r.tick(false);
+            let sub = g.run_subtask();
+            assert_eq!(sub.env["SPAREGRID_OVERLAY_ADDRESS"], "100.96.3.2/24");
+            assert_eq!(sub.env["SPAREGRID_OVERLAY_GATEWAY"], "100.96.3.1");
+            assert_eq!(sub.env["SPAREGRID_OVERLAY_MAC"], "52:54:00:60:03:02");
+            assert_eq!(*plug.log.lock().unwrap(), ["plug vm1 52:54:00:60:03:02"]);
+            assert_eq!(host.status().guests, 1);
+            g.send(&GuestMsg::Result(SubtaskResult {
+                id: sub.id,
+                exit_code: Some(0),
+                signal: None,
+                error: None,
+                duration_ms: 5,
+                stdout_size: 0,
+                stderr_size: 0,
+                stdout_truncated: false,
+                stderr_truncated: false,
+                timed_out: false,
+            }));
+            let c = run_one(&r);
+            assert_eq!((c.exit_code, c.error), (Some(0), None));
+            // Unplugged and its address free once the subtask is over.
+            assert_eq!(
+                *plug.log.lock().unwrap(),
+                ["plug vm1 52:54:00:60:03:02", "unplug vm1 52:54:00:60:03:02"]
+            );
+            assert_eq!(host.status().guests, 0);
+        }
+
+        #[test]
+        fn a_vm_that_cannot_take_the_nic_fails_the_subtask() {
+            let plug = Arc::new(FakePlug {
+                fail: true,
+                ..Default::default()
+            });
+            let (_dir, _pool, _g, r, host) = setup(plug);
+            r.submit(vec![assignment(0, Network::Overlay)]);
+            let c = run_one(&r);
+            let e = c.error.unwrap();
+            assert!(
+                e.contains("cannot give grid VM vm1 its NIC") && e.contains("no PCI slot"),
+                "{e}"
+            );
+            assert_eq!(host.status().guests, 0);
+            assert!(r.attempts().is_empty());
+        }
+
+        #[test]
+        fn without_a_plug_an_overlay_subtask_fails_in_a_vm() {
+            let (_dir, pool, _g, _r, host) = setup(Arc::new(FakePlug::default()));
+            let r = Runner::new(Backend::Vms(pool)).with_overlay(Some(host));
+            r.submit(vec![assignment(0, Network::Overlay)]);
+            assert_eq!(run_one(&r).error.as_deref(), Some(VM_OVERLAY_MISSING));
+        }
     }
 }

@@ -192,6 +192,25 @@ impl VmNic {
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
     }
+
+    /// The NIC's MAC: QEMU's prefix `52:54:00` and the address's last three
+    /// bytes, so it is unique on the bridge (addresses are) and the guest
+    /// can find the NIC by it.
+    pub fn mac(&self) -> String {
+        let o = self.address.octets();
+        format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+    }
+
+    /// What the guest worker configures the NIC from (the subtask's env;
+    /// the first two are what a process-runtime subtask gets too).
+    pub fn env(&self) -> [(&'static str, String); 4] {
+        [
+            ("SPAREGRID_OVERLAY_ADDRESS", self.cidr()),
+            ("SPAREGRID_OVERLAY_GATEWAY", self.gateway.to_string()),
+            ("SPAREGRID_OVERLAY_MAC", self.mac()),
+            ("SPAREGRID_OVERLAY_MTU", self.mtu().to_string()),
+        ]
+    }
 }
 
 impl std::fmt::Debug for VmNic {

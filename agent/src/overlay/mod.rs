@@ -10,6 +10,7 @@
 //! - [`attach`]: a grid namespace (netns + veth on the bridge) for one
 //!   subtask, and a grid VM's NIC lease; both give their address back and
 //!   tear down on drop.
+//! - [`vm`]: hot-plugging a grid VM's overlay NIC ([`NicPlug`], libvirt).
 //!
 //! [`HostNet`] ties them together. The daemon makes one when the tunnel is
 //! configured, calls [`HostNet::apply_lease`] with every lease the
@@ -34,6 +35,7 @@ pub mod config;
 pub mod lease;
 pub mod ops;
 pub mod ruleset;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ pub use config::OverlaySection;
 pub use lease::{Lease, SliceAddrs};
 pub use ops::{NetOps, Recorder, SystemOps};
 pub use ruleset::Count;
+#[cfg(feature = "libvirt")]
+pub use vm::LibvirtNics;
+pub use vm::NicPlug;
 
 /// What can go wrong on the host side of the overlay.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +157,19 @@ impl Inner {
     }
 }
 
+/// `sg-grid-<id>-`, where `<id>` is the inode of the calling thread's
+/// network namespace: named namespaces live in one directory for the whole
+/// machine, so agents in different network namespaces (test labs) must not
+/// share names, while an agent restarted in the same one finds (and
+/// removes) its predecessor's leftovers under the same names.
+pub fn default_netns_prefix() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let id = std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    format!("sg-grid-{id}-")
+}
+
 /// The interface `net` is routed through now (`ip route get`), unless it
 /// is the host itself (`lo`) or there is no route.
 fn route_dev(ops: &dyn NetOps, net: &Ipv4Net) -> Option<String> {
@@ -185,7 +203,7 @@ impl HostNet {
                 mtu: cfg.mtu,
                 allow: cfg.allowed()?,
                 ops,
-                netns_prefix: "sg-grid-".into(),
+                netns_prefix: default_netns_prefix(),
                 netns_dir: PathBuf::from("/run/netns"),
                 forward_from: Vec::new(),
                 seq: AtomicU32::new(0),
@@ -199,10 +217,17 @@ impl HostNet {
         Arc::get_mut(&mut self.inner).expect("configured before any attachment exists")
     }
 
-    /// Names grid namespaces `<prefix><n>` (default `sg-grid-`); tests
-    /// running several hosts on one machine give each its own.
+    /// Names grid namespaces `<prefix><n>` (default: see
+    /// [`default_netns_prefix`]).
     pub fn netns_prefix(mut self, prefix: &str) -> HostNet {
         self.inner_mut().netns_prefix = prefix.to_owned();
+        self
+    }
+
+    /// Where named namespaces are entered from (default `/run/netns`,
+    /// iproute2's; tests point elsewhere).
+    pub fn netns_dir(mut self, dir: impl Into<PathBuf>) -> HostNet {
+        self.inner_mut().netns_dir = dir.into();
         self
     }
 

@@ -24,6 +24,7 @@ fn host(allow: &[&str]) -> (HostNet, Arc<Recorder>) {
     };
     let net = HostNet::with_ops(&cfg, rec.clone())
         .unwrap()
+        .netns_prefix("sg-grid-")
         .forward_from(&["sgtun0"]);
     (net, rec)
 }
@@ -191,7 +192,19 @@ fn a_namespace_is_wired_to_the_bridge_and_removed_on_drop() {
     );
     assert_eq!(net.status().guests, 0);
     // The lowest address is free again.
-    assert_eq!(net.attach_vm().unwrap().cidr(), "100.96.3.2/24");
+    let vm = net.attach_vm().unwrap();
+    assert_eq!(vm.cidr(), "100.96.3.2/24");
+    assert_eq!(vm.mac(), "52:54:00:60:03:02");
+    let env: Vec<String> = vm.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    assert_eq!(
+        env,
+        [
+            "SPAREGRID_OVERLAY_ADDRESS=100.96.3.2/24",
+            "SPAREGRID_OVERLAY_GATEWAY=100.96.3.1",
+            "SPAREGRID_OVERLAY_MAC=52:54:00:60:03:02",
+            "SPAREGRID_OVERLAY_MTU=1420",
+        ]
+    );
 }
 
 #[test]
@@ -255,4 +268,25 @@ fn status_reads_the_counters() {
     assert_eq!(s.address.as_deref(), Some("100.96.3.1/24"));
     assert_eq!(s.capacity, 253);
     assert_eq!(s.dropped["grid_to_host"].packets, 4);
+}
+
+#[test]
+fn a_vm_nic_is_a_virtio_nic_on_the_bridge() {
+    let (net, _rec) = host(&[]);
+    net.apply_lease(&lease("100.96.3.0/24", "100.96.3.1/24"))
+        .unwrap();
+    let nic = net.attach_vm().unwrap();
+    assert_eq!(
+        vm::nic_xml(&nic),
+        "<interface type='bridge'>\n  <mac address='52:54:00:60:03:02'/>\n  \
+         <source bridge='sgbr0'/>\n  <model type='virtio'/>\n  <mtu size='1420'/>\n\
+         </interface>\n"
+    );
+}
+
+#[test]
+fn the_default_netns_prefix_names_this_network_namespace() {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+    assert_eq!(default_netns_prefix(), format!("sg-grid-{ino}-"));
 }
