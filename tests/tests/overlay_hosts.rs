@@ -23,6 +23,10 @@
 //!    hosts 1 and 2 at their overlay addresses (through the tunnel, whose
 //!    per-peer byte counters rise in /metrics); status and the controller's
 //!    hosts view (`sparegrid hosts --json`) show per-peer handshakes;
+//!    then a job with `network = "overlay"` (two subtasks, one slot per
+//!    host, so two hosts) runs each subtask in a grid namespace with an
+//!    address of its host's slice: one listens, the other connects to it
+//!    across the tunnel, and both report the other's address;
 //! 3. host 2's underlay is cut (`ip link set down` on its switch port):
 //!    its overlay address stops answering while host 1's still does, and
 //!    host 0's handshake with it ages past WireGuard's retry point; the
@@ -50,6 +54,7 @@ use std::time::{Duration, Instant};
 use lab::{keypair, ping, ping_until, skip_reason, tcp_transfer, Lab, PeerSpec, WgGo};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use sparegrid_controller::store::JobState;
 use sparegrid_proto::overlay::TunnelPeerStatus;
 use sparegrid_proto::status::TunnelStatus;
 use sparegrid_proto::AgentStatus;
@@ -520,6 +525,64 @@ fn root_overlay_three_agents_mesh_cut_and_reject_unknown_key() {
         sleep_ms(200);
     }
 
+    // 2b. A job with network = "overlay": two subtasks, one slot per
+    // host, so they run at once on two hosts, each in a grid namespace
+    // with an address of its host's slice; one listens, the other connects
+    // to it, across the tunnel.
+    let pair = pair_job(dir.path());
+    let cli = Cli {
+        url: controller.url(),
+        token: tokens.submit.clone(),
+    };
+    let job = cli.submit(&pair).id.to_string();
+    let end = Instant::now() + Duration::from_secs(180);
+    let state = loop {
+        let d = cli.status(&job);
+        if matches!(
+            d.job.state,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        ) {
+            break d.job.state;
+        }
+        assert!(
+            Instant::now() < end,
+            "the overlay job did not finish: {:?}\n{}",
+            d.job.counts,
+            report(&agents)
+        );
+        sleep_ms(300);
+    };
+    let results = cli.results(&job, true);
+    assert_eq!(
+        state,
+        JobState::Done,
+        "the overlay job failed: {results:#?}\n{}",
+        report(&agents)
+    );
+    assert_eq!(results.results.len(), 2, "{results:?}");
+    for r in &results.results {
+        assert_eq!(r.exit_code, Some(0), "{r:?}\n{}", report(&agents));
+    }
+    let (server, client) = (&results.results[0], &results.results[1]);
+    assert_ne!(server.host, client.host, "one slot each: two hosts");
+    // "server <addr> from <client addr> ping from <client addr>"
+    let words: Vec<&str> = server.stdout.split_whitespace().collect();
+    assert!(words.len() >= 4 && words[0] == "server", "{server:?}");
+    let slice_of = |host: &str, addr: &str| -> bool {
+        let i: usize = host[2..].parse().expect("ovN");
+        let slice = &tunnels[i].lease.as_ref().unwrap().slice;
+        let prefix = slice.rsplit_once('.').expect("a.b.c.0/24").0;
+        addr.starts_with(&format!("{prefix}."))
+    };
+    assert!(
+        slice_of(&server.host, words[1]) && slice_of(&client.host, words[3]),
+        "the subtasks' addresses are not from their hosts' slices: {results:?}"
+    );
+    assert!(
+        client.stdout.contains(&format!("pong {}", words[1])),
+        "{client:?}"
+    );
+
     // 3. Cut host 2's underlay.
     lab.set_link(2, false);
     let end = Instant::now() + Duration::from_secs(120);
@@ -640,4 +703,52 @@ fn metric_value_plain(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The overlay pair job: subtask 0 listens on its overlay address and
+/// writes it to a file, subtask 1 connects to it; both print what they saw.
+fn pair_job(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let rendezvous = dir.join("pair");
+    fs::create_dir_all(&rendezvous).expect("rendezvous dir");
+    fs::set_permissions(&rendezvous, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let script = format!(
+        r#"import os, socket, sys, time
+d = {d:?}
+idx = int(os.environ["SPAREGRID_INDEX"])
+me = os.environ["SPAREGRID_OVERLAY_ADDRESS"].split("/")[0]
+if idx == 0:
+    s = socket.socket()
+    s.bind((me, 9000))
+    s.listen(1)
+    open(d + "/server.tmp", "w").write(me)
+    os.rename(d + "/server.tmp", d + "/server")
+    s.settimeout(120)
+    c, peer = s.accept()
+    data = c.recv(100).decode()
+    c.sendall(("pong " + me).encode())
+    print("server", me, "from", peer[0], data)
+else:
+    end = time.time() + 120
+    while not os.path.exists(d + "/server"):
+        if time.time() > end:
+            sys.exit("no server address")
+        time.sleep(0.1)
+    srv = open(d + "/server").read()
+    c = socket.create_connection((srv, 9000), timeout=30)
+    c.sendall(("ping from " + me).encode())
+    print("client", me, "to", srv, c.recv(100).decode())
+"#,
+        d = rendezvous.display().to_string()
+    );
+    let text = format!(
+        "name = \"overlay-pair\"\nmode = \"push\"\nmax_attempts = 1\nnetwork = \"overlay\"\n\
+         command = {{ argv = [\"/usr/bin/python3\", \"-c\", {}] }}\n\n\
+         [resources]\ntimeout_secs = 150\n\n\
+         [split.range]\nstart = 0\nend = 2\nchunk = 1\n",
+        toml_str(&script)
+    );
+    let path = dir.join("pair.toml");
+    fs::write(&path, text).expect("write the job file");
+    path
 }
