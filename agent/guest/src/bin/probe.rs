@@ -23,11 +23,13 @@ use sparegrid_proto::guest::{
 };
 
 const USAGE: &str = "usage: sparegrid-guest-probe SOCKET [--timeout SECONDS] [--cap BYTES] \
-     [--repeat N] [--quiet] [-- ARGV...]\n\
+     [--repeat N] [--quiet] [--env K=V]... [-- ARGV...]\n\
      Attaches to a guest worker over its channel socket, prints `hello <json>`;\n\
      with ARGV runs it (N times, output kept up to BYTES per stream, default 1 MiB)\n\
      and prints its output (unless --quiet) and `result <json>`; with --repeat or\n\
-     --quiet also the round-trip p50/p90 and the output throughput on stderr.";
+     --quiet also the round-trip p50/p90 and the output throughput on stderr.\n\
+     --env adds a variable to the subtask's environment (e.g. the overlay's\n\
+     SPAREGRID_OVERLAY_ADDRESS, to try the guest's NIC set-up).";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1).collect()) {
@@ -46,11 +48,19 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
     let mut cap: u64 = 1 << 20;
     let mut repeat: usize = 1;
     let mut quiet = false;
+    let mut env = BTreeMap::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--" => argv = it.by_ref().collect(),
             "--quiet" => quiet = true,
+            "--env" => {
+                let v = it.next().ok_or("--env needs K=V")?;
+                let (k, val) = v
+                    .split_once('=')
+                    .ok_or(format!("--env: `{v}` is not K=V"))?;
+                env.insert(k.to_owned(), val.to_owned());
+            }
             "--cap" => {
                 let v = it.next().ok_or("--cap needs a value")?;
                 cap = v
@@ -130,7 +140,7 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                 id,
                 label: "probe".into(),
                 argv: argv.clone(),
-                env: BTreeMap::new(),
+                env: env.clone(),
                 stdin: Vec::new(),
                 timeout_ms: timeout.as_millis() as u64,
                 output_cap: cap,
