@@ -524,6 +524,15 @@ fn root_overlay_three_agents_mesh_cut_and_reject_unknown_key() {
         );
         sleep_ms(200);
     }
+    // And `sparegrid hosts --peers` prints them: every peer's endpoint.
+    let peers_table = admin.run(&["hosts", "--peers"]).ok("hosts --peers").stdout;
+    for h in &lab.hosts[..AGENTS] {
+        let ep = SocketAddrV4::new(h.underlay, WG_PORT).to_string();
+        assert!(
+            peers_table.contains(&ep),
+            "no {ep} in `sparegrid hosts --peers`:\n{peers_table}"
+        );
+    }
 
     // 2b. A job with network = "overlay": two subtasks, one slot per
     // host, so they run at once on two hosts, each in a grid namespace
