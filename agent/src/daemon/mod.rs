@@ -271,7 +271,12 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     };
 
     let (tx, rx) = mpsc::channel::<Command>();
-    spawn_signal_thread(tx.clone(), config_path, grid.as_ref().map(|g| g.handle()))?;
+    spawn_signal_thread(
+        tx.clone(),
+        config_path,
+        grid.as_ref().map(|g| g.handle()),
+        cfg.tunnel.clone(),
+    )?;
     let control = std::thread::Builder::new()
         .name("sparegrid-control".into())
         .spawn(move || control.run(rx))?;
@@ -369,6 +374,7 @@ fn spawn_signal_thread(
     tx: mpsc::Sender<Command>,
     config_path: Option<PathBuf>,
     grid: Option<crate::grid::GridHandle>,
+    tunnel: crate::tunnel::AgentTunnelSection,
 ) -> Result<(), DaemonError> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
@@ -386,6 +392,11 @@ fn spawn_signal_thread(
                             Ok(cfg)
                         }) {
                             Ok(cfg) => {
+                                if cfg.tunnel != tunnel {
+                                    tracing::warn!(
+                                        "SIGHUP: [tunnel] changed; that needs a restart, keeping the running tunnel"
+                                    );
+                                }
                                 match &grid {
                                     Some(g) => {
                                         g.reload(&cfg);

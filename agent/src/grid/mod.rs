@@ -33,8 +33,8 @@
 //! bridge ([`crate::overlay::HostNet`], when given); every heartbeat
 //! carries the tunnel's per-peer report and the peer-list version applied
 //! (`Heartbeat.tunnel`), and a `HeartbeatReply.overlay_peers` is applied
-//! live. A lease that could not be applied is tried again at each
-//! heartbeat. The client thread makes these calls (blocking but short).
+//! live. A lease that could not be applied is tried again with the
+//! heartbeats (backing off from 0.2 s to 10 s). The client thread makes these calls (blocking but short).
 //!
 //! Routes ([`routes`]), MessagePack bodies; with `controller.token` set
 //! they need `Authorization: Bearer <token>` (401 `unauthorized`); a body
@@ -821,9 +821,10 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
     };
     let mut register = registration(&settings);
     let mut registered: Option<Registered> = None;
-    // A lease not applied yet (the tunnel or bridge failed): retried at
-    // each heartbeat.
+    // A lease not applied yet (the tunnel or bridge failed): retried with
+    // the heartbeats, backing off (0.2 s doubling to 10 s).
     let mut lease_pending: Option<OverlayLease> = None;
+    let mut lease_retry = Backoff::new();
     let mut reg = Backoff::new();
     let mut hb_at = Instant::now();
     let mut sends = Backoff::new();
@@ -920,8 +921,12 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                         t.forget_version();
                         match &r.overlay {
                             Some(lease) => {
-                                lease_pending = (!inner.overlay.apply_lease(lease))
-                                    .then(|| lease.clone());
+                                lease_retry = Backoff::new();
+                                lease_pending = None;
+                                if !inner.overlay.apply_lease(lease) {
+                                    lease_pending = Some(lease.clone());
+                                    lease_retry.failed(now);
+                                }
                             }
                             None => tracing::warn!(
                                 "the controller leased this host no overlay slice (no overlay.cidr there?); the tunnel stays down"
@@ -952,9 +957,12 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                 if let Some(node) = &inner.node {
                     hb.steals = node.steals_to_report();
                 }
-                if let Some(lease) = &lease_pending {
+                if let Some(lease) = lease_pending.as_ref().filter(|_| lease_retry.due(now)) {
                     if inner.overlay.apply_lease(lease) {
                         lease_pending = None;
+                        lease_retry.ok();
+                    } else {
+                        lease_retry.failed(now);
                     }
                 }
                 hb.tunnel = inner.overlay.tunnel.as_ref().map(|t| t.report());
