@@ -34,6 +34,10 @@ struct Fake {
     /// Answer completions with 503 this many more times.
     fail_completions: u32,
     releases: Vec<Release>,
+    /// `Registered.overlay` to answer with.
+    lease: Option<sparegrid_proto::overlay::OverlayLease>,
+    /// `HeartbeatReply.overlay_peers` to answer with.
+    overlay_peers: Option<sparegrid_proto::overlay::OverlayPeers>,
 }
 
 type FakeState = Arc<Mutex<Fake>>;
@@ -45,9 +49,10 @@ fn mp<T: serde::Serialize>(v: &T) -> Response {
 async fn fake_register(State(s): State<FakeState>, body: Bytes) -> Response {
     let r: Register = rmp_serde::from_slice(&body).unwrap();
     let host = r.host.clone();
-    s.lock().unwrap().registers.push(r);
+    let mut f = s.lock().unwrap();
+    f.registers.push(r);
     mp(&Registered {
-        overlay: None,
+        overlay: f.lease.clone(),
         host,
         heartbeat_ms: 50,
     })
@@ -66,7 +71,7 @@ async fn fake_heartbeat(State(s): State<FakeState>, body: Bytes) -> Response {
     f.heartbeats.push(hb);
     let withdraw = std::mem::take(&mut f.withdraw);
     mp(&HeartbeatReply {
-        overlay_peers: None,
+        overlay_peers: f.overlay_peers.clone(),
         peers: Vec::new(),
         withdraw,
         lost: Vec::new(),
@@ -1092,4 +1097,78 @@ fn a_push_and_an_end_wake_the_threads_instead_of_waiting_for_a_tick() {
     let work = r.work_seen();
     r.submit(vec![sh("j5", 0, "echo hi")]);
     assert_eq!(r.work_seen(), work);
+}
+
+/// With a tunnel (no root needed: the lease is refused before any device
+/// is made): the registration publishes the key and port, the heartbeats
+/// carry the tunnel's report, a refused lease shows in the status with
+/// its field and is tried again, and a peer list that arrives before the
+/// tunnel is up is kept, not reported as applied.
+#[test]
+fn a_tunnel_registers_its_key_and_reports_in_heartbeats() {
+    use sparegrid_proto::overlay::{OverlayLease, OverlayPeer, OverlayPeers};
+    let (ctl, fake) = fake_controller();
+    let other = crate::tunnel::Key::generate().unwrap().public();
+    {
+        let mut f = fake.lock().unwrap();
+        f.lease = Some(OverlayLease {
+            cidr: "not a cidr".into(),
+            slice: "100.96.3.0/24".into(),
+            address: "100.96.3.1/24".into(),
+        });
+        f.overlay_peers = Some(OverlayPeers {
+            version: 5,
+            peers: vec![OverlayPeer {
+                host: "h2".into(),
+                public_key: other.to_string(),
+                endpoint: Some("10.0.0.2:51820".into()),
+                allowed_ips: vec!["100.96.2.0/24".into()],
+            }],
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_for(&ctl, "tok", 1);
+    cfg.tunnel.enabled = true;
+    cfg.tunnel.public_endpoint = "203.0.113.7:51820".into();
+    let tunnel = Arc::new(crate::tunnel::TunnelService::new(&cfg.tunnel, dir.path()).unwrap());
+    let shared = Arc::new(Shared::new(status(0.1, &[])));
+    shared.set_tunnel(tunnel.clone());
+    let grid = Grid::start_with_overlay(
+        &cfg,
+        "h1",
+        Executor::new(None, "h1", Limits::default()),
+        shared.clone(),
+        OverlayParts {
+            tunnel: Some(tunnel.clone()),
+            host_net: None,
+        },
+    )
+    .unwrap();
+    wait_until("three heartbeats", Duration::from_secs(10), || {
+        fake.lock().unwrap().heartbeats.len() >= 3
+    });
+    {
+        let f = fake.lock().unwrap();
+        let info = f.registers[0].tunnel.as_ref().expect("Register.tunnel");
+        assert_eq!(info.public_key, tunnel.public_key().to_string());
+        assert_eq!(info.listen_port, 51820);
+        assert_eq!(info.endpoint.as_deref(), Some("203.0.113.7:51820"));
+        for hb in &f.heartbeats {
+            let t = hb.tunnel.as_ref().expect("Heartbeat.tunnel");
+            assert_eq!(t.peers_version, 0, "nothing applied without a tunnel");
+            assert!(t.peers.is_empty());
+        }
+    }
+    let st = shared.status().tunnel.expect("status shows the tunnel");
+    assert!(!st.up);
+    assert!(
+        st.error
+            .as_deref()
+            .is_some_and(|e| e.contains("overlay.cidr")),
+        "{st:?}"
+    );
+    assert_eq!(st.public_key, tunnel.public_key().to_string());
+    let m = shared.metrics.render();
+    assert!(m.contains("sparegrid_tunnel_up 0"), "{m}");
+    grid.stop();
 }

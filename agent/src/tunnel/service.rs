@@ -177,8 +177,14 @@ impl TunnelService {
     /// and applies the peer list received last. Returns whether the
     /// endpoint was (re)started.
     pub fn apply_lease(&self, lease: &OverlayLease) -> Result<bool, ServiceError> {
-        let parsed = Lease::parse(lease)?;
         let mut st = self.state();
+        let parsed = match Lease::parse(lease) {
+            Ok(p) => p,
+            Err(e) => {
+                st.error = Some(e.to_string());
+                return Err(e);
+            }
+        };
         if st.tunnel.is_some() && st.lease.as_ref() == Some(&parsed) {
             return Ok(false);
         }
