@@ -342,8 +342,9 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
 }
 
 /// With `[tunnel] enabled`: the tunnel service (its key loaded or made
-/// now, so a bad key file fails the start) and the host's grid bridge,
-/// which forwards from the TUN device. Nothing runs until the lease.
+/// now, so a bad key file fails the start), the host's grid bridge, which
+/// forwards from the TUN device, and on the libvirt runtime the NIC
+/// hot-plug for grid VMs. Nothing runs until the lease.
 pub fn overlay_parts(cfg: &Config) -> Result<crate::grid::OverlayParts, DaemonError> {
     if !cfg.tunnel.enabled {
         return Ok(crate::grid::OverlayParts::default());
@@ -351,9 +352,18 @@ pub fn overlay_parts(cfg: &Config) -> Result<crate::grid::OverlayParts, DaemonEr
     let tunnel = crate::tunnel::TunnelService::new(&cfg.tunnel, &cfg.agent.data_dir)?;
     let host_net =
         crate::overlay::HostNet::new(&cfg.overlay)?.forward_from(&[cfg.tunnel.interface.as_str()]);
+    // Grid VMs get their overlay NIC hot-plugged through libvirt.
+    let vm_nics: Option<Arc<dyn crate::overlay::NicPlug>> = match cfg.runtime.kind {
+        #[cfg(feature = "libvirt")]
+        RuntimeKind::Libvirt => Some(Arc::new(crate::overlay::LibvirtNics::new(
+            &cfg.runtime.libvirt_uri,
+        ))),
+        _ => None,
+    };
     Ok(crate::grid::OverlayParts {
         tunnel: Some(Arc::new(tunnel)),
         host_net: Some(Arc::new(host_net)),
+        vm_nics,
     })
 }
 

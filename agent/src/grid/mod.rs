@@ -200,6 +200,8 @@ pub struct OverlayParts {
     /// The grid bridge and its filtering, given every lease; the runner
     /// attaches `network = overlay` subtasks to it.
     pub host_net: Option<Arc<crate::overlay::HostNet>>,
+    /// Hot-plugs grid VMs' overlay NICs (libvirt runtime).
+    pub vm_nics: Option<Arc<dyn crate::overlay::vm::NicPlug>>,
 }
 
 impl OverlayParts {
@@ -399,7 +401,11 @@ impl Grid {
     ) -> std::io::Result<Grid> {
         let settings = Settings::of(cfg, host);
         let client = ControllerClient::new(&settings.controller).map_err(std::io::Error::other)?;
-        let runner = Arc::new(Runner::new(backend).with_overlay(overlay.host_net.clone()));
+        let runner = Arc::new(
+            Runner::new(backend)
+                .with_overlay(overlay.host_net.clone())
+                .with_vm_nics(overlay.vm_nics.clone()),
+        );
         let node = if settings.p2p {
             let r = runner.clone();
             let node = Node::open(

@@ -1141,6 +1141,7 @@ fn a_tunnel_registers_its_key_and_reports_in_heartbeats() {
         OverlayParts {
             tunnel: Some(tunnel.clone()),
             host_net: None,
+            vm_nics: None,
         },
     )
     .unwrap();
