@@ -24,8 +24,18 @@
 //! `out` and every outside listener from the host itself, and with the nft
 //! table removed the grid process does reach the host.
 //!
+//! `root_overlay_grid_vm_reaches_only_the_overlay` does the same from a
+//! real grid VM: the guest image (with its worker) boots under QEMU (TCG)
+//! in the host namespace, the runner sends the probe over the guest
+//! channel and hot-plugs the VM's NIC through a QEMU-monitor `NicPlug` (a
+//! tap on the grid bridge and a virtio NIC, as libvirt does for
+//! `LibvirtNics`), and the guest worker configures the NIC from the
+//! subtask's environment. It needs the image from `make image`
+//! (`$SPAREGRID_IMAGE_DIR`, with `virtio_net` and the worker).
+//!
 //! Skipped with the reason when not root or `ip`, `nft`, `bash`, `timeout`
-//! are missing (`make deps` installs iproute2 and nftables).
+//! (or, for the VM, QEMU or the image) are missing (`make deps` installs
+//! iproute2, nftables and QEMU).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -301,10 +311,17 @@ const TARGETS: [(&str, &str, u16); 7] = [
     ("allowed", "10.78.0.2", ALLOWED_PORT),
 ];
 
-fn probe_script() -> String {
-    let mut s = String::from(
-        "probe() { if out=$(timeout 3 bash -c \"exec 3<>/dev/tcp/$2/$3 && head -n1 <&3\" 2>/dev/null) \
-         && [ -n \"$out\" ]; then echo \"$1 ok $out\"; else echo \"$1 blocked\"; fi; }\n\
+/// With `busybox` (a grid VM: no bash there) the connection is busybox
+/// `nc`'s instead of bash's `/dev/tcp`.
+fn probe_script(busybox: bool) -> String {
+    let connect = if busybox {
+        "out=$(echo | timeout 3 nc $2 $3 2>/dev/null | head -n1)"
+    } else {
+        "out=$(timeout 3 bash -c \"exec 3<>/dev/tcp/$2/$3 && head -n1 <&3\" 2>/dev/null)"
+    };
+    let mut s = format!(
+        "probe() {{ {connect}; if [ -n \"$out\" ]; then echo \"$1 ok $out\"; \
+         else echo \"$1 blocked\"; fi; }}\n\
          echo \"address $SPAREGRID_OVERLAY_ADDRESS\"\n",
     );
     for (name, ip, port) in TARGETS {
@@ -314,14 +331,18 @@ fn probe_script() -> String {
     s
 }
 
-fn assignment(index: u64) -> Assignment {
+fn assignment(index: u64, busybox: bool) -> Assignment {
     Assignment {
         attempt: AttemptRef {
             job: "overlay-filter".into(),
             index,
             epoch: 1,
         },
-        argv: vec!["bash".into(), "-c".into(), probe_script()],
+        argv: vec![
+            if busybox { "sh" } else { "bash" }.into(),
+            "-c".into(),
+            probe_script(busybox),
+        ],
         env: BTreeMap::new(),
         stdin: Vec::new(),
         timeout_ms: 30_000,
@@ -332,8 +353,8 @@ fn assignment(index: u64) -> Assignment {
 }
 
 /// Runs one probe subtask through the runner; its output as name → line.
-fn probe(r: &Runner, index: u64) -> BTreeMap<String, String> {
-    r.submit(vec![assignment(index)]);
+fn probe(r: &Runner, index: u64, busybox: bool) -> BTreeMap<String, String> {
+    r.submit(vec![assignment(index, busybox)]);
     let t = Instant::now();
     let c: Completion = loop {
         r.tick(false);
@@ -341,7 +362,7 @@ fn probe(r: &Runner, index: u64) -> BTreeMap<String, String> {
             break c;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(60),
+            t.elapsed() < Duration::from_secs(120),
             "the probe subtask did not end"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -411,7 +432,7 @@ fn scenario(lab: &Lab, allow: &[&str], control: bool) -> Seen {
 
         let r = Runner::new(Executor::new(None, "overlay-host", Limits::default()))
             .with_overlay(Some(Arc::clone(&net)));
-        let seen = probe(&r, 0);
+        let seen = probe(&r, 0, false);
         // The probe's namespace is gone and its address free again.
         assert_eq!(
             net.status().guests,
@@ -447,7 +468,7 @@ fn scenario(lab: &Lab, allow: &[&str], control: bool) -> Seen {
         // did not, "blocked" above would prove nothing.
         let unfiltered = if control {
             run(&["nft", "delete", "table", "inet", "sparegrid"]);
-            Some(probe(&r, 1))
+            Some(probe(&r, 1, false))
         } else {
             None
         };
@@ -570,4 +591,316 @@ fn root_overlay_allow_opens_exactly_that_cidr() {
         Some("ok allowed"),
         "{seen:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// A grid VM on the overlay: the real guest image and worker under QEMU,
+// started in the host namespace; the runner sends the probe to it over the
+// guest channel and hot-plugs its NIC through a QEMU-monitor NicPlug (what
+// libvirt does for `LibvirtNics`: a tap on the grid bridge and a virtio
+// NIC); the guest worker configures the NIC from the subtask's env.
+
+mod vm {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::process::Child;
+
+    use sparegrid_agent::grid::runner::Backend;
+    use sparegrid_agent::guestlink::{GuestPool, LinkOptions};
+    use sparegrid_agent::overlay::{NicPlug, OverlayError, VmNic};
+
+    use super::*;
+
+    /// A QEMU grid VM with an HMP monitor socket; killed on drop.
+    pub struct Qemu {
+        child: Child,
+        pub monitor: PathBuf,
+        pub channel: PathBuf,
+        pub console: PathBuf,
+    }
+
+    impl Qemu {
+        /// Boots `image` (kernel, initrd, manifest cmdline) with the guest
+        /// channel's socket and the monitor in `dir`; no NIC.
+        pub fn start(image: &Path, dir: &Path) -> Qemu {
+            let manifest: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(image.join("manifest.json")).expect("manifest"),
+            )
+            .expect("manifest json");
+            let cmdline = manifest["cmdline"]
+                .as_str()
+                .unwrap_or("console=ttyS0 quiet panic=-1");
+            let q = |n: &str| dir.join(n);
+            let (monitor, channel, console) = (q("mon.sock"), q("vm1.sock"), q("console.log"));
+            // TCG: /dev/kvm may exist without working (nested hosts), and
+            // the test is about networking, not speed.
+            let accel = "tcg";
+            let child = Command::new("qemu-system-x86_64")
+                .args(["-machine", &format!("pc,accel={accel}")])
+                .args(["-m", "256", "-smp", "1", "-display", "none", "-no-reboot"])
+                .arg("-kernel")
+                .arg(image.join("vmlinuz"))
+                .arg("-initrd")
+                .arg(image.join("initrd.img"))
+                .args(["-append", cmdline])
+                .arg("-serial")
+                .arg(format!("file:{}", console.display()))
+                .args(["-device", "virtio-serial"])
+                .arg("-chardev")
+                .arg(format!(
+                    "socket,id=ch0,path={},server=on,wait=off",
+                    channel.display()
+                ))
+                .args([
+                    "-device",
+                    "virtserialport,chardev=ch0,name=org.sparegrid.guest.0",
+                ])
+                .arg("-monitor")
+                .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start qemu-system-x86_64");
+            let t = Instant::now();
+            while !(monitor.exists() && channel.exists()) {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "QEMU made no sockets"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Qemu {
+                child,
+                monitor,
+                channel,
+                console,
+            }
+        }
+
+        /// Runs one HMP command; returns what it printed.
+        pub fn hmp(&self, cmd: &str) -> String {
+            let mut s = UnixStream::connect(&self.monitor).expect("monitor");
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let read_prompt = |s: &mut UnixStream| {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !String::from_utf8_lossy(&all).ends_with("(qemu) ") {
+                    let n = s.read(&mut buf).expect("monitor output");
+                    assert!(n > 0, "monitor closed");
+                    all.extend_from_slice(&buf[..n]);
+                }
+                String::from_utf8_lossy(&all).into_owned()
+            };
+            read_prompt(&mut s);
+            writeln!(s, "{cmd}").unwrap();
+            let out = read_prompt(&mut s);
+            // The echo of the command comes first (with line editing).
+            let out = out
+                .rsplit_once(cmd)
+                .map(|(_, rest)| rest.to_owned())
+                .unwrap_or(out);
+            strip_escapes(out.trim_end_matches("(qemu) "))
+                .trim()
+                .to_owned()
+        }
+    }
+
+    /// The text without terminal escapes (`ESC [ … letter`) and `\r`.
+    fn strip_escapes(s: &str) -> String {
+        let mut out = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\u{1b}' => {
+                    if chars.next() == Some('[') {
+                        for c in chars.by_ref() {
+                            if c.is_ascii_alphabetic() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                '\r' => {}
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    impl Drop for Qemu {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// NicPlug through the QEMU monitor: a tap (`sgvm<last octet>`) on the
+    /// grid bridge and a virtio NIC with the VmNic's MAC.
+    pub struct QemuNics {
+        pub qemu: Arc<Qemu>,
+    }
+
+    fn check(out: String, what: &str) -> Result<(), OverlayError> {
+        if out.is_empty() {
+            Ok(())
+        } else {
+            Err(OverlayError::Command {
+                command: what.to_owned(),
+                message: out,
+            })
+        }
+    }
+
+    impl NicPlug for QemuNics {
+        fn plug(&self, _vm: &str, nic: &VmNic) -> Result<(), OverlayError> {
+            let o = nic.address().octets()[3];
+            let tap = format!("sgvm{o}");
+            check(
+                self.qemu.hmp(&format!(
+                    "netdev_add tap,id=nd{o},ifname={tap},script=no,downscript=no"
+                )),
+                "netdev_add",
+            )?;
+            run(&[
+                "ip",
+                "link",
+                "set",
+                "dev",
+                &tap,
+                "mtu",
+                &nic.mtu().to_string(),
+                "master",
+                nic.bridge(),
+                "up",
+            ]);
+            check(
+                self.qemu.hmp(&format!(
+                    "device_add virtio-net-pci,netdev=nd{o},mac={},id=nic{o}",
+                    nic.mac()
+                )),
+                "device_add",
+            )
+        }
+
+        fn unplug(&self, _vm: &str, nic: &VmNic) -> Result<(), OverlayError> {
+            let o = nic.address().octets()[3];
+            check(self.qemu.hmp(&format!("device_del nic{o}")), "device_del")?;
+            check(self.qemu.hmp(&format!("netdev_del nd{o}")), "netdev_del")
+        }
+    }
+
+    /// The image to boot, if it can run this test (a guest worker, and
+    /// `virtio_net` unless built into the kernel: we trust the manifest).
+    pub fn image(test: &str) -> Option<PathBuf> {
+        let dir = sparegrid_tests::image_dir(test)?;
+        let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap_or_default();
+        let ok =
+            manifest.contains("\"virtio_net\"") && !manifest.contains("\"guest_version\": null");
+        if !ok {
+            // `make test` builds the image with both: there it is a failure.
+            assert!(
+                std::env::var_os("SPAREGRID_IMAGE_DIR").is_none(),
+                "{test}: the image in {} has no virtio_net module or no guest worker; run `make image`",
+                dir.display()
+            );
+            eprintln!(
+                "SKIP {test}: the image in {} has no virtio_net or no guest worker (make image)",
+                dir.display()
+            );
+            return None;
+        }
+        Some(dir)
+    }
+
+    pub fn pool_options() -> LinkOptions {
+        LinkOptions {
+            host: "overlay-host".into(),
+            hello_timeout: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(1),
+            dead_after: Duration::from_secs(120),
+            output_cap: 1 << 20,
+        }
+    }
+
+    pub fn backend(pool: &Arc<GuestPool>) -> Backend {
+        Backend::Vms(Arc::clone(pool))
+    }
+}
+
+#[test]
+fn root_overlay_grid_vm_reaches_only_the_overlay() {
+    const TEST: &str = "root_overlay_grid_vm_reaches_only_the_overlay";
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP {TEST}: {why}");
+        return;
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        eprintln!("SKIP {TEST}: qemu-system-x86_64 is missing (make deps)");
+        return;
+    }
+    let Some(image) = vm::image(TEST) else {
+        return;
+    };
+    let lab = Lab::new();
+    let host_ns = lab.ns("host");
+    let prefix = format!("sgof{}-g", lab.id);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_path = dir.path().to_path_buf();
+    let (seen, guests_after) = in_ns(&host_ns, move || {
+        let net = Arc::new(
+            HostNet::new(&OverlaySection::default())
+                .expect("config")
+                .netns_prefix(&prefix)
+                .forward_from(&["sgtun0"]),
+        );
+        assert!(net.apply_lease(&lease()).expect("apply lease"));
+        let other = net
+            .attach_namespace("listener")
+            .expect("attach the listener's namespace");
+        listen(
+            other.netns(),
+            SocketAddrV4::new(other.address(), GRID_PORT),
+            "grid",
+        );
+        // QEMU runs in the host namespace: its taps appear there.
+        let qemu = Arc::new(vm::Qemu::start(&image, &dir_path));
+        let pool = sparegrid_agent::guestlink::GuestPool::new(vm::pool_options());
+        pool.attach("vm1", qemu.channel.clone());
+        let t = Instant::now();
+        while pool.idle() == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "the grid VM did not come up; console:\n{}",
+                std::fs::read_to_string(&qemu.console).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let r = Runner::new(vm::backend(&pool))
+            .with_overlay(Some(Arc::clone(&net)))
+            .with_vm_nics(Some(Arc::new(vm::QemuNics {
+                qemu: Arc::clone(&qemu),
+            })));
+        let seen = probe(&r, 0, true);
+        let guests_after = net.status().guests;
+        drop(r);
+        drop(pool);
+        drop(qemu);
+        drop(other);
+        net.teardown().expect("teardown");
+        (seen, guests_after)
+    });
+    eprintln!("the grid VM saw: {seen:?}");
+    check_common(&seen);
+    assert_eq!(
+        seen.get("allowed").map(String::as_str),
+        Some("blocked"),
+        "{seen:?}"
+    );
+    assert_eq!(guests_after, 1, "the VM's address was not given back");
 }
