@@ -13,5 +13,5 @@ pub mod vm;
 
 pub use load::{LoadBreakdown, Metric, MetricReading};
 pub use overlay::Network;
-pub use status::{AgentStatus, GridVmStatus};
+pub use status::{AgentStatus, DropCount, GridNetStatus, GridVmStatus};
 pub use vm::{Reason, Transition, VmState};

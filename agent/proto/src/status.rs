@@ -39,6 +39,36 @@ pub struct AgentStatus {
     /// otherwise and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelStatus>,
+    /// The grid bridge and its filtering, when `[tunnel]` is enabled
+    /// (absent otherwise and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_net: Option<GridNetStatus>,
+}
+
+/// The host's grid bridge for its overlay slice, as `GET /v1/status` shows
+/// it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GridNetStatus {
+    /// The bridge's name (`overlay.bridge`).
+    pub bridge: String,
+    /// The slice applied to it, once a lease arrived.
+    pub slice: Option<String>,
+    /// The host's address on the bridge (`address/prefix`).
+    pub address: Option<String>,
+    /// Guest addresses in use, and how many the slice holds.
+    pub guests: usize,
+    pub capacity: usize,
+    /// What the filtering dropped, by rule (`grid_to_host`,
+    /// `grid_to_outside`, …); empty when the counters could not be read.
+    pub dropped: std::collections::BTreeMap<String, DropCount>,
+}
+
+/// Packets and bytes one drop rule counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DropCount {
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// The agent's tunnel endpoint as `GET /v1/status` shows it.
@@ -81,6 +111,7 @@ mod tests {
 
     fn sample() -> AgentStatus {
         AgentStatus {
+            grid_net: None,
             version: "0.1.0".into(),
             host: "h1".into(),
             runtime: "process".into(),

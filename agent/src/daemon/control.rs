@@ -731,6 +731,7 @@ impl ControlLoop {
             .metrics
             .record_vms(self.policy.vms().map(|v| v.state), self.policy.draining());
         self.shared.publish(AgentStatus {
+            grid_net: None,
             tunnel: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
             host: self.host.clone(),

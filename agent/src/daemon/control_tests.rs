@@ -123,6 +123,7 @@ fn rig(boot_timeout: Duration, hello_timeout: Duration) -> Rig {
         run_dir: dir.path().to_path_buf(),
     };
     let shared = Arc::new(Shared::new(AgentStatus {
+        grid_net: None,
         tunnel: None,
         version: "test".into(),
         host: "h".into(),

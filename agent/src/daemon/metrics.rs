@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sparegrid_proto::{LoadBreakdown, Transition, VmState};
 
+use crate::overlay::HostNet;
 use crate::tunnel::TunnelService;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,9 +65,11 @@ pub struct AgentMetrics {
     tick_seconds: FloatGauge,
     draining: Gauge,
     tunnel: TunnelSource,
+    host_net: HostNetSource,
 }
 
 type TunnelSource = Arc<RwLock<Option<Arc<TunnelService>>>>;
+type HostNetSource = Arc<RwLock<Option<Arc<HostNet>>>>;
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -93,6 +96,7 @@ impl AgentMetrics {
             tick_seconds: FloatGauge::default(),
             draining: Gauge::default(),
             tunnel: TunnelSource::default(),
+            host_net: HostNetSource::default(),
         };
         registry.register(
             "load_factor",
@@ -148,12 +152,18 @@ impl AgentMetrics {
         );
         registry.register("draining", "1 while the agent drains", m.draining.clone());
         registry.register_collector(Box::new(TunnelCollector(m.tunnel.clone())));
+        registry.register_collector(Box::new(GridNetCollector(m.host_net.clone())));
         AgentMetrics { registry, ..m }
     }
 
     /// Renders `tunnel`'s figures from now on.
     pub fn set_tunnel(&self, tunnel: Arc<TunnelService>) {
         *self.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
+    }
+
+    /// Renders the grid bridge's figures from now on.
+    pub fn set_host_net(&self, host_net: Arc<HostNet>) {
+        *self.host_net.write().unwrap_or_else(|e| e.into_inner()) = Some(host_net);
     }
 
     pub fn record_load(&self, b: &LoadBreakdown, tick_seconds: f64) {
@@ -364,6 +374,68 @@ impl Collector for TunnelCollector {
     }
 }
 
+/// The grid bridge's figures, read at each scrape (the drop counters come
+/// from nft): guest addresses in use and the filtering's drops by rule.
+struct GridNetCollector(HostNetSource);
+
+impl std::fmt::Debug for GridNetCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GridNetCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
+impl Collector for GridNetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(h) = self.0.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let st = h.status();
+        if st.slice.is_none() {
+            return Ok(());
+        }
+        let guests = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        guests.set(st.guests as i64);
+        encode_one(
+            &mut encoder,
+            "overlay_guests",
+            "Grid guests (VMs, namespaces) holding an address of the slice",
+            &guests,
+        )?;
+        let capacity = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        capacity.set(st.capacity as i64);
+        encode_one(
+            &mut encoder,
+            "overlay_guest_capacity",
+            "Guest addresses the slice holds",
+            &capacity,
+        )?;
+        let packets: Family<RuleLabel, Counter> = Family::default();
+        let bytes: Family<RuleLabel, Counter> = Family::default();
+        for (rule, c) in &st.dropped {
+            let l = RuleLabel { rule: rule.clone() };
+            packets.get_or_create(&l).inc_by(c.packets);
+            bytes.get_or_create(&l).inc_by(c.bytes);
+        }
+        encode_one(
+            &mut encoder,
+            "overlay_dropped_packets",
+            "Packets the grid filtering dropped, by rule",
+            &packets,
+        )?;
+        encode_one(
+            &mut encoder,
+            "overlay_dropped_bytes",
+            "Bytes the grid filtering dropped, by rule",
+            &bytes,
+        )
+    }
+}
+
 fn kind(k: &str) -> KindLabel {
     KindLabel { kind: k.into() }
 }
@@ -446,6 +518,39 @@ mod tests {
             "sparegrid_tunnel_peers_version 0",
             "sparegrid_tunnel_rejected_handshakes_total 0",
             "sparegrid_tunnel_dropped_packets_total{reason=\"no_route\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn renders_the_grid_bridge_once_leased() {
+        use crate::overlay::{OverlaySection, Recorder};
+        let rec = Arc::new(Recorder::default());
+        let net = Arc::new(HostNet::with_ops(&OverlaySection::default(), rec.clone()).unwrap());
+        let m = AgentMetrics::new();
+        m.set_host_net(net.clone());
+        assert!(
+            !m.render().contains("overlay_"),
+            "no lease yet, no bridge figures"
+        );
+        net.apply_lease(&sparegrid_proto::overlay::OverlayLease {
+            cidr: "100.96.0.0/16".into(),
+            slice: "100.96.3.0/24".into(),
+            address: "100.96.3.1/24".into(),
+        })
+        .unwrap();
+        rec.answer(
+            "nft -j list counters",
+            r#"{"nftables":[{"counter":{"family":"inet","name":"grid_to_host","table":"sparegrid","packets":4,"bytes":240}}]}"#,
+        );
+        let _guest = net.attach_vm().unwrap();
+        let text = m.render();
+        for needle in [
+            "sparegrid_overlay_guests 1",
+            "sparegrid_overlay_guest_capacity 253",
+            "sparegrid_overlay_dropped_packets_total{rule=\"grid_to_host\"} 4",
+            "sparegrid_overlay_dropped_bytes_total{rule=\"grid_to_host\"} 240",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

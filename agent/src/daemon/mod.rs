@@ -210,6 +210,7 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     };
     let (runtime, can_save) = build_runtime(&cfg, &host, cgroup.clone())?;
     let shared = Arc::new(Shared::new(AgentStatus {
+        grid_net: None,
         tunnel: None,
         version: env!("CARGO_PKG_VERSION").to_string(),
         host: host.clone(),
@@ -258,6 +259,9 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     let overlay = overlay_parts(&cfg)?;
     if let Some(t) = &overlay.tunnel {
         shared.set_tunnel(t.clone());
+    }
+    if let Some(h) = &overlay.host_net {
+        shared.set_host_net(h.clone());
     }
     let grid = match backend {
         Some(b) => Some(crate::grid::Grid::start_with_overlay(

@@ -1,14 +1,16 @@
 //! The status board: what `GET /v1/status` returns, plus the ring of recent
 //! transitions. Written by the control loop once per tick, read by HTTP.
 //! The tunnel's part (`tunnel`) is read live from the
-//! [`TunnelService`] at each read, not published by the control loop.
+//! [`TunnelService`] at each read, and the grid bridge's (`grid_net`) from
+//! the [`HostNet`], not published by the control loop.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 
-use sparegrid_proto::{AgentStatus, Transition};
+use sparegrid_proto::{AgentStatus, DropCount, GridNetStatus, Transition};
 
 use super::metrics::AgentMetrics;
+use crate::overlay::{HostNet, OverlayStatus};
 use crate::tunnel::TunnelService;
 
 /// State shared between the control loop and the HTTP server.
@@ -16,6 +18,7 @@ pub struct Shared {
     status: RwLock<AgentStatus>,
     pub metrics: AgentMetrics,
     tunnel: RwLock<Option<Arc<TunnelService>>>,
+    host_net: RwLock<Option<Arc<HostNet>>>,
 }
 
 impl Shared {
@@ -24,7 +27,15 @@ impl Shared {
             status: RwLock::new(initial),
             metrics: AgentMetrics::new(),
             tunnel: RwLock::new(None),
+            host_net: RwLock::new(None),
         }
+    }
+
+    /// Shows the grid bridge and its drop counters in the status and the
+    /// metrics from now on.
+    pub fn set_host_net(&self, host_net: Arc<HostNet>) {
+        self.metrics.set_host_net(host_net.clone());
+        *self.host_net.write().unwrap_or_else(|e| e.into_inner()) = Some(host_net);
     }
 
     /// Shows `tunnel` in the status and the metrics from now on.
@@ -45,11 +56,41 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         s.tunnel = tunnel.map(|t| t.status());
+        let host_net = self
+            .host_net
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.grid_net = host_net.map(|h| grid_net_status(h.status()));
         s
     }
 
     pub fn publish(&self, status: AgentStatus) {
         *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+}
+
+/// The wire form of the bridge's status.
+pub fn grid_net_status(o: OverlayStatus) -> GridNetStatus {
+    GridNetStatus {
+        bridge: o.bridge,
+        slice: o.slice,
+        address: o.address,
+        guests: o.guests,
+        capacity: o.capacity,
+        dropped: o
+            .dropped
+            .into_iter()
+            .map(|(rule, c)| {
+                (
+                    rule,
+                    DropCount {
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    },
+                )
+            })
+            .collect(),
     }
 }
 

@@ -130,6 +130,7 @@ fn fake_controller() -> (String, FakeState) {
 
 pub(super) fn status(load: f64, vms: &[VmState]) -> AgentStatus {
     AgentStatus {
+        grid_net: None,
         tunnel: None,
         version: "0".into(),
         host: "h1".into(),
@@ -913,7 +914,12 @@ fn a_reload_applies_slots_token_and_url_without_losing_running_subtasks() {
     cfg2.controller.token = "tok-2".into();
     assert!(grid.handle().reload(&cfg2));
     wait_until("a register with 3 slots", Duration::from_secs(10), || {
-        fake.lock().unwrap().registers.last().unwrap().slots == 3
+        // (Under load the first registration may not have arrived yet.)
+        fake.lock()
+            .unwrap()
+            .registers
+            .last()
+            .is_some_and(|r| r.slots == 3)
     });
     let seen = fake.lock().unwrap().heartbeats.len();
     wait_until("a heartbeat after it", Duration::from_secs(10), || {

@@ -598,6 +598,7 @@ const PULL_ROUNDS: usize = 3;
 fn calm_status(host: &str) -> sparegrid_proto::AgentStatus {
     use sparegrid_proto::{AgentStatus, LoadBreakdown, Metric, MetricReading};
     AgentStatus {
+        grid_net: None,
         tunnel: None,
         version: "bench".into(),
         host: host.into(),
