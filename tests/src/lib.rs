@@ -408,6 +408,101 @@ impl Drop for Harness {
 // ---------------------------------------------------------------------------
 // The agent process
 
+/// `cmd` (the agent binary, or a wrapper that execs it) with
+/// `--config <config> run`, info logs without colour, no systemd
+/// variables inherited, stdout and stderr going to `log` (created).
+pub fn agent_command(mut cmd: Command, config: &Path, log: &Path) -> Result<Command> {
+    let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let err = out.try_clone()?;
+    cmd.arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("SPAREGRID_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    Ok(cmd)
+}
+
+/// `sparegrid-agent` run with `nsenter --net` in the network namespace
+/// `/run/netns/<ns>` (nsenter execs the agent, so the child is the agent),
+/// for the multi-host netns tests. Dropping it SIGTERMs it (SIGKILL after
+/// 15 s) and prints its log tail when the test panicked.
+pub struct NsAgentProcess {
+    pub host: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl NsAgentProcess {
+    /// Starts the agent `host` in `ns` with `config`, logging to `log`.
+    /// Panics when it cannot be spawned (a test set-up failure).
+    pub fn spawn(host: &str, ns: &str, config: &Path, log: &Path) -> NsAgentProcess {
+        let mut nsenter = Command::new("nsenter");
+        nsenter
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(agent_bin());
+        let child = agent_command(nsenter, config, log)
+            .and_then(|mut c| Ok(c.spawn()?))
+            .unwrap_or_else(|e| panic!("spawn the agent {host} in {ns}: {e}"));
+        NsAgentProcess {
+            host: host.to_owned(),
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Panics with the log tail when the agent has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!(
+                "agent {} exited with {st}\n{}",
+                self.host,
+                self.log_tail(40)
+            );
+        }
+    }
+}
+
+impl Drop for NsAgentProcess {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!("agent {} ignored SIGTERM; killing it", self.host);
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "===== agent {} log tail ({}) =====\n{}\n===== end =====",
+                self.host,
+                self.log.display(),
+                self.log_tail(60)
+            );
+        }
+    }
+}
+
 /// A running `sparegrid-agent`. Dropping it SIGTERMs it and waits (SIGKILL
 /// after 30 s); when the test is panicking it also prints the agent's log.
 pub struct Agent {
@@ -425,20 +520,7 @@ impl Agent {
     /// going to `log`.
     pub fn spawn(config: &Path, log: &Path, addr: SocketAddr) -> Result<Agent> {
         let bin = agent_bin();
-        let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("SPAREGRID_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+        let child = agent_command(Command::new(&bin), config, log)?
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
         let client = reqwest::blocking::Client::builder()

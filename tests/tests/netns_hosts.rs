@@ -46,11 +46,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use sparegrid_controller::api::JobResults;
 use sparegrid_controller::store::{HostState, JobState};
 use sparegrid_tests::controller::*;
@@ -327,16 +325,13 @@ impl Drop for Topology {
 // ---------------------------------------------------------------------------
 // An agent process inside a namespace
 
-/// `sparegrid-agent` run with `nsenter --net` in a namespace (nsenter execs
-/// the agent, so the child is the agent). Dropping it SIGTERMs it (SIGKILL
-/// after 15 s) and prints its log tail when the test panicked. Its cgroup
-/// partition goes with its [`Harness`] (dropped after it).
+/// An agent ([`NsAgentProcess`]) in a host's namespace. Its cgroup
+/// partition goes with its [`Harness`] (dropped after the process).
 struct NsAgent {
     host: String,
     partition: String,
-    child: Child,
-    log: PathBuf,
-    harness: Harness,
+    process: NsAgentProcess,
+    _harness: Harness,
 }
 
 impl NsAgent {
@@ -380,79 +375,21 @@ impl NsAgent {
             .str("controller", "dispatch", if pull { "pull" } else { "push" });
         let config = h.write_config(&c);
         let log = h.dir().join("agent.log");
-        let out = fs::File::create(&log).expect("create the agent log");
-        let err = out.try_clone().expect("dup the log");
-        let ns = &topo.link(host).ns;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
-            .arg("--")
-            .arg(agent_bin())
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("SPAREGRID_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn the agent {host} in {ns}: {e}"));
+        let process = NsAgentProcess::spawn(host, &topo.link(host).ns, &config, &log);
         NsAgent {
             host: host.to_string(),
             partition,
-            child,
-            log,
-            harness: h,
+            process,
+            _harness: h,
         }
     }
 
     fn log_tail(&self, n: usize) -> String {
-        let text = String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.process.log_tail(n)
     }
 
     fn assert_running(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!(
-                "agent {} exited with {st}\n{}",
-                self.host,
-                self.log_tail(40)
-            );
-        }
-    }
-}
-
-impl Drop for NsAgent {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    eprintln!(
-                        "netns test: agent {} ignored SIGTERM; killing it",
-                        self.host
-                    );
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "===== agent {} log tail ({}) =====\n{}\n===== end =====",
-                self.host,
-                self.harness.dir().display(),
-                self.log_tail(60)
-            );
-        }
+        self.process.assert_running()
     }
 }
 

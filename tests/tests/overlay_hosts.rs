@@ -48,12 +48,10 @@ mod lab;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lab::{keypair, ping, ping_until, skip_reason, tcp_transfer, Lab, PeerSpec, WgGo};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use sparegrid_controller::store::JobState;
 use sparegrid_proto::overlay::TunnelPeerStatus;
 use sparegrid_proto::status::TunnelStatus;
@@ -159,15 +157,13 @@ fn lock() -> fs::File {
     f
 }
 
-/// A `sparegrid-agent` with `[tunnel] enabled`, run with `nsenter --net`
-/// in a lab host's namespace (nsenter execs it, so the child is the
-/// agent). Dropping it SIGTERMs it and prints its log tail when the test
-/// panicked; its cgroup partition goes with its harness.
+/// A `sparegrid-agent` with `[tunnel] enabled` in a lab host's namespace
+/// ([`NsAgentProcess`]); its cgroup partition goes with its harness
+/// (dropped after the process, as declared after it).
 struct NsAgent {
     host: String,
     underlay: Ipv4Addr,
-    child: Child,
-    log: PathBuf,
+    process: NsAgentProcess,
     harness: Harness,
     http: reqwest::blocking::Client,
 }
@@ -209,30 +205,11 @@ impl NsAgent {
             .set("tunnel", "listen_port", WG_PORT);
         let config = harness.write_config(&c);
         let log = harness.dir().join("agent.log");
-        let out = fs::File::create(&log).expect("create the agent log");
-        let err = out.try_clone().expect("dup the log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", h.ns))
-            .arg("--")
-            .arg(agent_bin())
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("SPAREGRID_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn the agent {host} in {}: {e}", h.ns));
+        let process = NsAgentProcess::spawn(&host, &h.ns, &config, &log);
         NsAgent {
             host,
             underlay: h.underlay,
-            child,
-            log,
+            process,
             harness,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -268,46 +245,11 @@ impl NsAgent {
     }
 
     fn log_tail(&self, n: usize) -> String {
-        let text = String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.process.log_tail(n)
     }
 
     fn assert_running(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!(
-                "agent {} exited with {st}\n{}",
-                self.host,
-                self.log_tail(40)
-            );
-        }
-    }
-}
-
-impl Drop for NsAgent {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    eprintln!("agent {} ignored SIGTERM; killing it", self.host);
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "===== agent {} log tail ({}) =====\n{}\n===== end =====",
-                self.host,
-                self.harness.dir().display(),
-                self.log_tail(60)
-            );
-        }
+        self.process.assert_running()
     }
 }
 
