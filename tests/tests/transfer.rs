@@ -805,5 +805,16 @@ fn root_agent_daemon_serves_the_transfer_endpoint() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&code.stdout), "401");
+    // The agent's /metrics counts what happened.
+    let metrics = agent.metrics();
+    for needle in [
+        format!("sparegrid_transfer_received_bytes_total {}", bytes.len()),
+        format!("sparegrid_transfer_sent_bytes_total {}", bytes.len()),
+        "sparegrid_transfer_published_total 1".to_owned(),
+        "sparegrid_transfer_requests_total{op=\"download\",status=\"401\"} 1".to_owned(),
+        "sparegrid_transfer_requests_total{op=\"download\",status=\"200\"} 1".to_owned(),
+    ] {
+        assert!(metrics.contains(&needle), "missing {needle} in\n{metrics}");
+    }
     drop(agent);
 }

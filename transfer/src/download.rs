@@ -155,7 +155,7 @@ async fn serve(
         }
     };
     let body = if with_body && end > start {
-        stream(c.file, start, end)
+        stream(c.file, start, end, s.clone())
     } else {
         Body::empty()
     };
@@ -177,12 +177,17 @@ async fn serve(
     Ok(r)
 }
 
-/// Bytes `start..end` of `file` as a body fed by a blocking reader thread.
-fn stream(file: std::fs::File, start: u64, end: u64) -> Body {
+/// Bytes `start..end` of `file` as a body fed by a blocking reader thread;
+/// each piece is counted as sent when the connection takes it.
+fn stream(file: std::fs::File, start: u64, end: u64, state: TransferState) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_QUEUE);
     tokio::task::spawn_blocking(move || read_into(file, start, end, &tx));
-    let s = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    let s = futures_util::stream::unfold((rx, state), |(mut rx, state)| async move {
+        let item = rx.recv().await?;
+        if let Ok(b) = &item {
+            state.inner.counters.add_sent(b.len() as u64);
+        }
+        Some((item, (rx, state)))
     });
     Body::from_stream(s)
 }

@@ -13,6 +13,8 @@
 //! - [`client`]: a streaming, journaled uploader and downloader for these
 //!   routes (used by peers, the benchmark and the tests).
 //! - [`tls`]: the optional rustls listener.
+//! - [`counters`]: answers by operation and status, bytes moved, for the
+//!   host's metrics ([`TransferState::counters`]).
 //!
 //! [`TransferState::new`] opens the store; [`router`] is the axum app;
 //! [`serve`] binds `listen` (with TLS when configured) and runs until a
@@ -25,6 +27,7 @@
 
 pub mod client;
 pub mod config;
+pub mod counters;
 pub mod download;
 pub mod journal;
 pub mod store;
@@ -50,6 +53,7 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 
 pub use config::TransferConfig;
+pub use counters::CounterSnapshot;
 pub use store::{Store, StoreError};
 pub use token::Direction;
 
@@ -85,6 +89,7 @@ pub(crate) struct Inner {
     pub(crate) config: TransferConfig,
     pub(crate) store: Store,
     key: Vec<u8>,
+    pub(crate) counters: counters::Counters,
 }
 
 /// The endpoint's shared state: config, store, signing key.
@@ -116,6 +121,7 @@ impl TransferState {
                 config: config.clone(),
                 store,
                 key: key.to_vec(),
+                counters: counters::Counters::default(),
             }),
         })
     }
@@ -185,6 +191,10 @@ pub fn router(state: TransferState) -> Router {
         )
         .fallback(not_found)
         .layer(axum::middleware::from_fn(refuse_odd_paths))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            counters::count,
+        ))
         // Bodies are streamed to disk; the upload's own limits apply.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

@@ -253,7 +253,7 @@ pub struct Upload {
     now: Snapshot,
     durable: Snapshot,
     /// The store's count of bytes received and then cut off.
-    discarded: Arc<AtomicU64>,
+    tally: Arc<Tally>,
     /// Writeback has been started up to here ([`start_writeback`]).
     kicked: u64,
 }
@@ -343,6 +343,7 @@ impl Upload {
             self.now.chunk.update(part);
             self.now.whole.update(part);
             self.now.offset += n as u64;
+            self.tally.written.fetch_add(n as u64, Ordering::Relaxed);
             data = rest;
             if self.now.offset - self.kicked >= WRITEBACK_BYTES {
                 start_writeback(&self.file, self.kicked, self.now.offset - self.kicked);
@@ -409,7 +410,8 @@ impl Upload {
         }
         self.kicked = self.kicked.min(self.durable.offset);
         if self.now.offset != self.durable.offset {
-            self.discarded
+            self.tally
+                .discarded
                 .fetch_add(self.now.offset - self.durable.offset, Ordering::Relaxed);
             self.now = self.durable.clone();
         }
@@ -426,7 +428,15 @@ pub struct Store {
     root: PathBuf,
     checkpoint_bytes: u64,
     slots: Mutex<HashMap<String, Slot>>,
-    discarded: Arc<AtomicU64>,
+    tally: Arc<Tally>,
+}
+
+/// What the store's uploads did since it was opened (for metrics).
+#[derive(Debug, Default)]
+struct Tally {
+    written: AtomicU64,
+    discarded: AtomicU64,
+    published: AtomicU64,
 }
 
 /// One upload's lock; `None` inside means "not loaded from disk".
@@ -457,7 +467,7 @@ impl Store {
             root: root.to_owned(),
             checkpoint_bytes,
             slots: Mutex::new(HashMap::new()),
-            discarded: Arc::default(),
+            tally: Arc::default(),
         })
     }
 
@@ -469,7 +479,18 @@ impl Store {
     /// failed checksums, full disk) since the store was opened: the
     /// server's side of "bytes sent twice".
     pub fn discarded_bytes(&self) -> u64 {
-        self.discarded.load(Ordering::Relaxed)
+        self.tally.discarded.load(Ordering::Relaxed)
+    }
+
+    /// Upload bytes written since the store was opened (including those
+    /// later discarded).
+    pub fn written_bytes(&self) -> u64 {
+        self.tally.written.load(Ordering::Relaxed)
+    }
+
+    /// Uploads verified and published since the store was opened.
+    pub fn published(&self) -> u64 {
+        self.tally.published.load(Ordering::Relaxed)
     }
 
     fn path(&self, dir: &str, id: &str) -> Result<PathBuf, StoreError> {
@@ -548,7 +569,7 @@ impl Store {
             journal,
             now: start.clone(),
             durable: start,
-            discarded: self.discarded.clone(),
+            tally: self.tally.clone(),
             kicked: 0,
         })
     }
@@ -627,7 +648,7 @@ impl Store {
             journal,
             now: snap.clone(),
             durable: snap,
-            discarded: self.discarded.clone(),
+            tally: self.tally.clone(),
             kicked: target,
         })
     }
@@ -677,6 +698,7 @@ impl Store {
             .map_err(|e| io_err(&dir, e))?;
         upload.journal.complete()?;
         self.forget(&id);
+        self.tally.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

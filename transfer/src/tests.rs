@@ -843,3 +843,42 @@ async fn tls_round_trip() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn counters_follow_answers_and_bytes() {
+    let e = env();
+    let d = data(200 * 1024);
+    upload_all(&e, "counted", &d).await;
+    let r = send(&e.app, get_req("counted").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body_of(r).await.len(), d.len());
+    // No token: 401, counted under the download operation.
+    let r = send(
+        &e.app,
+        Request::get(format!("{FILES}/counted"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A traversal attempt is refused before routing, and still counted.
+    let r = send(
+        &e.app,
+        Request::get(format!("{FILES}/../etc"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    let c = e.state.counters();
+    assert_eq!(c.requests.get(&("create", 201)), Some(&1));
+    assert_eq!(c.requests.get(&("upload", 204)), Some(&1));
+    assert_eq!(c.requests.get(&("download", 200)), Some(&1));
+    assert_eq!(c.requests.get(&("download", 401)), Some(&1));
+    assert_eq!(c.requests.get(&("download", 400)), Some(&1));
+    assert_eq!(c.received_bytes, d.len() as u64);
+    assert_eq!(c.discarded_bytes, 0);
+    assert_eq!(c.sent_bytes, d.len() as u64);
+    assert_eq!(c.published, 1);
+}

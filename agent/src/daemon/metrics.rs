@@ -66,10 +66,12 @@ pub struct AgentMetrics {
     draining: Gauge,
     tunnel: TunnelSource,
     host_net: HostNetSource,
+    transfer: TransferSource,
 }
 
 type TunnelSource = Arc<RwLock<Option<Arc<TunnelService>>>>;
 type HostNetSource = Arc<RwLock<Option<Arc<HostNet>>>>;
+type TransferSource = Arc<RwLock<Option<crate::transfer::TransferState>>>;
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -97,6 +99,7 @@ impl AgentMetrics {
             draining: Gauge::default(),
             tunnel: TunnelSource::default(),
             host_net: HostNetSource::default(),
+            transfer: TransferSource::default(),
         };
         registry.register(
             "load_factor",
@@ -153,12 +156,18 @@ impl AgentMetrics {
         registry.register("draining", "1 while the agent drains", m.draining.clone());
         registry.register_collector(Box::new(TunnelCollector(m.tunnel.clone())));
         registry.register_collector(Box::new(GridNetCollector(m.host_net.clone())));
+        registry.register_collector(Box::new(TransferCollector(m.transfer.clone())));
         AgentMetrics { registry, ..m }
     }
 
     /// Renders `tunnel`'s figures from now on.
     pub fn set_tunnel(&self, tunnel: Arc<TunnelService>) {
         *self.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
+    }
+
+    /// Renders the transfer endpoint's counters from now on.
+    pub fn set_transfer(&self, transfer: crate::transfer::TransferState) {
+        *self.transfer.write().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
     }
 
     /// Renders the grid bridge's figures from now on.
@@ -436,6 +445,73 @@ impl Collector for GridNetCollector {
     }
 }
 
+/// The transfer endpoint's counters, read at each scrape (nothing without
+/// `[transfer] enabled`).
+struct TransferCollector(TransferSource);
+
+impl std::fmt::Debug for TransferCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransferCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabels {
+    op: String,
+    status: u16,
+}
+
+impl Collector for TransferCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(t) = self.0.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let c = t.counters();
+        let answers: Family<AnswerLabels, Counter> = Family::default();
+        for ((op, status), n) in &c.requests {
+            answers
+                .get_or_create(&AnswerLabels {
+                    op: (*op).to_owned(),
+                    status: *status,
+                })
+                .inc_by(*n);
+        }
+        encode_one(
+            &mut encoder,
+            "transfer_requests",
+            "Transfer endpoint answers by operation (create, upload, download, head, delete, options) and HTTP status",
+            &answers,
+        )?;
+        for (name, help, v) in [
+            (
+                "transfer_received_bytes",
+                "Upload bytes written (some later cut back: discarded)",
+                c.received_bytes,
+            ),
+            (
+                "transfer_discarded_bytes",
+                "Upload bytes cut back to the last durable checkpoint (broken connections, bad checksums, full disk)",
+                c.discarded_bytes,
+            ),
+            (
+                "transfer_sent_bytes",
+                "Download body bytes handed to connections",
+                c.sent_bytes,
+            ),
+            (
+                "transfer_published",
+                "Uploads verified against their whole digest and published",
+                c.published,
+            ),
+        ] {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(v);
+            encode_one(&mut encoder, name, help, &counter)?;
+        }
+        Ok(())
+    }
+}
+
 fn kind(k: &str) -> KindLabel {
     KindLabel { kind: k.into() }
 }
@@ -551,6 +627,29 @@ mod tests {
             "sparegrid_overlay_guest_capacity 253",
             "sparegrid_overlay_dropped_packets_total{rule=\"grid_to_host\"} 4",
             "sparegrid_overlay_dropped_bytes_total{rule=\"grid_to_host\"} 240",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn renders_the_transfer_counters_once_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::transfer::TransferState::new(
+            &crate::transfer::TransferConfig::default(),
+            dir.path(),
+            b"key",
+        )
+        .unwrap();
+        let m = AgentMetrics::new();
+        assert!(!m.render().contains("transfer_"));
+        m.set_transfer(state);
+        let text = m.render();
+        for needle in [
+            "sparegrid_transfer_received_bytes_total 0",
+            "sparegrid_transfer_sent_bytes_total 0",
+            "sparegrid_transfer_published_total 0",
+            "# TYPE sparegrid_transfer_requests counter",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -289,7 +289,7 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let mut app = http::router(shared, tx);
+    let mut app = http::router(shared.clone(), tx);
     if let Some(g) = &grid {
         app = app.merge(g.routes());
     }
@@ -301,6 +301,7 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
             &cfg.agent.data_dir,
             cfg.controller.token.as_bytes(),
         )?;
+        shared.metrics.set_transfer(state.clone());
         let addr = cfg.transfer.listen;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
