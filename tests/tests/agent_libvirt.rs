@@ -391,3 +391,141 @@ fn libvirtd_restart_adopts_its_own_vm_and_ignores_others() {
     remove_domain(&impostor);
     remove_domain(&foreign);
 }
+
+/// `virsh domiflist <name>`'s text (empty when virsh fails).
+fn domiflist(name: &str) -> String {
+    std::process::Command::new("virsh")
+        .args(["-c", LIBVIRT_URI, "domiflist", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// A Linux bridge in this network namespace, deleted on drop.
+struct TestBridge(String);
+
+impl TestBridge {
+    fn create(name: &str) -> TestBridge {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", name])
+            .output();
+        for args in [
+            vec!["link", "add", name, "type", "bridge"],
+            vec!["link", "set", name, "up"],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TestBridge(name.to_owned())
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
+}
+
+/// The overlay NIC hot-plug the runner uses for `network = "overlay"`
+/// subtasks on grid VMs (`overlay::LibvirtNics`), against the real
+/// libvirtd and a booted grid VM of a real agent: plugging puts a virtio
+/// NIC with the guest address's MAC on the bridge, unplugging takes it
+/// away again (the guest acknowledges the ACPI unplug). The filtering and
+/// the guest's own set-up are covered by overlay_filter.rs.
+#[test]
+fn libvirtd_overlay_nic_is_hot_plugged_and_unplugged_on_a_grid_vm() {
+    const T: &str = "libvirtd_overlay_nic_is_hot_plugged_and_unplugged_on_a_grid_vm";
+    if skip_unless_libvirtd(T) {
+        return;
+    }
+    let _machine = exclusive(T);
+    let Some(image) = image_dir(T) else { return };
+    let mut h = Harness::new();
+    let mut s = libvirt_conf(&mut h, &image);
+    // A quiet guest: no vCPU burner.
+    s.conf.str("vm", "cmdline", "console=ttyS0 quiet panic=-1");
+    let mut cleanup = DomainCleanup::new();
+    cleanup.prefixes.push(s.prefix.clone());
+    let run_dir = h.dir().join("run");
+    let mut agent = h.start(&s.conf);
+    let name = format!("{}1", s.prefix);
+    wait_launched(&mut agent, &name);
+    wait_domstate(&agent, &name, "running", secs(10));
+    wait_guest_ready(&mut agent, &run_dir, &name);
+
+    let bridge = TestBridge::create(&format!("sgtbr{}", std::process::id() % 100_000));
+    // The host side of the overlay without touching this host's network:
+    // the commands are recorded, the bridge above is the real one.
+    let net = sparegrid_agent::overlay::HostNet::with_ops(
+        &sparegrid_agent::overlay::OverlaySection {
+            bridge: bridge.0.clone(),
+            ..Default::default()
+        },
+        std::sync::Arc::new(sparegrid_agent::overlay::Recorder::default()),
+    )
+    .expect("host net");
+    net.apply_lease(&sparegrid_proto::overlay::OverlayLease {
+        cidr: "100.96.0.0/16".into(),
+        slice: "100.96.9.0/24".into(),
+        address: "100.96.9.1/24".into(),
+    })
+    .expect("lease");
+    let nic = net.attach_vm().expect("a guest address");
+    let mac = nic.mac();
+    let plug = sparegrid_agent::overlay::LibvirtNics::new(LIBVIRT_URI);
+    use sparegrid_agent::overlay::NicPlug as _;
+
+    assert!(
+        !domiflist(&name).contains(&mac),
+        "the grid VM has no NIC before the plug"
+    );
+    plug.plug(&name, &nic)
+        .unwrap_or_else(|e| panic!("plug: {e}\n{}", agent.report(None)));
+    let list = domiflist(&name);
+    assert!(
+        list.contains(&mac) && list.contains(&bridge.0) && list.contains("virtio"),
+        "after the plug, domiflist shows a virtio NIC {mac} on {}:\n{list}",
+        bridge.0
+    );
+    // The VM's persistent definition never gets the NIC (live only).
+    let inactive = std::process::Command::new("virsh")
+        .args(["-c", LIBVIRT_URI, "dumpxml", "--inactive", &name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        !inactive.contains(&mac),
+        "the NIC must not be in the persistent definition:\n{inactive}"
+    );
+
+    plug.unplug(&name, &nic)
+        .unwrap_or_else(|e| panic!("unplug: {e}\n{}", agent.report(None)));
+    // The guest acknowledges the ACPI unplug asynchronously.
+    let start = Instant::now();
+    loop {
+        let list = domiflist(&name);
+        if !list.contains(&mac) {
+            break;
+        }
+        assert!(
+            start.elapsed() < secs(60),
+            "the NIC {mac} is still on {name} 60 s after the unplug:\n{list}"
+        );
+        sleep_ms(500);
+    }
+    // Unplugging from a VM that is gone is not an error.
+    plug.unplug(&format!("{}404", s.prefix), &nic)
+        .expect("unplug from a missing VM");
+    drop(nic);
+    assert_eq!(net.status().guests, 0, "the address went back");
+    drop(agent);
+}

@@ -123,7 +123,8 @@ pub fn parse_owner(metadata_xml: &str) -> Option<String> {
 /// Renders the domain XML for one grid VM.
 ///
 /// - `type` is the resolved `kvm` or `qemu` (TCG);
-/// - direct kernel boot (`kernel`, `initrd`, `cmdline`), x86_64 `pc` machine;
+/// - direct kernel boot (`kernel`, `initrd`, `cmdline`), x86_64 `pc` machine
+///   with ACPI (PCI hot-plug of the overlay NIC needs it);
 /// - `<cputune><shares>2</shares>`: the lowest CPU weight libvirt sets on the
 ///   domain's own cgroup (cgroup v2: `cpu.weight`), so customers always win;
 /// - optional `<resource><partition>` (an absolute libvirt partition path);
@@ -175,6 +176,9 @@ pub fn render_domain_xml(spec: &VmSpec, opts: &LibvirtOptions, virt_type: VirtTy
         "    <cmdline>{}</cmdline>\n  </os>\n",
         xml_escape(&spec.cmdline)
     ));
+    // ACPI: without it the `pc` machine's PCI bus takes no hot-plug, and
+    // an overlay subtask's NIC is hot-plugged (overlay::LibvirtNics).
+    x.push_str("  <features>\n    <acpi/>\n  </features>\n");
     x.push_str("  <on_poweroff>destroy</on_poweroff>\n");
     x.push_str("  <on_reboot>destroy</on_reboot>\n");
     x.push_str("  <on_crash>destroy</on_crash>\n");
@@ -240,6 +244,7 @@ mod tests {
         assert!(x.contains("<currentMemory unit='MiB'>384</currentMemory>"));
         assert!(x.contains("<vcpu placement='static'>2</vcpu>"));
         assert!(x.contains("<type arch='x86_64' machine='pc'>hvm</type>"));
+        assert!(x.contains("<features>\n    <acpi/>\n  </features>"));
         assert!(x.contains("<kernel>/var/lib/sparegrid/images/default/vmlinuz</kernel>"));
         assert!(x.contains("<initrd>/var/lib/sparegrid/images/default/initrd.img</initrd>"));
         assert!(x.contains("<cmdline>console=ttyS0 quiet panic=-1</cmdline>"));
