@@ -358,7 +358,7 @@ async fn serve_with_grace(
     grace: Duration,
 ) -> Result<(), TransferError> {
     let tls = match (&state.config().tls_cert, &state.config().tls_key) {
-        (Some(c), Some(k)) => Some(tls::server_config(c, k)?),
+        (Some(c), Some(k)) => Some(tls::server_config(c, k, tls::TRANSFER_FIELDS)?),
         _ => None,
     };
     let sweeper = tokio::spawn(sweep_loop(state.clone()));

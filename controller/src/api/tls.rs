@@ -1,134 +1,34 @@
-//! HTTPS for the API: [`server_config`] reads `[tls]`'s PEM certificate
-//! chain and private key into a rustls server config (the `ring` crypto
-//! provider, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`); [`serve_tls_on`]
-//! serves the router with it through `axum-server`. Every error names the
-//! config field (`tls.cert`, `tls.key`) and the file.
+//! HTTPS for the API: `[tls]`'s PEM certificate chain and private key
+//! become a rustls server config (the `ring` provider, TLS 1.2 and 1.3,
+//! ALPN `h2` and `http/1.1`) served through `axum-server`. The code is the
+//! transfer crate's TLS module (one copy for the agent's transfer endpoint
+//! and this API); here it names the `tls.cert` and `tls.key` fields.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
-use axum_server::tls_rustls::RustlsConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use sparegrid_transfer::tls::TlsFields;
+pub use sparegrid_transfer::tls::{serve_tls_on, TlsError, SHUTDOWN_GRACE};
 
-/// How long open connections (event streams included) get to finish once
-/// shutdown starts.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Why the TLS config could not be built; each names the field and file.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("config field `{field}`: reading {}: {source}", path.display())]
-    Read {
-        field: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config field `{field}`: {} is not usable PEM: {message}", path.display())]
-    Pem {
-        field: &'static str,
-        path: PathBuf,
-        message: String,
-    },
-    #[error("config field `tls.key`: {} does not fit the certificate in {}: {message}", key.display(), cert.display())]
-    Mismatch {
-        cert: PathBuf,
-        key: PathBuf,
-        message: String,
-    },
-}
-
-impl TlsError {
-    /// The config field the error is about.
-    pub fn field(&self) -> &'static str {
-        match self {
-            TlsError::Read { field, .. } | TlsError::Pem { field, .. } => field,
-            TlsError::Mismatch { .. } => "tls.key",
-        }
-    }
-}
-
-fn read(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        field,
-        path: path.to_owned(),
-        source,
-    })
-}
+/// The API's config fields.
+const FIELDS: TlsFields = TlsFields {
+    cert: "tls.cert",
+    key: "tls.key",
+};
 
 /// The rustls server config for the PEM files `cert` (the chain, leaf
-/// first) and `key` (PKCS#8, PKCS#1 or SEC1).
+/// first) and `key` (PKCS#8, PKCS#1 or SEC1); errors name `tls.cert` or
+/// `tls.key` and the file.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let pem_err = |field: &'static str, path: &Path, message: String| TlsError::Pem {
-        field,
-        path: path.to_owned(),
-        message,
-    };
-    let chain = CertificateDer::pem_slice_iter(&read("tls.cert", cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err("tls.cert", cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(pem_err(
-            "tls.cert",
-            cert,
-            "no CERTIFICATE block found".to_owned(),
-        ));
-    }
-    let private = PrivateKeyDer::from_pem_slice(&read("tls.key", key)?).map_err(|e| {
-        let message = match e {
-            rustls::pki_types::pem::Error::NoItemsFound => {
-                "no PRIVATE KEY block found (PKCS#8, RSA or EC)".to_owned()
-            }
-            other => other.to_string(),
-        };
-        pem_err("tls.key", key, message)
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Mismatch {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            message: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_single_cert(chain, private)
-        .map_err(|e| TlsError::Mismatch {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            message: e.to_string(),
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// Serves `app` over TLS with `config` on `listener` until `shutdown`
-/// resolves; connections then get [`SHUTDOWN_GRACE`] to finish.
-pub async fn serve_tls_on(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        stopper.graceful_shutdown(Some(SHUTDOWN_GRACE));
-    });
-    axum_server::from_tcp_rustls(listener.into_std()?, RustlsConfig::from_config(config))?
-        .handle(handle)
-        .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .await
+    sparegrid_transfer::tls::server_config(cert, key, FIELDS)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use tokio::net::TcpListener;
+
     use super::*;
 
     use crate::api::{serve_tls_on as serve_api, AppState};
