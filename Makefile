@@ -151,9 +151,11 @@ build: deps-rust
 
 # The end-to-end tests run the agent binary, which `cargo test` alone does not
 # build (no integration tests live in the agent package): build it first.
+# CARGO_INCREMENTAL=0: a one-off build gains nothing from incremental caches,
+# which cost gigabytes of a CI machine's small disk (see Cargo.toml's dev profile).
 test: deps tus-venv libvirtd image boot-check
-	$(CARGO) build --workspace
-	$(VM_ENV) SPAREGRID_TUSPY=$(TUS_VENV)/bin/python RUST_BACKTRACE=1 \
+	CARGO_INCREMENTAL=0 $(CARGO) build --workspace
+	$(VM_ENV) SPAREGRID_TUSPY=$(TUS_VENV)/bin/python RUST_BACKTRACE=1 CARGO_INCREMENTAL=0 \
 	    $(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 # The grid end to end: a controller, two local agents (libvirt runtime, one
