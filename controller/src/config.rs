@@ -42,6 +42,12 @@
 //! cidr = "100.96.0.0/16"         # empty (the default): no overlay
 //! slice_prefix = 24              # each host's slice
 //! release_after = "24h"          # a lost host's slice is freed after this
+//!
+//! [data]                         # job data: uploads, output files (see crate::data)
+//! enabled = true
+//! dir = "data"                   # relative to db_path's directory, or absolute
+//! max_upload_bytes = 1073741824
+//! output_file_above = 262144     # longer stdout is also kept whole as a file
 //! ```
 //!
 //! With no token at all the API is open: allowed only on a loopback
@@ -54,6 +60,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::DataConfig;
 use crate::job::Limits;
 use crate::overlay::OverlayConfig;
 use crate::registry::RegistryConfig;
@@ -303,6 +310,8 @@ pub struct ControllerConfig {
     pub tls: TlsConfig,
     /// The grid overlay's address pool.
     pub overlay: OverlayConfig,
+    /// Job data: uploads and output files (see crate::data).
+    pub data: DataConfig,
 }
 
 impl Default for ControllerConfig {
@@ -318,6 +327,7 @@ impl Default for ControllerConfig {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             overlay: OverlayConfig::default(),
+            data: DataConfig::default(),
         }
     }
 }
@@ -419,6 +429,9 @@ impl ControllerConfig {
         self.registry
             .validate()
             .map_err(|e| invalid(e.field, e.message))?;
+        self.data
+            .validate()
+            .map_err(|e| invalid(&e.field, e.message))?;
         let d = &self.dispatch;
         if d.batch_size == 0 || d.batch_size > 10_000 {
             return Err(invalid(

@@ -13,12 +13,15 @@
 //! - [`agents`]: the agent plane (register, heartbeat, completions over
 //!   MessagePack), `GET /v1/hosts`, and the push dispatcher;
 //! - [`overlay`]: the grid overlay's address pool, peer list and tunnel
-//!   status (issue 7).
+//!   status (issue 7);
+//! - [`data`]: job data over the transfer protocol (`/v1/data`): uploads
+//!   `lines` jobs reference, outputs kept as files (issue 6).
 
 pub mod agents;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod job;
 pub mod overlay;
 pub mod registry;

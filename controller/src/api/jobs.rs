@@ -491,7 +491,20 @@ pub async fn submit(
             ApiError::BodyRead(e.body_text())
         }
     })?;
-    let req = job::parse_json(&body)?;
+    let req = match job::parse_json(&body) {
+        Ok(req) => req,
+        // `split.lines.input` may be a reference to uploaded data.
+        Err(e) if e.field == "split.lines.input" => {
+            let (data, limits) = (s.data.clone(), Arc::clone(&s.limits));
+            let resolved = tokio::task::spawn_blocking(move || {
+                crate::data::input::resolve_body(&body, data.as_ref(), &limits)
+            })
+            .await
+            .map_err(|err| ApiError::Task(err.to_string()))??;
+            job::parse_json(&resolved.ok_or(e)?)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     req.validate(&s.limits)?;
     if req.network == job::Network::Overlay && !s.agents.overlay_enabled() {
         return Err(job::ValidationError::new(

@@ -14,6 +14,7 @@
 //! | `POST /v1/agents/{register,heartbeat,completions,release}` | the agent plane, MessagePack (see [`crate::agents`]) |
 //! | `GET /metrics` | Prometheus text (jobs, subtasks, requests; the overlay, see [`crate::overlay::metrics`]) |
 //! | `GET /openapi.json` | the OpenAPI 3 document of all of the above |
+//! | `/v1/data*` | job data: uploads and output files, served by [`crate::data::layer`] in front of the router (not in the OpenAPI document; docs/transfer.md) |
 //!
 //! Only `push` jobs are accepted until the other dispatch modes exist.
 //!
@@ -102,6 +103,9 @@ pub struct AppState {
     pub agents: AgentPlane,
     /// Bearer tokens by role.
     pub auth: Arc<Auth>,
+    /// Job data under `/v1/data` (see [`crate::data`]); `None` until
+    /// [`serve`] opens it, or with `[data] enabled = false`.
+    pub data: Option<crate::data::DataPlane>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -131,6 +135,7 @@ impl AppState {
             events_poll: config.events_poll,
             metrics: Arc::new(metrics),
             auth: Arc::new(Auth::new(&config.auth)),
+            data: None,
         }
     }
 }
@@ -154,6 +159,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        // `/v1/data*` and output capture from completion reports.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::data::layer,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             agents::wake_on_submit,
@@ -290,7 +300,15 @@ pub async fn serve(config: ControllerConfig) -> Result<(), ApiError> {
              auth.admin_tokens and auth.agent_token outside tests and demos"
         );
     }
-    let state = AppState::new(Arc::new(store), &config);
+    let mut state = AppState::new(Arc::new(store), &config);
+    let data_config = config.clone();
+    state.data = tokio::task::spawn_blocking(move || crate::data::DataPlane::open(&data_config))
+        .await
+        .map_err(|e| ApiError::Task(e.to_string()))?
+        .map_err(|e| ApiError::Task(e.to_string()))?;
+    if let Some(d) = &state.data {
+        tracing::info!(dir = %d.dir().display(), "job data under /v1/data");
+    }
     match tls {
         Some(tls) => serve_tls_on(listener, tls, state, shutdown_signal()).await,
         None => serve_on(listener, state, shutdown_signal()).await,

@@ -28,6 +28,7 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::blocking::Client,
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -65,7 +66,27 @@ impl Client {
             url: base.clone(),
             message: error_chain(&e),
         })?;
-        Ok(Client { base, token, http })
+        Ok(Client {
+            base,
+            token,
+            http,
+            ca_cert: ca_cert.map(Path::to_owned),
+        })
+    }
+
+    /// An async client with the same trust (the transfer client is
+    /// async); it sends no API token (transfers carry their own).
+    pub fn async_http(&self) -> Result<reqwest::Client, CliError> {
+        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if let Some(path) = &self.ca_cert {
+            for cert in read_ca_cert(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        builder.build().map_err(|e| CliError::Http {
+            url: self.base.clone(),
+            message: error_chain(&e),
+        })
     }
 
     /// The controller's base URL.

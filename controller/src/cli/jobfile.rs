@@ -2,6 +2,8 @@
 //! JSON value, `*.json` is read as JSON, and either is checked locally with
 //! [`job::parse_value`] and [`JobRequest::validate`] against
 //! [`Limits::default`], so a bad field is named before any request is made.
+//! [`load_body`] also accepts a `lines` input given by reference to an
+//! upload (`input = { data = "ID" }`) and gives the body to send.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,86 @@ pub fn load(path: &Path) -> Result<JobRequest, CliError> {
         source,
     })?;
     parse(path, format, &text)
+}
+
+/// Reads the job file at `path` like [`load`] and gives the body to send
+/// too. A `lines` input given by reference (`input = { data = "ID" }`, see
+/// [`crate::data::input`]) is checked for its form here, and the rest of
+/// the request as if the input were inline; the controller reads the
+/// upload. The returned request then holds an empty input.
+pub fn load_body(path: &Path) -> Result<(JobRequest, Vec<u8>), CliError> {
+    let format = Format::of(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_body(path, format, &text)
+}
+
+/// [`load_body`] on `text`.
+pub fn parse_body(
+    path: &Path,
+    format: Format,
+    text: &str,
+) -> Result<(JobRequest, Vec<u8>), CliError> {
+    match parse(path, format, text) {
+        Ok(req) => {
+            let body = encode(path, &req)?;
+            Ok((req, body))
+        }
+        Err(CliError::Invalid { error, .. }) if error.field == "split.lines.input" => {
+            let invalid = |error| CliError::Invalid {
+                path: PathBuf::from(path),
+                error,
+            };
+            let mut value = to_json(path, format, text)?;
+            if crate::data::input::reference(&value)
+                .map_err(invalid)?
+                .is_none()
+            {
+                return Err(invalid(error));
+            }
+            let body = encode(path, &value)?;
+            // Check the rest with a stand-in input.
+            if let Some(slot) = value.pointer_mut("/split/lines/input") {
+                *slot = Value::String("-\n".to_owned());
+            }
+            let mut req = job::parse_value(&value).map_err(invalid)?;
+            req.validate(&Limits::default()).map_err(invalid)?;
+            if let job::Split::Lines { input, .. } = &mut req.split {
+                input.clear();
+            }
+            Ok((req, body))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `value` as the JSON body.
+fn encode<T: serde::Serialize>(path: &Path, value: &T) -> Result<Vec<u8>, CliError> {
+    serde_json::to_vec(value).map_err(|e| CliError::JobFile {
+        path: path.to_owned(),
+        message: format!("cannot encode as JSON: {e}"),
+    })
+}
+
+/// The job file's text as a JSON value.
+fn to_json(path: &Path, format: Format, text: &str) -> Result<Value, CliError> {
+    let file_err = |message: String| CliError::JobFile {
+        path: PathBuf::from(path),
+        message,
+    };
+    match format {
+        Format::Toml => {
+            let value: toml::Value = toml::from_str(text)
+                .map_err(|e| file_err(format!("not valid TOML: {}", e.to_string().trim_end())))?;
+            serde_json::to_value(value)
+                .map_err(|e| file_err(format!("cannot convert TOML to JSON: {e}")))
+        }
+        Format::Json => {
+            serde_json::from_str(text).map_err(|e| file_err(format!("not valid JSON: {e}")))
+        }
+    }
 }
 
 /// Parses and validates `text` as a job in `format`; `path` names it in

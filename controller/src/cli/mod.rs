@@ -7,7 +7,8 @@
 //!   submit FILE [--watch]           job.toml or job.json, checked locally first
 //!   status [ID] [--state S] [--limit N]
 //!   watch ID [--poll]               progress bar; exit 0 done, 1 failed/cancelled
-//!   results ID [--partial] [-o FILE]
+//!   results ID [--partial] [-o FILE|DIR/]  DIR: one file per output (large ones fetched with Range)
+//!   upload FILE                     resumable upload for a `lines` job's input; prints its data id
 //!   cancel ID
 //!   hosts [--peers]                 --peers: each host's overlay tunnel peers
 //! ```
@@ -28,6 +29,7 @@
 //! job file or bad arguments.
 
 pub mod client;
+pub mod data;
 pub mod jobfile;
 pub mod output;
 pub mod watch;
@@ -130,9 +132,19 @@ pub enum Cmd {
         /// default) or `map` (each subtask's output, in index order)
         #[arg(long, value_name = "STAGE", value_parser = ["map", "reduce"])]
         stage: Option<String>,
-        /// Write to this file instead of stdout
-        #[arg(long, short, value_name = "FILE")]
+        /// Write to this file instead of stdout; an existing directory
+        /// (or a path ending in `/`) gets one file per output instead:
+        /// subtask-<index>.out and reduce.out, large outputs downloaded
+        /// with Range so an interrupted fetch resumes on a rerun
+        #[arg(long, short, value_name = "FILE|DIR")]
         output: Option<PathBuf>,
+    },
+    /// Upload a file for a `lines` job's input (`input = { data = "ID" }`);
+    /// prints its data id. Resumable: run it again after a broken
+    /// connection and it goes on from the last checkpoint
+    Upload {
+        /// The file to upload
+        file: PathBuf,
     },
     /// Cancel a job: queued subtasks are dropped, running ones stopped
     Cancel { id: String },
@@ -387,11 +399,7 @@ fn execute(cli: &Cli, opts: &RunOptions, io: &mut Io<'_>) -> Result<i32, CliErro
     let client = client(cli, opts)?;
     match &cli.command {
         Cmd::Submit { file, watch } => {
-            let req = jobfile::load(file)?;
-            let body = serde_json::to_vec(&req).map_err(|e| CliError::JobFile {
-                path: file.clone(),
-                message: format!("cannot encode as JSON: {e}"),
-            })?;
+            let (req, body) = jobfile::load_body(file)?;
             let url = client.url("/v1/jobs");
             let text = body_text(client.post_json("/v1/jobs", body)?, &url)?;
             let resp: SubmitResponse = decode(&text, &url)?;
@@ -466,7 +474,13 @@ fn execute(cli: &Cli, opts: &RunOptions, io: &mut Io<'_>) -> Result<i32, CliErro
             partial,
             stage,
             output,
-        } => results(&client, id, *partial, stage.as_deref(), output.as_ref(), io),
+        } => match output {
+            Some(dir) if data::is_dir_output(dir) => {
+                data::results_dir(&client, id, *partial, dir, io)
+            }
+            _ => results(&client, id, *partial, stage.as_deref(), output.as_ref(), io),
+        },
+        Cmd::Upload { file } => data::upload(&client, file, data::state_dir(), io),
         Cmd::Cancel { id } => {
             let path = format!("/v1/jobs/{}", enc(id));
             let url = client.url(&path);

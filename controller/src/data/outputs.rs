@@ -1,0 +1,338 @@
+//! Subtask outputs kept whole as files, and the listing that
+//! `sparegrid results ID --output DIR` reads.
+//!
+//! **Capture.** The store keeps at most its output cap (1 MiB) of each
+//! attempt's stdout in SQLite. [`capture`] runs in front of the two
+//! completion routes (`POST /v1/agents/completions`, pull mode's `POST
+//! /v1/subtasks/{job}/{index}/complete`): for every successful report whose
+//! stdout is longer than `data.output_file_above`, the stdout as received
+//! is published as the verified file `out-<job>-<index>-<epoch>` (the
+//! transfer store's own writer: journal, digest, atomic rename) *before*
+//! the report reaches the store, so an accepted report's file is durable
+//! when the agent gets its answer. Reports the store answers stale or
+//! rejected have their file removed again; a repeat of an accepted report
+//! finds the file there and writes nothing. Only requests carrying an agent
+//! (or admin) token are looked at.
+//!
+//! What the agent sends is itself capped by the agent (1 MiB of stdout per
+//! attempt, `subtask::Limits::output_cap_bytes`): a file holds all of the
+//! output the controller received, which is all of it only when the agent
+//! did not cut it (`size` in the listing is the size before any cap).
+//!
+//! **Listing.** `GET /v1/data/jobs/{job}/outputs?from=&limit=&partial=1`
+//! ([`OutputList`]): the accepted attempt of each done map subtask from
+//! index `from`, in index order, then (on the last page) the reduce's;
+//! each inline (`stdout_b64`, what the store kept) or as a file with a
+//! `down` token for it (`file`). A page holds at most `limit` (100,
+//! most 1000) entries and about 8 MiB of inline output; `next` is where
+//! the next page starts. Before the job ended it is 409
+//! `job_not_finished` unless `partial=1`.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sparegrid_proto::grid::{AttemptRef, Completion};
+use sparegrid_transfer::Direction;
+
+use super::{DataPlane, OUTPUT_PREFIX, PREFIX};
+use crate::agents::{Ack, CompletionsReply};
+use crate::api::{Access, ApiError, AppState};
+use crate::store::{AttemptRecord, JobId, JobState, Store, StoreError};
+
+/// The batch completion route.
+const COMPLETIONS: &str = "/v1/agents/completions";
+/// Inline output per listing page (about; one entry always fits).
+const PAGE_INLINE_BYTES: usize = 8 << 20;
+/// Default and largest `limit`.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// True for the routes completion reports arrive on.
+pub fn is_completion_route(path: &str) -> bool {
+    path == COMPLETIONS || (path.starts_with("/v1/subtasks/") && path.ends_with("/complete"))
+}
+
+/// The id of the output file of `job`'s subtask `index`, attempt `epoch`.
+pub fn output_id(job: &str, index: u64, epoch: u32) -> String {
+    format!("{OUTPUT_PREFIX}{job}-{index}-{epoch}")
+}
+
+/// See the module header.
+pub async fn capture(d: DataPlane, s: &AppState, req: Request, next: Next) -> Response {
+    if s.auth.check(Access::Agent, req.headers()).is_err() {
+        return next.run(req).await;
+    }
+    let limit = d.max_agent_body();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_none_or(|n| n > limit) {
+        // Unknown or too long: the route's own reading answers it.
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::BodyRead(e.to_string()).into_response(),
+    };
+    let batch = parts.uri.path() == COMPLETIONS;
+    let reports: Vec<Completion> = if batch {
+        rmp_serde::from_slice(&bytes).unwrap_or_default()
+    } else {
+        rmp_serde::from_slice::<Completion>(&bytes)
+            .map(|c| vec![c])
+            .unwrap_or_default()
+    };
+    let above = d.config().output_file_above;
+    let big: Vec<Completion> = reports
+        .into_iter()
+        .filter(|c| c.succeeded() && c.stdout.len() as u64 > above)
+        .collect();
+    let written = if big.is_empty() {
+        Vec::new()
+    } else {
+        let d = d.clone();
+        tokio::task::spawn_blocking(move || publish_all(&d, big))
+            .await
+            .unwrap_or_default()
+    };
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    if written.is_empty() {
+        return resp;
+    }
+    let refused: Vec<String> = if batch {
+        let (rp, rb) = resp.into_parts();
+        let body = axum::body::to_bytes(rb, 64 << 20).await.unwrap_or_default();
+        let reply: Option<CompletionsReply> = rmp_serde::from_slice(&body).ok();
+        let refused = match reply {
+            Some(r) => r
+                .results
+                .iter()
+                .filter(|a| matches!(a.result, Ack::Stale | Ack::Rejected))
+                .map(|a| output_id(&a.attempt.job, a.attempt.index, a.attempt.epoch))
+                .filter(|id| written.contains(id))
+                .collect(),
+            // Not the reply we know (an error): nothing was accepted.
+            None => written.clone(),
+        };
+        let resp = Response::from_parts(rp, Body::from(body));
+        remove_all(&d, refused).await;
+        return resp;
+    } else if resp.status().is_success() {
+        Vec::new()
+    } else {
+        written
+    };
+    remove_all(&d, refused).await;
+    resp
+}
+
+/// Publishes each report's stdout; the ids written now.
+fn publish_all(d: &DataPlane, reports: Vec<Completion>) -> Vec<String> {
+    let mut written = Vec::new();
+    for c in reports {
+        let AttemptRef { job, index, epoch } = &c.attempt;
+        let id = output_id(job, *index, *epoch);
+        let source = format!("job {job} subtask {index} attempt {epoch} on {}", c.host);
+        match d.publish(&id, source, &c.stdout) {
+            Ok(true) => {
+                tracing::debug!(id, bytes = c.stdout.len(), "output kept as a file");
+                written.push(id);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(id, error = %e, "cannot keep an output as a file"),
+        }
+    }
+    written
+}
+
+async fn remove_all(d: &DataPlane, ids: Vec<String>) {
+    if ids.is_empty() {
+        return;
+    }
+    let d = d.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for id in ids {
+            if let Err(e) = d.remove(&id) {
+                tracing::warn!(id, error = %e, "cannot remove the output file of a refused report");
+            }
+        }
+    })
+    .await;
+}
+
+/// The listing's query.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub from: Option<u64>,
+    pub limit: Option<usize>,
+    /// `1`/`true`: answer before the job ended.
+    pub partial: Option<String>,
+}
+
+/// `GET /v1/data/jobs/{job}/outputs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputList {
+    pub job: String,
+    pub state: String,
+    /// The job is done: every output is there.
+    pub complete: bool,
+    /// Map subtasks in the job.
+    pub map_subtasks: u64,
+    pub outputs: Vec<OutputEntry>,
+    /// Where the next page starts (`from`); none after the last.
+    pub next: Option<u64>,
+}
+
+/// One accepted output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputEntry {
+    pub index: u64,
+    /// `map` or `reduce`.
+    pub stage: String,
+    /// The accepted attempt (epoch).
+    pub attempt: u32,
+    /// Stdout's size before any cap (the agent's or the store's).
+    pub size: u64,
+    /// What the store kept, base64 (when there is no file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_b64: Option<String>,
+    /// The whole output as received, as a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<OutputFile>,
+}
+
+/// An output file and how to fetch it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub id: String,
+    /// Path on the controller: `/v1/data/v1/files/<id>` (GET with Range).
+    pub url: String,
+    /// A `down` token for this file only.
+    pub token: String,
+    pub size: u64,
+    pub blake3: String,
+}
+
+async fn store_call<T, F>(s: &AppState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = std::sync::Arc::clone(&s.store);
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .map_err(|e| ApiError::Task(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// See the module header.
+pub async fn list(s: &AppState, d: &DataPlane, job: &str, q: ListQuery) -> Response {
+    match list_inner(s, d, job, q).await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn list_inner(
+    s: &AppState,
+    d: &DataPlane,
+    job: &str,
+    q: ListQuery,
+) -> Result<OutputList, ApiError> {
+    let id = JobId(job.to_owned());
+    let jid = id.clone();
+    let rec = store_call(s, move |st| st.get_job(&jid)).await?;
+    let ended = matches!(
+        rec.state,
+        JobState::Done | JobState::Failed | JobState::Cancelled
+    );
+    let partial = matches!(q.partial.as_deref(), Some("1" | "true" | "yes"));
+    if !ended && !partial {
+        return Err(ApiError::NotFinished {
+            id,
+            state: rec.state.as_str().to_owned(),
+        });
+    }
+    let from = q.from.unwrap_or(0);
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let jid = id.clone();
+    let results = store_call(s, move |st| st.results(&jid, from, limit)).await?;
+    let last_page = results.len() < limit;
+    let reduce = if last_page {
+        let jid = id.clone();
+        store_call(s, move |st| st.reduce_result(&jid)).await?
+    } else {
+        None
+    };
+    let d = d.clone();
+    let job_s = job.to_owned();
+    let (outputs, cut_at) = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut inline = 0usize;
+        let mut cut_at = None;
+        let all = results
+            .into_iter()
+            .map(|a| ("map", a))
+            .chain(reduce.map(|a| ("reduce", a)));
+        for (stage, a) in all {
+            if !out.is_empty() && inline > PAGE_INLINE_BYTES {
+                cut_at = Some(a.index);
+                break;
+            }
+            let e = entry(&d, &job_s, stage, a);
+            inline += e.stdout_b64.as_ref().map_or(0, String::len);
+            out.push(e);
+        }
+        (out, cut_at)
+    })
+    .await
+    .map_err(|e| ApiError::Task(e.to_string()))?;
+    let next = match cut_at {
+        Some(i) => Some(i),
+        None if !last_page => outputs.last().map(|e| e.index + 1),
+        None => None,
+    };
+    Ok(OutputList {
+        job: job.to_owned(),
+        state: rec.state.as_str().to_owned(),
+        complete: rec.state == JobState::Done,
+        map_subtasks: rec.map_subtasks,
+        outputs,
+        next,
+    })
+}
+
+/// One listing entry: the file when there is one, else the stored bytes.
+fn entry(d: &DataPlane, job: &str, stage: &str, a: AttemptRecord) -> OutputEntry {
+    let id = output_id(job, a.index, a.attempt);
+    let file = d.transfer().store().open_complete(&id).ok().and_then(|c| {
+        let (token, _) = d.sign(&id, Direction::Download).ok()?;
+        Some(OutputFile {
+            url: format!("{PREFIX}{}/{id}", sparegrid_transfer::FILES),
+            id: id.clone(),
+            token,
+            size: c.size,
+            blake3: c.digest,
+        })
+    });
+    OutputEntry {
+        index: a.index,
+        stage: stage.to_owned(),
+        attempt: a.attempt,
+        size: a.stdout_size.max(a.stdout.len() as u64),
+        stdout_b64: file.is_none().then(|| STANDARD.encode(&a.stdout)),
+        file,
+    }
+}
