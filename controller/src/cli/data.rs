@@ -73,6 +73,8 @@ struct UploadState {
     id: String,
     token: String,
     expires_unix: u64,
+    /// The controller's checkpoint size (the client journal's).
+    checkpoint_bytes: u64,
     complete: bool,
 }
 
@@ -215,6 +217,7 @@ pub fn upload(
                 id: m.id,
                 token: m.token,
                 expires_unix: m.expires_unix,
+                checkpoint_bytes: m.checkpoint_bytes,
                 complete: false,
             };
             save_json(&state_path, &s)?;
@@ -245,7 +248,7 @@ pub fn upload(
     let base = client.url(crate::data::PREFIX);
     let sent = Arc::new(AtomicU64::new(0));
     let opts = sparegrid_transfer::client::UploadOptions {
-        checkpoint_bytes: CHECKPOINT_BYTES,
+        checkpoint_bytes: state.checkpoint_bytes,
         sent: sent.clone(),
     };
     let rt = runtime()?;
@@ -277,13 +280,33 @@ pub fn upload(
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let report = report.map_err(|e| CliError::Http {
-        url: format!("{base}/v1/files/{}", state.id),
-        message: format!("{}; run the same command again to resume", error_chain(&e)),
-    })?;
+    let journal = dir.join(format!("{}.up", state.id));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let url = format!("{base}/v1/files/{}", state.id);
+            let again = match e {
+                // The two ends disagree about the data: start over.
+                sparegrid_transfer::client::ClientError::Protocol { .. }
+                | sparegrid_transfer::client::ClientError::Status {
+                    status: 404 | 409 | 410 | 460,
+                    ..
+                } => {
+                    let _ = std::fs::remove_file(&state_path);
+                    let _ = std::fs::remove_file(&journal);
+                    "run the same command again to start a new upload"
+                }
+                _ => "run the same command again to resume",
+            };
+            return Err(CliError::Http {
+                url,
+                message: format!("{}; {again}", error_chain(&e)),
+            });
+        }
+    };
     state.complete = true;
     save_json(&state_path, &state)?;
-    let _ = std::fs::remove_file(dir.join(format!("{}.up", state.id)));
+    let _ = std::fs::remove_file(&journal);
     if report.resumed_at > 0 {
         let _ = writeln!(
             io.err,

@@ -106,6 +106,9 @@ pub struct Minted {
     pub token: String,
     pub expires_unix: u64,
     pub max_upload_bytes: u64,
+    /// The controller's checkpoint size: a client's journal must use the
+    /// same, or the last checkpoint both hold cannot be compared.
+    pub checkpoint_bytes: u64,
 }
 
 impl DataPlane {
@@ -214,6 +217,7 @@ impl DataPlane {
             token,
             expires_unix,
             max_upload_bytes: self.inner.config.max_upload_bytes,
+            checkpoint_bytes: self.inner.config.checkpoint_bytes,
         })
     }
 

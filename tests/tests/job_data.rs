@@ -1,0 +1,548 @@
+//! Job data end to end (docs/transfer.md, "Job data"): the real
+//! `sparegrid-controller` process serving `/v1/data`, the real `sparegrid`
+//! CLI uploading an input (`sparegrid upload`), a `lines` job that
+//! references it (`input = { data = "ID" }`) run by a real agent (process
+//! runtime), and `sparegrid results ID --output DIR/` writing each output
+//! to its own file, the large ones fetched from the controller with Range.
+//! Also: an upload broken off by a proxy that cuts the connection resumes
+//! on a rerun of the same command, and bad references and tokens are
+//! refused with errors that name the field.
+//!
+//! `root_` tests need root (the agent's cgroups) and are skipped otherwise.
+//! Deadlines are generous bounds on waiting, never timing assertions.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sparegrid_controller::store::{HostState, JobState};
+use sparegrid_tests::controller::*;
+use sparegrid_tests::*;
+
+/// Lines of the input; blocks of BLOCK lines make the subtasks.
+const LINES: usize = 400;
+const BLOCK: usize = 150;
+/// `data.output_file_above` here: the two full blocks' outputs (150 lines
+/// of 12 bytes) are files, the last block's (100 lines) and the reduce's
+/// stay inline.
+const FILE_ABOVE: u64 = 1500;
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `sparegrid --controller URL <args>` with `token` and the CLI state in
+/// `state`; (exit code, stdout, stderr).
+fn sparegrid(url: &str, token: &str, state: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(cli_bin())
+        .arg("--controller")
+        .arg(url)
+        .args(args)
+        .env("SPAREGRID_TOKEN", token)
+        .env("SPAREGRID_STATE_DIR", state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run sparegrid {args:?}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(r: (Option<i32>, String, String), what: &str) -> String {
+    assert_eq!(
+        r.0,
+        Some(0),
+        "`sparegrid {what}` failed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        r.1,
+        r.2
+    );
+    r.1
+}
+
+/// The input: `line-0000` … one per line, the last one without `\n`.
+fn input_text(lines: usize) -> String {
+    let mut s: String = (0..lines).map(|i| format!("line-{i:04}\n")).collect();
+    s.pop();
+    s
+}
+
+fn write_job(dir: &Path, name: &str, data_id: &str, block: usize) -> PathBuf {
+    let text = format!(
+        "name = {}\nmax_attempts = 3\n\
+         command = {{ argv = [\"/bin/sh\", \"-c\", \"sed 's/^/x:/'\"] }}\n\
+         reduce = {{ argv = [\"/bin/sh\", \"-c\", \"wc -l\"] }}\n\n\
+         [resources]\ntimeout_secs = 60\n\n\
+         [split.lines]\ninput = {{ data = {} }}\nblock = {block}\n",
+        toml_str(name),
+        toml_str(data_id)
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write the job file");
+    path
+}
+
+#[test]
+fn root_lines_job_from_an_upload_runs_and_its_outputs_land_in_a_directory() {
+    const T: &str = "root_lines_job_from_an_upload_runs_and_its_outputs_land_in_a_directory";
+    if skip_unless_root(T) {
+        return;
+    }
+    let mut c = Cluster::start_controller(|conf| {
+        conf.sections.set("data", "output_file_above", FILE_ABOVE);
+    });
+    c.add_agent("data-a", 2, AgentLoad::MemoryOnly);
+    c.wait_hosts("data-a to be eligible", secs(60), |v| {
+        host(v, "data-a")
+            .is_some_and(|h| h.state == HostState::Active && h.eligible && !h.breakdown.is_empty())
+            .then_some(())
+    });
+    let url = c.controller.url();
+    let token = c.tokens.submit.clone();
+    let state = c.dir().join("cli-state");
+    let input = input_text(LINES);
+    let file = c.dir().join("input.txt");
+    std::fs::write(&file, &input).unwrap();
+
+    // Upload; a second run finds it complete and prints the same id.
+    let up: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &token,
+                &state,
+                &["--json", "upload", file.to_str().unwrap()],
+            ),
+            "upload",
+        )
+        .trim(),
+    )
+    .unwrap();
+    let id = up["id"].as_str().unwrap().to_owned();
+    assert_eq!(up["size"], input.len() as u64, "{up}");
+    assert_eq!(up["sent"], input.len() as u64, "{up}");
+    let again = ok(
+        sparegrid(&url, &token, &state, &["upload", file.to_str().unwrap()]),
+        "upload again",
+    );
+    assert_eq!(again.trim(), id);
+
+    // The job references it.
+    let job = write_job(c.dir(), "data-lines", &id, BLOCK);
+    let sub: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &token,
+                &state,
+                &["--json", "submit", job.to_str().unwrap()],
+            ),
+            "submit",
+        )
+        .trim(),
+    )
+    .unwrap();
+    let blocks = LINES.div_ceil(BLOCK);
+    assert_eq!(sub["subtasks"], blocks as u64, "{sub}");
+    let job_id = sub["id"].as_str().unwrap().to_owned();
+    let end = c.wait_job_end(&job_id, secs(180), |_| {});
+    assert_eq!(
+        end.job.state,
+        JobState::Done,
+        "{:?}\n{}",
+        end.job,
+        c.report()
+    );
+
+    // Outputs into a directory.
+    let out_dir = c.dir().join("out");
+    let dir_arg = format!("{}/", out_dir.display());
+    let summary: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &token,
+                &state,
+                &["--json", "results", &job_id, "--output", &dir_arg],
+            ),
+            "results --output DIR/",
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(summary["complete"], true, "{summary}");
+
+    // What each subtask must have written: its block, each line prefixed.
+    let lines: Vec<&str> = input.split_inclusive('\n').collect();
+    let mut expected: Vec<(String, String)> = lines
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, block)| {
+            let out: String = block.iter().map(|l| format!("x:{l}")).collect();
+            (format!("subtask-{i:05}.out"), out)
+        })
+        .collect();
+    // The maps' outputs together have LINES lines, the last without `\n`,
+    // which `wc -l` does not count.
+    expected.push(("reduce.out".to_owned(), format!("{}\n", LINES - 1)));
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut want_names: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
+    want_names.sort();
+    assert_eq!(names, want_names, "files in {}", out_dir.display());
+    for (name, want) in &expected {
+        let got = std::fs::read_to_string(out_dir.join(name)).unwrap();
+        assert_eq!(&got, want, "{name}");
+    }
+    // The two full blocks came as files (Range downloads), the rest inline.
+    let fetched: Vec<(u64, String, bool)> = summary["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["index"].as_u64().unwrap(),
+                o["stage"].as_str().unwrap().to_owned(),
+                o["fetched"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let want_fetched: Vec<(u64, String, bool)> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, (name, out))| {
+            let stage = if name == "reduce.out" {
+                "reduce"
+            } else {
+                "map"
+            };
+            (i as u64, stage.to_owned(), out.len() as u64 > FILE_ABOVE)
+        })
+        .collect();
+    assert_eq!(fetched, want_fetched, "{summary}");
+    assert!(fetched.iter().filter(|f| f.2).count() >= 2, "{summary}");
+
+    // Run again: the files are there and verified; the same contents.
+    ok(
+        sparegrid(
+            &url,
+            &token,
+            &state,
+            &["results", &job_id, "--output", &dir_arg],
+        ),
+        "results --output DIR/ again",
+    );
+    for (name, want) in &expected {
+        assert_eq!(
+            &std::fs::read_to_string(out_dir.join(name)).unwrap(),
+            want,
+            "{name}"
+        );
+    }
+    // The controller kept the uploaded input where `[data] dir` says.
+    let kept = c.dir().join("data/files/complete").join(&id);
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), input);
+}
+
+/// A TCP proxy that forwards at most `budget` bytes from clients to the
+/// server in all (then cuts every connection); a negative budget is
+/// unlimited.
+struct CuttingProxy {
+    addr: SocketAddr,
+    budget: Arc<AtomicI64>,
+}
+
+impl CuttingProxy {
+    fn start(server: SocketAddr, budget: i64) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let budget = Arc::new(AtomicI64::new(budget));
+        let b = budget.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(upstream) = TcpStream::connect(server) else {
+                    continue;
+                };
+                let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let b = b.clone();
+                // Client → server, counted against the budget.
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (client, upstream);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let left = b.load(Ordering::SeqCst);
+                        let n = if left < 0 { n } else { n.min(left as usize) };
+                        if left >= 0 {
+                            b.fetch_sub(n as i64, Ordering::SeqCst);
+                        }
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if left >= 0 && b.load(Ordering::SeqCst) <= 0 {
+                            break;
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                // Server → client, as is.
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (u2, c2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy { addr, budget }
+    }
+}
+
+#[test]
+fn upload_resumes_after_a_broken_connection() {
+    let c = Cluster::start_controller(|conf| {
+        conf.sections.set("data", "checkpoint_bytes", 1 << 20);
+    });
+    let token = c.tokens.submit.clone();
+    let state = c.dir().join("cli-state");
+    // 12 MiB of lines.
+    let lines = 12 * (1 << 20) / 10;
+    let input = input_text(lines);
+    let size = input.len() as u64;
+    let file = c.dir().join("big.txt");
+    std::fs::write(&file, &input).unwrap();
+    let cut_after: i64 = 5 * (1 << 20) + (1 << 19);
+    let proxy = CuttingProxy::start(c.controller.addr, cut_after);
+    let url = format!("http://{}", proxy.addr);
+
+    let first = sparegrid(
+        &url,
+        &token,
+        &state,
+        &["--json", "upload", file.to_str().unwrap()],
+    );
+    assert_ne!(
+        first.0,
+        Some(0),
+        "the cut upload succeeded?\n{}\n{}",
+        first.1,
+        first.2
+    );
+    assert!(
+        first.2.contains("run the same command again to resume"),
+        "{}",
+        first.2
+    );
+
+    // Same command, connection intact: it goes on from a checkpoint.
+    proxy.budget.store(-1, Ordering::SeqCst);
+    let second: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &token,
+                &state,
+                &["--json", "upload", file.to_str().unwrap()],
+            ),
+            "upload (resume)",
+        )
+        .trim(),
+    )
+    .unwrap();
+    let resumed_at = second["resumed_at"].as_u64().unwrap();
+    assert!(
+        resumed_at >= 1 << 20 && resumed_at <= cut_after as u64,
+        "resumed at {resumed_at}: {second}"
+    );
+    assert_eq!(resumed_at % (1 << 20), 0, "not a checkpoint: {second}");
+    assert_eq!(
+        second["sent"].as_u64().unwrap(),
+        size - resumed_at,
+        "{second}"
+    );
+    let id = second["id"].as_str().unwrap().to_owned();
+
+    // The controller holds the whole file, verified, and a job can use it.
+    let status: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/data/{id}", c.controller.url()))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(status["complete"], true, "{status}");
+    assert_eq!(status["size"], size, "{status}");
+    let kept = std::fs::read(c.dir().join("data/files/complete").join(&id)).unwrap();
+    assert!(
+        kept == input.as_bytes(),
+        "the kept upload differs from the file"
+    );
+    let job = write_job(c.dir(), "big", &id, 100_000);
+    let sub: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &c.controller.url(),
+                &token,
+                &state,
+                &["--json", "submit", job.to_str().unwrap()],
+            ),
+            "submit",
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(sub["subtasks"], lines.div_ceil(100_000) as u64, "{sub}");
+}
+
+/// An HTTP answer: status and JSON body (Null when not JSON).
+fn call(rb: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+    let r = rb.send().expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn bad_data_references_and_tokens_are_refused() {
+    let c = Cluster::start_controller(|_| {});
+    let base = c.controller.url();
+    let http = reqwest::blocking::Client::new();
+    let submit = c.tokens.submit.clone();
+    let state = c.dir().join("cli-state");
+
+    // Minting needs the submit (or admin) role.
+    let (s, _) = call(http.post(format!("{base}/v1/data")));
+    assert_eq!(s, 401);
+    let (s, _) = call(
+        http.post(format!("{base}/v1/data"))
+            .bearer_auth(&c.tokens.agent),
+    );
+    assert_eq!(s, 403);
+    let (s, m) = call(http.post(format!("{base}/v1/data")).bearer_auth(&submit));
+    assert_eq!(s, 201, "{m}");
+    let id = m["id"].as_str().unwrap().to_owned();
+    let up = m["token"].as_str().unwrap().to_owned();
+    let (_, other) = call(http.post(format!("{base}/v1/data")).bearer_auth(&submit));
+    let other_token = other["token"].as_str().unwrap().to_owned();
+    let files = format!("{base}/v1/data/v1/files");
+
+    // An unfinished upload: 5 of 10 bytes.
+    let digest = blake3::hash(b"abcd\nefgh\n").to_hex().to_string();
+    use base64::Engine;
+    let meta = format!(
+        "blake3 {}",
+        base64::engine::general_purpose::STANDARD.encode(&digest)
+    );
+    let tus = |rb: reqwest::blocking::RequestBuilder| rb.header("Tus-Resumable", "1.0.0");
+    let (s, _) = call(
+        tus(http.post(&files))
+            .bearer_auth(&up)
+            .header("Upload-Length", "10")
+            .header("Upload-Metadata", &meta),
+    );
+    assert_eq!(s, 201);
+    let patch = |token: Option<&str>| {
+        let mut rb = tus(http.patch(format!("{files}/{id}")))
+            .header("Upload-Offset", "0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .body(b"abcd\n".to_vec());
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        call(rb)
+    };
+    // Wrong tokens first: none, forged, another upload's, the API token.
+    assert_eq!(patch(None).0, 401);
+    assert_eq!(patch(Some("v1.x.up.99999999999.AAAA")).0, 401);
+    assert_eq!(patch(Some(&other_token)).0, 403);
+    assert_eq!(patch(Some(&submit)).0, 401);
+    assert_eq!(patch(Some(&up)).0, 204);
+    // Traversal through the data prefix.
+    let (s, _) = call(
+        http.get(format!("{files}/..%2F..%2Fsigning.key"))
+            .bearer_auth(&up),
+    );
+    assert_eq!(s, 400);
+
+    let refused = |data_id: &str, want: &str| {
+        let job = write_job(c.dir(), "bad", data_id, 1);
+        let (code, out, err) =
+            sparegrid(&base, &submit, &state, &["submit", job.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{data_id}: {out}\n{err}");
+        assert!(
+            err.contains("field: split.lines.input.data"),
+            "{data_id}: {err}"
+        );
+        assert!(err.contains(want), "{data_id}: want {want:?} in {err}");
+    };
+    refused("in-0000unknown", "no upload has id");
+    refused(&id, "5 of 10 bytes");
+    refused("no/such", "not a data id");
+
+    // The same through the API directly: 400 naming the field.
+    let body = serde_json::json!({
+        "command": {"argv": ["cat"]},
+        "split": {"lines": {"input": {"data": id}, "block": 1}},
+    });
+    let (s, e) = call(
+        http.post(format!("{base}/v1/jobs"))
+            .bearer_auth(&submit)
+            .json(&body),
+    );
+    assert_eq!(
+        (s, e["field"].as_str()),
+        (400, Some("split.lines.input.data")),
+        "{e}"
+    );
+
+    // Finished, it is accepted.
+    let (s, _) = call(
+        tus(http.patch(format!("{files}/{id}")))
+            .bearer_auth(&up)
+            .header("Upload-Offset", "5")
+            .header("Content-Type", "application/offset+octet-stream")
+            .body(b"efgh\n".to_vec()),
+    );
+    assert_eq!(s, 204);
+    let (s, r) = call(
+        http.post(format!("{base}/v1/jobs"))
+            .bearer_auth(&submit)
+            .json(&body),
+    );
+    assert_eq!((s, r["subtasks"].as_u64()), (201, Some(2)), "{r}");
+    // A download token is not an upload token, and vice versa.
+    let (s, _) = call(tus(http.head(format!("{files}/{id}"))).bearer_auth(&up));
+    assert_eq!(s, 200);
+    let (s, _) = call(http.get(format!("{files}/{id}")).bearer_auth(&up));
+    assert_eq!(s, 403);
+    // Outputs of a job that is not finished: 409, named like results.
+    let (s, e) = call(
+        http.get(format!(
+            "{base}/v1/data/jobs/{}/outputs",
+            r["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&submit),
+    );
+    assert_eq!(
+        (s, e["code"].as_str()),
+        (409, Some("job_not_finished")),
+        "{e}"
+    );
+    let (s, e) = call(
+        http.get(format!("{base}/v1/data/jobs/j-999/outputs"))
+            .bearer_auth(&submit),
+    );
+    assert_eq!((s, e["code"].as_str()), (404, Some("job_not_found")), "{e}");
+}
