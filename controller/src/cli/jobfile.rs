@@ -242,4 +242,43 @@ chunk = 10
             other => panic!("{other:?}"),
         }
     }
+
+    const DATA_JOB: &str = r#"
+name = "by-ref"
+command = { argv = ["wc", "-l"] }
+
+[split.lines]
+input = { data = "in-0123abcd" }
+block = 10
+"#;
+
+    #[test]
+    fn a_data_reference_is_sent_as_written_and_the_rest_checked() {
+        let (req, body) = parse_body(Path::new("j.toml"), Format::Toml, DATA_JOB).unwrap();
+        assert_eq!(req.name, "by-ref");
+        let sent: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(sent["split"]["lines"]["input"]["data"], "in-0123abcd");
+        assert_eq!(sent["split"]["lines"]["block"], 10);
+        // Inline input is sent as the parsed request, as before.
+        let (req, body) = parse_body(Path::new("j.toml"), Format::Toml, TOML_JOB).unwrap();
+        assert_eq!(serde_json::from_slice::<JobRequest>(&body).unwrap(), req);
+        // The rest of a job with a reference is still checked …
+        let bad = DATA_JOB.replace("block = 10", "block = 0");
+        match parse_body(Path::new("j.toml"), Format::Toml, &bad) {
+            Err(CliError::Invalid { error, .. }) => assert_eq!(error.field, "split.lines.block"),
+            other => panic!("{other:?}"),
+        }
+        // … and so is the reference's form.
+        for (input, field) in [
+            ("{ data = 7 }", "split.lines.input.data"),
+            ("{ file = \"x\" }", "split.lines.input.file"),
+            ("7", "split.lines.input"),
+        ] {
+            let bad = DATA_JOB.replace("{ data = \"in-0123abcd\" }", input);
+            match parse_body(Path::new("j.toml"), Format::Toml, &bad) {
+                Err(CliError::Invalid { error, .. }) => assert_eq!(error.field, field, "{input}"),
+                other => panic!("{input}: {other:?}"),
+            }
+        }
+    }
 }

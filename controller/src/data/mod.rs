@@ -28,6 +28,9 @@ pub mod input;
 pub mod outputs;
 pub mod routes;
 
+#[cfg(test)]
+mod routes_tests;
+
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
