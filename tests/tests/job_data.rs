@@ -31,6 +31,9 @@ const BLOCK: usize = 150;
 /// of 12 bytes) are files, the last block's (100 lines) and the reduce's
 /// stay inline.
 const FILE_ABOVE: u64 = 1500;
+/// Subtask 0 also writes this many `y` and a newline: an output of about
+/// 900 KB, several of the CLI's 256 KiB download checkpoints.
+const PAD: usize = 900_000;
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
@@ -76,11 +79,15 @@ fn input_text(lines: usize) -> String {
 fn write_job(dir: &Path, name: &str, data_id: &str, block: usize) -> PathBuf {
     let text = format!(
         "name = {}\nmax_attempts = 3\n\
-         command = {{ argv = [\"/bin/sh\", \"-c\", \"sed 's/^/x:/'\"] }}\n\
+         command = {{ argv = [\"/bin/sh\", \"-c\", {}] }}\n\
          reduce = {{ argv = [\"/bin/sh\", \"-c\", \"wc -l\"] }}\n\n\
          [resources]\ntimeout_secs = 60\n\n\
          [split.lines]\ninput = {{ data = {} }}\nblock = {block}\n",
         toml_str(name),
+        toml_str(&format!(
+            "sed 's/^/x:/'; if [ \"$SPAREGRID_SUBTASK\" = 0 ]; then \
+             head -c {PAD} /dev/zero | tr '\\0' y; echo; fi"
+        )),
         toml_str(data_id)
     );
     let path = dir.join(format!("{name}.toml"));
@@ -184,13 +191,17 @@ fn root_lines_job_from_an_upload_runs_and_its_outputs_land_in_a_directory() {
         .chunks(BLOCK)
         .enumerate()
         .map(|(i, block)| {
-            let out: String = block.iter().map(|l| format!("x:{l}")).collect();
+            let mut out: String = block.iter().map(|l| format!("x:{l}")).collect();
+            if i == 0 {
+                out.push_str(&"y".repeat(PAD));
+                out.push('\n');
+            }
             (format!("subtask-{i:05}.out"), out)
         })
         .collect();
-    // The maps' outputs together have LINES lines, the last without `\n`,
-    // which `wc -l` does not count.
-    expected.push(("reduce.out".to_owned(), format!("{}\n", LINES - 1)));
+    // The maps' outputs together have LINES lines plus the padding's, the
+    // last without `\n`, which `wc -l` does not count.
+    expected.push(("reduce.out".to_owned(), format!("{LINES}\n")));
     let mut names: Vec<String> = std::fs::read_dir(&out_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -248,21 +259,109 @@ fn root_lines_job_from_an_upload_runs_and_its_outputs_land_in_a_directory() {
             "{name}"
         );
     }
+    // An interrupted fetch resumes: subtask 0's file fetched again
+    // through a proxy that cuts the download after 600 000 bytes, then
+    // without the cut.
+    let first = out_dir.join("subtask-00000.out");
+    std::fs::remove_file(&first).unwrap();
+    let proxy = CuttingProxy::start(c.controller.addr, Cut::Downstream, 600_000);
+    let purl = format!("http://{}", proxy.addr);
+    let cut = sparegrid(
+        &purl,
+        &token,
+        &state,
+        &["results", &job_id, "--output", &dir_arg],
+    );
+    assert_ne!(
+        cut.0,
+        Some(0),
+        "the cut fetch succeeded?\n{}\n{}",
+        cut.1,
+        cut.2
+    );
+    assert!(
+        cut.2.contains("run the same command again to resume"),
+        "{}",
+        cut.2
+    );
+    assert!(!first.exists(), "a partial file is never in place");
+    proxy.budget.store(-1, Ordering::SeqCst);
+    let again: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &purl,
+                &token,
+                &state,
+                &["--json", "results", &job_id, "--output", &dir_arg],
+            ),
+            "results --output DIR/ (resume)",
+        )
+        .trim(),
+    )
+    .unwrap();
+    let o0 = &again["outputs"][0];
+    let resumed = o0["resumed_at"].as_u64().unwrap();
+    assert!(
+        resumed > 0 && resumed.is_multiple_of(256 << 10) && resumed < 600_000,
+        "resumed at {resumed}: {o0}"
+    );
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), expected[0].1);
+
     // The controller kept the uploaded input where `[data] dir` says.
     let kept = c.dir().join("data/files/complete").join(&id);
     assert_eq!(std::fs::read_to_string(kept).unwrap(), input);
 }
 
-/// A TCP proxy that forwards at most `budget` bytes from clients to the
-/// server in all (then cuts every connection); a negative budget is
-/// unlimited.
+/// Which way a [`CuttingProxy`] counts bytes against its budget.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Client to server (uploads).
+    Upstream,
+    /// Server to client (downloads).
+    Downstream,
+}
+
+/// A TCP proxy that forwards at most `budget` bytes in the `cut`
+/// direction over all connections (then cuts the connection that spent
+/// it); a negative budget is unlimited. The other direction is copied as
+/// is.
 struct CuttingProxy {
     addr: SocketAddr,
     budget: Arc<AtomicI64>,
 }
 
+/// Copies `from` to `to`, spending `budget` when given; shuts both down.
+fn pump(mut from: TcpStream, mut to: TcpStream, budget: Option<Arc<AtomicI64>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let left = budget.as_ref().map_or(-1, |b| b.load(Ordering::SeqCst));
+        let n = if left < 0 { n } else { n.min(left as usize) };
+        if left >= 0 {
+            if let Some(b) = &budget {
+                b.fetch_sub(n as i64, Ordering::SeqCst);
+            }
+        }
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if left >= 0
+            && budget
+                .as_ref()
+                .is_some_and(|b| b.load(Ordering::SeqCst) <= 0)
+        {
+            break;
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
 impl CuttingProxy {
-    fn start(server: SocketAddr, budget: i64) -> CuttingProxy {
+    fn start(server: SocketAddr, cut: Cut, budget: i64) -> CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let budget = Arc::new(AtomicI64::new(budget));
@@ -274,37 +373,12 @@ impl CuttingProxy {
                     continue;
                 };
                 let (c2, u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                let b = b.clone();
-                // Client → server, counted against the budget.
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (client, upstream);
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let left = b.load(Ordering::SeqCst);
-                        let n = if left < 0 { n } else { n.min(left as usize) };
-                        if left >= 0 {
-                            b.fetch_sub(n as i64, Ordering::SeqCst);
-                        }
-                        if n == 0 || to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        if left >= 0 && b.load(Ordering::SeqCst) <= 0 {
-                            break;
-                        }
-                    }
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-                // Server → client, as is.
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (u2, c2);
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
+                let (up, down) = match cut {
+                    Cut::Upstream => (Some(b.clone()), None),
+                    Cut::Downstream => (None, Some(b.clone())),
+                };
+                std::thread::spawn(move || pump(client, upstream, up));
+                std::thread::spawn(move || pump(u2, c2, down));
             }
         });
         CuttingProxy { addr, budget }
@@ -325,7 +399,7 @@ fn upload_resumes_after_a_broken_connection() {
     let file = c.dir().join("big.txt");
     std::fs::write(&file, &input).unwrap();
     let cut_after: i64 = 5 * (1 << 20) + (1 << 19);
-    let proxy = CuttingProxy::start(c.controller.addr, cut_after);
+    let proxy = CuttingProxy::start(c.controller.addr, Cut::Upstream, cut_after);
     let url = format!("http://{}", proxy.addr);
 
     let first = sparegrid(
