@@ -520,13 +520,18 @@ fn bad_data_references_and_tokens_are_refused() {
         base64::engine::general_purpose::STANDARD.encode(&digest)
     );
     let tus = |rb: reqwest::blocking::RequestBuilder| rb.header("Tus-Resumable", "1.0.0");
-    let (s, _) = call(
-        tus(http.post(&files))
-            .bearer_auth(&up)
-            .header("Upload-Length", "10")
-            .header("Upload-Metadata", &meta),
+    let created = tus(http.post(&files))
+        .bearer_auth(&up)
+        .header("Upload-Length", "10")
+        .header("Upload-Metadata", &meta)
+        .send()
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    // A standard tus client follows Location: it carries the prefix.
+    assert_eq!(
+        created.headers()["location"].to_str().unwrap(),
+        format!("/v1/data/v1/files/{id}")
     );
-    assert_eq!(s, 201);
     let patch = |token: Option<&str>| {
         let mut rb = tus(http.patch(format!("{files}/{id}")))
             .header("Upload-Offset", "0")

@@ -78,6 +78,10 @@ pub async fn capture(d: DataPlane, s: &AppState, req: Request, next: Next) -> Re
         // Unknown or too long: the route's own reading answers it.
         return next.run(req).await;
     }
+    if declared.is_some_and(|n| n as u64 <= d.config().output_file_above) {
+        // No stdout in it can be above the threshold: not worth decoding.
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
