@@ -289,3 +289,68 @@ async fn large_outputs_become_files_and_refused_reports_leave_none() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn pull_completions_keep_their_file_only_when_accepted() {
+    let a = app(true);
+    let req = json!({
+        "command": {"argv": ["cat"]},
+        "split": {"lines": {"input": "a\n", "block": 1}},
+        "mode": "pull",
+    });
+    let (s, sub) = a.json(Method::POST, "/v1/jobs", Some(SUBMIT), req).await;
+    assert_eq!(s, StatusCode::CREATED, "{sub}");
+    let job = sub["id"].as_str().unwrap().to_owned();
+    a.store.upsert_host("h1", "127.0.0.1:1").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let leased = a
+        .store
+        .claim_leases("h1", 10, std::time::Duration::from_secs(30), now)
+        .unwrap();
+    assert_eq!(leased.len(), 1);
+    let epoch = leased[0].epoch;
+    let big = vec![b'z'; 4096];
+    let path = format!("/v1/subtasks/{job}/0/complete");
+    let (a, job) = (&a, &job);
+    let send = |epoch: u32| {
+        let body = rmp_serde::to_vec_named(&completion(job, 0, epoch, &big)).unwrap();
+        a.call(
+            Method::POST,
+            &path,
+            Some(AGENT),
+            Some("application/msgpack"),
+            body,
+        )
+    };
+    let status_of = |epoch: u32| {
+        let id = super::outputs::output_id(job, 0, epoch);
+        async move {
+            a.json(
+                Method::GET,
+                &format!("/v1/data/{id}"),
+                Some(SUBMIT),
+                Value::Null,
+            )
+            .await
+        }
+    };
+    // A stale epoch: 409, and no file stays.
+    let (s, _) = send(epoch + 1).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(status_of(epoch + 1).await.0, StatusCode::NOT_FOUND);
+    // The current one: accepted, its file complete; a repeat changes nothing.
+    let (s, _) = send(epoch).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, st) = status_of(epoch).await;
+    assert_eq!(
+        (s, &st["complete"], &st["size"]),
+        (StatusCode::OK, &json!(true), &json!(4096)),
+        "{st}"
+    );
+    let (s, _) = send(epoch).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(status_of(epoch).await.1["complete"], json!(true));
+}
