@@ -233,9 +233,12 @@ pub struct PolicySection {
     #[serde(with = "humantime_serde")]
     pub reclaim_after: Duration,
     /// What reclaiming a VM suspended too long does: `destroy` it (its
-    /// subtask goes back to the controller as preempted) or `save` its state
+    /// subtask goes back to the controller as preempted), `save` its state
     /// to disk (libvirt managed save) and restore it here once the host is
-    /// calm, so the subtask finishes where it started.
+    /// calm, so the subtask finishes where it started, or `migrate`: save
+    /// it, then move the saved state to an idle host the controller picks
+    /// and restore it there (see `crate::migrate`); while no host takes it,
+    /// it stays saved here as with `save`.
     pub reclaim_mode: ReclaimMode,
     /// Reclaim a grid VM still launching after this long.
     #[serde(with = "humantime_serde")]
@@ -275,6 +278,7 @@ pub enum ReclaimMode {
     #[default]
     Destroy,
     Save,
+    Migrate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -333,6 +337,10 @@ pub struct RuntimeSection {
     pub domain_type: DomainType,
     /// Path to the emulator; empty lets libvirt choose.
     pub emulator: String,
+    /// Where libvirt keeps managed save images (`<dir>/<vm>.save`): the
+    /// state `reclaim_mode = "migrate"` uploads. libvirt's own
+    /// `/var/lib/libvirt/qemu/save` for `qemu:///system`.
+    pub libvirt_save_dir: PathBuf,
 }
 
 impl Default for RuntimeSection {
@@ -342,6 +350,7 @@ impl Default for RuntimeSection {
             libvirt_uri: "qemu:///system".into(),
             domain_type: DomainType::Auto,
             emulator: String::new(),
+            libvirt_save_dir: PathBuf::from("/var/lib/libvirt/qemu/save"),
         }
     }
 }
@@ -677,6 +686,23 @@ impl Config {
         }
         if p.boot_timeout.is_zero() {
             return Err(invalid("policy.boot_timeout", "must be above 0"));
+        }
+        if p.reclaim_mode == ReclaimMode::Migrate {
+            let missing = if self.runtime.kind != RuntimeKind::Libvirt {
+                Some("runtime.kind = \"libvirt\" (only grid VMs can be saved and moved)")
+            } else if !self.transfer.enabled {
+                Some("transfer.enabled = true (the saved state moves over the transfer endpoint)")
+            } else if !self.controller.enabled() {
+                Some("a controller (controller.url: it picks the host a VM moves to)")
+            } else {
+                None
+            };
+            if let Some(m) = missing {
+                return Err(invalid(
+                    "policy.reclaim_mode",
+                    format!("\"migrate\" needs {m}"),
+                ));
+            }
         }
         let v = &self.vm;
         if v.vcpus == 0 {

@@ -21,8 +21,10 @@
 //! - [`peer`]: p2p work stealing's durable queue and trade protocol.
 //! - [`overlay`]: the grid bridge of this host's overlay slice, its
 //!   nftables filtering, grid namespaces for overlay subtasks.
-//! - [`tunnel`]: the WireGuard tunnel endpoint (not yet wired into the
-//!   daemon; see docs/tunnel.md).
+//! - [`tunnel`]: the WireGuard tunnel endpoint (`[tunnel] enabled`; see
+//!   docs/tunnel.md).
+//! - [`migrate`]: `reclaim_mode = "migrate"`, moving a saved grid VM with
+//!   its subtask to an idle host over the transfer endpoint.
 
 pub mod cgroup;
 pub mod check;
@@ -32,6 +34,7 @@ pub mod discover;
 pub mod grid;
 pub mod guestlink;
 pub mod load;
+pub mod migrate;
 pub mod overlay;
 pub mod peer;
 pub mod policy;

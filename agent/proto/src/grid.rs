@@ -39,6 +39,15 @@ pub struct Register {
     /// other hosts. Absent from agents without a tunnel and older agents.
     #[serde(default)]
     pub tunnel: Option<TunnelInfo>,
+    /// Its transfer endpoint (`http://addr:port`), when `[transfer]` is
+    /// enabled. Absent from older agents.
+    #[serde(default)]
+    pub transfer_url: Option<String>,
+    /// Whether it takes saved grid VMs from other hosts
+    /// (`reclaim_mode = "migrate"`): a runtime that can restore saved state
+    /// and a transfer endpoint. Absent (false) from older agents.
+    #[serde(default)]
+    pub migrate_in: bool,
 }
 
 /// The controller's answer to [`Register`].

@@ -7,6 +7,7 @@
 pub mod grid;
 pub mod guest;
 pub mod load;
+pub mod migrate;
 pub mod overlay;
 pub mod status;
 pub mod vm;

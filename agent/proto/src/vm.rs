@@ -84,6 +84,9 @@ pub enum Reason {
     /// garbage or an oversized frame, heartbeats stopped, or the channel
     /// closed (QEMU or the guest died).
     GuestFailure,
+    /// `reclaim_mode = "migrate"`: the saved VM moved to another host
+    /// (on the source), or arrived from one (on the target).
+    Migrated,
 }
 
 impl Reason {
@@ -106,6 +109,7 @@ impl Reason {
             Reason::Shutdown => "shutdown",
             Reason::Adopted => "adopted",
             Reason::GuestFailure => "guest_failure",
+            Reason::Migrated => "migrated",
         }
     }
 }

@@ -16,16 +16,22 @@
 //! (reason GuestFailure); the pool hands their subtasks back.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sparegrid_proto::grid::AttemptRef;
+use sparegrid_proto::migrate::IncomingVm;
 use sparegrid_proto::{AgentStatus, GridVmStatus, LoadBreakdown, Reason, Transition, VmState};
 
 use crate::cgroup::GridCgroup;
 use crate::config::Config;
-use crate::guestlink::GuestPool;
+use crate::grid::runner::Runner;
+use crate::guestlink::{GuestPool, HeldSubtask};
 use crate::load::LoadModel;
+use crate::migrate::outgoing::{self, Outcome, OutgoingVm};
+use crate::migrate::MigrateSetup;
 use crate::policy::{Action, Decision, Observation, Policy, PolicyConfig, VmSlot};
 use crate::runtime::{RunState, Runtime, VmSpec};
 use crate::sampler::{GridUsage, Sampler};
@@ -46,6 +52,60 @@ pub enum Command {
     Reload(Box<Config>),
     /// Drain with reason Shutdown (saving VMs where the runtime can) and stop.
     Shutdown,
+    /// A move's target accepted saved VM `vm` (see [`crate::migrate`]):
+    /// let go of it here; `reply` says whether it was still here to let go.
+    MigrationReady {
+        vm: String,
+        reply: SyncSender<bool>,
+    },
+    /// A move of saved VM `vm` (holding `attempt`) ended.
+    MigrationOver {
+        vm: String,
+        attempt: AttemptRef,
+        outcome: crate::migrate::outgoing::Outcome,
+    },
+    /// A saved VM from another host: with `attempt` `None`, only whether
+    /// it fits now; with the attempt (under this host's epoch), restore it
+    /// from `file` and run its subtask on. `reply` carries why not.
+    MigrateIn {
+        incoming: Box<IncomingVm>,
+        file: PathBuf,
+        attempt: Option<AttemptRef>,
+        reply: SyncSender<Result<(), String>>,
+    },
+}
+
+/// What `reclaim_mode = "migrate"` (and taking VMs in) needs in the loop.
+pub struct Migration {
+    pub setup: Arc<MigrateSetup>,
+    /// The grid runner: attempts leave and arrive with their VMs.
+    pub runner: Arc<Runner>,
+    /// Where the move threads report back.
+    pub commands: Sender<Command>,
+    /// Whether this host moves its saved VMs away (it may only take them in).
+    pub sends: bool,
+    /// The saved VM being moved now (one at a time).
+    in_flight: Option<String>,
+    /// No new move before this (after a failed one).
+    retry_at: Option<Instant>,
+}
+
+impl Migration {
+    pub fn new(
+        setup: Arc<MigrateSetup>,
+        runner: Arc<Runner>,
+        commands: Sender<Command>,
+        sends: bool,
+    ) -> Migration {
+        Migration {
+            setup,
+            runner,
+            commands,
+            sends,
+            in_flight: None,
+            retry_at: None,
+        }
+    }
 }
 
 /// Everything the control loop owns.
@@ -78,6 +138,8 @@ pub struct ControlLoop {
     pool: Option<Arc<GuestPool>>,
     /// Launch under TCG from now on (a KVM guest did not come up).
     force_tcg: bool,
+    /// Moving saved VMs between hosts, when set up.
+    migration: Option<Migration>,
 }
 
 fn unix_ms() -> u64 {
@@ -161,12 +223,19 @@ impl ControlLoop {
             last_grid: None,
             pool: None,
             force_tcg: false,
+            migration: None,
         })
     }
 
     /// Run subtasks in the VMs through `pool` (libvirt runtime).
     pub fn with_guest_pool(mut self, pool: Arc<GuestPool>) -> ControlLoop {
         self.pool = Some(pool);
+        self
+    }
+
+    /// Move saved VMs away (`reclaim_mode = "migrate"`) and take them in.
+    pub fn with_migration(mut self, m: Migration) -> ControlLoop {
+        self.migration = Some(m);
         self
     }
 
@@ -264,7 +333,198 @@ impl ControlLoop {
             }
             Command::Reload(cfg) => self.reload(*cfg),
             Command::Shutdown => {}
+            Command::MigrationReady { vm, reply } => {
+                let _ = reply.send(self.let_go(&vm));
+            }
+            Command::MigrationOver {
+                vm,
+                attempt,
+                outcome,
+            } => self.migration_over(&vm, attempt, outcome),
+            Command::MigrateIn {
+                incoming,
+                file,
+                attempt,
+                reply,
+            } => {
+                let verdict = match attempt {
+                    None => self.policy.check_incoming(
+                        &incoming.vm,
+                        incoming.vcpus,
+                        incoming.memory_mib,
+                    ),
+                    Some(a) => self.take_in(&incoming, &file, a),
+                };
+                let _ = reply.send(verdict);
+            }
         }
+    }
+
+    /// Starts moving the oldest saved VM away, when this host sends and no
+    /// move is in flight. A VM whose save has not finished yet, that holds
+    /// no subtask, or whose subtask cannot move (peer-to-peer, overlay)
+    /// stays saved here.
+    fn maybe_migrate(&mut self) {
+        let Some(m) = &self.migration else {
+            return;
+        };
+        if !m.sends
+            || m.in_flight.is_some()
+            || m.retry_at.is_some_and(|t| Instant::now() < t)
+            || self.policy.draining()
+        {
+            return;
+        }
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        for vm in self.policy.saved_not_migrating() {
+            let Some(held) = pool.held(&vm) else {
+                continue;
+            };
+            if !m.runner.can_migrate(&held.attempt) {
+                continue;
+            }
+            // Fails while the worker is still saving it: next tick.
+            let Ok(state_file) = self.runtime.saved_state(&vm) else {
+                continue;
+            };
+            let Some(slot) = self.policy.vm(&vm) else {
+                continue;
+            };
+            let out = OutgoingVm {
+                vm: vm.clone(),
+                state_file,
+                held,
+                vcpus: slot.vcpus,
+                memory_mib: slot.memory_mib,
+            };
+            match outgoing::spawn(m.setup.clone(), out, m.commands.clone()) {
+                Ok(()) => {
+                    self.policy.set_migrating(&vm, true);
+                    if let Some(m) = &mut self.migration {
+                        m.in_flight = Some(vm);
+                    }
+                }
+                Err(e) => tracing::warn!("cannot start moving grid VM {vm}: {e}"),
+            }
+            return;
+        }
+    }
+
+    /// The target accepted saved VM `vm`: drop it here (libvirt undefines
+    /// it with its saved state) and forget its subtask without reporting
+    /// it. False when it is no longer here saved and moving.
+    fn let_go(&mut self, vm: &str) -> bool {
+        let moving = self
+            .policy
+            .vm(vm)
+            .is_some_and(|v| v.state == VmState::Saved)
+            && self
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.in_flight.as_deref() == Some(vm));
+        if !moving {
+            return false;
+        }
+        if let Err(e) = self.runtime.destroy(vm) {
+            tracing::warn!("grid VM {vm}: dropping the saved VM after its move: {e}");
+            self.shared.metrics.record_runtime_error("destroy");
+            return false;
+        }
+        let held = self.pool.as_ref().and_then(|p| p.migrated(vm));
+        if let (Some(m), Some(h)) = (&self.migration, &held) {
+            m.runner.migrated_out(&h.attempt);
+        }
+        self.vm_cpu.remove(vm);
+        if let Some(d) = self.policy.migrated_out(vm, self.now()) {
+            self.record(&d);
+        }
+        true
+    }
+
+    fn migration_over(&mut self, vm: &str, attempt: AttemptRef, outcome: Outcome) {
+        let Some(m) = &mut self.migration else {
+            return;
+        };
+        m.in_flight = None;
+        match outcome {
+            Outcome::Moved { target } => {
+                tracing::info!("grid VM {vm} moved to {target} with its subtask");
+                self.shared.metrics.record_migration("out", "moved");
+            }
+            Outcome::Kept(e) => {
+                m.retry_at = Some(Instant::now() + crate::migrate::RETRY_AFTER);
+                tracing::warn!(
+                    "grid VM {vm} stays saved here: {e}; trying again in {:?}",
+                    crate::migrate::RETRY_AFTER
+                );
+                self.policy.set_migrating(vm, false);
+                self.shared.metrics.record_migration("out", "kept");
+            }
+            Outcome::Lost(e) => {
+                tracing::warn!("grid VM {vm} left this host but did not arrive: {e}; handing subtask {}/{} back", attempt.job, attempt.index);
+                m.runner.hand_back(attempt);
+                self.shared.metrics.record_migration("out", "lost");
+            }
+        }
+    }
+
+    /// Restores a VM arriving from another host holding `attempt` (this
+    /// host's epoch). On failure the attempt is handed back.
+    fn take_in(
+        &mut self,
+        incoming: &IncomingVm,
+        file: &std::path::Path,
+        attempt: AttemptRef,
+    ) -> Result<(), String> {
+        let Some(m) = &self.migration else {
+            return Err("this agent does not take saved VMs".to_owned());
+        };
+        let runner = m.runner.clone();
+        let fail = |why: String| {
+            runner.hand_back(attempt.clone());
+            Err(why)
+        };
+        if let Err(why) =
+            self.policy
+                .check_incoming(&incoming.vm, incoming.vcpus, incoming.memory_mib)
+        {
+            self.shared.metrics.record_migration("in", "refused");
+            return fail(why);
+        }
+        let Some(pool) = self.pool.clone() else {
+            return fail("grid VMs here have no guest channel".to_owned());
+        };
+        let mut spec = self.spec(&incoming.vm);
+        spec.vcpus = incoming.vcpus;
+        spec.memory_mib = incoming.memory_mib;
+        if let Err(e) = self.runtime.restore_moved(&spec, file) {
+            self.shared.metrics.record_runtime_error("restore");
+            self.shared.metrics.record_migration("in", "failed");
+            return fail(e.to_string());
+        }
+        let d = self.policy.arrive(
+            &incoming.vm,
+            incoming.vcpus,
+            incoming.memory_mib,
+            self.now(),
+        );
+        self.record(&d);
+        runner.adopt_in_vm(attempt.clone());
+        if let Some(socket) = self.runtime.guest_channel(&incoming.vm) {
+            pool.adopt(
+                &incoming.vm,
+                socket,
+                HeldSubtask {
+                    id: incoming.guest_subtask,
+                    attempt,
+                    timeout_ms: incoming.timeout_ms,
+                },
+            );
+        }
+        self.shared.metrics.record_migration("in", "restored");
+        Ok(())
     }
 
     fn reload(&mut self, cfg: Config) {
@@ -528,6 +788,7 @@ impl ControlLoop {
         for d in self.policy.evaluate(&obs, self.can_save) {
             self.apply(d);
         }
+        self.maybe_migrate();
         self.publish();
         self.notifier.tick(Instant::now());
     }

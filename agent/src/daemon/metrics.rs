@@ -46,6 +46,12 @@ struct OpLabel {
     op: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MigrationLabel {
+    direction: String,
+    outcome: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The agent's metric registry and handles to every metric in it.
@@ -60,6 +66,7 @@ pub struct AgentMetrics {
     vms: Family<StateLabel, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
     runtime_errors: Family<OpLabel, Counter>,
+    migrations: Family<MigrationLabel, Counter>,
     samples: Counter,
     sample_errors: Counter,
     tick_seconds: FloatGauge,
@@ -93,6 +100,7 @@ impl AgentMetrics {
             vms: Family::default(),
             transitions: Family::default(),
             runtime_errors: Family::default(),
+            migrations: Family::default(),
             samples: Counter::default(),
             sample_errors: Counter::default(),
             tick_seconds: FloatGauge::default(),
@@ -141,6 +149,11 @@ impl AgentMetrics {
             "runtime_errors",
             "Runtime operations that failed, by operation",
             m.runtime_errors.clone(),
+        );
+        registry.register(
+            "migrations",
+            "Saved grid VMs moved between hosts, by direction (out, in) and outcome",
+            m.migrations.clone(),
         );
         registry.register("samples", "Samples taken", m.samples.clone());
         registry.register(
@@ -210,6 +223,17 @@ impl AgentMetrics {
                 from: t.from.as_str().into(),
                 to: t.to.as_str().into(),
                 reason: t.reason.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// A saved grid VM's move: `direction` `out` (outcome `moved`, `kept`
+    /// here, `lost`) or `in` (`restored`, `refused`, `failed`).
+    pub fn record_migration(&self, direction: &str, outcome: &str) {
+        self.migrations
+            .get_or_create(&MigrationLabel {
+                direction: direction.into(),
+                outcome: outcome.into(),
             })
             .inc();
     }

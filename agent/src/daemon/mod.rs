@@ -275,6 +275,41 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     };
 
     let (tx, rx) = mpsc::channel::<Command>();
+    // The transfer endpoint's state: served on its own listener below, and
+    // where saved VMs from other hosts arrive.
+    let transfer_state = if cfg.transfer.enabled {
+        let state = crate::transfer::TransferState::new(
+            &cfg.transfer,
+            &cfg.agent.data_dir,
+            cfg.controller.token.as_bytes(),
+        )?;
+        shared.metrics.set_transfer(state.clone());
+        Some(state)
+    } else {
+        None
+    };
+    // reclaim_mode = "migrate" sends saved VMs away; grid VM hosts with a
+    // transfer endpoint take them in (crate::migrate).
+    let sends = crate::migrate::sends(&cfg);
+    let mut migrate_routes = None;
+    if let Some(g) = &grid {
+        if sends || crate::migrate::accepts(&cfg) {
+            let setup = Arc::new(crate::migrate::MigrateSetup::of(&cfg, &grid_host));
+            if let (true, Some(t)) = (crate::migrate::accepts(&cfg), &transfer_state) {
+                migrate_routes = Some(crate::migrate::incoming::routes(
+                    setup.clone(),
+                    t.clone(),
+                    tx.clone(),
+                ));
+            }
+            control = control.with_migration(control::Migration::new(
+                setup,
+                g.runner().clone(),
+                tx.clone(),
+                sends,
+            ));
+        }
+    }
     spawn_signal_thread(
         tx.clone(),
         config_path,
@@ -293,15 +328,12 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     if let Some(g) = &grid {
         app = app.merge(g.routes());
     }
+    if let Some(r) = migrate_routes {
+        app = app.merge(r);
+    }
     // The transfer endpoint on its own listener, stopped with the server.
     let (transfer_stop, transfer_stopped) = tokio::sync::oneshot::channel::<()>();
-    let transfer = if cfg.transfer.enabled {
-        let state = crate::transfer::TransferState::new(
-            &cfg.transfer,
-            &cfg.agent.data_dir,
-            cfg.controller.token.as_bytes(),
-        )?;
-        shared.metrics.set_transfer(state.clone());
+    let transfer = if let Some(state) = transfer_state {
         let addr = cfg.transfer.listen;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))

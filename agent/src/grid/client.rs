@@ -157,6 +157,26 @@ impl ControllerClient {
         self.call_with(&path, c, timeout)
     }
 
+    /// The same client (connection pool, token, CA) for another agent-plane
+    /// endpoint at `base` (`http://addr:port`): a migration target's routes.
+    pub fn at(&self, base: &str) -> ControllerClient {
+        ControllerClient {
+            http: self.http.clone(),
+            base: base.trim_end_matches('/').to_string(),
+            token: self.token.clone(),
+        }
+    }
+
+    /// `POST base + path` with a MessagePack body and reply.
+    pub fn post<T: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+        timeout: Option<Duration>,
+    ) -> Result<R, ClientError> {
+        self.call_with(path, body, timeout)
+    }
+
     fn call<T: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,

@@ -138,6 +138,10 @@ struct Settings {
     policy: PolicySection,
     /// Where the controller pushes to ([`agent_url`]).
     agent_url: String,
+    /// The transfer endpoint, when served ([`crate::migrate::transfer_url`]).
+    transfer_url: Option<String>,
+    /// Takes saved grid VMs from other hosts ([`crate::migrate::accepts`]).
+    migrate_in: bool,
     /// Takes part in peer-to-peer jobs (a [`Node`] runs).
     p2p: bool,
 }
@@ -149,6 +153,11 @@ impl Settings {
             controller: cfg.controller.clone(),
             policy: cfg.policy.clone(),
             agent_url: agent_url(cfg, host),
+            transfer_url: cfg
+                .transfer
+                .enabled
+                .then(|| crate::migrate::transfer_url(cfg, host)),
+            migrate_in: crate::migrate::accepts(cfg),
             p2p: p2p_enabled(cfg),
         }
     }
@@ -159,6 +168,8 @@ impl Settings {
 
     fn register(&self) -> Register {
         Register {
+            migrate_in: self.migrate_in,
+            transfer_url: self.transfer_url.clone(),
             tunnel: None,
             host: self.host.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1046,7 +1057,7 @@ fn router(state: RouteState) -> Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: String) -> Response {
     (
         status,
         Json(serde_json::json!({"code": code, "message": message})),
@@ -1054,7 +1065,7 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
         .into_response()
 }
 
-fn token_ok(headers: &HeaderMap, want: &str) -> bool {
+pub(crate) fn token_ok(headers: &HeaderMap, want: &str) -> bool {
     if want.is_empty() {
         return true;
     }
@@ -1073,7 +1084,7 @@ fn token_ok(headers: &HeaderMap, want: &str) -> bool {
             == 0
 }
 
-fn unauthorized() -> Response {
+pub(crate) fn unauthorized() -> Response {
     error(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -1081,7 +1092,7 @@ fn unauthorized() -> Response {
     )
 }
 
-fn malformed(what: &str, e: rmp_serde::decode::Error) -> Response {
+pub(crate) fn malformed(what: &str, e: rmp_serde::decode::Error) -> Response {
     error(
         StatusCode::BAD_REQUEST,
         "malformed_msgpack",

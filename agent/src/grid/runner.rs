@@ -44,6 +44,11 @@
 //! preempted VM, withdrawn) goes back to the peer queue, not to the
 //! controller.
 //!
+//! **Migration** (`reclaim_mode = "migrate"`, [`crate::migrate`]): an
+//! attempt in a saved VM that moved to another host leaves without a report
+//! ([`Runner::migrated_out`]); one that arrived in a VM from another host
+//! runs here ([`Runner::adopt_in_vm`]).
+//!
 //! **Draining.** [`Runner::release_all`] kills everything queued or running
 //! and moves those attempts to the release outbox, which the client thread
 //! sends as a [`Release`](sparegrid_proto::grid::Release) so the controller
@@ -776,6 +781,45 @@ impl Runner {
         if more {
             self.reports.notify();
         }
+    }
+
+    /// Whether attempt `a` running in a grid VM may move to another host
+    /// with its VM (`reclaim_mode = "migrate"`): the controller handed it
+    /// out (peer-to-peer attempts belong to the peer queue) and it has no
+    /// overlay NIC (its address belongs to this host's slice).
+    pub fn can_migrate(&self, a: &AttemptRef) -> bool {
+        let st = self.lock();
+        st.in_vm.contains(a) && !st.p2p.contains(a) && !st.vm_nics.iter().any(|(x, _, _)| x == a)
+    }
+
+    /// Attempt `a` left with its VM for another host, which reports it: it
+    /// is no longer running here and is never reported from here.
+    pub fn migrated_out(&self, a: &AttemptRef) {
+        let mut st = self.lock();
+        st.in_vm.retain(|x| x != a);
+        st.remember(a.clone());
+    }
+
+    /// A VM arrived from another host holding attempt `a` (under this
+    /// host's epoch): it runs here now, in the heartbeat's running list,
+    /// and its end is reported from here.
+    pub fn adopt_in_vm(&self, a: AttemptRef) {
+        let mut st = self.lock();
+        if !st.in_vm.contains(&a) {
+            st.in_vm.push(a);
+        }
+    }
+
+    /// An attempt this host could not run on after all (a VM that arrived
+    /// but could not be restored): handed back to the controller, which
+    /// requeues it without counting a failure.
+    pub fn hand_back(&self, a: AttemptRef) {
+        let mut st = self.lock();
+        st.in_vm.retain(|x| *x != a);
+        st.remember(a.clone());
+        st.hand_back(a);
+        drop(st);
+        self.reports.notify();
     }
 
     /// Why attempts in the release list are handed back: the drain's

@@ -32,6 +32,11 @@
 //!   subtask is kept, and the time until the next `attach` counts as paused.
 //!   If the save fails and the VM goes on, call `resumed` (it reconnects if
 //!   the channel closed).
+//! - [`GuestPool::held`] / [`GuestPool::migrated`] / [`GuestPool::adopt`]
+//!   (`reclaim_mode = "migrate"`): what a saved VM holds; the VM left for
+//!   another host (forgotten, nothing handed back: that host reports it);
+//!   a VM arrived from another host holding a subtask (attached like a
+//!   restore, the guest replays all its kept output).
 //! - [`GuestPool::reclaimed`]: the VM is destroyed; its subtask is handed
 //!   back as `"preempted"` and its entry forgotten.
 //! - [`GuestPool::take_ready`]: VMs whose guest said Hello since the last
@@ -201,6 +206,15 @@ pub enum VmEnd {
         vm: String,
         reason: String,
     },
+}
+
+/// A subtask a saved VM holds, as it moves between hosts with the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSubtask {
+    /// The guest's id for it (its Hello names it).
+    pub id: u64,
+    pub attempt: AttemptRef,
+    pub timeout_ms: u64,
 }
 
 /// What a VM's link is doing, for status and metrics.
@@ -672,6 +686,69 @@ impl GuestPool {
                 self.shared.activity.notify();
             }
         }
+    }
+
+    /// The subtask saved VM `vm` holds, if any (not a cancelled one): what
+    /// another host needs to take it over (`reclaim_mode = "migrate"`).
+    pub fn held(&self, vm: &str) -> Option<HeldSubtask> {
+        let st = self.lock();
+        let job = st.vms.get(vm)?.job.as_ref()?;
+        if job.cancelled.is_some() {
+            return None;
+        }
+        Some(HeldSubtask {
+            id: job.id,
+            attempt: job.attempt.clone(),
+            timeout_ms: job.timeout_ms,
+        })
+    }
+
+    /// VM `vm` moved to another host with its subtask: its session ends and
+    /// the pool forgets it without handing the subtask back (the other host
+    /// reports it). Returns the subtask it held.
+    pub fn migrated(&self, vm: &str) -> Option<HeldSubtask> {
+        let mut st = self.lock();
+        let v = st.vms.remove(vm)?;
+        if let Some(s) = &v.session {
+            s.close();
+        }
+        st.ready.retain(|r| r != vm);
+        let job = v.job?;
+        Some(HeldSubtask {
+            id: job.id,
+            attempt: job.attempt,
+            timeout_ms: job.timeout_ms,
+        })
+    }
+
+    /// A VM restored from another host's saved state, holding `held`
+    /// (under this host's attempt): attached like a restore here, so its
+    /// Hello names the subtask and the whole kept output is replayed (none
+    /// of it arrived here). Time before the attach counts as paused.
+    pub fn adopt(&self, vm: &str, socket: PathBuf, held: HeldSubtask) {
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return;
+            }
+            let cap = self.shared.opts.output_cap;
+            let mut v = Vm::new(socket.clone(), now);
+            v.job = Some(Job {
+                id: held.id,
+                attempt: held.attempt,
+                timeout_ms: held.timeout_ms,
+                started: now,
+                paused_at_start: Duration::ZERO,
+                cancelled: None,
+                stdout: Assembly::new(cap),
+                stderr: Assembly::new(cap),
+                replaying: false,
+                pending: None,
+            });
+            st.vms.insert(vm.to_owned(), v);
+        }
+        self.attach(vm, socket);
     }
 
     /// VMs whose guest said Hello since the last call (once per attach).

@@ -12,6 +12,15 @@
 //! destroys saved VMs; a shutdown leaves them saved (the next start
 //! restores them).
 //!
+//! With `reclaim_mode = "migrate"` the VM is saved the same way and is also
+//! a candidate to move to an idle host ([`crate::migrate`]): while a move is
+//! in flight ([`Policy::set_migrating`]) it is not restored here; once it
+//! arrived elsewhere it leaves (Saved → Reclaimed, reason `migrated`,
+//! [`Policy::migrated_out`]). On the receiving host
+//! [`Policy::check_incoming`] decides whether one more VM fits now and
+//! [`Policy::arrive`] tracks it (Absent → Launching, reason `migrated`)
+//! until its guest answers.
+//!
 //! [`Policy`] does no I/O and reads no clock: every call takes the time as a
 //! [`Duration`] since an arbitrary origin, and returns [`Decision`]s for the
 //! daemon to carry out. The same (state, observation, time) always gives the
@@ -21,7 +30,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use sparegrid_proto::{Metric, Reason, VmState};
@@ -113,6 +122,10 @@ pub struct Policy {
     /// Set by [`Policy::drain`]: reclaim everything, launch nothing.
     draining: Option<Reason>,
     next_id: u64,
+    /// Saved VMs whose move to another host is in flight: not restored here.
+    migrating: BTreeSet<String>,
+    /// The last observation [`Policy::evaluate`] saw (for incoming VMs).
+    last_obs: Option<Observation>,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -137,6 +150,8 @@ impl Policy {
             spare_since: None,
             draining: None,
             next_id: 1,
+            migrating: BTreeSet::new(),
+            last_obs: None,
         }
     }
 
@@ -277,6 +292,7 @@ impl Policy {
         let now = obs.now;
         let p = self.cfg.policy.clone();
         let mut out = Vec::new();
+        self.last_obs = Some(*obs);
 
         // Drain or shutdown: everything goes, nothing starts.
         if let Some(reason) = self.draining {
@@ -397,6 +413,9 @@ impl Policy {
             .is_some_and(|t| now.saturating_sub(t) >= p.resume_after)
         {
             for name in self.names_in(VmState::Saved) {
+                if self.migrating.contains(&name) {
+                    continue;
+                }
                 if !self.fits_budget_without(&name, obs.mem_available_bytes) {
                     break;
                 }
@@ -415,7 +434,9 @@ impl Policy {
         for name in self.names_in(VmState::Suspended) {
             if now.saturating_sub(self.vms[&name].since) >= p.reclaim_after {
                 let (to, action) = match p.reclaim_mode {
-                    ReclaimMode::Save if can_save => (VmState::Saved, Action::Save),
+                    ReclaimMode::Save | ReclaimMode::Migrate if can_save => {
+                        (VmState::Saved, Action::Save)
+                    }
                     _ => (VmState::Reclaimed, Action::Destroy),
                 };
                 out.push(self.transition(&name, to, Reason::SuspendedTooLong, action, now));
@@ -497,6 +518,109 @@ impl Policy {
         mem + memory_mib <= p.memory_budget_mib
             && cpus + u64::from(vcpus) <= u64::from(p.vcpu_budget)
             && mem_available_bytes >= (p.memory_reserve_mib + memory_mib) * MIB
+    }
+
+    /// Marks saved VM `name` as moving to another host (`true`: not
+    /// restored here meanwhile) or no longer (`false`: the move failed, it
+    /// stays saved here as with `reclaim_mode = "save"`).
+    pub fn set_migrating(&mut self, name: &str, on: bool) {
+        if on {
+            self.migrating.insert(name.to_owned());
+        } else {
+            self.migrating.remove(name);
+        }
+    }
+
+    /// Saved VMs whose move is not in flight, oldest saved first: the
+    /// candidates for `reclaim_mode = "migrate"`.
+    pub fn saved_not_migrating(&self) -> Vec<String> {
+        let mut v: Vec<&VmSlot> = self
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::Saved && !self.migrating.contains(&v.name))
+            .collect();
+        v.sort_by_key(|v| v.since);
+        v.into_iter().map(|v| v.name.clone()).collect()
+    }
+
+    /// Saved VM `name` arrived on another host: it leaves this one (its
+    /// saved state was dropped by the caller).
+    pub fn migrated_out(&mut self, name: &str, now: Duration) -> Option<Decision> {
+        if self.vms.get(name)?.state != VmState::Saved {
+            return None;
+        }
+        self.migrating.remove(name);
+        Some(self.transition(
+            name,
+            VmState::Reclaimed,
+            Reason::Migrated,
+            Action::Record,
+            now,
+        ))
+    }
+
+    /// Whether a VM of this size arriving from another host fits now: not
+    /// draining, no VM of that name, nothing suspended, saved or launching
+    /// (a busy host is no idle host), the last load below `launch_below`
+    /// (and its peak not above `suspend_above`), and room in
+    /// `max_grid_vms`, the budgets and the memory reserve. `Err` says why
+    /// not.
+    pub fn check_incoming(&self, name: &str, vcpus: u32, memory_mib: u64) -> Result<(), String> {
+        let p = &self.cfg.policy;
+        if let Some(r) = self.draining {
+            return Err(format!("the host is draining ({r})"));
+        }
+        if self.vms.contains_key(name) {
+            return Err(format!("a grid VM named {name} is already here"));
+        }
+        for state in [VmState::Suspended, VmState::Saved, VmState::Launching] {
+            if !self.names_in(state).is_empty() {
+                return Err(format!("a grid VM here is {state}"));
+            }
+        }
+        let Some(obs) = self.last_obs else {
+            return Err("no load sample yet".to_owned());
+        };
+        if obs.load >= p.launch_below || obs.peak > p.suspend_above {
+            return Err(format!(
+                "load {:.2} is not below policy.launch_below ({})",
+                obs.load.max(obs.peak),
+                p.launch_below
+            ));
+        }
+        if self.vms.len() as u64 >= u64::from(p.max_grid_vms) {
+            return Err(format!("policy.max_grid_vms ({}) reached", p.max_grid_vms));
+        }
+        if !self.fits_resources(memory_mib, vcpus, obs.mem_available_bytes) {
+            return Err(format!(
+                "{vcpus} vCPU and {memory_mib} MiB do not fit the vCPU or memory budget or the memory reserve"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tracks a VM restored from another host's saved state: Launching
+    /// until its guest answers ([`Policy::on_started`]), like a restore
+    /// here. The next launch waits another `launch_after`.
+    pub fn arrive(&mut self, name: &str, vcpus: u32, memory_mib: u64, now: Duration) -> Decision {
+        self.vms.insert(
+            name.to_owned(),
+            VmSlot {
+                name: name.to_owned(),
+                state: VmState::Absent,
+                since: now,
+                vcpus,
+                memory_mib,
+            },
+        );
+        self.spare_since = Some(now);
+        self.transition(
+            name,
+            VmState::Launching,
+            Reason::Migrated,
+            Action::Record,
+            now,
+        )
     }
 
     /// The guest channel failed on a VM: reclaim it (its subtask has

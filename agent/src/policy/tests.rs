@@ -670,3 +670,93 @@ fn a_guest_failure_reclaims_the_vm() {
     let d = p.on_guest_failure("sg-1", Duration::from_secs(6)).unwrap();
     assert_eq!(d.from, VmState::Launching);
 }
+
+fn migrate_mode() -> PolicyConfig {
+    let mut c = cfg();
+    c.policy.reclaim_mode = ReclaimMode::Migrate;
+    c
+}
+
+#[test]
+fn migrate_mode_saves_and_a_vm_in_flight_is_not_restored_here() {
+    let mut p = suspended_one(migrate_mode());
+    let d = p.evaluate(&obs(66 * S, 0.9), true);
+    assert_eq!((d[0].to, d[0].action), (VmState::Saved, Action::Save));
+    assert_eq!(p.saved_not_migrating(), vec!["sg-1".to_string()]);
+    p.set_migrating("sg-1", true);
+    assert!(p.saved_not_migrating().is_empty());
+    // Calm long enough to restore, but its move is in flight: nothing.
+    assert!(p.evaluate(&obs(70 * S, 0.1), true).is_empty());
+    assert!(p.evaluate(&obs(85 * S, 0.1), true).is_empty());
+    // The move failed: it stays saved here and is restored when calm.
+    p.set_migrating("sg-1", false);
+    let d = p.evaluate(&obs(86 * S, 0.1), true);
+    assert_eq!(
+        (d[0].from, d[0].to, d[0].action),
+        (VmState::Saved, VmState::Launching, Action::Restore)
+    );
+}
+
+#[test]
+fn a_migrated_vm_leaves_and_launching_resumes() {
+    let mut p = suspended_one(migrate_mode());
+    p.evaluate(&obs(66 * S, 0.9), true);
+    p.set_migrating("sg-1", true);
+    // Only a saved VM can leave.
+    assert!(p.migrated_out("sg-2", Duration::from_secs(67)).is_none());
+    let d = p.migrated_out("sg-1", Duration::from_secs(67)).unwrap();
+    assert_eq!(
+        (d.from, d.to, d.reason, d.action),
+        (
+            VmState::Saved,
+            VmState::Reclaimed,
+            Reason::Migrated,
+            Action::Record
+        )
+    );
+    assert!(p.vm("sg-1").is_none());
+    // Nothing saved any more: spare capacity launches again.
+    assert!(p.evaluate(&obs(70 * S, 0.1), true).is_empty());
+    let d = p.evaluate(&obs(75 * S, 0.1), true);
+    assert_eq!(d[0].action, Action::Launch);
+}
+
+#[test]
+fn an_incoming_vm_is_taken_only_by_an_idle_host_with_room() {
+    let mut p = Policy::new(migrate_mode());
+    let refused = |p: &Policy| p.check_incoming("sg-a-3", 1, 512).unwrap_err();
+    assert!(refused(&p).contains("no load sample"));
+    p.evaluate(&obs(0, 0.9), true);
+    assert!(refused(&p).contains("launch_below"), "{}", refused(&p));
+    p.evaluate(&obs(S, 0.1), true);
+    assert_eq!(p.check_incoming("sg-a-3", 1, 512), Ok(()));
+    // Too big for the budgets (1024 MiB, 2 vCPUs).
+    assert!(p
+        .check_incoming("sg-a-3", 3, 512)
+        .unwrap_err()
+        .contains("budget"));
+    assert!(p
+        .check_incoming("sg-a-3", 1, 2048)
+        .unwrap_err()
+        .contains("budget"));
+
+    let d = p.arrive("sg-a-3", 1, 512, Duration::from_secs(2));
+    assert_eq!(
+        (d.from, d.to, d.reason),
+        (VmState::Absent, VmState::Launching, Reason::Migrated)
+    );
+    // Launching: no second arrival, and not the same name twice.
+    assert!(refused(&p).contains("already here"));
+    assert!(p
+        .check_incoming("sg-a-4", 1, 512)
+        .unwrap_err()
+        .contains("launching"));
+    let started = p.on_started("sg-a-3", Duration::from_secs(3)).unwrap();
+    assert_eq!(started.to, VmState::Running);
+    assert_eq!(p.check_incoming("sg-a-4", 1, 512), Ok(()));
+    p.drain(Reason::Drain);
+    assert!(p
+        .check_incoming("sg-a-4", 1, 512)
+        .unwrap_err()
+        .contains("draining"));
+}

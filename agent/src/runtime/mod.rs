@@ -11,7 +11,7 @@
 pub mod libvirt;
 pub mod process;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What to launch.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +72,14 @@ pub enum RuntimeError {
     Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
+fn unsupported(vm: &str, op: &'static str, kind: &str) -> RuntimeError {
+    RuntimeError::Op {
+        vm: vm.to_owned(),
+        op,
+        message: format!("the {kind} runtime cannot move saved VMs between hosts"),
+    }
+}
+
 /// One backend that runs grid VMs. Only VMs this agent created (tagged as
 /// sparegrid's) are ever listed or touched.
 pub trait Runtime: Send {
@@ -107,6 +115,19 @@ pub trait Runtime: Send {
     /// subtasks run inside this runtime's VMs over it.
     fn guest_channel(&self, _name: &str) -> Option<PathBuf> {
         None
+    }
+    /// The file holding saved VM `name`'s state (libvirt: its managed save
+    /// image), to move it to another host (`reclaim_mode = "migrate"`).
+    fn saved_state(&mut self, name: &str) -> Result<PathBuf, RuntimeError> {
+        Err(unsupported(name, "saved_state", self.kind()))
+    }
+    /// Restores a VM from another host's saved state in `file`, as this
+    /// host's VM: the saved domain's identity (libvirt keeps its name and
+    /// UUID) with this host's paths and owner for `spec`; running and
+    /// persistent, so it can be suspended, saved and reclaimed here like
+    /// one launched here. `spec.name` must be the saved VM's name.
+    fn restore_moved(&mut self, spec: &VmSpec, _file: &Path) -> Result<(), RuntimeError> {
+        Err(unsupported(&spec.name, "restore_moved", self.kind()))
     }
     /// True when launches use hardware acceleration (KVM), so a guest that
     /// does not come up may do better under the emulator.

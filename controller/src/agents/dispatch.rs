@@ -94,6 +94,8 @@ async fn restore(plane: &AgentPlane) {
         let agent_url = (h.address.starts_with("http://") || h.address.starts_with("https://"))
             .then(|| h.address.clone());
         let reg = Register {
+            migrate_in: false,
+            transfer_url: None,
             tunnel: None,
             host: h.id.clone(),
             version: String::new(),

@@ -76,6 +76,8 @@ impl Ctl {
     /// is aborted; returns once the host may lease.
     async fn pulling_agent(&self, host: &str) -> JoinHandle<()> {
         let reg = enc(&Register {
+            migrate_in: false,
+            transfer_url: None,
             tunnel: None,
             p2p: false,
             host: host.into(),

@@ -12,6 +12,8 @@
 //! | `POST /v1/leases/renew` | [`LeaseRenew`](sparegrid_proto::grid::LeaseRenew) → [`LeaseRenewed`](sparegrid_proto::grid::LeaseRenewed) | pull mode: renew every lease the agent holds, in one batch; the reply lists the lost ones |
 //! | `POST /v1/subtasks/{job}/{index}/complete` | [`Completion`] → [`CompleteReply`](sparegrid_proto::grid::CompleteReply) | pull mode: report one attempt; its epoch is the fencing token (409 `stale_epoch` when not current) |
 //! | `GET /v1/hosts` | → JSON [`HostsView`] | every host's load, dominant metric, free slots, state and running count |
+//! | `POST /v1/agents/migrations` | [`MigrationRequest`](sparegrid_proto::migrate::MigrationRequest) → [`MigrationTarget`](sparegrid_proto::migrate::MigrationTarget) | `reclaim_mode = "migrate"`: where a saved grid VM should go (see [`migrations`]) |
+//! | `POST /v1/agents/migrations/adopt` | [`AdoptAttempt`](sparegrid_proto::migrate::AdoptAttempt) → [`AdoptedAttempt`](sparegrid_proto::migrate::AdoptedAttempt) | the target takes the VM's attempt over under a new epoch |
 //!
 //! The agent routes take and give `application/msgpack` (see [`msgpack`]);
 //! their errors are JSON `{code, message, field?}` like the rest of the API.
@@ -31,6 +33,8 @@
 //! | `body_unreadable` | 400 | the body could not be read off the connection |
 //! | `must_register` | 409 | a heartbeat, lease request or renewal from a host the controller does not know (yet, or any more): register, then heartbeat again |
 //! | `stale_epoch` | 409 | a pull completion (`POST /v1/subtasks/{job}/{index}/complete`) whose epoch is not current; nothing changed |
+//! | `not_current` | 409 | a migration request or adoption for an attempt the source host does not hold (any more) |
+//! | `no_target` | 409 | a migration request when no idle host takes migrations |
 //! | `not_found` | 404 | a pull completion for an unknown job or subtask |
 //! | `body_too_large` | 413 | the body is over `dispatch.max_agent_body_bytes` |
 //! | `unsupported_media_type` | 415 | the body is not `application/msgpack` |
@@ -61,6 +65,7 @@
 pub mod dispatch;
 mod hosts;
 pub mod leases;
+mod migrations;
 pub mod msgpack;
 mod slots;
 
@@ -159,6 +164,19 @@ pub enum AgentError {
     /// `public_key_in_use`).
     #[error("register from host {host:?}: tunnel.public_key is already registered by host {other:?}; every host needs its own key pair")]
     PublicKeyInUse { host: String, other: String },
+    /// A migration from a host that does not hold the attempt, or an
+    /// adoption of an attempt its source no longer holds (409
+    /// `not_current`); nothing changed.
+    #[error("attempt {epoch} of subtask {index} of job {job} is not held by host {host:?} (requeued, withdrawn, moved or done); nothing changed")]
+    NotCurrent {
+        job: String,
+        index: u64,
+        epoch: u32,
+        host: String,
+    },
+    /// No host can take a saved grid VM now (409 `no_target`).
+    #[error("no idle host takes migrations now (one needs reclaim_mode-capable runtime, a transfer endpoint, load below dispatch_below and nothing suspended or saved)")]
+    NoTarget,
     /// The store failed (500).
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -180,6 +198,7 @@ impl AgentError {
             AgentError::Registry(e) if e.must_register() => StatusCode::CONFLICT,
             AgentError::Restored(_) => StatusCode::CONFLICT,
             AgentError::NotRegistered(_) | AgentError::StaleEpoch { .. } => StatusCode::CONFLICT,
+            AgentError::NotCurrent { .. } | AgentError::NoTarget => StatusCode::CONFLICT,
             AgentError::SubtaskNotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Mismatch { .. } => StatusCode::BAD_REQUEST,
             AgentError::Registry(_) => StatusCode::BAD_REQUEST,
@@ -202,6 +221,8 @@ impl AgentError {
             AgentError::Registry(e) if e.must_register() => "must_register",
             AgentError::Restored(_) | AgentError::NotRegistered(_) => "must_register",
             AgentError::StaleEpoch { .. } => "stale_epoch",
+            AgentError::NotCurrent { .. } => "not_current",
+            AgentError::NoTarget => "no_target",
             AgentError::SubtaskNotFound(_) => "not_found",
             AgentError::Registry(_) | AgentError::Mismatch { .. } => "invalid_field",
             AgentError::Tunnel { .. } => "invalid_field",
@@ -517,6 +538,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/leases/renew", post(leases::renew))
         .route("/v1/subtasks/{job}/{index}/complete", post(pull_done))
         .route("/v1/hosts", get(hosts::list))
+        .route("/v1/agents/migrations", post(migrations::target))
+        .route("/v1/agents/migrations/adopt", post(migrations::adopt))
 }
 
 /// Middleware: wakes the dispatcher when `POST /v1/jobs` created a job.

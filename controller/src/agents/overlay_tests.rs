@@ -77,6 +77,8 @@ async fn start(store: Arc<SqliteStore>, config: &ControllerConfig) -> Ctl {
 
 fn register(host: &str, tunnel: Option<(&str, Option<&str>)>) -> Vec<u8> {
     enc(&Register {
+        migrate_in: false,
+        transfer_url: None,
         tunnel: tunnel.map(|(key, endpoint)| TunnelInfo {
             public_key: key.into(),
             listen_port: 51820,

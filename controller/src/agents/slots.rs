@@ -168,6 +168,8 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                migrate_in: false,
+                transfer_url: None,
                 tunnel: None,
                 p2p: false,
                 host: "h".into(),
@@ -261,6 +263,8 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                migrate_in: false,
+                transfer_url: None,
                 tunnel: None,
                 p2p: false,
                 host: "h".into(),

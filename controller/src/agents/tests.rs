@@ -270,6 +270,8 @@ impl Fake {
             .post(
                 "/v1/agents/register",
                 enc(&Register {
+                    migrate_in: false,
+                    transfer_url: None,
                     tunnel: None,
                     p2p: false,
                     host: self.name.clone(),
@@ -536,6 +538,8 @@ async fn a_silent_agent_is_lost_its_work_redone_and_late_reports_change_nothing(
 async fn auth_media_type_and_garbage_bodies_are_refused() {
     let ctl = controller().await;
     let reg = enc(&Register {
+        migrate_in: false,
+        transfer_url: None,
         tunnel: None,
         p2p: false,
         host: "h1".into(),
@@ -620,6 +624,8 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
 
     // A bad host name names its field.
     let bad = enc(&Register {
+        migrate_in: false,
+        transfer_url: None,
         tunnel: None,
         p2p: false,
         host: "no spaces".into(),
@@ -648,6 +654,8 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
     let reg = enc(&Register {
+        migrate_in: false,
+        transfer_url: None,
         tunnel: None,
         p2p: false,
         host: "h-dead".into(),

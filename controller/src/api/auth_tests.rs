@@ -219,6 +219,8 @@ fn job() -> String {
 
 fn register_body() -> Vec<u8> {
     rmp_serde::to_vec_named(&Register {
+        migrate_in: false,
+        transfer_url: None,
         tunnel: None,
         p2p: false,
         host: "h1".into(),

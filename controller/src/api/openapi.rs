@@ -224,6 +224,14 @@ pub struct RegisterDoc {
     /// Its WireGuard tunnel endpoint, when it runs one; may be absent.
     #[serde(default)]
     pub tunnel: Option<TunnelInfoDoc>,
+    /// Its transfer endpoint (`http://addr:port`), when it serves one; may
+    /// be absent.
+    #[serde(default)]
+    pub transfer_url: Option<String>,
+    /// Takes saved grid VMs from other hosts (`reclaim_mode = "migrate"`);
+    /// may be absent (false).
+    #[serde(default)]
+    pub migrate_in: bool,
 }
 
 /// An agent's tunnel endpoint (in a register).
@@ -635,6 +643,90 @@ fn agent_completions() {}
 #[allow(dead_code)]
 fn agent_release() {}
 
+/// `POST /v1/agents/migrations` body (MessagePack): a host with a saved
+/// grid VM (`reclaim_mode = "migrate"`) asks where to move it.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = MigrationRequest)]
+pub struct MigrationRequestDoc {
+    /// The source host; it must hold `attempt`.
+    pub host: String,
+    pub vm: String,
+    pub attempt: AttemptRefDoc,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub state_bytes: u64,
+}
+
+/// The idle host a saved VM goes to (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = MigrationTarget)]
+pub struct MigrationTargetDoc {
+    pub host: String,
+    /// Its agent API (`/v1/migrations/offer`, `/v1/migrations/commit`).
+    pub agent_url: String,
+    /// Its transfer endpoint, where the saved state is uploaded.
+    pub transfer_url: String,
+}
+
+/// `POST /v1/agents/migrations/adopt` body (MessagePack): the target takes
+/// the VM's attempt over.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = AdoptAttempt)]
+pub struct AdoptAttemptDoc {
+    /// The target host (the caller).
+    pub host: String,
+    /// The source host, which must hold `attempt`.
+    pub from: String,
+    pub attempt: AttemptRefDoc,
+}
+
+/// The attempt under its new epoch, now the target's (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = AdoptedAttempt)]
+pub struct AdoptedAttemptDoc {
+    pub attempt: AttemptRefDoc,
+}
+
+/// Where a saved grid VM should go: an active host other than the source
+/// that takes migrations, with a load below `dispatch_below` and nothing
+/// suspended or saved, least loaded first.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/migrations",
+    tag = "agents",
+    request_body(content = MigrationRequestDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "The target", content_type = "application/msgpack", body = MigrationTargetDoc),
+        (status = 400, description = "`malformed_msgpack`", body = ErrorBody),
+        (status = 409, description = "`not_current` (the source does not hold the attempt) or `no_target`", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_migrations() {}
+
+/// Moves a saved VM's attempt from its source to the caller under a new
+/// epoch (the old one is withdrawn as "migrated to <host>", not a failure):
+/// a late report of the old attempt is stale, so the subtask counts once.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/migrations/adopt",
+    tag = "agents",
+    request_body(content = AdoptAttemptDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "The attempt under its new epoch", content_type = "application/msgpack", body = AdoptedAttemptDoc),
+        (status = 400, description = "`malformed_msgpack`", body = ErrorBody),
+        (status = 409, description = "`not_current`: the source no longer holds the attempt; nothing changed", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_migrations_adopt() {}
+
 /// The bearer scheme name of each role in the document.
 pub fn scheme_of(role: Role) -> &'static str {
     match role {
@@ -735,12 +827,18 @@ impl Modify for RoleSecurity {
         agent_heartbeat,
         agent_completions,
         agent_release,
+        agent_migrations,
+        agent_migrations_adopt,
         crate::agents::leases::lease,
         crate::agents::leases::renew,
         crate::agents::leases::complete,
     ),
     components(schemas(
         ErrorBody,
+        MigrationRequestDoc,
+        MigrationTargetDoc,
+        AdoptAttemptDoc,
+        AdoptedAttemptDoc,
         SubmitResponse,
         JobSummary,
         JobList,
@@ -1053,6 +1151,8 @@ mod tests {
             &doc,
             "Register",
             Register {
+                migrate_in: false,
+                transfer_url: None,
                 tunnel: None,
                 p2p: false,
                 host: "h".into(),

@@ -62,6 +62,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sparegrid_proto::grid::{AttemptRef, Heartbeat, HeartbeatReply, Register, Registered};
+use sparegrid_proto::migrate::MigrationTarget;
+use sparegrid_proto::VmState;
 
 pub use crate::store::HostState;
 pub use config::{InvalidConfig, RegistryConfig, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL};
@@ -265,6 +267,10 @@ pub struct Host {
     pub slots: u32,
     /// Takes part in peer-to-peer jobs (serves `/v1/peer/*` at `agent_url`).
     pub p2p: bool,
+    /// Its transfer endpoint, if it serves one.
+    pub transfer_url: Option<String>,
+    /// Takes saved grid VMs from other hosts (`reclaim_mode = "migrate"`).
+    pub migrate_in: bool,
     pub state: HostState,
     pub membership: Membership,
     /// When it (last) registered.
@@ -339,6 +345,8 @@ impl Registry {
             slots,
             p2p,
             tunnel: _,
+            transfer_url,
+            migrate_in,
         } = reg;
         match self.hosts.get_mut(host.as_str()) {
             Some(h) => {
@@ -353,6 +361,8 @@ impl Registry {
                 h.agent_url = agent_url;
                 h.slots = slots;
                 h.p2p = p2p;
+                h.transfer_url = transfer_url;
+                h.migrate_in = migrate_in;
                 h.registered_at = now;
                 h.last_seen = now;
                 h.last = None;
@@ -369,6 +379,8 @@ impl Registry {
                         agent_url,
                         slots,
                         p2p,
+                        transfer_url,
+                        migrate_in,
                         state: HostState::Active,
                         membership: Membership::New,
                         registered_at: now,
@@ -537,6 +549,45 @@ impl Registry {
                 .then_with(|| a.host.cmp(&b.host))
         });
         out
+    }
+
+    /// Where a saved grid VM from `from` should go (`reclaim_mode =
+    /// "migrate"`): a host other than `from` that takes migrations, has
+    /// both URLs, is active and not withdrawn, was heard from within
+    /// `host_timeout`, reports a load below `dispatch_below` and no grid VM
+    /// suspended or saved (a host that is busy itself is no idle host).
+    /// The least loaded wins, then the id. Free slots do not matter: a
+    /// grid VM host may have no VM (so no free slot) exactly when idle.
+    pub fn migration_target(&self, from: &str, now: Duration) -> Option<MigrationTarget> {
+        let cfg = &self.config;
+        self.hosts
+            .values()
+            .filter(|h| {
+                h.id.as_str() != from
+                    && h.migrate_in
+                    && h.state == HostState::Active
+                    && h.membership != Membership::Out
+                    && now.saturating_sub(h.last_seen) < cfg.host_timeout
+            })
+            .filter_map(|h| {
+                let hb = h.last.as_ref()?;
+                let busy = [VmState::Suspended, VmState::Saved]
+                    .iter()
+                    .any(|s| hb.vms.get(s).copied().unwrap_or(0) > 0);
+                if busy || hb.load >= cfg.dispatch_below {
+                    return None;
+                }
+                Some((
+                    hb.load,
+                    MigrationTarget {
+                        host: h.id.0.clone(),
+                        agent_url: h.agent_url.clone()?,
+                        transfer_url: h.transfer_url.clone()?,
+                    },
+                ))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.host.cmp(&b.1.host)))
+            .map(|(_, t)| t)
     }
 
     /// Notes that `n` subtasks were just assigned to `host`, so its free

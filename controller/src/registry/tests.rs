@@ -28,6 +28,8 @@ fn att(job: &str, index: u64) -> AttemptRef {
 
 fn reg(host: &str, slots: u32) -> Register {
     Register {
+        migrate_in: false,
+        transfer_url: None,
         tunnel: None,
         p2p: false,
         host: host.into(),

@@ -674,6 +674,25 @@ pub trait Store: Send + Sync {
     /// Returns whether it did.
     fn withdraw(&self, job: &JobId, index: u64, epoch: u32, reason: &str) -> Result<bool>;
 
+    /// Moves attempt `epoch` of subtask `index` from `from` to `to`
+    /// (`reclaim_mode = "migrate"`: a saved grid VM went to another host
+    /// with its subtask). Only when that attempt is current and assigned to
+    /// `from`: it is marked withdrawn with "migrated to <to>" (not a
+    /// failure) and attempt `epoch + 1` starts on `to`, so a late
+    /// completion of the old one is [`CompletionResult::Stale`] and the
+    /// subtask is counted once. A pull lease moves with it, due at
+    /// `lease_until` (ms). Returns the new epoch, or `None` when the
+    /// attempt is no longer `from`'s.
+    fn move_attempt(
+        &self,
+        job: &JobId,
+        index: u64,
+        epoch: u32,
+        from: &str,
+        to: &str,
+        lease_until: i64,
+    ) -> Result<Option<u32>>;
+
     /// Takes every subtask assigned to `host` back to the queue (their
     /// attempts are marked withdrawn with `reason`) and returns them.
     /// Peer-to-peer seeds stay assigned (see [`Store::claim_seeds`]).

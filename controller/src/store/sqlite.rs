@@ -1385,6 +1385,63 @@ impl Store for SqliteStore {
         )
     }
 
+    fn move_attempt(
+        &self,
+        job: &JobId,
+        index: u64,
+        epoch: u32,
+        from: &str,
+        to: &str,
+        lease_until: i64,
+    ) -> Result<Option<u32>> {
+        let seq = job_seq(job)?;
+        self.write(
+            "move_attempt",
+            &format_args!("job {job} subtask {index} attempt {epoch} from {from} to {to}"),
+            |tx| {
+                let row: Option<(i64, u32, Option<String>)> = tx
+                    .prepare_cached(
+                        "SELECT state, epoch, host FROM subtasks WHERE job = ?1 AND idx = ?2",
+                    )?
+                    .query_row(params![seq, index], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                let Some((state, current, host)) = row else {
+                    return Err(missing_subtask(tx, job, seq, index));
+                };
+                if state != ASSIGNED || current != epoch || host.as_deref() != Some(from) {
+                    return Ok(None);
+                }
+                let now = now_ms();
+                tx.prepare_cached(
+                    "UPDATE attempts SET state = ?4, finished_ms = ?5, error = ?6 \
+                     WHERE job = ?1 AND idx = ?2 AND attempt = ?3 AND state = 0",
+                )?
+                .execute(params![
+                    seq,
+                    index,
+                    epoch,
+                    AttemptState::Withdrawn.code(),
+                    now,
+                    format!("migrated to {to}")
+                ])?;
+                tx.prepare_cached(
+                    "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                )?
+                .execute(params![seq, index, epoch + 1, to, now])?;
+                tx.prepare_cached(
+                    "UPDATE subtasks SET epoch = ?3, host = ?4, lease_expires_ms = \
+                     CASE WHEN lease_expires_ms IS NULL THEN NULL ELSE ?5 END \
+                     WHERE job = ?1 AND idx = ?2",
+                )?
+                .execute(params![seq, index, epoch + 1, to, lease_until])?;
+                Ok(Some(epoch + 1))
+            },
+        )
+    }
+
     fn requeue_host(&self, host: &str, reason: &str) -> Result<Vec<SubtaskRef>> {
         self.write("requeue_host", &format_args!("host {host}"), |tx| {
             requeue_host_tx(tx, host, reason)

@@ -225,6 +225,7 @@ mod tests {
 
     fn opts() -> LibvirtOptions {
         LibvirtOptions {
+            save_dir: PathBuf::from("/var/lib/libvirt/qemu/save"),
             domain_type: DomainType::Auto,
             emulator: None,
             owner: "host1".into(),

@@ -124,6 +124,8 @@ pub struct LibvirtOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Memory ceiling [`prepare_partition`] sets on the partition, bytes.
     pub partition_memory_max_bytes: Option<u64>,
+    /// Where libvirt keeps managed save images (`<dir>/<name>.save`).
+    pub save_dir: PathBuf,
 }
 
 impl LibvirtOptions {
@@ -148,6 +150,7 @@ impl LibvirtOptions {
             partition: Some(format!("/{}", cfg.cgroup.partition.trim_matches('/'))),
             cgroup_root: prepare.then(|| cfg.agent.cgroup_root.clone()),
             partition_memory_max_bytes: Some(cfg.partition_memory_max_bytes()),
+            save_dir: cfg.runtime.libvirt_save_dir.clone(),
         }
     }
 }
@@ -564,6 +567,90 @@ impl Runtime for LibvirtRuntime {
         Ok(())
     }
 
+    /// `<save_dir>/<name>.save`, when the domain is ours and libvirt says
+    /// it has a managed save image.
+    fn saved_state(&mut self, name: &str) -> Result<PathBuf, RuntimeError> {
+        const OP: &str = "saved_state";
+        let dom = self.ours(name, OP)?;
+        if !dom.has_managed_save(0).map_err(|e| op_err(name, OP, e))? {
+            return Err(op_msg(name, OP, "no managed save image"));
+        }
+        let path = self.opts.save_dir.join(format!("{name}.save"));
+        if !path.is_file() {
+            return Err(op_msg(
+                name,
+                OP,
+                format!(
+                    "libvirt has a managed save image but {} is not it (runtime.libvirt_save_dir)",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(path)
+    }
+
+    /// `virDomainRestoreFlags` with this host's XML for `spec` carrying the
+    /// image's UUID and domain type (libvirt refuses another name or UUID,
+    /// and the CPU state needs the same accelerator), started running, then
+    /// defined persistently with the same XML.
+    fn restore_moved(&mut self, spec: &VmSpec, file: &Path) -> Result<(), RuntimeError> {
+        const OP: &str = "restore_moved";
+        let name = spec.name.as_str();
+        check_name(name)?;
+        let path = file
+            .to_str()
+            .ok_or_else(|| op_msg(name, OP, format!("state file {file:?} is not UTF-8")))?;
+        let saved = self
+            .conn
+            .save_image_xml_desc(path, 0)
+            .map_err(|e| op_err(name, OP, e))?;
+        let identity = saved_identity(&saved)
+            .ok_or_else(|| op_msg(name, OP, "the saved state's XML has no name, uuid or type"))?;
+        if identity.name != name {
+            return Err(op_msg(
+                name,
+                OP,
+                format!("the saved state is of grid VM {}", identity.name),
+            ));
+        }
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(_) => {
+                return Err(op_msg(
+                    name,
+                    OP,
+                    "a domain with this name already exists here",
+                ))
+            }
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
+            Err(e) => return Err(op_err(name, OP, e)),
+        }
+        std::fs::create_dir_all(&self.opts.run_dir).map_err(|e| {
+            op_msg(
+                name,
+                OP,
+                format!("creating {}: {e}", self.opts.run_dir.display()),
+            )
+        })?;
+        self.remove_socket(name);
+        let xml = with_uuid(
+            &render_domain_xml(spec, &self.opts, identity.virt_type),
+            &identity.uuid,
+        );
+        self.conn
+            .restore_domain_flags(path, Some(&xml), sys::VIR_DOMAIN_SAVE_RUNNING)
+            .map_err(|e| op_err(name, OP, e))?;
+        if let Err(e) = self.conn.define_domain_xml(&xml) {
+            // Running but transient: still ours (the metadata says so); a
+            // later save would fail, so say so now.
+            tracing::warn!(
+                vm = name,
+                "restored grid VM could not be made persistent: {e}"
+            );
+        }
+        tracing::info!(vm = name, domain_type = %identity.virt_type, "grid VM restored from another host's saved state");
+        Ok(())
+    }
+
     /// Called every tick per VM, so a domain once checked as ours is kept:
     /// one RPC (`virDomainGetInfo`) instead of three. A stale handle (the
     /// domain was destroyed, maybe through another connection) answers
@@ -616,3 +703,82 @@ impl Runtime for LibvirtRuntime {
 
 #[cfg(test)]
 mod tests;
+
+/// What a saved domain's XML fixes for its restore.
+#[derive(Debug, Clone, PartialEq)]
+struct SavedIdentity {
+    name: String,
+    uuid: String,
+    virt_type: VirtType,
+}
+
+/// The name, UUID and domain type of a saved domain's XML (libvirt's own
+/// output, so plain text search is enough: the first `<name>` and `<uuid>`
+/// are the domain's, they come before any device).
+fn saved_identity(xml: &str) -> Option<SavedIdentity> {
+    let between = |open: &str, close: &str| -> Option<String> {
+        let start = xml.find(open)? + open.len();
+        let len = xml[start..].find(close)?;
+        Some(xml[start..start + len].trim().to_owned())
+    };
+    let virt_type = match between("<domain type='", "'")?.as_str() {
+        "kvm" => VirtType::Kvm,
+        "qemu" => VirtType::Qemu,
+        _ => return None,
+    };
+    Some(SavedIdentity {
+        name: between("<name>", "</name>")?,
+        uuid: between("<uuid>", "</uuid>")?,
+        virt_type,
+    })
+}
+
+/// `xml` with `<uuid>` right after its `<name>` element.
+fn with_uuid(xml: &str, uuid: &str) -> String {
+    match xml.find("</name>") {
+        Some(i) => {
+            let at = i + "</name>".len();
+            format!(
+                "{}\n  <uuid>{}</uuid>{}",
+                &xml[..at],
+                xml_escape(uuid),
+                &xml[at..]
+            )
+        }
+        None => xml.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_domain_xml_gives_its_name_uuid_and_type() {
+        let xml = "<domain type='qemu' id='3'>\n  <name>sg-a-1</name>\n  <uuid>f3b93d02-f687-4292-83d3-401816786291</uuid>\n  <devices><disk><name>x</name></disk></devices></domain>";
+        assert_eq!(
+            saved_identity(xml),
+            Some(SavedIdentity {
+                name: "sg-a-1".into(),
+                uuid: "f3b93d02-f687-4292-83d3-401816786291".into(),
+                virt_type: VirtType::Qemu,
+            })
+        );
+        assert_eq!(
+            saved_identity("<domain type='kvm'><name>a</name></domain>"),
+            None
+        );
+        assert_eq!(
+            saved_identity("<domain type='xen'><name>a</name><uuid>u</uuid></domain>"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_uuid_goes_after_the_name() {
+        assert_eq!(
+            with_uuid("<domain>\n  <name>n</name>\n  <memory/>", "u-1"),
+            "<domain>\n  <name>n</name>\n  <uuid>u-1</uuid>\n  <memory/>"
+        );
+    }
+}

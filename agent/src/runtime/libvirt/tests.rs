@@ -27,6 +27,7 @@ fn owner(tag: &str) -> String {
 
 fn opts(owner: &str, run_dir: &Path) -> LibvirtOptions {
     LibvirtOptions {
+        save_dir: PathBuf::from("/var/lib/libvirt/qemu/save"),
         domain_type: DomainType::Qemu,
         emulator: None,
         owner: owner.to_string(),

@@ -306,6 +306,61 @@ fn completion_is_idempotent_and_fenced() {
 }
 
 #[test]
+fn a_moved_attempt_is_fenced_by_its_new_epoch_and_counted_once() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let id = create(&store, "j", 1, 3, 0);
+    store.upsert_host("a", "a").unwrap();
+    store.upsert_host("b", "b").unwrap();
+    let first = store.claim("a", 1).unwrap();
+    assert_eq!((first[0].index, first[0].epoch), (0, 1));
+
+    // Only the current holder's current attempt moves.
+    assert_eq!(store.move_attempt(&id, 0, 1, "b", "a", 0).unwrap(), None);
+    assert_eq!(store.move_attempt(&id, 0, 2, "a", "b", 0).unwrap(), None);
+    assert_eq!(store.move_attempt(&id, 0, 1, "a", "b", 0).unwrap(), Some(2));
+    // Moving it again from a does nothing: it is b's now.
+    assert_eq!(store.move_attempt(&id, 0, 1, "a", "b", 0).unwrap(), None);
+    let held: Vec<(u64, u32)> = store
+        .assigned_to("b")
+        .unwrap()
+        .iter()
+        .map(|r| (r.index, r.epoch))
+        .collect();
+    assert_eq!(held, vec![(0, 2)]);
+    assert!(store.assigned_to("a").unwrap().is_empty());
+    // Still assigned (not queued): nobody else can claim it.
+    assert!(store.claim("a", 5).unwrap().is_empty());
+
+    // a's late report under the old epoch is stale; b's counts, once.
+    assert_eq!(
+        store.complete(&id, 0, 1, &ok("from a")).unwrap(),
+        CompletionResult::Stale
+    );
+    assert_eq!(
+        store.complete(&id, 0, 2, &ok("from b")).unwrap(),
+        accepted(SubtaskState::Done, JobState::Done)
+    );
+    // After the end, any report is a duplicate: nothing is counted again.
+    assert_eq!(
+        store.complete(&id, 0, 1, &ok("from a")).unwrap(),
+        CompletionResult::Duplicate
+    );
+    check_counts(&store, &id);
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!((rec.counts.done, rec.counts.total), (1, 1));
+    let attempts = store.attempts(&id, 0).unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].state, AttemptState::Withdrawn);
+    assert_eq!(attempts[0].error.as_deref(), Some("migrated to b"));
+    assert_eq!(attempts[1].state, AttemptState::Succeeded);
+    assert_eq!(attempts[1].host, "b");
+    // A move after the end changes nothing.
+    assert_eq!(store.move_attempt(&id, 0, 2, "b", "a", 0).unwrap(), None);
+    // An unknown subtask is a typed error, not a silent None.
+    assert!(store.move_attempt(&id, 7, 1, "a", "b", 0).is_err());
+}
+
+#[test]
 fn complete_many_is_one_transaction_with_per_report_results() {
     let store = SqliteStore::open_in_memory().unwrap();
     let id = create(&store, "j", 3, 3, 0);

@@ -1,0 +1,99 @@
+//! Wire types of `reclaim_mode = "migrate"`: moving a saved grid VM with
+//! its subtask from a busy host (the source) to an idle one (the target).
+//!
+//! 1. The source asks the controller for a target
+//!    (`POST /v1/agents/migrations`, [`MigrationRequest`] →
+//!    [`MigrationTarget`]).
+//! 2. It uploads the VM's saved state to the target's transfer endpoint
+//!    (tus, resumable, verified by its whole blake3 before it is visible).
+//! 3. It offers the VM to the target (`POST <agent>/v1/migrations/offer`,
+//!    [`IncomingVm`] → [`MigrationAnswer`]): the target checks its load,
+//!    budgets and the uploaded state without committing to anything.
+//! 4. It lets go of the VM (undefines it with its saved state; its runner
+//!    forgets the attempt without reporting it).
+//! 5. It commits (`POST <agent>/v1/migrations/commit`, [`IncomingVm`] →
+//!    [`MigrationAnswer`]): the target moves the attempt to itself at the
+//!    controller (`POST /v1/agents/migrations/adopt`, [`AdoptAttempt`] →
+//!    [`AdoptedAttempt`]), which fences it with a new epoch, restores the VM
+//!    and runs the subtask on to its end. A completion from the source under
+//!    the old epoch is stale: the subtask is counted once.
+//!
+//! Every body is MessagePack; every route needs the agent token.
+
+use serde::{Deserialize, Serialize};
+
+use crate::grid::AttemptRef;
+
+/// `POST /v1/agents/migrations`: the source asks where to move a saved VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRequest {
+    /// The source host.
+    pub host: String,
+    pub vm: String,
+    /// The attempt the VM holds (must be the source's current one).
+    pub attempt: AttemptRef,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size of the saved state to move.
+    pub state_bytes: u64,
+}
+
+/// The controller's choice: an idle, live host that takes migrations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationTarget {
+    pub host: String,
+    /// Where its migration routes are (`http://addr:port`).
+    pub agent_url: String,
+    /// Where its transfer endpoint is (`http://addr:port`).
+    pub transfer_url: String,
+}
+
+/// The source's offer and commit to the target (the same body for both).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingVm {
+    /// The source host.
+    pub from: String,
+    /// The VM's name (libvirt keeps a saved domain's name on restore).
+    pub vm: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The transfer id of the uploaded saved state on the target.
+    pub state_id: String,
+    /// Its size and whole blake3 (hex), checked against the upload.
+    pub state_bytes: u64,
+    pub state_blake3: String,
+    /// The attempt the VM holds, under the source's epoch.
+    pub attempt: AttemptRef,
+    /// The guest's id for the subtask (its Hello names it after the restore).
+    pub guest_subtask: u64,
+    /// The subtask's timeout, ms (the guest enforces it on its own clock).
+    pub timeout_ms: u64,
+}
+
+/// The target's answer to an offer or a commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationAnswer {
+    pub accepted: bool,
+    /// Why not, when refused.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// On a commit: the attempt under its new epoch.
+    #[serde(default)]
+    pub attempt: Option<AttemptRef>,
+}
+
+/// `POST /v1/agents/migrations/adopt`: the target takes the attempt over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdoptAttempt {
+    /// The target host (the one asking).
+    pub host: String,
+    /// The source host, which must hold the attempt now.
+    pub from: String,
+    pub attempt: AttemptRef,
+}
+
+/// The attempt under its new epoch, assigned to the target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdoptedAttempt {
+    pub attempt: AttemptRef,
+}

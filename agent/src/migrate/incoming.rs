@@ -1,0 +1,267 @@
+//! The target's side of a move (see [`super`]): `POST /v1/migrations/offer`
+//! and `POST /v1/migrations/commit` on the agent's API, MessagePack
+//! [`IncomingVm`] → [`MigrationAnswer`], agent token.
+//!
+//! Both check the body's fields and the uploaded state (complete, its size,
+//! its whole blake3), then ask the control loop ([`Command::MigrateIn`]):
+//! the offer only whether the VM fits now, the commit to restore it. The
+//! commit first moves the attempt to this host at the controller, so the
+//! control loop restores it under the new epoch. A refusal is a 200 with
+//! `accepted: false` and the reason; malformed bodies and bad fields are
+//! 400s naming the field. The uploaded state is removed once the VM is
+//! restored, or refused.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use sparegrid_proto::grid::AttemptRef;
+use sparegrid_proto::migrate::{AdoptAttempt, AdoptedAttempt, IncomingVm, MigrationAnswer};
+use sparegrid_transfer::TransferState;
+
+use super::MigrateSetup;
+use crate::daemon::control::Command;
+use crate::grid::client::ControllerClient;
+use crate::grid::{error, malformed, token_ok, unauthorized};
+
+/// How long the control loop may take to answer (a commit restores a VM).
+const LOOP_WAIT: Duration = Duration::from_secs(120);
+
+/// What the routes need.
+#[derive(Clone)]
+pub struct IncomingState {
+    setup: Arc<MigrateSetup>,
+    transfer: TransferState,
+    commands: Arc<Mutex<Sender<Command>>>,
+}
+
+/// The migration routes, to merge into the agent's API.
+pub fn routes(
+    setup: Arc<MigrateSetup>,
+    transfer: TransferState,
+    commands: Sender<Command>,
+) -> Router {
+    Router::new()
+        .route("/v1/migrations/offer", post(offer))
+        .route("/v1/migrations/commit", post(commit))
+        .with_state(IncomingState {
+            setup,
+            transfer,
+            commands: Arc::new(Mutex::new(commands)),
+        })
+}
+
+fn answer(accepted: bool, reason: Option<String>, attempt: Option<AttemptRef>) -> Response {
+    let body = MigrationAnswer {
+        accepted,
+        reason,
+        attempt,
+    };
+    match rmp_serde::to_vec_named(&body) {
+        Ok(b) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/msgpack")],
+            b,
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("encoding the answer: {e}"),
+        ),
+    }
+}
+
+fn refused(reason: String) -> Response {
+    answer(false, Some(reason), None)
+}
+
+fn invalid(field: &str, message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(serde_json::json!({"code": "invalid_field", "field": field, "message": format!("{field}: {message}")})),
+    )
+        .into_response()
+}
+
+/// Decodes and checks the body; `Err` is the 4xx to send.
+#[allow(clippy::result_large_err)] // a Response, sent at once
+fn parse(s: &IncomingState, headers: &HeaderMap, body: &Bytes) -> Result<IncomingVm, Response> {
+    if !token_ok(headers, &s.setup.controller.token) {
+        return Err(unauthorized());
+    }
+    let vm: IncomingVm = rmp_serde::from_slice(body).map_err(|e| malformed("IncomingVm", e))?;
+    let name_ok = !vm.vm.is_empty()
+        && vm.vm.len() <= 64
+        && vm
+            .vm
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !name_ok {
+        return Err(invalid(
+            "vm",
+            format!(
+                "{:?} is not a grid VM name (1 to 64 of A-Z a-z 0-9 - _ .)",
+                vm.vm
+            ),
+        ));
+    }
+    if vm.vcpus == 0 {
+        return Err(invalid("vcpus", "must be at least 1".into()));
+    }
+    if vm.memory_mib < 32 {
+        return Err(invalid(
+            "memory_mib",
+            format!("must be at least 32, got {}", vm.memory_mib),
+        ));
+    }
+    if let Err(e) = sparegrid_transfer::store::validate_id(&vm.state_id) {
+        return Err(invalid("state_id", e.to_string()));
+    }
+    if vm.state_blake3.len() != 64 || !vm.state_blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid("state_blake3", "must be 64 hex digits".into()));
+    }
+    if vm.from.is_empty() || vm.from == s.setup.host {
+        return Err(invalid(
+            "from",
+            format!("{:?} is not another host", vm.from),
+        ));
+    }
+    Ok(vm)
+}
+
+/// The uploaded state's path, once it is complete with the announced size
+/// and digest.
+fn check_state(transfer: &TransferState, vm: &IncomingVm) -> Result<PathBuf, String> {
+    let store = transfer.store();
+    match store.is_complete(&vm.state_id) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "the saved state {} is not (fully) uploaded",
+                vm.state_id
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    let path = store
+        .complete_path(&vm.state_id)
+        .map_err(|e| e.to_string())?;
+    let size = std::fs::metadata(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if size != vm.state_bytes {
+        return Err(format!(
+            "the saved state has {size} bytes, the offer says {}",
+            vm.state_bytes
+        ));
+    }
+    let digest = sparegrid_transfer::client::hash_file(&path).map_err(|e| e.to_string())?;
+    if !digest.eq_ignore_ascii_case(&vm.state_blake3) {
+        return Err(format!(
+            "the saved state's blake3 is {digest}, the offer says {}",
+            vm.state_blake3
+        ));
+    }
+    Ok(path)
+}
+
+/// Asks the control loop; `Err` says why not.
+fn ask_loop(
+    s: &IncomingState,
+    vm: IncomingVm,
+    file: PathBuf,
+    attempt: Option<AttemptRef>,
+) -> Result<(), String> {
+    let (tx, rx) = sync_channel(1);
+    let sent = s
+        .commands
+        .lock()
+        .map_err(|_| "the control loop is gone".to_owned())?
+        .send(Command::MigrateIn {
+            incoming: Box::new(vm),
+            file,
+            attempt,
+            reply: tx,
+        });
+    if sent.is_err() {
+        return Err("the agent is stopping".to_owned());
+    }
+    rx.recv_timeout(LOOP_WAIT)
+        .unwrap_or_else(|_| Err("the control loop did not answer".to_owned()))
+}
+
+fn remove_state(transfer: &TransferState, id: &str) {
+    if let Err(e) = transfer.store().remove(id) {
+        tracing::warn!("removing the saved state {id}: {e}");
+    }
+}
+
+async fn offer(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes) -> Response {
+    let vm = match parse(&s, &headers, &body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let id = vm.state_id.clone();
+        let verdict = check_state(&s.transfer, &vm).and_then(|file| ask_loop(&s, vm, file, None));
+        if verdict.is_err() {
+            remove_state(&s.transfer, &id);
+        }
+        verdict
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => answer(true, None, None),
+        Ok(Err(why)) => refused(why),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+async fn commit(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes) -> Response {
+    let vm = match parse(&s, &headers, &body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let id = vm.state_id.clone();
+        let verdict = commit_blocking(&s, vm);
+        remove_state(&s.transfer, &id);
+        verdict
+    })
+    .await;
+    match result {
+        Ok(Ok(a)) => answer(true, None, Some(a)),
+        Ok(Err(why)) => refused(why),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Check the state, take the attempt over at the controller, restore.
+fn commit_blocking(s: &IncomingState, vm: IncomingVm) -> Result<AttemptRef, String> {
+    let file = check_state(&s.transfer, &vm)?;
+    let ctl = ControllerClient::new(&s.setup.controller).map_err(|e| e.to_string())?;
+    let adopted: AdoptedAttempt = ctl
+        .post(
+            "/v1/agents/migrations/adopt",
+            &AdoptAttempt {
+                host: s.setup.host.clone(),
+                from: vm.from.clone(),
+                attempt: vm.attempt.clone(),
+            },
+            None,
+        )
+        .map_err(|e| format!("the controller did not move the attempt here: {e}"))?;
+    let attempt = adopted.attempt;
+    tracing::info!(vm = %vm.vm, from = %vm.from, "taking over grid VM {} with subtask {}/{} (attempt {} here)",
+        vm.vm, attempt.job, attempt.index, attempt.epoch);
+    ask_loop(s, vm, file, Some(attempt.clone()))?;
+    Ok(attempt)
+}

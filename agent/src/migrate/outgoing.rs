@@ -1,0 +1,228 @@
+//! The source's side of a move (see [`super`]): one saved VM at a time, on
+//! a thread of its own, so a slow upload never holds up the control loop.
+//! Blocking calls throughout; the tus upload runs on a small runtime of
+//! its own.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Sender};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sparegrid_proto::migrate::{IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget};
+use sparegrid_transfer::client::{hash_file, upload, UploadOptions};
+use sparegrid_transfer::token::{sign, Direction};
+
+use super::{state_id, MigrateError, MigrateSetup, TOKEN_TTL};
+use crate::daemon::control::Command;
+use crate::grid::client::ControllerClient;
+use crate::guestlink::HeldSubtask;
+
+/// How many times a broken upload is resumed before the move gives up
+/// (it is tried again later, resuming from the same checkpoints).
+const UPLOAD_TRIES: u32 = 3;
+/// How long the offer and the commit may take (the commit restores the VM).
+const PEER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the control loop may take to let go of the VM.
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// One saved VM to move.
+#[derive(Debug, Clone)]
+pub struct OutgoingVm {
+    pub vm: String,
+    /// Its saved state ([`crate::runtime::Runtime::saved_state`]).
+    pub state_file: PathBuf,
+    pub held: HeldSubtask,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// How a move ended, for the control loop.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The VM runs on `target` now.
+    Moved { target: String },
+    /// Still saved here; try again later.
+    Kept(MigrateError),
+    /// Let go of here, but the commit failed: the attempt is handed back.
+    Lost(MigrateError),
+}
+
+/// Starts moving `out` on its own thread; the control loop hears back
+/// through `commands` ([`Command::MigrationReady`], then
+/// [`Command::MigrationOver`]).
+pub fn spawn(
+    setup: Arc<MigrateSetup>,
+    out: OutgoingVm,
+    commands: Sender<Command>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("migrate-{}", out.vm))
+        .spawn(move || {
+            let outcome = run(&setup, &out, &commands);
+            let _ = commands.send(Command::MigrationOver {
+                vm: out.vm.clone(),
+                attempt: out.held.attempt.clone(),
+                outcome,
+            });
+        })
+        .map(|_| ())
+}
+
+fn run(setup: &MigrateSetup, out: &OutgoingVm, commands: &Sender<Command>) -> Outcome {
+    let Prepared { host, body, peer } = match prepare(setup, out) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Kept(e),
+    };
+    // Let go of the VM here: from now on it is the target's.
+    let (tx, rx) = sync_channel(1);
+    if commands
+        .send(Command::MigrationReady {
+            vm: out.vm.clone(),
+            reply: tx,
+        })
+        .is_err()
+        || !rx.recv_timeout(HANDOVER_WAIT).unwrap_or(false)
+    {
+        return Outcome::Kept(MigrateError::Gone);
+    }
+    match peer.post::<_, MigrationAnswer>("/v1/migrations/commit", &body, Some(PEER_TIMEOUT)) {
+        Ok(a) if a.accepted => Outcome::Moved { target: host },
+        Ok(a) => Outcome::Lost(MigrateError::Refused {
+            host,
+            reason: a.reason.unwrap_or_default(),
+        }),
+        Err(e) => Outcome::Lost(MigrateError::Commit {
+            host,
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A target that accepted the offer.
+struct Prepared {
+    host: String,
+    /// The offer's body, sent again as the commit.
+    body: IncomingVm,
+    /// A client of the target's routes.
+    peer: ControllerClient,
+}
+
+/// Target, upload, offer: everything before letting go.
+fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateError> {
+    let state_err = |source| MigrateError::State {
+        path: out.state_file.clone(),
+        source,
+    };
+    let size = std::fs::metadata(&out.state_file).map_err(state_err)?.len();
+    let ctl = ControllerClient::new(&setup.controller).map_err(MigrateError::Target)?;
+    let target: MigrationTarget = ctl
+        .post(
+            "/v1/agents/migrations",
+            &MigrationRequest {
+                host: setup.host.clone(),
+                vm: out.vm.clone(),
+                attempt: out.held.attempt.clone(),
+                vcpus: out.vcpus,
+                memory_mib: out.memory_mib,
+                state_bytes: size,
+            },
+            None,
+        )
+        .map_err(MigrateError::Target)?;
+    let host = target.host.clone();
+    tracing::info!(vm = %out.vm, to = %host, "moving saved grid VM {} ({} MiB of state) to {host}", out.vm, size >> 20);
+    let blake3 = hash_file(&out.state_file).map_err(|e| MigrateError::Upload {
+        host: host.clone(),
+        message: e.to_string(),
+    })?;
+    let id = state_id(&out.held.attempt);
+    upload_state(setup, out, &target, &id)?;
+    let incoming = IncomingVm {
+        from: setup.host.clone(),
+        vm: out.vm.clone(),
+        vcpus: out.vcpus,
+        memory_mib: out.memory_mib,
+        state_id: id,
+        state_bytes: size,
+        state_blake3: blake3,
+        attempt: out.held.attempt.clone(),
+        guest_subtask: out.held.id,
+        timeout_ms: out.held.timeout_ms,
+    };
+    let peer = ctl.at(&target.agent_url);
+    let answer: MigrationAnswer = peer
+        .post("/v1/migrations/offer", &incoming, Some(PEER_TIMEOUT))
+        .map_err(|e| MigrateError::Offer {
+            host: host.clone(),
+            message: e.to_string(),
+        })?;
+    if !answer.accepted {
+        return Err(MigrateError::Refused {
+            host,
+            reason: answer.reason.unwrap_or_default(),
+        });
+    }
+    Ok(Prepared {
+        host,
+        body: incoming,
+        peer,
+    })
+}
+
+/// The tus upload, resumed up to [`UPLOAD_TRIES`] times from the last
+/// checkpoint both ends hold.
+fn upload_state(
+    setup: &MigrateSetup,
+    out: &OutgoingVm,
+    target: &MigrationTarget,
+    id: &str,
+) -> Result<(), MigrateError> {
+    let fail = |message: String| MigrateError::Upload {
+        host: target.host.clone(),
+        message,
+    };
+    std::fs::create_dir_all(&setup.journal_dir)
+        .map_err(|e| fail(format!("creating {}: {e}", setup.journal_dir.display())))?;
+    let token = sign(
+        &setup.token_key,
+        id,
+        Direction::Upload,
+        SystemTime::now() + TOKEN_TTL,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("starting a runtime: {e}")))?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let opts = UploadOptions {
+        checkpoint_bytes: setup.checkpoint_bytes,
+        ..UploadOptions::default()
+    };
+    let mut last = String::new();
+    for attempt in 1..=UPLOAD_TRIES {
+        match rt.block_on(upload(
+            &client,
+            &target.transfer_url,
+            &token,
+            id,
+            &out.state_file,
+            &setup.journal_dir,
+            &opts,
+        )) {
+            Ok(r) => {
+                tracing::info!(vm = %out.vm, to = %target.host,
+                    "saved state uploaded: {} bytes, resumed at {}, sent {}", r.size, r.resumed_at, r.sent);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(vm = %out.vm, to = %target.host, "upload try {attempt}/{UPLOAD_TRIES} broke off: {e}");
+                last = e.to_string();
+            }
+        }
+    }
+    Err(fail(last))
+}

@@ -1,0 +1,93 @@
+//! The controller's part in `reclaim_mode = "migrate"` (the flow is in
+//! [`sparegrid_proto::migrate`]): choosing the idle host a saved grid VM
+//! goes to, and moving the VM's attempt to it under a new epoch so the
+//! subtask is counted once, whichever host reports last.
+
+use std::collections::HashSet;
+
+use axum::extract::State;
+use sparegrid_proto::migrate::{AdoptAttempt, AdoptedAttempt, MigrationRequest, MigrationTarget};
+
+use super::msgpack::MsgPack;
+use super::{AgentAuth, AgentError};
+use crate::api::AppState;
+use crate::store::JobId;
+
+/// `POST /v1/agents/migrations`: the source must hold the attempt; the
+/// target is [`crate::registry::Registry::migration_target`].
+pub(crate) async fn target(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(req): MsgPack<MigrationRequest>,
+) -> Result<MsgPack<MigrationTarget>, AgentError> {
+    let plane = &s.agents;
+    let (h, a) = (req.host.clone(), req.attempt.clone());
+    let held: HashSet<(String, u64, u32)> = plane
+        .blocking(move |store| store.assigned_to(&h))
+        .await?
+        .into_iter()
+        .map(|r| (r.job.0, r.index, r.epoch))
+        .collect();
+    if !held.contains(&(a.job.clone(), a.index, a.epoch)) {
+        return Err(AgentError::NotCurrent {
+            job: a.job,
+            index: a.index,
+            epoch: a.epoch,
+            host: req.host,
+        });
+    }
+    let target = plane
+        .book()
+        .registry
+        .migration_target(&req.host, plane.now())
+        .ok_or(AgentError::NoTarget)?;
+    tracing::info!(
+        from = %req.host, to = %target.host, vm = %req.vm,
+        "migration of grid VM {} ({} MiB of saved state) goes to {}",
+        req.vm, req.state_bytes >> 20, target.host
+    );
+    Ok(MsgPack(target))
+}
+
+/// `POST /v1/agents/migrations/adopt`: moves the attempt from `from` to the
+/// asking host ([`crate::store::Store::move_attempt`]); a pull lease moves
+/// with it, due one `lease_ttl` from now.
+pub(crate) async fn adopt(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(req): MsgPack<AdoptAttempt>,
+) -> Result<MsgPack<AdoptedAttempt>, AgentError> {
+    let plane = &s.agents;
+    let ttl_ms = i64::try_from(plane.inner.config.lease_ttl.as_millis()).unwrap_or(i64::MAX);
+    let lease_until = super::leases::wall_ms().saturating_add(ttl_ms);
+    let AdoptAttempt {
+        host,
+        from,
+        attempt,
+    } = req;
+    let (job, to, src, a) = (
+        JobId(attempt.job.clone()),
+        host.clone(),
+        from.clone(),
+        attempt.clone(),
+    );
+    let moved = plane
+        .blocking(move |store| store.move_attempt(&job, a.index, a.epoch, &src, &to, lease_until))
+        .await?;
+    let Some(epoch) = moved else {
+        return Err(AgentError::NotCurrent {
+            job: attempt.job,
+            index: attempt.index,
+            epoch: attempt.epoch,
+            host: from,
+        });
+    };
+    tracing::info!(
+        from = %from, to = %host,
+        "subtask {}/{} moved with its grid VM: attempt {} on {from} is now attempt {epoch} on {host}",
+        attempt.job, attempt.index, attempt.epoch
+    );
+    Ok(MsgPack(AdoptedAttempt {
+        attempt: sparegrid_proto::grid::AttemptRef { epoch, ..attempt },
+    }))
+}
