@@ -459,6 +459,7 @@ fn bench_guest_channel(image: &std::path::Path, boots: usize, noops: usize) {
     let mut rt = LibvirtRuntime::connect(
         "qemu:///system",
         LibvirtOptions {
+            save_dir: std::path::PathBuf::from("/var/lib/libvirt/qemu/save"),
             domain_type: DomainType::Qemu,
             emulator: None,
             owner: host.clone(),

@@ -304,6 +304,8 @@ async fn dispatch_throughput(n: u64, args: &Args) -> Result<()> {
         let url = start_fake(fake.clone()).await?;
         let host = format!("fake-{i}");
         let reg = Register {
+            migrate_in: false,
+            transfer_url: None,
             tunnel: None,
             p2p: false,
             host: host.clone(),
