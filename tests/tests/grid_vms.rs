@@ -23,7 +23,11 @@
 //!   the VM still busy) is reclaimed as `guest_failure` and its subtask
 //!   runs once elsewhere;
 //! - `reclaim_mode = "save"`: a VM managed-saved mid-subtask is restored
-//!   once the host is calm and finishes the subtask there.
+//!   once the host is calm and finishes the subtask there;
+//! - `reclaim_mode = "migrate"`: a VM saved mid-subtask on a busy host
+//!   moves (its saved state over the transfer endpoint) to an idle agent,
+//!   is restored there and finishes the subtask there with its output
+//!   complete, counted once under the new attempt the controller fenced.
 //!
 //! Load: the agent under test counts network only, on its own uplink (a
 //! veth pair, [`Uplink`]); customer load is real traffic through it, so
@@ -891,6 +895,136 @@ fn libvirtd_vm_saved_mid_subtask_is_restored_and_finishes_there() {
         "{T}: {vm_name}: {}; restored at +{} ms",
         path.join(", "),
         restored.at_unix_ms.saturating_sub(t_calm)
+    );
+}
+
+/// `[transfer]` on a free loopback port: where saved VM state arrives.
+fn transfer_on(conf: &mut Conf) {
+    conf.set("transfer", "enabled", "true").str(
+        "transfer",
+        "listen",
+        &format!("127.0.0.1:{}", free_port()),
+    );
+}
+
+#[test]
+fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
+    const T: &str = "libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there";
+    let Some((_machine, image)) = setup(T) else {
+        return;
+    };
+    let (uplink_a, uplink_b) = (Uplink::create(), Uplink::create());
+    let busy = unique("gvmiga");
+    let idle = unique("gvmigb");
+    let _domains = domain_cleanup(&[&busy, &idle]);
+    let boosts = Boosts::default();
+    let mut c = cluster();
+    // The busy host first, alone, so the subtask lands there.
+    let (id, vm_name, epoch) = one_subtask_in_a_vm(
+        &mut c,
+        &boosts,
+        &busy,
+        &uplink_a,
+        &image,
+        "migrate",
+        &seq_script(),
+        |conf| {
+            conf.str("policy", "reclaim_after", "3s")
+                .str("policy", "reclaim_mode", "migrate");
+            transfer_on(conf);
+        },
+    );
+    // The idle host: room for the VM, and no VM of its own meanwhile
+    // (launch_after far away), so nothing else can take the subtask.
+    add_grid_agent(&mut c, &boosts, &idle, 1, &uplink_b, &image, 2, |conf| {
+        conf.str("policy", "launch_after", "1h");
+        transfer_on(conf);
+    });
+    c.wait_hosts(&format!("{idle} to heartbeat"), BOOT, |v| {
+        host_of(v, &idle).filter(|h| h.load.is_some()).map(|_| ())
+    });
+    sleep_ms(1500);
+
+    let load = uplink_a.load(4 * UPLINK_BYTES_PER_SEC);
+    let t_load = unix_ms();
+    let a = idx(&c, &busy);
+    let left = c.agents[a].agent.wait_for(
+        &format!("{vm_name} to be saved and then leave for {idle}"),
+        RUN,
+        |s| {
+            transition_after(s, &vm_name, VmState::Reclaimed, t_load)
+                .filter(|t| t.reason == Reason::Migrated)
+                .cloned()
+        },
+    );
+    assert_eq!(left.from, VmState::Saved, "{left:?}");
+    drop(load);
+
+    // It arrived on the idle host and runs there under its old name.
+    let b = idx(&c, &idle);
+    c.agents[b]
+        .agent
+        .wait_for(&format!("{vm_name} to run on {idle}"), BOOT, |s| {
+            let ts = transitions_of(s, &vm_name);
+            let arrived = ts
+                .iter()
+                .any(|t| t.to == VmState::Launching && t.reason == Reason::Migrated);
+            let started = ts
+                .iter()
+                .any(|t| t.from == VmState::Launching && t.to == VmState::Running);
+            (arrived && started).then_some(())
+        });
+    let r = only_result(&c, &id);
+    assert_seq_output(&r, &c);
+    assert_eq!(
+        (r.host.as_str(), r.attempt),
+        (idle.as_str(), epoch + 1),
+        "the subtask should finish on {idle} as the attempt the controller moved there"
+    );
+    let d = c.cli().status(&id);
+    // max_attempts = 1: a failed attempt would have killed the job.
+    assert_eq!(
+        (d.job.counts.done, d.job.counts.dead),
+        (1, 0),
+        "counted once: {d:?}"
+    );
+    // The busy host let go of the VM entirely; the idle host owns it now.
+    let a_metrics = c.agents[a].agent.metrics();
+    let b_metrics = c.agents[b].agent.metrics();
+    assert_eq!(
+        metric_value(
+            &a_metrics,
+            "sparegrid_migrations_total",
+            &[("direction", "out"), ("outcome", "moved")]
+        ),
+        Some(1.0),
+        "{a_metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &b_metrics,
+            "sparegrid_migrations_total",
+            &[("direction", "in"), ("outcome", "restored")]
+        ),
+        Some(1.0),
+        "{b_metrics}"
+    );
+    let st = c.agents[a].agent.status().expect("status");
+    assert!(
+        vm(&st, &vm_name).is_none(),
+        "{busy} still lists {vm_name}: {}",
+        summary(&st)
+    );
+    let xml = virsh(&["dumpxml", &vm_name]).1;
+    assert!(
+        xml.contains(&format!("owner>{idle}</")),
+        "{vm_name} should be owned by {idle} now:\n{xml}"
+    );
+    eprintln!(
+        "{T}: {vm_name} saved and moved from {busy} to {idle} {} ms after the load began; \
+         subtask {id}/0 finished there as attempt {}",
+        left.at_unix_ms.saturating_sub(t_load),
+        r.attempt
     );
 }
 
