@@ -997,6 +997,24 @@ mod tests {
     }
 
     #[test]
+    fn migrate_needs_libvirt_a_transfer_endpoint_and_a_controller() {
+        let migrate = "[policy]\nreclaim_mode = \"migrate\"\n";
+        let ctl = "[controller]\nurl = \"http://ctl:7400\"\ntoken = \"t\"\n";
+        let transfer = "[transfer]\nenabled = true\n";
+        let c = Config::parse(&format!("{migrate}{ctl}{transfer}")).unwrap();
+        assert_eq!(c.policy.reclaim_mode, ReclaimMode::Migrate);
+        for text in [
+            format!("{migrate}{ctl}"),
+            format!("{migrate}{transfer}"),
+            format!("{migrate}{ctl}{transfer}[runtime]\nkind = \"process\"\n"),
+        ] {
+            assert_eq!(field_of(&text), "policy.reclaim_mode", "{text}");
+        }
+        let c = Config::parse("[runtime]\nlibvirt_save_dir = \"/srv/save\"\n").unwrap();
+        assert_eq!(c.runtime.libvirt_save_dir, PathBuf::from("/srv/save"));
+    }
+
+    #[test]
     fn bad_duration_is_a_parse_error_naming_the_field() {
         let err = Config::parse("[policy]\nresume_after = \"soon\"\n")
             .unwrap_err()

@@ -88,7 +88,7 @@ pub mod runner;
 #[cfg(test)]
 mod pull_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -94,7 +94,7 @@ fn serve(app: Router) -> String {
     serve_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), app)
 }
 
-pub(super) fn serve_on(listener: std::net::TcpListener, app: Router) -> String {
+pub(crate) fn serve_on(listener: std::net::TcpListener, app: Router) -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {

@@ -265,3 +265,7 @@ fn commit_blocking(s: &IncomingState, vm: IncomingVm) -> Result<AttemptRef, Stri
     ask_loop(s, vm, file, Some(attempt.clone()))?;
     Ok(attempt)
 }
+
+#[cfg(test)]
+#[path = "incoming_tests.rs"]
+mod tests;
