@@ -508,6 +508,18 @@ fn requeue_one(
          WHERE job = ?1 AND idx = ?2",
     )?
     .execute(params![seq, index])?;
+    withdraw_attempt(tx, seq, index, epoch, reason, now)
+}
+
+/// Marks running attempt `epoch` withdrawn with `reason` (not a failure).
+fn withdraw_attempt(
+    tx: &Transaction<'_>,
+    seq: i64,
+    index: u64,
+    epoch: u32,
+    reason: &str,
+    now: i64,
+) -> Result<()> {
     tx.prepare_cached(
         "UPDATE attempts SET state = ?4, finished_ms = ?5, error = ?6 \
          WHERE job = ?1 AND idx = ?2 AND attempt = ?3 AND state = 0",
@@ -1414,18 +1426,7 @@ impl Store for SqliteStore {
                     return Ok(None);
                 }
                 let now = now_ms();
-                tx.prepare_cached(
-                    "UPDATE attempts SET state = ?4, finished_ms = ?5, error = ?6 \
-                     WHERE job = ?1 AND idx = ?2 AND attempt = ?3 AND state = 0",
-                )?
-                .execute(params![
-                    seq,
-                    index,
-                    epoch,
-                    AttemptState::Withdrawn.code(),
-                    now,
-                    format!("migrated to {to}")
-                ])?;
+                withdraw_attempt(tx, seq, index, epoch, &format!("migrated to {to}"), now)?;
                 tx.prepare_cached(
                     "INSERT INTO attempts (job, idx, attempt, host, state, started_ms) \
                      VALUES (?1, ?2, ?3, ?4, 0, ?5)",
