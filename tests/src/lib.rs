@@ -980,11 +980,14 @@ pub fn assert_transition(t: &Transition, from: VmState, to: VmState, reason: Rea
 }
 
 /// The value of the Prometheus sample whose line starts with `name{` and
-/// carries every label in `labels` (`key="value"`). None if absent.
+/// carries every label in `labels` (`key="value"`), summed over the lines
+/// that match; with no `labels`, an unlabelled `name value` line counts
+/// too. None if absent.
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let prefix = format!("{name}{{");
+    let bare = format!("{name} ");
     text.lines()
-        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| l.starts_with(&prefix) || (labels.is_empty() && l.starts_with(&bare)))
         .filter(|l| {
             labels
                 .iter()

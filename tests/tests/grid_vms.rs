@@ -909,8 +909,29 @@ fn transfer_on(conf: &mut Conf) {
 
 #[test]
 fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
-    const T: &str = "libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there";
-    let Some((_machine, image)) = setup(T) else {
+    move_a_saved_vm(
+        "libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there",
+        true,
+    );
+}
+
+/// The same move when the busy host cannot reach the idle one's transfer
+/// endpoint (it advertises an address nobody listens on, as behind a
+/// firewall): the idle host fetches the state from the busy one instead.
+#[test]
+fn libvirtd_vm_state_is_fetched_by_a_target_the_source_cannot_reach() {
+    move_a_saved_vm(
+        "libvirtd_vm_state_is_fetched_by_a_target_the_source_cannot_reach",
+        false,
+    );
+}
+
+/// A real controller and two libvirt agents: a subtask in the busy one's
+/// VM, then load on its uplink: the VM is suspended, saved, and moves to
+/// the idle one (`target_reachable`: by upload, else the idle one fetches
+/// it), where it finishes as the attempt the controller moved there.
+fn move_a_saved_vm(t: &str, target_reachable: bool) {
+    let Some((_machine, image)) = setup(t) else {
         return;
     };
     let (uplink_a, uplink_b) = (Uplink::create(), Uplink::create());
@@ -939,6 +960,13 @@ fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
     add_grid_agent(&mut c, &boosts, &idle, 1, &uplink_b, &image, 2, |conf| {
         conf.str("policy", "launch_after", "1h");
         transfer_on(conf);
+        if !target_reachable {
+            conf.str(
+                "transfer",
+                "advertise_url",
+                &format!("http://127.0.0.1:{}", free_port()),
+            );
+        }
     });
     c.wait_hosts(&format!("{idle} to heartbeat"), BOOT, |v| {
         host_of(v, &idle).filter(|h| h.load.is_some()).map(|_| ())
@@ -1009,6 +1037,23 @@ fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
         Some(1.0),
         "{b_metrics}"
     );
+    // Which way the state went: uploaded to the idle host, or served by
+    // the busy one.
+    let served =
+        metric_value(&a_metrics, "sparegrid_transfer_sent_bytes_total", &[]).unwrap_or(0.0);
+    let received =
+        metric_value(&b_metrics, "sparegrid_transfer_received_bytes_total", &[]).unwrap_or(0.0);
+    if target_reachable {
+        assert!(
+            received > 0.0 && served == 0.0,
+            "uploaded: {received} received by {idle}, {served} served by {busy}"
+        );
+    } else {
+        assert!(
+            served > 0.0 && received == 0.0,
+            "fetched: {served} served by {busy}, {received} received by {idle}"
+        );
+    }
     let st = c.agents[a].agent.status().expect("status");
     assert!(
         vm(&st, &vm_name).is_none(),
@@ -1021,7 +1066,7 @@ fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
         "{vm_name} should be owned by {idle} now:\n{xml}"
     );
     eprintln!(
-        "{T}: {vm_name} saved and moved from {busy} to {idle} {} ms after the load began; \
+        "{t}: {vm_name} saved and moved from {busy} to {idle} {} ms after the load began; \
          subtask {id}/0 finished there as attempt {}",
         left.at_unix_ms.saturating_sub(t_load),
         r.attempt

@@ -50,6 +50,10 @@ pub struct TransferConfig {
     /// broken connection (the upload goes back to its last checkpoint).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The URL other hosts reach this endpoint at (`http(s)://host:port`),
+    /// when `listen` is not it (NAT, a proxy); empty: derived from
+    /// `listen`.
+    pub advertise_url: String,
     /// PEM certificate chain for TLS; with `tls_key`, or neither (plain HTTP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
@@ -68,6 +72,7 @@ impl Default for TransferConfig {
             max_upload_bytes: 64 * 1024 * MIB,
             upload_expiry: Duration::from_secs(24 * 3600),
             idle_timeout: Duration::from_secs(60),
+            advertise_url: String::new(),
             tls_cert: None,
             tls_key: None,
         }
@@ -112,6 +117,13 @@ impl TransferConfig {
             return Err(invalid(
                 "idle_timeout",
                 format!("must be at least 100ms, got {:?}", self.idle_timeout),
+            ));
+        }
+        let u = &self.advertise_url;
+        if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(invalid(
+                "advertise_url",
+                format!("must start with http:// or https://, got {u:?}"),
             ));
         }
         match (&self.tls_cert, &self.tls_key) {

@@ -702,6 +702,52 @@ impl Store {
         Ok(())
     }
 
+    /// Publishes local file `src` as complete transfer `id`, for a peer to
+    /// download (the source side when the target cannot be reached and
+    /// fetches instead). It goes through the upload path (checkpoints, the
+    /// whole digest checked before the rename), so it is served exactly
+    /// like an uploaded file; an id already present is
+    /// [`StoreError::Exists`]. Streams through one buffer.
+    pub fn import(&self, id: &str, src: &Path) -> Result<(), StoreError> {
+        use std::io::Read;
+        let mut file = File::open(src).map_err(|e| io_err(src, e))?;
+        let size = file.metadata().map_err(|e| io_err(src, e))?.len();
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_reader(&mut file)
+            .map_err(|e| io_err(src, e))?;
+        let mut upload = self.create(Header {
+            id: id.to_owned(),
+            source: src.display().to_string(),
+            target: "local".to_owned(),
+            size,
+            digest: hasher.finalize().to_hex().to_string(),
+            checkpoint_bytes: self.checkpoint_bytes,
+            created_unix: unix(SystemTime::now()),
+            expires_unix: 0,
+            metadata: String::new(),
+        })?;
+        let mut file = File::open(src).map_err(|e| io_err(src, e))?;
+        let mut req = upload.begin(0, None)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    upload.rollback();
+                    return Err(io_err(src, e));
+                }
+            };
+            if let Err(e) = upload.write(&mut req, &buf[..n]) {
+                upload.rollback();
+                return Err(e);
+            }
+        }
+        upload.finish(req)?;
+        self.complete(upload)
+    }
+
     /// Removes transfer `id` (partial or complete) and its journal.
     pub fn remove(&self, id: &str) -> Result<bool, StoreError> {
         let mut any = false;

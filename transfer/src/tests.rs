@@ -882,3 +882,34 @@ async fn counters_follow_answers_and_bytes() {
     assert_eq!(c.sent_bytes, d.len() as u64);
     assert_eq!(c.published, 1);
 }
+
+#[tokio::test]
+async fn an_imported_local_file_is_served_whole_and_only_once() {
+    let e = env();
+    let d = data(200_000);
+    let src = e._dir.path().join("local.bin");
+    std::fs::write(&src, &d).unwrap();
+    e.state.store().import("imp1", &src).unwrap();
+    assert!(e.state.store().is_complete("imp1").unwrap());
+    let r = send(&e.app, get_req("imp1").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        h(&r, "etag"),
+        format!("\"b3-{}\"", blake3::hash(&d).to_hex())
+    );
+    assert_eq!(body_of(r).await, d);
+    // The same id twice is refused; a missing file names its path.
+    assert!(matches!(
+        e.state.store().import("imp1", &src),
+        Err(crate::store::StoreError::Exists { .. })
+    ));
+    let missing = e._dir.path().join("nope.bin");
+    let err = e
+        .state
+        .store()
+        .import("imp2", &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope.bin"), "{err}");
+    assert!(!e.state.store().is_complete("imp2").unwrap());
+}

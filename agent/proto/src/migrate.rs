@@ -5,7 +5,10 @@
 //!    (`POST /v1/agents/migrations`, [`MigrationRequest`] →
 //!    [`MigrationTarget`]).
 //! 2. It uploads the VM's saved state to the target's transfer endpoint
-//!    (tus, resumable, verified by its whole blake3 before it is visible).
+//!    (tus, resumable, verified by its whole blake3 before it is visible);
+//!    when it cannot reach that endpoint (the target is behind a firewall
+//!    or NAT), it publishes the state on its own endpoint instead and the
+//!    target downloads it ([`IncomingVm::fetch`]).
 //! 3. It offers the VM to the target (`POST <agent>/v1/migrations/offer`,
 //!    [`IncomingVm`] → [`MigrationAnswer`]): the target checks its load,
 //!    budgets and the uploaded state without committing to anything.
@@ -68,6 +71,20 @@ pub struct IncomingVm {
     pub guest_subtask: u64,
     /// The subtask's timeout, ms (the guest enforces it on its own clock).
     pub timeout_ms: u64,
+    /// Set when the source could not reach the target's transfer endpoint:
+    /// the target downloads the state from the source instead (Range,
+    /// resumable). Absent: it was uploaded as `state_id`.
+    #[serde(default)]
+    pub fetch: Option<StateSource>,
+}
+
+/// Where the target downloads the saved state from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateSource {
+    /// The file's URL on the source's transfer endpoint (`…/v1/files/<id>`).
+    pub url: String,
+    /// A download token for it.
+    pub token: String,
 }
 
 /// The target's answer to an offer or a commit.

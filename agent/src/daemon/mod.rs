@@ -294,7 +294,11 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     let mut migrate_routes = None;
     if let Some(g) = &grid {
         if sends || crate::migrate::accepts(&cfg) {
-            let setup = Arc::new(crate::migrate::MigrateSetup::of(&cfg, &grid_host));
+            let setup = Arc::new(crate::migrate::MigrateSetup::of(
+                &cfg,
+                &grid_host,
+                transfer_state.clone(),
+            ));
             if let (true, Some(t)) = (crate::migrate::accepts(&cfg), &transfer_state) {
                 migrate_routes = Some(crate::migrate::incoming::routes(
                     setup.clone(),

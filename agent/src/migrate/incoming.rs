@@ -2,8 +2,9 @@
 //! and `POST /v1/migrations/commit` on the agent's API, MessagePack
 //! [`IncomingVm`] → [`MigrationAnswer`], agent token.
 //!
-//! Both check the body's fields and the uploaded state (complete, its size,
-//! its whole blake3), then ask the control loop ([`Command::MigrateIn`]):
+//! Both check the body's fields and the state (uploaded here, or fetched
+//! from the source when the offer says so, [`IncomingVm::fetch`]; complete,
+//! its size, its whole blake3), then ask the control loop ([`Command::MigrateIn`]):
 //! the offer only whether the VM fits now, the commit to restore it. The
 //! commit first moves the attempt to this host at the controller, so the
 //! control loop restores it under the new epoch. A refusal is a 200 with
@@ -128,6 +129,14 @@ fn parse(s: &IncomingState, headers: &HeaderMap, body: &Bytes) -> Result<Incomin
     if vm.state_blake3.len() != 64 || !vm.state_blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(invalid("state_blake3", "must be 64 hex digits".into()));
     }
+    if let Some(f) = &vm.fetch {
+        if !(f.url.starts_with("http://") || f.url.starts_with("https://")) {
+            return Err(invalid(
+                "fetch.url",
+                format!("must be an http(s) URL, got {:?}", f.url),
+            ));
+        }
+    }
     if vm.from.is_empty() || vm.from == s.setup.host {
         return Err(invalid(
             "from",
@@ -137,23 +146,60 @@ fn parse(s: &IncomingState, headers: &HeaderMap, body: &Bytes) -> Result<Incomin
     Ok(vm)
 }
 
-/// The uploaded state's path, once it is complete with the announced size
-/// and digest.
-fn check_state(transfer: &TransferState, vm: &IncomingVm) -> Result<PathBuf, String> {
-    let store = transfer.store();
-    match store.is_complete(&vm.state_id) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(format!(
-                "the saved state {} is not (fully) uploaded",
-                vm.state_id
-            ))
-        }
-        Err(e) => return Err(e.to_string()),
+/// Where a state fetched from the source goes (`<data_dir>/migrate/in/<id>`;
+/// the id was validated).
+fn fetched_path(s: &IncomingState, id: &str) -> PathBuf {
+    s.setup.journal_dir.join("in").join(id)
+}
+
+/// The state's path here: uploaded to this endpoint, or, when the offer
+/// says where to fetch it, downloaded from the source (resuming a broken
+/// download from its journal).
+fn locate_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
+    let store = s.transfer.store();
+    if store.is_complete(&vm.state_id).map_err(|e| e.to_string())? {
+        return store.complete_path(&vm.state_id).map_err(|e| e.to_string());
     }
-    let path = store
-        .complete_path(&vm.state_id)
+    let Some(src) = &vm.fetch else {
+        return Err(format!(
+            "the saved state {} is not (fully) uploaded",
+            vm.state_id
+        ));
+    };
+    let dest = fetched_path(s, &vm.state_id);
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    tracing::info!(vm = %vm.vm, from = %vm.from, "fetching the saved state from {}", src.url);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let report = rt
+        .block_on(sparegrid_transfer::client::download(
+            &client,
+            &src.url,
+            &src.token,
+            &dest,
+            s.setup.checkpoint_bytes,
+            Default::default(),
+        ))
+        .map_err(|e| format!("fetching the saved state from {}: {e}", vm.from))?;
+    tracing::info!(vm = %vm.vm, "saved state fetched: {} bytes, resumed at {}", report.size, report.resumed_at);
+    Ok(dest)
+}
+
+/// The state's path, once it is here whole with the announced size and
+/// digest.
+fn check_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
+    let path = locate_state(s, vm)?;
     let size = std::fs::metadata(&path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
@@ -198,9 +244,16 @@ fn ask_loop(
         .unwrap_or_else(|_| Err("the control loop did not answer".to_owned()))
 }
 
-fn remove_state(transfer: &TransferState, id: &str) {
-    if let Err(e) = transfer.store().remove(id) {
+/// Removes the state, uploaded or fetched (with a fetch's leftovers).
+fn remove_state(s: &IncomingState, id: &str) {
+    if let Err(e) = s.transfer.store().remove(id) {
         tracing::warn!("removing the saved state {id}: {e}");
+    }
+    let fetched = fetched_path(s, id);
+    for suffix in ["", ".part", ".journal"] {
+        let mut p = fetched.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
     }
 }
 
@@ -211,9 +264,9 @@ async fn offer(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes) 
     };
     let result = tokio::task::spawn_blocking(move || {
         let id = vm.state_id.clone();
-        let verdict = check_state(&s.transfer, &vm).and_then(|file| ask_loop(&s, vm, file, None));
+        let verdict = check_state(&s, &vm).and_then(|file| ask_loop(&s, vm, file, None));
         if verdict.is_err() {
-            remove_state(&s.transfer, &id);
+            remove_state(&s, &id);
         }
         verdict
     })
@@ -233,7 +286,7 @@ async fn commit(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes)
     let result = tokio::task::spawn_blocking(move || {
         let id = vm.state_id.clone();
         let verdict = commit_blocking(&s, vm);
-        remove_state(&s.transfer, &id);
+        remove_state(&s, &id);
         verdict
     })
     .await;
@@ -246,7 +299,7 @@ async fn commit(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes)
 
 /// Check the state, take the attempt over at the controller, restore.
 fn commit_blocking(s: &IncomingState, vm: IncomingVm) -> Result<AttemptRef, String> {
-    let file = check_state(&s.transfer, &vm)?;
+    let file = check_state(s, &vm)?;
     let ctl = ControllerClient::new(&s.setup.controller).map_err(|e| e.to_string())?;
     let adopted: AdoptedAttempt = ctl
         .post(

@@ -45,6 +45,7 @@ fn target() -> Target {
         token_key: TOKEN.as_bytes().to_vec(),
         journal_dir: dir.path().join("migrate"),
         checkpoint_bytes: config.checkpoint_bytes,
+        transfer: None,
     });
     let (tx, rx) = mpsc::channel::<Command>();
     let (asked_tx, asked) = mpsc::channel();
@@ -128,6 +129,7 @@ fn incoming(vm: &str, id: &str, size: u64, blake3: &str) -> IncomingVm {
         },
         guest_subtask: 7,
         timeout_ms: 60_000,
+        fetch: None,
     }
 }
 
@@ -328,4 +330,57 @@ fn a_commit_whose_controller_cannot_be_reached_restores_nothing() {
         "the controller moves the attempt before anything is restored"
     );
     assert!(t.asked.try_recv().is_err(), "no restore without the move");
+}
+
+#[test]
+fn a_state_the_source_could_not_upload_is_fetched_from_it_and_checked() {
+    let t = target();
+    // The source's own endpoint, with the state published on it.
+    let src_dir = tempfile::tempdir().unwrap();
+    let source = TransferState::new(
+        &TransferConfig {
+            enabled: true,
+            ..TransferConfig::default()
+        },
+        src_dir.path(),
+        TOKEN.as_bytes(),
+    )
+    .unwrap();
+    let file = src_dir.path().join("vm.save");
+    let data: Vec<u8> = (0..500_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    source.store().import("vmstate-j-1-0-9", &file).unwrap();
+    let source_url = crate::grid::tests::serve_on(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        sparegrid_transfer::router(source),
+    );
+    let token = sign(
+        TOKEN.as_bytes(),
+        "vmstate-j-1-0-9",
+        Direction::Download,
+        SystemTime::now() + std::time::Duration::from_secs(60),
+    )
+    .unwrap();
+    let digest = hash_file(&file).unwrap();
+    let mut vm = incoming("sg-a-1", "vmstate-j-1-0-9", data.len() as u64, &digest);
+    vm.fetch = Some(sparegrid_proto::migrate::StateSource {
+        url: format!("{source_url}/v1/files/vmstate-j-1-0-9"),
+        token,
+    });
+    let (status, body) = offer(&t, &vm);
+    assert_eq!(status, 200);
+    assert!(answer_of(&body).accepted, "{:?}", answer_of(&body));
+    assert_eq!(t.asked.try_recv().unwrap(), ("sg-a-1".to_string(), true));
+
+    // A wrong token: the fetch fails and the offer is refused, saying so.
+    let mut bad = vm.clone();
+    bad.state_id = "vmstate-j-1-0-8".into();
+    bad.fetch.as_mut().unwrap().token = "v1.x.download.0.sig".into();
+    let a = answer_of(&offer(&t, &bad).1);
+    assert!(!a.accepted && a.reason.unwrap().contains("fetching"));
+    // A fetch URL that is not http(s) is a bad field.
+    bad.fetch.as_mut().unwrap().url = "file:///etc/passwd".into();
+    let (status, body) = offer(&t, &bad);
+    assert_eq!(status, 400);
+    assert_eq!(json_of(&body)["field"], "fetch.url");
 }

@@ -9,6 +9,13 @@
 //!   the saved state to the target's transfer endpoint (tus, resumable,
 //!   whole blake3 verified before the file is visible), offer, hand over,
 //!   commit.
+//! - **Direction by reachability.** The source first probes the target's
+//!   transfer endpoint (`OPTIONS`, 3 s). Reachable: it uploads. Not (the
+//!   target is behind a firewall or NAT): it publishes the state on its own
+//!   endpoint ([`sparegrid_transfer::store::Store::import`]) and the offer
+//!   carries a URL and download token; the target downloads it with the
+//!   journaled Range client (resumable) before it checks it. Relaying
+//!   through the controller when neither reaches the other is not built.
 //! - [`incoming`]: the target's routes (`POST /v1/migrations/offer` and
 //!   `/commit` on the agent's API, agent token), which check the upload and
 //!   ask the control loop to check capacity and restore.
@@ -39,6 +46,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sparegrid_proto::grid::AttemptRef;
+use sparegrid_transfer::TransferState;
 
 use crate::config::{Config, ControllerSection, ReclaimMode, RuntimeKind};
 
@@ -73,7 +81,7 @@ pub enum MigrateError {
 }
 
 /// What both sides need from the config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MigrateSetup {
     pub host: String,
     pub controller: ControllerSection,
@@ -83,16 +91,20 @@ pub struct MigrateSetup {
     /// Client journals of uploads (`<data_dir>/migrate`).
     pub journal_dir: PathBuf,
     pub checkpoint_bytes: u64,
+    /// This agent's transfer endpoint and its URL, when it serves one: a
+    /// source the target cannot reach publishes the state there.
+    pub transfer: Option<(TransferState, String)>,
 }
 
 impl MigrateSetup {
-    pub fn of(cfg: &Config, host: &str) -> MigrateSetup {
+    pub fn of(cfg: &Config, host: &str, transfer: Option<TransferState>) -> MigrateSetup {
         MigrateSetup {
             host: host.to_owned(),
             controller: cfg.controller.clone(),
             token_key: cfg.controller.token.as_bytes().to_vec(),
             journal_dir: cfg.agent.data_dir.join("migrate"),
             checkpoint_bytes: cfg.transfer.checkpoint_bytes,
+            transfer: transfer.map(|t| (t, transfer_url(cfg, host))),
         }
     }
 }
@@ -109,9 +121,13 @@ pub fn accepts(cfg: &Config) -> bool {
     cfg.runtime.kind == RuntimeKind::Libvirt && cfg.transfer.enabled && cfg.controller.enabled()
 }
 
-/// The URL other hosts reach the transfer endpoint at: `transfer.listen`
-/// with `host` in place of an unspecified address; `https` with TLS.
+/// The URL other hosts reach the transfer endpoint at:
+/// `transfer.advertise_url`, else `transfer.listen` with `host` in place of
+/// an unspecified address; `https` with TLS.
 pub fn transfer_url(cfg: &Config, host: &str) -> String {
+    if !cfg.transfer.advertise_url.is_empty() {
+        return cfg.transfer.advertise_url.trim_end_matches('/').to_owned();
+    }
     let l: SocketAddr = cfg.transfer.listen;
     let scheme = if cfg.transfer.tls_cert.is_some() {
         "https"

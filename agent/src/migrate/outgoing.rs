@@ -8,7 +8,9 @@ use std::sync::mpsc::{sync_channel, Sender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sparegrid_proto::migrate::{IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget};
+use sparegrid_proto::migrate::{
+    IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget, StateSource,
+};
 use sparegrid_transfer::client::{hash_file, upload, UploadOptions};
 use sparegrid_transfer::token::{sign, Direction};
 
@@ -59,6 +61,11 @@ pub fn spawn(
         .name(format!("migrate-{}", out.vm))
         .spawn(move || {
             let outcome = run(&setup, &out, &commands);
+            // A copy published for the target to fetch is not needed any
+            // more (moved, or the next try publishes it again).
+            if let Some((t, _)) = &setup.transfer {
+                let _ = t.store().remove(&state_id(&out.held.attempt));
+            }
             let _ = commands.send(Command::MigrationOver {
                 vm: out.vm.clone(),
                 attempt: out.held.attempt.clone(),
@@ -136,7 +143,12 @@ fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateEr
         message: e.to_string(),
     })?;
     let id = state_id(&out.held.attempt);
-    upload_state(setup, out, &target, &id)?;
+    let fetch = if reachable(&target.transfer_url) {
+        upload_state(setup, out, &target, &id)?;
+        None
+    } else {
+        Some(publish_state(setup, out, &host, &id)?)
+    };
     let incoming = IncomingVm {
         from: setup.host.clone(),
         vm: out.vm.clone(),
@@ -148,6 +160,7 @@ fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateEr
         attempt: out.held.attempt.clone(),
         guest_subtask: out.held.id,
         timeout_ms: out.held.timeout_ms,
+        fetch,
     };
     let peer = ctl.at(&target.agent_url);
     let answer: MigrationAnswer = peer
@@ -166,6 +179,62 @@ fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateEr
         host,
         body: incoming,
         peer,
+    })
+}
+
+/// Whether the target's transfer endpoint answers (`OPTIONS /v1/files`,
+/// any status) within 3 s.
+fn reachable(transfer_url: &str) -> bool {
+    let url = format!(
+        "{}{}",
+        transfer_url.trim_end_matches('/'),
+        sparegrid_transfer::FILES
+    );
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .and_then(|c| c.request(reqwest::Method::OPTIONS, &url).send())
+        .is_ok()
+}
+
+/// The target cannot be reached: publish the state on this agent's own
+/// transfer endpoint (once; a retry finds it there) and hand out a
+/// download token for it.
+fn publish_state(
+    setup: &MigrateSetup,
+    out: &OutgoingVm,
+    host: &str,
+    id: &str,
+) -> Result<StateSource, MigrateError> {
+    let fail = |message: String| MigrateError::Upload {
+        host: host.to_owned(),
+        message,
+    };
+    let Some((transfer, url)) = &setup.transfer else {
+        return Err(fail(
+            "its transfer endpoint does not answer and this agent serves none to fetch from".into(),
+        ));
+    };
+    tracing::info!(vm = %out.vm, to = %host,
+        "{host}'s transfer endpoint does not answer; it fetches the saved state from here");
+    let store = transfer.store();
+    if !store.is_complete(id).unwrap_or(false) {
+        // A partial leftover of an earlier try is replaced.
+        let _ = store.remove(id);
+        store
+            .import(id, &out.state_file)
+            .map_err(|e| fail(format!("publishing the saved state here: {e}")))?;
+    }
+    let token = sign(
+        &setup.token_key,
+        id,
+        Direction::Download,
+        SystemTime::now() + TOKEN_TTL,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(StateSource {
+        url: format!("{url}{}/{id}", sparegrid_transfer::FILES),
+        token,
     })
 }
 
