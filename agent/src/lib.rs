@@ -23,6 +23,9 @@
 //!   nftables filtering, grid namespaces for overlay subtasks.
 //! - [`tunnel`]: the WireGuard tunnel endpoint (`[tunnel] enabled`; see
 //!   docs/tunnel.md).
+//! - [`images`]: the image catalog: serving this host's grid VM image to
+//!   peers, fetching a missing one from a peer, checked against its
+//!   manifest digest.
 //! - [`migrate`]: `reclaim_mode = "migrate"`, moving a saved grid VM with
 //!   its subtask to an idle host over the transfer endpoint.
 
@@ -33,6 +36,7 @@ pub mod daemon;
 pub mod discover;
 pub mod grid;
 pub mod guestlink;
+pub mod images;
 pub mod load;
 pub mod migrate;
 pub mod overlay;

@@ -43,6 +43,11 @@ pub struct Workload {
     pub cmdline: String,
     /// Interpreters subtasks may use (`sh`, `awk`, `python3`, …).
     pub interpreters: Vec<String>,
+    /// The image's identity: the sha256 of its `manifest.json`. When set,
+    /// the image must match it, and an agent without the image fetches it
+    /// from a peer that serves it ([`crate::images`]).
+    #[serde(default)]
+    pub image_digest: Option<String>,
     /// The image's manifest (filled by [`Workload::load`]).
     #[serde(skip)]
     pub manifest: Option<Manifest>,
@@ -171,6 +176,14 @@ impl Workload {
                 "must be one line without control characters",
             ));
         }
+        if let Some(d) = &self.image_digest {
+            if !sparegrid_proto::images::is_image_digest(d) {
+                return Err(invalid(
+                    "image_digest",
+                    format!("{d:?} is not a sha256 in lowercase hex"),
+                ));
+            }
+        }
         if self.interpreters.is_empty() {
             return Err(invalid(
                 "interpreters",
@@ -215,6 +228,14 @@ impl Workload {
             path: path.clone(),
             source,
         })?;
+        if let Some(want) = &self.image_digest {
+            let got = format!("{:x}", Sha256::digest(text.as_bytes()));
+            if &got != want {
+                return Err(bad(format!(
+                    "sha256 {got} is not the workload's image_digest {want}"
+                )));
+            }
+        }
         let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         for file in ["vmlinuz", "initrd.img"] {
             let want = m
@@ -253,7 +274,7 @@ impl Workload {
 }
 
 /// Size and lowercase hex sha256 of a file.
-fn sha256_file(p: &Path) -> Result<(u64, String), WorkloadError> {
+pub fn sha256_file(p: &Path) -> Result<(u64, String), WorkloadError> {
     let err = |source| WorkloadError::Read {
         path: p.to_path_buf(),
         source,
@@ -471,6 +492,28 @@ interpreters = ["sh", "awk"]
         std::fs::write(t.path().join("img/vmlinuz"), b"short").unwrap();
         let e = Workload::load(&p).unwrap_err().to_string();
         assert!(e.contains("vmlinuz") && e.contains("5 bytes"), "{e}");
+    }
+
+    #[test]
+    fn an_image_digest_must_be_a_sha256_and_match_the_manifest() {
+        let (t, p) = fixture(DEFAULT, None);
+        let manifest = std::fs::read(t.path().join("img/manifest.json")).unwrap();
+        let good = format!("{DEFAULT}image_digest = \"{}\"\n", hex(&manifest));
+        std::fs::write(&p, &good).unwrap();
+        let w = Workload::load(&p).unwrap();
+        assert_eq!(w.image_digest.as_deref(), Some(hex(&manifest).as_str()));
+        let other = format!("{DEFAULT}image_digest = \"{}\"\n", "0".repeat(64));
+        std::fs::write(&p, &other).unwrap();
+        let e = Workload::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("image_digest") && e.contains("manifest.json"),
+            "{e}"
+        );
+        assert!(
+            field_error(&format!("{DEFAULT}image_digest = \"ABC\"\n"))
+                .contains("workload.image_digest"),
+            "not a sha256"
+        );
     }
 
     #[test]

@@ -513,6 +513,13 @@ pub struct ClusterAgent {
 }
 
 impl ClusterAgent {
+    /// The agent's `agent.data_dir`.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.harness.dir().join("data")
+    }
+}
+
+impl ClusterAgent {
     pub fn harness(&self) -> &Harness {
         &self.harness
     }

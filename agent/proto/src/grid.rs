@@ -48,6 +48,10 @@ pub struct Register {
     /// and a transfer endpoint. Absent (false) from older agents.
     #[serde(default)]
     pub migrate_in: bool,
+    /// The grid VM images it serves on its transfer endpoint, by manifest
+    /// sha256 ([`crate::images`]). Absent (empty) from older agents.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// The controller's answer to [`Register`].

@@ -6,6 +6,7 @@
 
 pub mod grid;
 pub mod guest;
+pub mod images;
 pub mod load;
 pub mod migrate;
 pub mod overlay;

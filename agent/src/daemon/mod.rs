@@ -70,6 +70,8 @@ pub enum DaemonError {
     Discover(#[from] crate::discover::DiscoverError),
     #[error("transfer endpoint: {0}")]
     Transfer(#[from] crate::transfer::TransferError),
+    #[error("image catalog: {0}")]
+    Image(#[from] crate::images::ImageError),
     #[error("tunnel: {0}")]
     Tunnel(#[from] crate::tunnel::ServiceError),
     #[error("overlay: {0}")]
@@ -194,8 +196,9 @@ const GUEST_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(15)
 
 /// Runs the agent until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
-    apply_workload(&mut cfg)?;
     crate::discover::resolve(&mut cfg)?;
+    crate::images::fetch_workload_image(&cfg)?;
+    apply_workload(&mut cfg)?;
     cfg.validate()
         .map_err(|e| DaemonError::Io(std::io::Error::other(e.to_string())))?;
     let host = host_name(&cfg);
@@ -263,6 +266,24 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     if let Some(h) = &overlay.host_net {
         shared.set_host_net(h.clone());
     }
+    // The transfer endpoint's state: served on its own listener below,
+    // where saved VMs from other hosts arrive, and where this host's grid
+    // VM image is served to peers (published before the grid client
+    // registers it).
+    let transfer_state = if cfg.transfer.enabled {
+        let state = crate::transfer::TransferState::new(
+            &cfg.transfer,
+            &cfg.agent.data_dir,
+            cfg.controller.token.as_bytes(),
+        )?;
+        shared.metrics.set_transfer(state.clone());
+        if let Some(dir) = crate::images::workload_image_dir(&cfg) {
+            crate::images::publish(&state, &dir)?;
+        }
+        Some(state)
+    } else {
+        None
+    };
     let grid = match backend {
         Some(b) => Some(crate::grid::Grid::start_with_overlay(
             &cfg,
@@ -275,19 +296,6 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     };
 
     let (tx, rx) = mpsc::channel::<Command>();
-    // The transfer endpoint's state: served on its own listener below, and
-    // where saved VMs from other hosts arrive.
-    let transfer_state = if cfg.transfer.enabled {
-        let state = crate::transfer::TransferState::new(
-            &cfg.transfer,
-            &cfg.agent.data_dir,
-            cfg.controller.token.as_bytes(),
-        )?;
-        shared.metrics.set_transfer(state.clone());
-        Some(state)
-    } else {
-        None
-    };
     // reclaim_mode = "migrate" sends saved VMs away; grid VM hosts with a
     // transfer endpoint take them in (crate::migrate).
     let sends = crate::migrate::sends(&cfg);

@@ -167,6 +167,35 @@ impl ControllerClient {
         }
     }
 
+    /// `GET base + path` with a MessagePack reply.
+    pub fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if !self.token.is_empty() {
+            req = req.bearer_auth(&self.token);
+        }
+        let resp = req.send().map_err(|e| ClientError::Http {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status();
+        let body = resp.bytes().map_err(|e| ClientError::Http {
+            url: url.clone(),
+            message: format!("reading the reply: {e}"),
+        })?;
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                url,
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+            });
+        }
+        rmp_serde::from_slice(&body).map_err(|e| ClientError::Decode {
+            url,
+            message: format!("the reply is not valid MessagePack: {e}"),
+        })
+    }
+
     /// `POST base + path` with a MessagePack body and reply.
     pub fn post<T: Serialize, R: DeserializeOwned>(
         &self,

@@ -142,6 +142,8 @@ struct Settings {
     transfer_url: Option<String>,
     /// Takes saved grid VMs from other hosts ([`crate::migrate::accepts`]).
     migrate_in: bool,
+    /// Images it serves ([`crate::images::served`]).
+    images: Vec<String>,
     /// Takes part in peer-to-peer jobs (a [`Node`] runs).
     p2p: bool,
 }
@@ -158,6 +160,7 @@ impl Settings {
                 .enabled
                 .then(|| crate::migrate::transfer_url(cfg, host)),
             migrate_in: crate::migrate::accepts(cfg),
+            images: crate::images::served(cfg),
             p2p: p2p_enabled(cfg),
         }
     }
@@ -169,6 +172,7 @@ impl Settings {
     fn register(&self) -> Register {
         Register {
             migrate_in: self.migrate_in,
+            images: self.images.clone(),
             transfer_url: self.transfer_url.clone(),
             tunnel: None,
             host: self.host.clone(),

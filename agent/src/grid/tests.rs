@@ -990,6 +990,7 @@ fn the_client_joins_an_https_controller_that_its_ca_cert_vouches_for() {
     let (ctl, store) = spawn_real_controller(|_| {}, Some((&cert, &key)));
 
     let reg = Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: None,

@@ -94,6 +94,7 @@ async fn restore(plane: &AgentPlane) {
         let agent_url = (h.address.starts_with("http://") || h.address.starts_with("https://"))
             .then(|| h.address.clone());
         let reg = Register {
+            images: Vec::new(),
             migrate_in: false,
             transfer_url: None,
             tunnel: None,

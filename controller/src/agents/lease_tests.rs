@@ -76,6 +76,7 @@ impl Ctl {
     /// is aborted; returns once the host may lease.
     async fn pulling_agent(&self, host: &str) -> JoinHandle<()> {
         let reg = enc(&Register {
+            images: Vec::new(),
             migrate_in: false,
             transfer_url: None,
             tunnel: None,

@@ -1,11 +1,14 @@
-//! The controller's part in `reclaim_mode = "migrate"` (the flow is in
-//! [`sparegrid_proto::migrate`]): choosing the idle host a saved grid VM
-//! goes to, and moving the VM's attempt to it under a new epoch so the
-//! subtask is counted once, whichever host reports last.
+//! What the controller tells agents about moving things between hosts:
+//! for `reclaim_mode = "migrate"` (the flow is in
+//! [`sparegrid_proto::migrate`]) the idle host a saved grid VM goes to, and
+//! moving the VM's attempt to it under a new epoch so the subtask is
+//! counted once, whichever host reports last; for the image catalog
+//! ([`sparegrid_proto::images`]) which hosts serve an image.
 
 use std::collections::HashSet;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use sparegrid_proto::images::{is_image_digest, ImageSources};
 use sparegrid_proto::migrate::{AdoptAttempt, AdoptedAttempt, MigrationRequest, MigrationTarget};
 
 use super::msgpack::MsgPack;
@@ -90,4 +93,25 @@ pub(crate) async fn adopt(
     Ok(MsgPack(AdoptedAttempt {
         attempt: sparegrid_proto::grid::AttemptRef { epoch, ..attempt },
     }))
+}
+
+/// `GET /v1/agents/images/{digest}`: the live hosts that serve the image, least
+/// loaded first; 404 `image_unknown` when none does.
+pub(crate) async fn image_sources(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    Path(digest): Path<String>,
+) -> Result<MsgPack<ImageSources>, AgentError> {
+    if !is_image_digest(&digest) {
+        return Err(AgentError::Mismatch {
+            field: "digest",
+            message: format!("digest: {digest:?} is not a sha256 in lowercase hex"),
+        });
+    }
+    let plane = &s.agents;
+    let sources = plane.book().registry.image_sources(&digest, plane.now());
+    if sources.is_empty() {
+        return Err(AgentError::ImageUnknown(digest));
+    }
+    Ok(MsgPack(ImageSources { digest, sources }))
 }

@@ -77,6 +77,7 @@ async fn start(store: Arc<SqliteStore>, config: &ControllerConfig) -> Ctl {
 
 fn register(host: &str, tunnel: Option<(&str, Option<&str>)>) -> Vec<u8> {
     enc(&Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: tunnel.map(|(key, endpoint)| TunnelInfo {

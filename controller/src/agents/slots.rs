@@ -168,6 +168,7 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                images: Vec::new(),
                 migrate_in: false,
                 transfer_url: None,
                 tunnel: None,
@@ -263,6 +264,7 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default());
         r.register(
             Register {
+                images: Vec::new(),
                 migrate_in: false,
                 transfer_url: None,
                 tunnel: None,

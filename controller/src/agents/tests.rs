@@ -270,6 +270,7 @@ impl Fake {
             .post(
                 "/v1/agents/register",
                 enc(&Register {
+                    images: Vec::new(),
                     migrate_in: false,
                     transfer_url: None,
                     tunnel: None,
@@ -538,6 +539,7 @@ async fn a_silent_agent_is_lost_its_work_redone_and_late_reports_change_nothing(
 async fn auth_media_type_and_garbage_bodies_are_refused() {
     let ctl = controller().await;
     let reg = enc(&Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: None,
@@ -624,6 +626,7 @@ async fn auth_media_type_and_garbage_bodies_are_refused() {
 
     // A bad host name names its field.
     let bad = enc(&Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: None,
@@ -654,6 +657,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
     let reg = enc(&Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: None,

@@ -219,6 +219,7 @@ fn job() -> String {
 
 fn register_body() -> Vec<u8> {
     rmp_serde::to_vec_named(&Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: None,

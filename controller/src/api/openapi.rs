@@ -232,6 +232,10 @@ pub struct RegisterDoc {
     /// may be absent (false).
     #[serde(default)]
     pub migrate_in: bool,
+    /// Grid VM images it serves on its transfer endpoint, by manifest
+    /// sha256; may be absent (empty).
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// An agent's tunnel endpoint (in a register).
@@ -727,6 +731,41 @@ fn agent_migrations() {}
 #[allow(dead_code)]
 fn agent_migrations_adopt() {}
 
+/// A host serving an image (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = ImageSource)]
+pub struct ImageSourceDoc {
+    pub host: String,
+    /// Its transfer endpoint; the files are `img-<first 32 hex of the digest>-{manifest,vmlinuz,initrd}`.
+    pub transfer_url: String,
+}
+
+/// The hosts serving an image (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = ImageSources)]
+pub struct ImageSourcesDoc {
+    /// sha256 of the image's `manifest.json`, lowercase hex.
+    pub digest: String,
+    /// Live hosts serving it, least loaded first.
+    pub sources: Vec<ImageSourceDoc>,
+}
+
+/// The image catalog: which live hosts serve a grid VM image (named by the
+/// sha256 of its `manifest.json`) on their transfer endpoints.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/images/{digest}",
+    tag = "agents",
+    params(("digest" = String, Path, description = "sha256 of the image's manifest.json, lowercase hex")),
+    responses(
+        (status = 200, description = "The hosts serving it", content_type = "application/msgpack", body = ImageSourcesDoc),
+        (status = 400, description = "`invalid_field`: `digest` is not a sha256", body = ErrorBody),
+        (status = 404, description = "`image_unknown`: no live host serves it", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_images() {}
+
 /// The bearer scheme name of each role in the document.
 pub fn scheme_of(role: Role) -> &'static str {
     match role {
@@ -829,6 +868,7 @@ impl Modify for RoleSecurity {
         agent_release,
         agent_migrations,
         agent_migrations_adopt,
+        agent_images,
         crate::agents::leases::lease,
         crate::agents::leases::renew,
         crate::agents::leases::complete,
@@ -839,6 +879,8 @@ impl Modify for RoleSecurity {
         MigrationTargetDoc,
         AdoptAttemptDoc,
         AdoptedAttemptDoc,
+        ImageSourceDoc,
+        ImageSourcesDoc,
         SubmitResponse,
         JobSummary,
         JobList,
@@ -1151,6 +1193,7 @@ mod tests {
             &doc,
             "Register",
             Register {
+                images: Vec::new(),
                 migrate_in: false,
                 transfer_url: None,
                 tunnel: None,

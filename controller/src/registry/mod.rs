@@ -62,6 +62,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sparegrid_proto::grid::{AttemptRef, Heartbeat, HeartbeatReply, Register, Registered};
+use sparegrid_proto::images::ImageSource;
 use sparegrid_proto::migrate::MigrationTarget;
 use sparegrid_proto::VmState;
 
@@ -271,6 +272,8 @@ pub struct Host {
     pub transfer_url: Option<String>,
     /// Takes saved grid VMs from other hosts (`reclaim_mode = "migrate"`).
     pub migrate_in: bool,
+    /// Grid VM images it serves, by manifest sha256.
+    pub images: Vec<String>,
     pub state: HostState,
     pub membership: Membership,
     /// When it (last) registered.
@@ -347,6 +350,7 @@ impl Registry {
             tunnel: _,
             transfer_url,
             migrate_in,
+            images,
         } = reg;
         match self.hosts.get_mut(host.as_str()) {
             Some(h) => {
@@ -363,6 +367,7 @@ impl Registry {
                 h.p2p = p2p;
                 h.transfer_url = transfer_url;
                 h.migrate_in = migrate_in;
+                h.images = images;
                 h.registered_at = now;
                 h.last_seen = now;
                 h.last = None;
@@ -381,6 +386,7 @@ impl Registry {
                         p2p,
                         transfer_url,
                         migrate_in,
+                        images,
                         state: HostState::Active,
                         membership: Membership::New,
                         registered_at: now,
@@ -588,6 +594,31 @@ impl Registry {
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.host.cmp(&b.1.host)))
             .map(|(_, t)| t)
+    }
+
+    /// Live hosts that serve image `digest` on a transfer endpoint, least
+    /// loaded first (a host without a heartbeat yet last), then by id.
+    pub fn image_sources(&self, digest: &str, now: Duration) -> Vec<ImageSource> {
+        let mut v: Vec<(f64, ImageSource)> = self
+            .hosts
+            .values()
+            .filter(|h| {
+                h.state == HostState::Active
+                    && now.saturating_sub(h.last_seen) < self.config.host_timeout
+                    && h.images.iter().any(|d| d == digest)
+            })
+            .filter_map(|h| {
+                Some((
+                    h.load().unwrap_or(f64::MAX),
+                    ImageSource {
+                        host: h.id.0.clone(),
+                        transfer_url: h.transfer_url.clone()?,
+                    },
+                ))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.host.cmp(&b.1.host)));
+        v.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Notes that `n` subtasks were just assigned to `host`, so its free

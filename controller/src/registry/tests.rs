@@ -28,6 +28,7 @@ fn att(job: &str, index: u64) -> AttemptRef {
 
 fn reg(host: &str, slots: u32) -> Register {
     Register {
+        images: Vec::new(),
         migrate_in: false,
         transfer_url: None,
         tunnel: None,

@@ -304,6 +304,7 @@ async fn dispatch_throughput(n: u64, args: &Args) -> Result<()> {
         let url = start_fake(fake.clone()).await?;
         let host = format!("fake-{i}");
         let reg = Register {
+            images: Vec::new(),
             migrate_in: false,
             transfer_url: None,
             tunnel: None,
