@@ -344,3 +344,6 @@ pub fn fetch_workload_image(cfg: &Config) -> Result<(), crate::daemon::DaemonErr
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
