@@ -789,3 +789,78 @@ mod config {
         .unwrap();
     }
 }
+
+/// A host that takes migrations and serves `images`.
+fn reg_moving(host: &str, images: &[&str]) -> Register {
+    Register {
+        migrate_in: true,
+        transfer_url: Some(format!("http://{host}:7412")),
+        images: images.iter().map(|s| s.to_string()).collect(),
+        ..reg(host, 1)
+    }
+}
+
+#[test]
+fn a_migration_goes_to_the_least_loaded_idle_host_that_takes_them() {
+    let mut r = Registry::new(cfg());
+    let always = |_: &AttemptRef| true;
+    r.register(reg_moving("src", &[]), at(0)).unwrap();
+    r.register(reg_moving("busy", &[]), at(0)).unwrap();
+    r.register(reg_moving("idle", &[]), at(0)).unwrap();
+    r.register(reg_moving("calm", &[]), at(0)).unwrap();
+    r.register(reg("old", 1), at(0)).unwrap();
+    // Before any heartbeat nobody's load is known: no target.
+    assert_eq!(r.migration_target("src", at(S)), None);
+    r.heartbeat(hb("src", 0.0, 0, &[], 0), at(S), always)
+        .unwrap();
+    r.heartbeat(hb("busy", 0.9, 1, &[], 0), at(S), always)
+        .unwrap();
+    r.heartbeat(hb("idle", 0.05, 0, &[], 0), at(S), always)
+        .unwrap();
+    r.heartbeat(hb("calm", 0.1, 1, &[], 0), at(S), always)
+        .unwrap();
+    r.heartbeat(hb("old", 0.0, 1, &[], 0), at(S), always)
+        .unwrap();
+    // Not itself (least loaded), not the busy one, not one without
+    // migrate_in; free slots do not matter.
+    let t = r.migration_target("src", at(S)).unwrap();
+    assert_eq!(
+        (
+            t.host.as_str(),
+            t.agent_url.as_str(),
+            t.transfer_url.as_str()
+        ),
+        ("idle", "http://idle:7410", "http://idle:7412")
+    );
+    // A host with a saved VM is busy itself.
+    let mut saved = hb("idle", 0.05, 0, &[], 0);
+    saved.vms.insert(VmState::Saved, 1);
+    r.heartbeat(saved, at(2 * S), always).unwrap();
+    assert_eq!(r.migration_target("src", at(2 * S)).unwrap().host, "calm");
+    // Silent past host_timeout: no target at all.
+    assert_eq!(r.migration_target("src", at(1000 * S)), None);
+}
+
+#[test]
+fn image_sources_are_live_hosts_serving_the_digest_least_loaded_first() {
+    let mut r = Registry::new(cfg());
+    let always = |_: &AttemptRef| true;
+    let d = "ab".repeat(32);
+    r.register(reg_moving("a", &[&d]), at(0)).unwrap();
+    r.register(reg_moving("b", &[&d]), at(0)).unwrap();
+    r.register(reg_moving("c", &["cd".repeat(32).as_str()]), at(0))
+        .unwrap();
+    r.heartbeat(hb("a", 0.5, 1, &[], 0), at(S), always).unwrap();
+    r.heartbeat(hb("b", 0.1, 1, &[], 0), at(S), always).unwrap();
+    let hosts: Vec<String> = r
+        .image_sources(&d, at(S))
+        .into_iter()
+        .map(|s| s.host)
+        .collect();
+    assert_eq!(hosts, vec!["b", "a"]);
+    assert!(r.image_sources(&"ef".repeat(32), at(S)).is_empty());
+    assert!(
+        r.image_sources(&d, at(1000 * S)).is_empty(),
+        "lost hosts serve nothing"
+    );
+}
