@@ -3,8 +3,10 @@
 //! calls (libvirt included) happen here, never on the async runtime.
 //!
 //! Each tick: grid usage (runtime stats + grid cgroup) → sampler → load
-//! model → policy → runtime actions → transitions logged, counted and kept →
-//! status published → watchdog ping. Commands (drain, reload, shutdown)
+//! model → policy → runtime actions → a saved VM's move started
+//! (`reclaim_mode = "migrate"`, [`crate::migrate`]) → transitions logged,
+//! counted and kept → status published → watchdog ping. Commands (drain,
+//! reload, shutdown; a move's progress; a VM arriving from another host)
 //! arrive on a channel and are handled between ticks.
 //!
 //! **Guest channel.** When subtasks run inside the VMs ([`GuestPool`], the
@@ -568,13 +570,15 @@ impl ControlLoop {
         self.notifier.reloaded("config reloaded");
     }
 
-    /// Adopts this agent's VMs left by an earlier run. Only VMs the runtime
-    /// tags as sparegrid's and whose names carry this host's prefix.
+    /// Adopts this agent's VMs left by an earlier run: every VM the runtime
+    /// lists, which are only those tagged with this host as their owner.
+    /// Their names carry this host's prefix, or another host's when they
+    /// arrived from there (`reclaim_mode = "migrate"`: libvirt keeps a
+    /// saved domain's name).
     fn reconcile(&mut self) -> Result<(), DaemonError> {
-        let prefix = vm_name_prefix(&self.host);
         let found = self.runtime.list().map_err(DaemonError::Runtime)?;
         let now = self.now();
-        for vm in found.into_iter().filter(|v| v.name.starts_with(&prefix)) {
+        for vm in found {
             let state = match vm.state {
                 RunState::Running | RunState::Other => VmState::Running,
                 RunState::Paused => VmState::Suspended,
