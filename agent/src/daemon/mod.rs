@@ -313,6 +313,11 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
                     t.clone(),
                     tx.clone(),
                 ));
+                crate::migrate::incoming::spawn_sweeper(
+                    t.clone(),
+                    cfg.transfer.upload_expiry,
+                    crate::migrate::SWEEP_EVERY,
+                );
             }
             control = control.with_migration(control::Migration::new(
                 setup,

@@ -10,7 +10,8 @@
 //! control loop restores it under the new epoch. A refusal is a 200 with
 //! `accepted: false` and the reason; malformed bodies and bad fields are
 //! 400s naming the field. The uploaded state is removed once the VM is
-//! restored, or refused.
+//! restored, or refused; one whose move never came back is removed by
+//! [`sweep_stale_states`] after `transfer.upload_expiry`.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Sender};
@@ -254,6 +255,59 @@ fn remove_state(s: &IncomingState, id: &str) {
         let mut p = fetched.clone().into_os_string();
         p.push(suffix);
         let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Removes saved states uploaded here more than `max_age` ago (their
+/// file's modification time) that no commit or refusal removed: a move
+/// whose source gave up after the offer (drained meanwhile, or it
+/// stopped). Other transfers are left alone. Returns how many went.
+pub fn sweep_stale_states(transfer: &TransferState, max_age: Duration) -> usize {
+    let store = transfer.store();
+    let Some(dir) = store
+        .complete_path("vmstate-x")
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+    else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let Some(id) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !id.starts_with("vmstate-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age > max_age);
+        if old && store.remove(&id).unwrap_or(false) {
+            tracing::info!("removed saved state {id}: no move committed it within {max_age:?}");
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Sweeps stale saved states every `every`, on a thread of its own, for
+/// the agent's lifetime.
+pub fn spawn_sweeper(transfer: TransferState, max_age: Duration, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("migrate-sweep".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            sweep_stale_states(&transfer, max_age);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the saved-state sweeper: {e}");
     }
 }
 

@@ -384,3 +384,44 @@ fn a_state_the_source_could_not_upload_is_fetched_from_it_and_checked() {
     assert_eq!(status, 400);
     assert_eq!(json_of(&body)["field"], "fetch.url");
 }
+
+#[test]
+fn stale_saved_states_are_swept_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let transfer = TransferState::new(
+        &TransferConfig {
+            enabled: true,
+            ..TransferConfig::default()
+        },
+        dir.path(),
+        TOKEN.as_bytes(),
+    )
+    .unwrap();
+    let src = dir.path().join("x.bin");
+    std::fs::write(&src, b"state").unwrap();
+    for id in ["vmstate-old", "vmstate-new", "img-old-vmlinuz"] {
+        transfer.store().import(id, &src).unwrap();
+    }
+    let age = |id: &str| {
+        let p = transfer.store().complete_path(id).unwrap();
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap();
+    };
+    age("vmstate-old");
+    age("img-old-vmlinuz");
+    assert_eq!(
+        sweep_stale_states(&transfer, std::time::Duration::from_secs(3600)),
+        1
+    );
+    let store = transfer.store();
+    assert!(!store.is_complete("vmstate-old").unwrap());
+    assert!(
+        store.is_complete("vmstate-new").unwrap(),
+        "a fresh state stays"
+    );
+    assert!(
+        store.is_complete("img-old-vmlinuz").unwrap(),
+        "not a saved state"
+    );
+}

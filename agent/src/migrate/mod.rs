@@ -54,6 +54,10 @@ use crate::config::{Config, ControllerSection, ReclaimMode, RuntimeKind};
 /// failed (no target, a broken upload, a refusal).
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 
+/// How often a target removes saved states no move came back for
+/// ([`incoming::sweep_stale_states`], older than `transfer.upload_expiry`).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
 /// How long an upload token for the saved state is valid.
 pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
 
