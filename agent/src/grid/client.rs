@@ -170,30 +170,8 @@ impl ControllerClient {
     /// `GET base + path` with a MessagePack reply.
     pub fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.get(&url);
-        if !self.token.is_empty() {
-            req = req.bearer_auth(&self.token);
-        }
-        let resp = req.send().map_err(|e| ClientError::Http {
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
-        let status = resp.status();
-        let body = resp.bytes().map_err(|e| ClientError::Http {
-            url: url.clone(),
-            message: format!("reading the reply: {e}"),
-        })?;
-        if !status.is_success() {
-            return Err(ClientError::Status {
-                url,
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
-            });
-        }
-        rmp_serde::from_slice(&body).map_err(|e| ClientError::Decode {
-            url,
-            message: format!("the reply is not valid MessagePack: {e}"),
-        })
+        let req = self.http.get(&url);
+        self.send(url, req)
     }
 
     /// `POST base + path` with a MessagePack body and reply.
@@ -230,11 +208,23 @@ impl ControllerClient {
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/msgpack")
             .body(bytes);
-        if !self.token.is_empty() {
-            req = req.bearer_auth(&self.token);
-        }
         if let Some(t) = timeout {
             req = req.timeout(t.max(Duration::from_millis(50)));
+        }
+        self.send(url, req)
+    }
+
+    /// Sends `req` (to `url`) with the bearer token and decodes a
+    /// MessagePack reply; a 409 `must_register` is
+    /// [`ClientError::MustRegister`], any other failure status
+    /// [`ClientError::Status`] with the start of its body.
+    fn send<R: DeserializeOwned>(
+        &self,
+        url: String,
+        mut req: reqwest::blocking::RequestBuilder,
+    ) -> Result<R, ClientError> {
+        if !self.token.is_empty() {
+            req = req.bearer_auth(&self.token);
         }
         let resp = req.send().map_err(|e| ClientError::Http {
             url: url.clone(),
