@@ -291,6 +291,22 @@ impl Controller {
         serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))
     }
 
+    /// `GET /metrics` with the admin token (Prometheus text).
+    pub fn metrics(&self) -> String {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.url()))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+        assert!(
+            resp.status().is_success(),
+            "GET /metrics: {}",
+            resp.status()
+        );
+        resp.text().expect("GET /metrics body")
+    }
+
     /// The exit status if the process has exited (reaps it).
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()

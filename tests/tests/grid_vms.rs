@@ -911,7 +911,7 @@ fn transfer_on(conf: &mut Conf) {
 fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
     move_a_saved_vm(
         "libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there",
-        true,
+        StateWay::Upload,
     );
 }
 
@@ -922,15 +922,48 @@ fn libvirtd_vm_saved_on_a_busy_host_moves_to_an_idle_one_and_finishes_there() {
 fn libvirtd_vm_state_is_fetched_by_a_target_the_source_cannot_reach() {
     move_a_saved_vm(
         "libvirtd_vm_state_is_fetched_by_a_target_the_source_cannot_reach",
-        false,
+        StateWay::Fetch,
+    );
+}
+
+/// The same move when neither host reaches the other's transfer endpoint
+/// (both advertise addresses nobody listens on): the busy host parks the
+/// state on the controller, the idle one fetches it from there, and the
+/// parked copy is removed afterwards.
+#[test]
+fn libvirtd_vm_state_is_relayed_through_the_controller_when_neither_host_reaches_the_other() {
+    move_a_saved_vm(
+        "libvirtd_vm_state_is_relayed_through_the_controller_when_neither_host_reaches_the_other",
+        StateWay::Relay,
+    );
+}
+
+/// Which way a moved VM's saved state should go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StateWay {
+    /// The idle host's endpoint answers: the busy one uploads to it.
+    Upload,
+    /// Only the busy host's endpoint answers: the idle one fetches.
+    Fetch,
+    /// Neither answers: through the controller's `/v1/data`.
+    Relay,
+}
+
+/// An address nobody listens on, advertised as the transfer endpoint (a
+/// host behind a firewall).
+fn unreachable_transfer(conf: &mut Conf) {
+    conf.str(
+        "transfer",
+        "advertise_url",
+        &format!("http://127.0.0.1:{}", free_port()),
     );
 }
 
 /// A real controller and two libvirt agents: a subtask in the busy one's
 /// VM, then load on its uplink: the VM is suspended, saved, and moves to
-/// the idle one (`target_reachable`: by upload, else the idle one fetches
-/// it), where it finishes as the attempt the controller moved there.
-fn move_a_saved_vm(t: &str, target_reachable: bool) {
+/// the idle one (by the way `way` says), where it finishes as the attempt
+/// the controller moved there.
+fn move_a_saved_vm(t: &str, way: StateWay) {
     let Some((_machine, image)) = setup(t) else {
         return;
     };
@@ -953,6 +986,9 @@ fn move_a_saved_vm(t: &str, target_reachable: bool) {
             conf.str("policy", "reclaim_after", "3s")
                 .str("policy", "reclaim_mode", "migrate");
             transfer_on(conf);
+            if way == StateWay::Relay {
+                unreachable_transfer(conf);
+            }
         },
     );
     // The idle host: room for the VM, and no VM of its own meanwhile
@@ -960,12 +996,8 @@ fn move_a_saved_vm(t: &str, target_reachable: bool) {
     add_grid_agent(&mut c, &boosts, &idle, 1, &uplink_b, &image, 2, |conf| {
         conf.str("policy", "launch_after", "1h");
         transfer_on(conf);
-        if !target_reachable {
-            conf.str(
-                "transfer",
-                "advertise_url",
-                &format!("http://127.0.0.1:{}", free_port()),
-            );
+        if way != StateWay::Upload {
+            unreachable_transfer(conf);
         }
     });
     c.wait_hosts(&format!("{idle} to heartbeat"), BOOT, |v| {
@@ -1037,22 +1069,46 @@ fn move_a_saved_vm(t: &str, target_reachable: bool) {
         Some(1.0),
         "{b_metrics}"
     );
-    // Which way the state went: uploaded to the idle host, or served by
-    // the busy one.
+    // Which way the state went: uploaded to the idle host, served by the
+    // busy one, or through the controller.
     let served =
         metric_value(&a_metrics, "sparegrid_transfer_sent_bytes_total", &[]).unwrap_or(0.0);
     let received =
         metric_value(&b_metrics, "sparegrid_transfer_received_bytes_total", &[]).unwrap_or(0.0);
-    if target_reachable {
-        assert!(
-            received > 0.0 && served == 0.0,
-            "uploaded: {received} received by {idle}, {served} served by {busy}"
-        );
-    } else {
-        assert!(
-            served > 0.0 && received == 0.0,
-            "fetched: {served} served by {busy}, {received} received by {idle}"
-        );
+    let ctl_metrics = c.controller.metrics();
+    let ctl_in =
+        metric_value(&ctl_metrics, "sparegrid_transfer_received_bytes_total", &[]).unwrap_or(0.0);
+    let ctl_out =
+        metric_value(&ctl_metrics, "sparegrid_transfer_sent_bytes_total", &[]).unwrap_or(0.0);
+    let routes = format!(
+        "{received} received by {idle}, {served} served by {busy}, \
+         {ctl_in} received and {ctl_out} served by the controller"
+    );
+    match way {
+        StateWay::Upload => assert!(
+            received > 0.0 && served == 0.0 && ctl_in == 0.0,
+            "uploaded: {routes}"
+        ),
+        StateWay::Fetch => assert!(
+            served > 0.0 && received == 0.0 && ctl_in == 0.0,
+            "fetched: {routes}"
+        ),
+        StateWay::Relay => {
+            assert!(
+                served == 0.0 && received == 0.0 && ctl_in > 0.0 && ctl_out > 0.0,
+                "relayed: {routes}"
+            );
+            // The parked copy is gone once the move is over.
+            assert_eq!(
+                metric_value(
+                    &ctl_metrics,
+                    "sparegrid_transfer_requests_total",
+                    &[("op", "delete"), ("status", "204")]
+                ),
+                Some(1.0),
+                "the relayed copy should be removed: {ctl_metrics}"
+            );
+        }
     }
     let st = c.agents[a].agent.status().expect("status");
     assert!(

@@ -30,6 +30,7 @@ pub mod config;
 pub mod counters;
 pub mod download;
 pub mod journal;
+pub mod metrics;
 pub mod store;
 pub mod tls;
 pub mod token;

@@ -8,7 +8,12 @@
 //!    (tus, resumable, verified by its whole blake3 before it is visible);
 //!    when it cannot reach that endpoint (the target is behind a firewall
 //!    or NAT), it publishes the state on its own endpoint instead and the
-//!    target downloads it ([`IncomingVm::fetch`]).
+//!    target downloads it ([`IncomingVm::fetch`]). When the target cannot
+//!    reach the source either (it answers the offer with
+//!    [`MigrationAnswer::fetch_failed`]), the source parks the state on the
+//!    controller's transfer endpoint (`POST /v1/agents/migrations/relay`,
+//!    [`RelayRequest`] → [`RelaySlot`]) and offers it again with a fetch
+//!    from there: a relay through the controller.
 //! 3. It offers the VM to the target (`POST <agent>/v1/migrations/offer`,
 //!    [`IncomingVm`] → [`MigrationAnswer`]): the target checks its load,
 //!    budgets and the uploaded state without committing to anything.
@@ -81,7 +86,9 @@ pub struct IncomingVm {
 /// Where the target downloads the saved state from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateSource {
-    /// The file's URL on the source's transfer endpoint (`…/v1/files/<id>`).
+    /// The file's URL on the source's transfer endpoint (`…/v1/files/<id>`),
+    /// or, relayed, a path on the controller (`/v1/data/v1/files/<id>`),
+    /// which the target resolves against its own controller URL.
     pub url: String,
     /// A download token for it.
     pub token: String,
@@ -97,6 +104,39 @@ pub struct MigrationAnswer {
     /// On a commit: the attempt under its new epoch.
     #[serde(default)]
     pub attempt: Option<AttemptRef>,
+    /// Refused because the state could not be fetched from
+    /// [`IncomingVm::fetch`]: the source may relay it through the
+    /// controller and offer again.
+    #[serde(default)]
+    pub fetch_failed: bool,
+}
+
+/// `POST /v1/agents/migrations/relay`: neither host reaches the other's
+/// transfer endpoint; the source asks to park the saved state on the
+/// controller's (`[data]`, `/v1/data`) for the target to fetch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayRequest {
+    /// The source host, which must hold the attempt.
+    pub host: String,
+    pub attempt: AttemptRef,
+    /// The state's size ([`RelaySlot`] is refused over the controller's
+    /// `data.max_upload_bytes`).
+    pub state_bytes: u64,
+}
+
+/// Where and how to park the state: transfer id [`state_id`] of the
+/// attempt, on the controller's transfer endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelaySlot {
+    /// The transfer id.
+    pub id: String,
+    /// The controller's transfer endpoint, a path relative to its URL
+    /// (`/v1/data`; files under `<path>/v1/files/<id>`).
+    pub transfer_path: String,
+    /// Upload (and termination) token for `id`.
+    pub upload_token: String,
+    /// Download token for `id`, handed to the target in the offer.
+    pub download_token: String,
 }
 
 /// `POST /v1/agents/migrations/adopt`: the target takes the attempt over.
@@ -113,4 +153,24 @@ pub struct AdoptAttempt {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdoptedAttempt {
     pub attempt: AttemptRef,
+}
+
+/// The transfer id of an attempt's saved state, the same on every host and
+/// the controller and for every try at moving it (so a retry resumes a
+/// broken upload): `vmstate-<job>-<index>-<epoch>`, the job cut to 80
+/// characters with those outside `A-Z a-z 0-9 - _` replaced by `_`.
+pub fn state_id(a: &AttemptRef) -> String {
+    let job: String = a
+        .job
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    format!("vmstate-{job}-{}-{}", a.index, a.epoch)
 }

@@ -78,7 +78,7 @@ pub struct AgentMetrics {
 
 type TunnelSource = Arc<RwLock<Option<Arc<TunnelService>>>>;
 type HostNetSource = Arc<RwLock<Option<Arc<HostNet>>>>;
-type TransferSource = Arc<RwLock<Option<crate::transfer::TransferState>>>;
+use sparegrid_transfer::metrics::TransferSource;
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -169,7 +169,9 @@ impl AgentMetrics {
         registry.register("draining", "1 while the agent drains", m.draining.clone());
         registry.register_collector(Box::new(TunnelCollector(m.tunnel.clone())));
         registry.register_collector(Box::new(GridNetCollector(m.host_net.clone())));
-        registry.register_collector(Box::new(TransferCollector(m.transfer.clone())));
+        registry.register_collector(Box::new(sparegrid_transfer::metrics::TransferCollector(
+            m.transfer.clone(),
+        )));
         AgentMetrics { registry, ..m }
     }
 
@@ -466,73 +468,6 @@ impl Collector for GridNetCollector {
             "Bytes the grid filtering dropped, by rule",
             &bytes,
         )
-    }
-}
-
-/// The transfer endpoint's counters, read at each scrape (nothing without
-/// `[transfer] enabled`).
-struct TransferCollector(TransferSource);
-
-impl std::fmt::Debug for TransferCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TransferCollector")
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AnswerLabels {
-    op: String,
-    status: u16,
-}
-
-impl Collector for TransferCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(t) = self.0.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Ok(());
-        };
-        let c = t.counters();
-        let answers: Family<AnswerLabels, Counter> = Family::default();
-        for ((op, status), n) in &c.requests {
-            answers
-                .get_or_create(&AnswerLabels {
-                    op: (*op).to_owned(),
-                    status: *status,
-                })
-                .inc_by(*n);
-        }
-        encode_one(
-            &mut encoder,
-            "transfer_requests",
-            "Transfer endpoint answers by operation (create, upload, download, head, delete, options) and HTTP status",
-            &answers,
-        )?;
-        for (name, help, v) in [
-            (
-                "transfer_received_bytes",
-                "Upload bytes written (some later cut back: discarded)",
-                c.received_bytes,
-            ),
-            (
-                "transfer_discarded_bytes",
-                "Upload bytes cut back to the last durable checkpoint (broken connections, bad checksums, full disk)",
-                c.discarded_bytes,
-            ),
-            (
-                "transfer_sent_bytes",
-                "Download body bytes handed to connections",
-                c.sent_bytes,
-            ),
-            (
-                "transfer_published",
-                "Uploads verified against their whole digest and published",
-                c.published,
-            ),
-        ] {
-            let counter = Counter::<u64>::default();
-            counter.inc_by(v);
-            encode_one(&mut encoder, name, help, &counter)?;
-        }
-        Ok(())
     }
 }
 

@@ -60,11 +60,31 @@ pub fn routes(
         })
 }
 
-fn answer(accepted: bool, reason: Option<String>, attempt: Option<AttemptRef>) -> Response {
+/// Why an offer or commit is refused; `fetch_failed` when the state
+/// could not be fetched from where the offer said (the source may relay
+/// it through the controller).
+#[derive(Debug)]
+struct Refusal {
+    reason: String,
+    fetch_failed: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Refusal {
+            reason,
+            fetch_failed: false,
+        }
+    }
+}
+
+fn answer(accepted: bool, refusal: Option<Refusal>, attempt: Option<AttemptRef>) -> Response {
+    let fetch_failed = refusal.as_ref().is_some_and(|r| r.fetch_failed);
     let body = MigrationAnswer {
         accepted,
-        reason,
+        reason: refusal.map(|r| r.reason),
         attempt,
+        fetch_failed,
     };
     match rmp_serde::to_vec_named(&body) {
         Ok(b) => (
@@ -81,8 +101,8 @@ fn answer(accepted: bool, reason: Option<String>, attempt: Option<AttemptRef>) -
     }
 }
 
-fn refused(reason: String) -> Response {
-    answer(false, Some(reason), None)
+fn refused(why: Refusal) -> Response {
+    answer(false, Some(why), None)
 }
 
 fn invalid(field: &str, message: String) -> Response {
@@ -131,10 +151,14 @@ fn parse(s: &IncomingState, headers: &HeaderMap, body: &Bytes) -> Result<Incomin
         return Err(invalid("state_blake3", "must be 64 hex digits".into()));
     }
     if let Some(f) = &vm.fetch {
-        if !(f.url.starts_with("http://") || f.url.starts_with("https://")) {
+        let relayed = f.url.starts_with('/') && !f.url.starts_with("//");
+        if !(f.url.starts_with("http://") || f.url.starts_with("https://") || relayed) {
             return Err(invalid(
                 "fetch.url",
-                format!("must be an http(s) URL, got {:?}", f.url),
+                format!(
+                    "must be an http(s) URL or a path on the controller, got {:?}",
+                    f.url
+                ),
             ));
         }
     }
@@ -154,18 +178,30 @@ fn fetched_path(s: &IncomingState, id: &str) -> PathBuf {
 }
 
 /// The state's path here: uploaded to this endpoint, or, when the offer
-/// says where to fetch it, downloaded from the source (resuming a broken
-/// download from its journal).
-fn locate_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
+/// says where to fetch it, downloaded from the source or the controller
+/// (resuming a broken download from its journal).
+fn locate_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, Refusal> {
     let store = s.transfer.store();
     if store.is_complete(&vm.state_id).map_err(|e| e.to_string())? {
-        return store.complete_path(&vm.state_id).map_err(|e| e.to_string());
+        return Ok(store
+            .complete_path(&vm.state_id)
+            .map_err(|e| e.to_string())?);
     }
     let Some(src) = &vm.fetch else {
-        return Err(format!(
-            "the saved state {} is not (fully) uploaded",
-            vm.state_id
-        ));
+        return Err(format!("the saved state {} is not (fully) uploaded", vm.state_id).into());
+    };
+    // A path: relayed, on this agent's controller.
+    let (url, via) = if src.url.starts_with('/') {
+        (
+            format!(
+                "{}{}",
+                s.setup.controller.url.trim_end_matches('/'),
+                src.url
+            ),
+            "the controller".to_owned(),
+        )
+    } else {
+        (src.url.clone(), vm.from.clone())
     };
     let dest = fetched_path(s, &vm.state_id);
     if dest.is_file() {
@@ -174,7 +210,7 @@ fn locate_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    tracing::info!(vm = %vm.vm, from = %vm.from, "fetching the saved state from {}", src.url);
+    tracing::info!(vm = %vm.vm, from = %vm.from, "fetching the saved state from {url}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -186,20 +222,23 @@ fn locate_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
     let report = rt
         .block_on(sparegrid_transfer::client::download(
             &client,
-            &src.url,
+            &url,
             &src.token,
             &dest,
             s.setup.checkpoint_bytes,
             Default::default(),
         ))
-        .map_err(|e| format!("fetching the saved state from {}: {e}", vm.from))?;
+        .map_err(|e| Refusal {
+            reason: format!("fetching the saved state from {via}: {e}"),
+            fetch_failed: true,
+        })?;
     tracing::info!(vm = %vm.vm, "saved state fetched: {} bytes, resumed at {}", report.size, report.resumed_at);
     Ok(dest)
 }
 
 /// The state's path, once it is here whole with the announced size and
 /// digest.
-fn check_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
+fn check_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, Refusal> {
     let path = locate_state(s, vm)?;
     let size = std::fs::metadata(&path)
         .map_err(|e| format!("{}: {e}", path.display()))?
@@ -208,14 +247,16 @@ fn check_state(s: &IncomingState, vm: &IncomingVm) -> Result<PathBuf, String> {
         return Err(format!(
             "the saved state has {size} bytes, the offer says {}",
             vm.state_bytes
-        ));
+        )
+        .into());
     }
     let digest = sparegrid_transfer::client::hash_file(&path).map_err(|e| e.to_string())?;
     if !digest.eq_ignore_ascii_case(&vm.state_blake3) {
         return Err(format!(
             "the saved state's blake3 is {digest}, the offer says {}",
             vm.state_blake3
-        ));
+        )
+        .into());
     }
     Ok(path)
 }
@@ -318,7 +359,8 @@ async fn offer(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes) 
     };
     let result = tokio::task::spawn_blocking(move || {
         let id = vm.state_id.clone();
-        let verdict = check_state(&s, &vm).and_then(|file| ask_loop(&s, vm, file, None));
+        let verdict = check_state(&s, &vm)
+            .and_then(|file| ask_loop(&s, vm, file, None).map_err(Refusal::from));
         if verdict.is_err() {
             remove_state(&s, &id);
         }
@@ -352,7 +394,7 @@ async fn commit(State(s): State<IncomingState>, headers: HeaderMap, body: Bytes)
 }
 
 /// Check the state, take the attempt over at the controller, restore.
-fn commit_blocking(s: &IncomingState, vm: IncomingVm) -> Result<AttemptRef, String> {
+fn commit_blocking(s: &IncomingState, vm: IncomingVm) -> Result<AttemptRef, Refusal> {
     let file = check_state(s, &vm)?;
     let ctl = ControllerClient::new(&s.setup.controller).map_err(|e| e.to_string())?;
     let adopted: AdoptedAttempt = ctl

@@ -29,6 +29,11 @@ struct Target {
 /// A target agent's migration routes, its transfer endpoint, and a fake
 /// control loop that accepts a VM unless it is called `busy`.
 fn target() -> Target {
+    target_with_controller("http://127.0.0.1:9")
+}
+
+/// [`target`] whose controller is at `controller_url`.
+fn target_with_controller(controller_url: &str) -> Target {
     let dir = tempfile::tempdir().unwrap();
     let config = TransferConfig {
         enabled: true,
@@ -38,7 +43,7 @@ fn target() -> Target {
     let setup = Arc::new(MigrateSetup {
         host: "b".into(),
         controller: ControllerSection {
-            url: "http://127.0.0.1:9".into(),
+            url: controller_url.into(),
             token: TOKEN.into(),
             ..ControllerSection::default()
         },
@@ -176,7 +181,8 @@ fn an_offer_with_a_verified_state_is_put_to_the_control_loop() {
         MigrationAnswer {
             accepted: true,
             reason: None,
-            attempt: None
+            attempt: None,
+            fetch_failed: false,
         }
     );
     assert_eq!(t.asked.try_recv().unwrap(), ("sg-a-1".to_string(), true));
@@ -377,12 +383,40 @@ fn a_state_the_source_could_not_upload_is_fetched_from_it_and_checked() {
     bad.state_id = "vmstate-j-1-0-8".into();
     bad.fetch.as_mut().unwrap().token = "v1.x.download.0.sig".into();
     let a = answer_of(&offer(&t, &bad).1);
+    assert!(a.fetch_failed, "the source may relay: {a:?}");
     assert!(!a.accepted && a.reason.unwrap().contains("fetching"));
+    // A source nobody listens on: the same.
+    bad.fetch.as_mut().unwrap().url = format!("http://127.0.0.1:{}/v1/files/x", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let a = answer_of(&offer(&t, &bad).1);
+    assert!(!a.accepted && a.fetch_failed, "{a:?}");
+    // A refusal for another reason is not a failed fetch.
+    let busy = incoming("busy", "vmstate-j-1-0-9", data.len() as u64, &digest);
+    let busy = IncomingVm {
+        fetch: vm.fetch.clone(),
+        ..busy
+    };
+    let a = answer_of(&offer(&t, &busy).1);
+    assert!(!a.accepted && !a.fetch_failed, "{a:?}");
     // A fetch URL that is not http(s) is a bad field.
     bad.fetch.as_mut().unwrap().url = "file:///etc/passwd".into();
     let (status, body) = offer(&t, &bad);
     assert_eq!(status, 400);
     assert_eq!(json_of(&body)["field"], "fetch.url");
+    // Nor is a protocol-relative one.
+    bad.fetch.as_mut().unwrap().url = "//elsewhere/v1/files/x".into();
+    assert_eq!(offer(&t, &bad).0, 400);
+
+    // Relayed: a path, fetched from this target's controller (here the
+    // same endpoint stands in for the controller's `/v1/data`).
+    let relayed = target_with_controller(&source_url);
+    let mut via = vm.clone();
+    via.fetch.as_mut().unwrap().url = "/v1/files/vmstate-j-1-0-9".into();
+    let (status, body) = offer(&relayed, &via);
+    assert_eq!(status, 200);
+    assert!(answer_of(&body).accepted, "{:?}", answer_of(&body));
 }
 
 #[test]

@@ -45,7 +45,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sparegrid_proto::grid::AttemptRef;
 use sparegrid_transfer::TransferState;
 
 use crate::config::{Config, ControllerSection, ReclaimMode, RuntimeKind};
@@ -145,27 +144,12 @@ pub fn transfer_url(cfg: &Config, host: &str) -> String {
     }
 }
 
-/// The transfer id of an attempt's saved state: the same for every try at
-/// moving it, so a retry resumes a broken upload.
-pub fn state_id(a: &AttemptRef) -> String {
-    let job: String = a
-        .job
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(80)
-        .collect();
-    format!("vmstate-{job}-{}-{}", a.index, a.epoch)
-}
+pub use sparegrid_proto::migrate::state_id;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sparegrid_proto::grid::AttemptRef;
 
     #[test]
     fn state_ids_are_valid_transfer_ids_per_attempt() {

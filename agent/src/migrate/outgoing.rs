@@ -2,6 +2,14 @@
 //! a thread of its own, so a slow upload never holds up the control loop.
 //! Blocking calls throughout; the tus upload runs on a small runtime of
 //! its own.
+//!
+//! Which way the state goes: uploaded to the target when its transfer
+//! endpoint answers; else published here for the target to fetch; and when
+//! the target cannot fetch it from here either (its answer says
+//! `fetch_failed`), or this agent serves no transfer endpoint, relayed:
+//! uploaded to the controller's `/v1/data` and fetched by the target from
+//! there. The relayed copy is removed (tus termination) once the move is
+//! over, whichever way it ended.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Sender};
@@ -9,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sparegrid_proto::migrate::{
-    IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget, StateSource,
+    IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget, RelayRequest, RelaySlot,
+    StateSource,
 };
 use sparegrid_transfer::client::{hash_file, upload, UploadOptions};
 use sparegrid_transfer::token::{sign, Direction};
@@ -60,7 +69,11 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("migrate-{}", out.vm))
         .spawn(move || {
-            let outcome = run(&setup, &out, &commands);
+            let mut relayed = None;
+            let outcome = run(&setup, &out, &commands, &mut relayed);
+            if let Some(copy) = relayed {
+                copy.remove();
+            }
             // A copy published for the target to fetch is not needed any
             // more (moved, or the next try publishes it again).
             if let Some((t, _)) = &setup.transfer {
@@ -75,8 +88,13 @@ pub fn spawn(
         .map(|_| ())
 }
 
-fn run(setup: &MigrateSetup, out: &OutgoingVm, commands: &Sender<Command>) -> Outcome {
-    let Prepared { host, body, peer } = match prepare(setup, out) {
+fn run(
+    setup: &MigrateSetup,
+    out: &OutgoingVm,
+    commands: &Sender<Command>,
+    relayed: &mut Option<RelayCopy>,
+) -> Outcome {
+    let Prepared { host, body, peer } = match prepare(setup, out, relayed) {
         Ok(p) => p,
         Err(e) => return Outcome::Kept(e),
     };
@@ -114,8 +132,46 @@ struct Prepared {
     peer: ControllerClient,
 }
 
-/// Target, upload, offer: everything before letting go.
-fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateError> {
+/// A saved state parked on the controller for the target to fetch.
+struct RelayCopy {
+    /// Its URL on the controller's transfer endpoint.
+    url: String,
+    /// The upload token, which also terminates it.
+    token: String,
+}
+
+impl RelayCopy {
+    /// Terminates the copy (tus `DELETE`); a failure is only logged (the
+    /// controller's data directory keeps it until removed by hand).
+    fn remove(&self) {
+        let done = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .and_then(|c| {
+                c.delete(&self.url)
+                    .bearer_auth(&self.token)
+                    .header("Tus-Resumable", "1.0.0")
+                    .send()
+            });
+        match done {
+            Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND => {}
+            Ok(r) => tracing::warn!(
+                "removing the relayed saved state {}: HTTP {}",
+                self.url,
+                r.status()
+            ),
+            Err(e) => tracing::warn!("removing the relayed saved state {}: {e}", self.url),
+        }
+    }
+}
+
+/// Target, upload, offer: everything before letting go. A relayed copy
+/// is left in `relayed` for the caller to remove.
+fn prepare(
+    setup: &MigrateSetup,
+    out: &OutgoingVm,
+    relayed: &mut Option<RelayCopy>,
+) -> Result<Prepared, MigrateError> {
     let state_err = |source| MigrateError::State {
         path: out.state_file.clone(),
         source,
@@ -144,12 +200,25 @@ fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateEr
     })?;
     let id = state_id(&out.held.attempt);
     let fetch = if reachable(&target.transfer_url) {
-        upload_state(setup, out, &target, &id)?;
+        upload_state(
+            setup,
+            out,
+            &host,
+            &target.transfer_url,
+            &target_token(setup, &id, &host)?,
+            &id,
+        )?;
         None
     } else {
-        Some(publish_state(setup, out, &host, &id)?)
+        match publish_state(setup, out, &host, &id) {
+            Ok(src) => Some(src),
+            Err(e) => {
+                tracing::info!(vm = %out.vm, to = %host, "{e}; relaying through the controller");
+                Some(relay_state(setup, &ctl, out, &host, relayed)?)
+            }
+        }
     };
-    let incoming = IncomingVm {
+    let mut incoming = IncomingVm {
         from: setup.host.clone(),
         vm: out.vm.clone(),
         vcpus: out.vcpus,
@@ -163,12 +232,20 @@ fn prepare(setup: &MigrateSetup, out: &OutgoingVm) -> Result<Prepared, MigrateEr
         fetch,
     };
     let peer = ctl.at(&target.agent_url);
-    let answer: MigrationAnswer = peer
-        .post("/v1/migrations/offer", &incoming, Some(PEER_TIMEOUT))
-        .map_err(|e| MigrateError::Offer {
-            host: host.clone(),
-            message: e.to_string(),
-        })?;
+    let offer = |incoming: &IncomingVm| {
+        peer.post::<_, MigrationAnswer>("/v1/migrations/offer", incoming, Some(PEER_TIMEOUT))
+            .map_err(|e| MigrateError::Offer {
+                host: host.clone(),
+                message: e.to_string(),
+            })
+    };
+    let mut answer = offer(&incoming)?;
+    if !answer.accepted && answer.fetch_failed && relayed.is_none() {
+        tracing::info!(vm = %out.vm, to = %host, "{host} cannot fetch the saved state from here ({}); relaying through the controller",
+            answer.reason.as_deref().unwrap_or(""));
+        incoming.fetch = Some(relay_state(setup, &ctl, out, &host, relayed)?);
+        answer = offer(&incoming)?;
+    }
     if !answer.accepted {
         return Err(MigrateError::Refused {
             host,
@@ -238,27 +315,98 @@ fn publish_state(
     })
 }
 
-/// The tus upload, resumed up to [`UPLOAD_TRIES`] times from the last
-/// checkpoint both ends hold.
-fn upload_state(
+/// Neither side reaches the other: parks the state on the controller's
+/// transfer endpoint (a slot from `POST /v1/agents/migrations/relay`) and
+/// returns where the target fetches it (a path on its controller).
+fn relay_state(
     setup: &MigrateSetup,
+    ctl: &ControllerClient,
     out: &OutgoingVm,
-    target: &MigrationTarget,
-    id: &str,
-) -> Result<(), MigrateError> {
-    let fail = |message: String| MigrateError::Upload {
-        host: target.host.clone(),
-        message,
-    };
-    std::fs::create_dir_all(&setup.journal_dir)
-        .map_err(|e| fail(format!("creating {}: {e}", setup.journal_dir.display())))?;
-    let token = sign(
+    host: &str,
+    relayed: &mut Option<RelayCopy>,
+) -> Result<StateSource, MigrateError> {
+    let size = std::fs::metadata(&out.state_file)
+        .map_err(|source| MigrateError::State {
+            path: out.state_file.clone(),
+            source,
+        })?
+        .len();
+    let slot: RelaySlot = ctl
+        .post(
+            "/v1/agents/migrations/relay",
+            &RelayRequest {
+                host: setup.host.clone(),
+                attempt: out.held.attempt.clone(),
+                state_bytes: size,
+            },
+            None,
+        )
+        .map_err(|e| MigrateError::Upload {
+            host: host.to_owned(),
+            message: format!(
+                "neither host reaches the other, and the controller does not relay: {e}"
+            ),
+        })?;
+    let base = format!(
+        "{}{}",
+        setup.controller.url.trim_end_matches('/'),
+        slot.transfer_path
+    );
+    let path = format!(
+        "{}{}/{}",
+        slot.transfer_path,
+        sparegrid_transfer::FILES,
+        slot.id
+    );
+    *relayed = Some(RelayCopy {
+        url: format!("{base}{}/{}", sparegrid_transfer::FILES, slot.id),
+        token: slot.upload_token.clone(),
+    });
+    upload_state(
+        setup,
+        out,
+        "the controller",
+        &base,
+        &slot.upload_token,
+        &slot.id,
+    )?;
+    Ok(StateSource {
+        url: path,
+        token: slot.download_token,
+    })
+}
+
+/// An upload token for `id` on the target, signed with the agent token.
+fn target_token(setup: &MigrateSetup, id: &str, host: &str) -> Result<String, MigrateError> {
+    sign(
         &setup.token_key,
         id,
         Direction::Upload,
         SystemTime::now() + TOKEN_TTL,
     )
-    .map_err(|e| fail(e.to_string()))?;
+    .map_err(|e| MigrateError::Upload {
+        host: host.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The tus upload to `base` (a transfer endpoint: the target's, or the
+/// controller's for a relay), resumed up to [`UPLOAD_TRIES`] times from
+/// the last checkpoint both ends hold.
+fn upload_state(
+    setup: &MigrateSetup,
+    out: &OutgoingVm,
+    to: &str,
+    base: &str,
+    token: &str,
+    id: &str,
+) -> Result<(), MigrateError> {
+    let fail = |message: String| MigrateError::Upload {
+        host: to.to_owned(),
+        message,
+    };
+    std::fs::create_dir_all(&setup.journal_dir)
+        .map_err(|e| fail(format!("creating {}: {e}", setup.journal_dir.display())))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -275,20 +423,20 @@ fn upload_state(
     for attempt in 1..=UPLOAD_TRIES {
         match rt.block_on(upload(
             &client,
-            &target.transfer_url,
-            &token,
+            base,
+            token,
             id,
             &out.state_file,
             &setup.journal_dir,
             &opts,
         )) {
             Ok(r) => {
-                tracing::info!(vm = %out.vm, to = %target.host,
+                tracing::info!(vm = %out.vm, to = %to,
                     "saved state uploaded: {} bytes, resumed at {}, sent {}", r.size, r.resumed_at, r.sent);
                 return Ok(());
             }
             Err(e) => {
-                tracing::warn!(vm = %out.vm, to = %target.host, "upload try {attempt}/{UPLOAD_TRIES} broke off: {e}");
+                tracing::warn!(vm = %out.vm, to = %to, "upload try {attempt}/{UPLOAD_TRIES} broke off: {e}");
                 last = e.to_string();
             }
         }

@@ -2,14 +2,21 @@
 //! for `reclaim_mode = "migrate"` (the flow is in
 //! [`sparegrid_proto::migrate`]) the idle host a saved grid VM goes to, and
 //! moving the VM's attempt to it under a new epoch so the subtask is
-//! counted once, whichever host reports last; for the image catalog
+//! counted once, whichever host reports last; a slot on the controller's
+//! own transfer endpoint (`[data]`) for a saved state when neither host
+//! reaches the other (a relay); for the image catalog
 //! ([`sparegrid_proto::images`]) which hosts serve an image.
 
 use std::collections::HashSet;
 
 use axum::extract::{Path, State};
+use sparegrid_proto::grid::AttemptRef;
 use sparegrid_proto::images::{is_image_digest, ImageSources};
-use sparegrid_proto::migrate::{AdoptAttempt, AdoptedAttempt, MigrationRequest, MigrationTarget};
+use sparegrid_proto::migrate::{
+    state_id, AdoptAttempt, AdoptedAttempt, MigrationRequest, MigrationTarget, RelayRequest,
+    RelaySlot,
+};
+use sparegrid_transfer::token::Direction;
 
 use super::msgpack::MsgPack;
 use super::{AgentAuth, AgentError};
@@ -24,21 +31,7 @@ pub(crate) async fn target(
     MsgPack(req): MsgPack<MigrationRequest>,
 ) -> Result<MsgPack<MigrationTarget>, AgentError> {
     let plane = &s.agents;
-    let (h, a) = (req.host.clone(), req.attempt.clone());
-    let held: HashSet<(String, u64, u32)> = plane
-        .blocking(move |store| store.assigned_to(&h))
-        .await?
-        .into_iter()
-        .map(|r| (r.job.0, r.index, r.epoch))
-        .collect();
-    if !held.contains(&(a.job.clone(), a.index, a.epoch)) {
-        return Err(AgentError::NotCurrent {
-            job: a.job,
-            index: a.index,
-            epoch: a.epoch,
-            host: req.host,
-        });
-    }
+    holds(&s, &req.host, &req.attempt).await?;
     let target = plane
         .book()
         .registry
@@ -50,6 +43,70 @@ pub(crate) async fn target(
         req.vm, req.state_bytes >> 20, target.host
     );
     Ok(MsgPack(target))
+}
+
+/// `Err(NotCurrent)` unless `host` holds `attempt` now.
+async fn holds(s: &AppState, host: &str, attempt: &AttemptRef) -> Result<(), AgentError> {
+    let h = host.to_owned();
+    let held: HashSet<(String, u64, u32)> = s
+        .agents
+        .blocking(move |store| store.assigned_to(&h))
+        .await?
+        .into_iter()
+        .map(|r| (r.job.0, r.index, r.epoch))
+        .collect();
+    if held.contains(&(attempt.job.clone(), attempt.index, attempt.epoch)) {
+        return Ok(());
+    }
+    Err(AgentError::NotCurrent {
+        job: attempt.job.clone(),
+        index: attempt.index,
+        epoch: attempt.epoch,
+        host: host.to_owned(),
+    })
+}
+
+/// `POST /v1/agents/migrations/relay`: the source holds the attempt, and
+/// the controller serves `/v1/data` with room for the state: an upload and
+/// a download token for the state's id there. The source removes the copy
+/// (tus termination) once the move is over.
+pub(crate) async fn relay(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(req): MsgPack<RelayRequest>,
+) -> Result<MsgPack<RelaySlot>, AgentError> {
+    let Some(data) = s.data.clone() else {
+        return Err(AgentError::NoRelay(
+            "this controller serves no /v1/data ([data] enabled = false)".into(),
+        ));
+    };
+    let max = data.config().max_upload_bytes;
+    if req.state_bytes > max {
+        return Err(AgentError::Mismatch {
+            field: "state_bytes",
+            message: format!(
+                "state_bytes: {} is over the controller's data.max_upload_bytes ({max})",
+                req.state_bytes
+            ),
+        });
+    }
+    holds(&s, &req.host, &req.attempt).await?;
+    let id = state_id(&req.attempt);
+    let sign = |d| {
+        data.sign(&id, d)
+            .map(|(t, _)| t)
+            .map_err(|e| AgentError::NoRelay(e.to_string()))
+    };
+    let slot = RelaySlot {
+        upload_token: sign(Direction::Upload)?,
+        download_token: sign(Direction::Download)?,
+        transfer_path: crate::data::PREFIX.to_owned(),
+        id: id.clone(),
+    };
+    tracing::info!(from = %req.host,
+        "relaying saved state {id} ({} MiB) through this controller: neither host reaches the other",
+        req.state_bytes >> 20);
+    Ok(MsgPack(slot))
 }
 
 /// `POST /v1/agents/migrations/adopt`: moves the attempt from `from` to the

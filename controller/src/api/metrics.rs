@@ -3,7 +3,9 @@
 //! - `sparegrid_jobs{state}`: jobs by state, read from the store at scrape;
 //! - `sparegrid_subtasks{state}`: subtasks of all jobs by state, likewise;
 //! - `sparegrid_http_requests_total{route, method, status}`: requests
-//!   answered, by matched route pattern (`/v1/jobs/{id}`, or `unmatched`).
+//!   answered, by matched route pattern (`/v1/jobs/{id}`, or `unmatched`);
+//! - `sparegrid_transfer_*`: the counters of the transfer endpoint under
+//!   `/v1/data` ([`sparegrid_transfer::metrics`]), once it is open.
 
 use std::sync::Mutex;
 
@@ -43,6 +45,8 @@ pub struct ApiMetrics {
     jobs: Family<StateLabel, Gauge>,
     subtasks: Family<StateLabel, Gauge>,
     http: Family<HttpLabel, Counter>,
+    /// The `/v1/data` transfer endpoint, set by [`ApiMetrics::set_transfer`].
+    transfer: sparegrid_transfer::metrics::TransferSource,
     /// Serialises scrapes so two never interleave their gauge updates.
     scrape: Mutex<()>,
 }
@@ -76,11 +80,16 @@ impl ApiMetrics {
             "HTTP requests answered, by route pattern, method and status",
             http.clone(),
         );
+        let transfer = sparegrid_transfer::metrics::TransferSource::default();
+        registry.register_collector(Box::new(sparegrid_transfer::metrics::TransferCollector(
+            transfer.clone(),
+        )));
         ApiMetrics {
             registry,
             jobs,
             subtasks,
             http,
+            transfer,
             scrape: Mutex::new(()),
         }
     }
@@ -92,6 +101,11 @@ impl ApiMetrics {
         collector: Box<dyn prometheus_client::collector::Collector>,
     ) {
         self.registry.register_collector(collector);
+    }
+
+    /// Renders the `/v1/data` endpoint's counters from now on.
+    pub fn set_transfer(&self, transfer: sparegrid_transfer::TransferState) {
+        *self.transfer.write().unwrap_or_else(|e| e.into_inner()) = Some(transfer);
     }
 
     /// Counts one answered request.

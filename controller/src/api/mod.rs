@@ -12,7 +12,7 @@
 //! | `GET /v1/jobs/{id}/events` | server-sent `progress` events, then `end` |
 //! | `GET /v1/hosts` | hosts with load, dominant metric, free slots, state (see [`crate::agents`]) |
 //! | `POST /v1/agents/{register,heartbeat,completions,release}` | the agent plane, MessagePack (see [`crate::agents`]) |
-//! | `GET /metrics` | Prometheus text (jobs, subtasks, requests; the overlay, see [`crate::overlay::metrics`]) |
+//! | `GET /metrics` | Prometheus text (jobs, subtasks, requests; the overlay, see [`crate::overlay::metrics`]; the `/v1/data` transfer endpoint's counters) |
 //! | `GET /openapi.json` | the OpenAPI 3 document of all of the above |
 //! | `/v1/data*` | job data: uploads and output files, served by [`crate::data::layer`] in front of the router (not in the OpenAPI document; docs/transfer.md) |
 //!
@@ -308,6 +308,7 @@ pub async fn serve(config: ControllerConfig) -> Result<(), ApiError> {
         .map_err(|e| ApiError::Task(e.to_string()))?;
     if let Some(d) = &state.data {
         tracing::info!(dir = %d.dir().display(), "job data under /v1/data");
+        state.metrics.set_transfer(d.transfer().clone());
     }
     match tls {
         Some(tls) => serve_tls_on(listener, tls, state, shutdown_signal()).await,

@@ -731,6 +731,54 @@ fn agent_migrations() {}
 #[allow(dead_code)]
 fn agent_migrations_adopt() {}
 
+/// `POST /v1/agents/migrations/relay` body (MessagePack): neither host
+/// reaches the other's transfer endpoint; the source asks to park the
+/// saved state on the controller's `/v1/data`.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = RelayRequest)]
+pub struct RelayRequestDoc {
+    /// The source host; it must hold `attempt`.
+    pub host: String,
+    pub attempt: AttemptRefDoc,
+    /// At most `data.max_upload_bytes`.
+    pub state_bytes: u64,
+}
+
+/// Where and how to park the state (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = RelaySlot)]
+pub struct RelaySlotDoc {
+    /// The transfer id, `vmstate-<job>-<index>-<epoch>`.
+    pub id: String,
+    /// The controller's transfer endpoint, relative to its URL (`/v1/data`).
+    pub transfer_path: String,
+    /// Upload and termination token for `id`.
+    pub upload_token: String,
+    /// Download token for `id`, for the target.
+    pub download_token: String,
+}
+
+/// Tokens to park a saved VM's state on the controller's transfer
+/// endpoint (tus under `/v1/data/v1/files/<id>`) for the target to fetch,
+/// when neither host reaches the other. The source removes the copy once
+/// the move is over.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/migrations/relay",
+    tag = "agents",
+    request_body(content = RelayRequestDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "The slot", content_type = "application/msgpack", body = RelaySlotDoc),
+        (status = 400, description = "`malformed_msgpack`, or `invalid_field` `state_bytes` over `data.max_upload_bytes`", body = ErrorBody),
+        (status = 409, description = "`not_current` (the source does not hold the attempt) or `no_relay` (`[data] enabled = false`)", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_migrations_relay() {}
+
 /// A host serving an image (MessagePack).
 #[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ImageSource)]
@@ -868,6 +916,7 @@ impl Modify for RoleSecurity {
         agent_release,
         agent_migrations,
         agent_migrations_adopt,
+        agent_migrations_relay,
         agent_images,
         crate::agents::leases::lease,
         crate::agents::leases::renew,
@@ -879,6 +928,8 @@ impl Modify for RoleSecurity {
         MigrationTargetDoc,
         AdoptAttemptDoc,
         AdoptedAttemptDoc,
+        RelayRequestDoc,
+        RelaySlotDoc,
         ImageSourceDoc,
         ImageSourcesDoc,
         SubmitResponse,
