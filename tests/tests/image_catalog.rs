@@ -14,6 +14,11 @@
 //!   saying which file failed, and leaves no image (and no staging
 //!   directory) behind.
 //! - `an_unknown_image_is_a_clear_error`: nobody serves the digest.
+//! - `root_an_image_only_the_controller_serves_is_fetched_from_it`: the
+//!   controller serves the image (`[data] images`) and no agent does; the
+//!   agent fetches it from the controller's `/v1/data` with the tokens the
+//!   controller signed. A controller whose image does not match its
+//!   manifest refuses to start, naming the file.
 //!
 //! `root_` because the agents' grid partition is a cgroup.
 
@@ -217,5 +222,77 @@ fn root_an_unknown_image_is_a_clear_error() {
     assert!(
         log.contains("image_unknown") && log.contains(&unknown),
         "{log}"
+    );
+}
+
+#[test]
+fn root_an_image_only_the_controller_serves_is_fetched_from_it() {
+    const T: &str = "root_an_image_only_the_controller_serves_is_fetched_from_it";
+    if skip_unless_root(T) {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let image = files.path().join("ctl-images/tiny");
+    let digest = make_image(&image);
+    let mut c = Cluster::start_controller(|conf| {
+        conf.sections.set(
+            "data",
+            "images",
+            format!("[{}]", toml_str(&image.display().to_string())),
+        );
+    });
+    let cached = files.path().join("e-images/tiny");
+    let wl = write_workload(&files.path().join("e"), &cached, &digest);
+    let i = c.add_agent_with("imge", 1, AgentLoad::MemoryOnly, |conf| {
+        serving_conf(conf, &wl)
+    });
+    for f in ["manifest.json", "vmlinuz", "initrd.img"] {
+        assert_eq!(
+            fs::read(cached.join(f)).unwrap(),
+            fs::read(image.join(f)).unwrap(),
+            "{f} differs from the controller's"
+        );
+    }
+    let log = c.agents[i].agent.log();
+    assert!(
+        log.contains("image fetched") && log.contains("controller"),
+        "{log}"
+    );
+    let m = c.controller.metrics();
+    let sent = metric_value(&m, "sparegrid_transfer_sent_bytes_total", &[]).unwrap_or(0.0);
+    assert!(
+        sent >= 1_000_000.0,
+        "the controller served {sent} bytes\n{m}"
+    );
+
+    // An image whose kernel is not its manifest's: the controller does not
+    // start, and says which file.
+    let mut k = fs::read(image.join("vmlinuz")).unwrap();
+    k[10] ^= 0xff;
+    fs::write(image.join("vmlinuz"), &k).unwrap();
+    let mut conf = ControllerConf::cluster(
+        ([127, 0, 0, 1], free_port()).into(),
+        &files.path().join("bad.db"),
+        &Tokens::new(),
+    );
+    conf.sections.set(
+        "data",
+        "images",
+        format!("[{}]", toml_str(&image.display().to_string())),
+    );
+    let path = files.path().join("bad-controller.toml");
+    conf.write(&path);
+    let out = std::process::Command::new(controller_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("data.images[0]") && text.contains("vmlinuz"),
+        "the error names the entry and the file: {text}"
     );
 }

@@ -2,7 +2,8 @@
 //! their `manifest.json`, which agents publish on their transfer endpoints
 //! and list in their [`Register`](crate::grid::Register) (`images`), and the
 //! controller's answer to "who has this image?"
-//! (`GET /v1/agents/images/{digest}`, agent token, MessagePack).
+//! (`GET /v1/agents/images/{digest}`, agent token, MessagePack): the
+//! peers that serve it, then the controller when it serves it too.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,10 +39,21 @@ pub struct ImageSources {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageSource {
+    /// The host, or [`CONTROLLER_SOURCE`].
     pub host: String,
-    /// Its transfer endpoint (`http://addr:port`).
+    /// Its transfer endpoint (`http://addr:port`), or for the controller a
+    /// path (`/v1/data`) the agent resolves against its controller URL.
     pub transfer_url: String,
+    /// Download tokens for the files, in [`IMAGE_FILES`] order, when the
+    /// source's key is not the agent token (the controller signs its own);
+    /// empty: the fetching agent signs them with the agent token.
+    #[serde(default)]
+    pub download_tokens: Vec<String>,
 }
+
+/// [`ImageSource::host`] of the controller serving an image itself
+/// (`[data] images`), listed after the peers.
+pub const CONTROLLER_SOURCE: &str = "controller";
 
 #[cfg(test)]
 mod tests {

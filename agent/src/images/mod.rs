@@ -16,13 +16,16 @@
 //!   skipped for the next one; when none is left the error names the file
 //!   and both digests.
 //!
-//! Fetching from the controller itself is not built: images come from
-//! peers.
+//! The controller may serve an image too (`[data] images`): it is listed
+//! after the peers, with a path for its transfer endpoint (resolved
+//! against `[controller] url`) and download tokens it signed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use sparegrid_proto::images::{image_file_id, is_image_digest, ImageSources, IMAGE_FILES};
+use sparegrid_proto::images::{
+    image_file_id, is_image_digest, ImageSource, ImageSources, IMAGE_FILES,
+};
 use sparegrid_transfer::token::{sign, Direction};
 use sparegrid_transfer::TransferState;
 
@@ -129,7 +132,7 @@ pub fn fetch(setup: &FetchSetup<'_>, digest: &str, dest: &Path) -> Result<(), Im
     let mut last = String::from("no source listed");
     let tried = list.sources.len();
     for src in &list.sources {
-        match fetch_from(setup, digest, &src.host, &src.transfer_url, dest) {
+        match fetch_from(setup, digest, src, dest) {
             Ok(()) => {
                 tracing::info!(digest, from = %src.host, "image fetched into {}", dest.display());
                 return Ok(());
@@ -151,8 +154,7 @@ pub fn fetch(setup: &FetchSetup<'_>, digest: &str, dest: &Path) -> Result<(), Im
 fn fetch_from(
     setup: &FetchSetup<'_>,
     digest: &str,
-    host: &str,
-    base: &str,
+    src: &ImageSource,
     dest: &Path,
 ) -> Result<(), ImageError> {
     let name = dest
@@ -162,7 +164,7 @@ fn fetch_from(
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let staging = parent.join(format!(".{name}.fetch-{}", &digest[..16]));
-    let result = fetch_files(setup, digest, host, base, &staging);
+    let result = fetch_files(setup, digest, src, &staging);
     match result {
         Ok(()) => {
             std::fs::rename(&staging, dest).map_err(io(dest))?;
@@ -179,10 +181,20 @@ fn fetch_from(
 fn fetch_files(
     setup: &FetchSetup<'_>,
     digest: &str,
-    host: &str,
-    base: &str,
+    src: &ImageSource,
     staging: &Path,
 ) -> Result<(), ImageError> {
+    let host = src.host.as_str();
+    // A path: the controller's endpoint, under this agent's controller URL.
+    let base = if src.transfer_url.starts_with('/') {
+        format!(
+            "{}{}",
+            setup.controller.url.trim_end_matches('/'),
+            src.transfer_url
+        )
+    } else {
+        src.transfer_url.clone()
+    };
     std::fs::create_dir_all(staging).map_err(io(staging))?;
     let bad = |file: &str, message: String| ImageError::Source {
         digest: digest.to_owned(),
@@ -199,15 +211,18 @@ fn fetch_files(
         .build()
         .map_err(|e| bad("-", e.to_string()))?;
     let mut manifest: Option<Manifest> = None;
-    for file in IMAGE_FILES {
+    for (i, file) in IMAGE_FILES.iter().copied().enumerate() {
         let id = image_file_id(digest, file);
-        let token = sign(
-            setup.token_key,
-            &id,
-            Direction::Download,
-            SystemTime::now() + TOKEN_TTL,
-        )
-        .map_err(|e| bad(file, e.to_string()))?;
+        let token = match src.download_tokens.get(i) {
+            Some(t) => t.clone(),
+            None => sign(
+                setup.token_key,
+                &id,
+                Direction::Download,
+                SystemTime::now() + TOKEN_TTL,
+            )
+            .map_err(|e| bad(file, e.to_string()))?,
+        };
         let url = format!(
             "{}{}/{id}",
             base.trim_end_matches('/'),

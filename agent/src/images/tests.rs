@@ -50,12 +50,17 @@ fn kernel(seed: u32) -> Vec<u8> {
 /// [`publish`]); returns its base URL and the digest. The server thread
 /// lives as long as the test process.
 fn serve(data: &Path, image: &Path) -> (String, String) {
+    serve_with_key(data, image, KEY)
+}
+
+/// [`serve`] with tokens checked against `key`.
+fn serve_with_key(data: &Path, image: &Path, key: &[u8]) -> (String, String) {
     let config = TransferConfig {
         enabled: true,
         checkpoint_bytes: 64 * 1024,
         ..TransferConfig::default()
     };
-    let state = TransferState::new(&config, data, KEY).unwrap();
+    let state = TransferState::new(&config, data, key).unwrap();
     let digest = publish(&state, image).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -81,6 +86,15 @@ fn setup(controller: &ControllerSection) -> FetchSetup<'_> {
     }
 }
 
+/// A peer source at `base` (the fetching agent signs the tokens).
+fn peer(host: &str, base: &str) -> ImageSource {
+    ImageSource {
+        host: host.into(),
+        transfer_url: base.into(),
+        download_tokens: Vec::new(),
+    }
+}
+
 /// Entries of `parent` other than `keep` (staging leftovers).
 fn leftovers(parent: &Path, keep: &str) -> Vec<String> {
     fs::read_dir(parent)
@@ -99,7 +113,7 @@ fn a_whole_image_is_fetched_checked_and_renamed_into_place() {
     let cache = t.path().join("cache");
     let dest = cache.join("img");
     let ctl = ControllerSection::default();
-    fetch_from(&setup(&ctl), &digest, "peer-a", &base, &dest).unwrap();
+    fetch_from(&setup(&ctl), &digest, &peer("peer-a", &base), &dest).unwrap();
     for f in IMAGE_FILES {
         assert_eq!(
             fs::read(dest.join(f)).unwrap(),
@@ -124,7 +138,7 @@ fn a_kernel_that_does_not_match_the_manifest_is_rejected_and_nothing_is_visible(
     let cache = t.path().join("cache");
     let dest = cache.join("img");
     let ctl = ControllerSection::default();
-    let err = fetch_from(&setup(&ctl), &digest, "peer-a", &base, &dest).unwrap_err();
+    let err = fetch_from(&setup(&ctl), &digest, &peer("peer-a", &base), &dest).unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(&err, ImageError::Source { file, host, .. } if file == "vmlinuz" && host == "peer-a"),
@@ -150,7 +164,7 @@ fn a_manifest_that_is_not_the_digest_is_rejected() {
     assert_ne!(other, served);
     let dest = t.path().join("cache").join("img");
     let ctl = ControllerSection::default();
-    let err = fetch_from(&setup(&ctl), &other, "peer-a", &base, &dest).unwrap_err();
+    let err = fetch_from(&setup(&ctl), &other, &peer("peer-a", &base), &dest).unwrap_err();
     assert!(
         err.to_string().contains("is not the image's digest"),
         "{err}"
@@ -177,4 +191,49 @@ fn digests_that_are_not_a_sha256_are_refused_before_any_request() {
     }
     assert!(!dest.exists());
     assert!(leftovers(t.path(), "").is_empty());
+}
+
+#[test]
+fn the_controller_is_reached_by_a_path_under_its_url_with_the_tokens_it_signed() {
+    let t = tempfile::tempdir().unwrap();
+    let k = kernel(4);
+    write_image(&t.path().join("src"), &k, &k);
+    // The "controller": its own key, which the agent does not have.
+    const CTL_KEY: &[u8] = b"the-controllers-own-data-signing-key";
+    let (base, digest) = serve_with_key(&t.path().join("data"), &t.path().join("src"), CTL_KEY);
+    let ctl = ControllerSection {
+        url: base,
+        ..ControllerSection::default()
+    };
+    let tokens: Vec<String> = IMAGE_FILES
+        .iter()
+        .map(|f| {
+            sign(
+                CTL_KEY,
+                &image_file_id(&digest, f),
+                Direction::Download,
+                SystemTime::now() + TOKEN_TTL,
+            )
+            .unwrap()
+        })
+        .collect();
+    // The endpoint is at the root of this "controller" URL.
+    let root = ImageSource {
+        host: sparegrid_proto::images::CONTROLLER_SOURCE.into(),
+        transfer_url: "/".into(),
+        download_tokens: Vec::new(),
+    };
+    // Without its tokens the agent's own fail (another key).
+    let dest = t.path().join("cache/img");
+    let err = fetch_from(&setup(&ctl), &digest, &root, &dest).unwrap_err();
+    assert!(err.to_string().contains("manifest.json"), "{err}");
+    assert!(!dest.exists());
+    // With them, from the path under the controller URL.
+    let with = ImageSource {
+        download_tokens: tokens,
+        ..root
+    };
+    fetch_from(&setup(&ctl), &digest, &with, &dest).unwrap();
+    assert_eq!(image_digest(&dest).unwrap(), digest);
+    assert_eq!(fs::read(dest.join("vmlinuz")).unwrap(), k);
 }

@@ -5,13 +5,16 @@
 //! counted once, whichever host reports last; a slot on the controller's
 //! own transfer endpoint (`[data]`) for a saved state when neither host
 //! reaches the other (a relay); for the image catalog
-//! ([`sparegrid_proto::images`]) which hosts serve an image.
+//! ([`sparegrid_proto::images`]) which hosts, and whether the controller
+//! itself, serve an image.
 
 use std::collections::HashSet;
 
 use axum::extract::{Path, State};
 use sparegrid_proto::grid::AttemptRef;
-use sparegrid_proto::images::{is_image_digest, ImageSources};
+use sparegrid_proto::images::{
+    image_file_id, is_image_digest, ImageSource, ImageSources, CONTROLLER_SOURCE, IMAGE_FILES,
+};
 use sparegrid_proto::migrate::{
     state_id, AdoptAttempt, AdoptedAttempt, MigrationRequest, MigrationTarget, RelayRequest,
     RelaySlot,
@@ -153,7 +156,8 @@ pub(crate) async fn adopt(
 }
 
 /// `GET /v1/agents/images/{digest}`: the live hosts that serve the image, least
-/// loaded first; 404 `image_unknown` when none does.
+/// loaded first, then the controller when it serves it (`data.images`),
+/// with download tokens it signs; 404 `image_unknown` when none does.
 pub(crate) async fn image_sources(
     State(s): State<AppState>,
     _auth: AgentAuth,
@@ -166,7 +170,22 @@ pub(crate) async fn image_sources(
         });
     }
     let plane = &s.agents;
-    let sources = plane.book().registry.image_sources(&digest, plane.now());
+    let mut sources = plane.book().registry.image_sources(&digest, plane.now());
+    if let Some(d) = s.data.as_ref().filter(|d| d.serves_image(&digest)) {
+        let download_tokens = IMAGE_FILES
+            .iter()
+            .map(|f| {
+                d.sign(&image_file_id(&digest, f), Direction::Download)
+                    .map(|(t, _)| t)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AgentError::Task(e.to_string()))?;
+        sources.push(ImageSource {
+            host: CONTROLLER_SOURCE.to_owned(),
+            transfer_url: crate::data::PREFIX.to_owned(),
+            download_tokens,
+        });
+    }
     if sources.is_empty() {
         return Err(AgentError::ImageUnknown(digest));
     }

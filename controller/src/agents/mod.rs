@@ -181,7 +181,7 @@ pub enum AgentError {
         host: String,
     },
     /// No live host serves the image (404 `image_unknown`).
-    #[error("no live host serves image {0} (hosts list the images they hold when they register)")]
+    #[error("no live host serves image {0} (hosts list the images they hold when they register), nor does the controller (data.images)")]
     ImageUnknown(String),
     /// The controller cannot relay a saved state (409 `no_relay`).
     #[error("cannot relay the saved state through the controller: {0}")]

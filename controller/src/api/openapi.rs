@@ -779,13 +779,18 @@ pub struct RelaySlotDoc {
 #[allow(dead_code)]
 fn agent_migrations_relay() {}
 
-/// A host serving an image (MessagePack).
+/// A host, or the controller (`host = "controller"`), serving an image
+/// (MessagePack).
 #[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ImageSource)]
 pub struct ImageSourceDoc {
     pub host: String,
-    /// Its transfer endpoint; the files are `img-<first 32 hex of the digest>-{manifest,vmlinuz,initrd}`.
+    /// Its transfer endpoint (for the controller the path `/v1/data`,
+    /// under its URL); the files are `img-<first 32 hex of the digest>-{manifest,vmlinuz,initrd}`.
     pub transfer_url: String,
+    /// For the controller: download tokens for the three files, in that
+    /// order. Empty for hosts (the agent signs with the agent token).
+    pub download_tokens: Vec<String>,
 }
 
 /// The hosts serving an image (MessagePack).

@@ -1,6 +1,8 @@
 //! The `[data]` config section: where the controller keeps job data (the
 //! uploads that `lines` jobs reference, and subtask outputs kept whole as
-//! files), how large an upload may be, and when an output becomes a file.
+//! files), how large an upload may be, when an output becomes a file, and
+//! which grid VM images the controller serves to agents (the image
+//! catalog).
 //! [`DataConfig::validate`] names the bad field as `data.<field>`.
 
 use std::path::{Component, Path, PathBuf};
@@ -58,6 +60,11 @@ pub struct DataConfig {
     /// A successful subtask's stdout longer than this is also kept whole
     /// as a file, which `sparegrid results --output` fetches with Range.
     pub output_file_above: u64,
+    /// Image directories (`manifest.json`, `vmlinuz`, `initrd.img`; absolute
+    /// paths) the controller serves to agents that lack them, checked
+    /// against their manifests at start (docs/transfer.md, "Image
+    /// catalog").
+    pub images: Vec<PathBuf>,
 }
 
 impl Default for DataConfig {
@@ -70,6 +77,7 @@ impl Default for DataConfig {
             upload_expiry: Duration::from_secs(24 * 3600),
             token_ttl: Duration::from_secs(24 * 3600),
             output_file_above: DEFAULT_OUTPUT_FILE_ABOVE,
+            images: Vec::new(),
         }
     }
 }
@@ -124,6 +132,14 @@ impl DataConfig {
                 "output_file_above",
                 "is 0; use at least 1 (every non-empty output a file)",
             ));
+        }
+        for (i, dir) in self.images.iter().enumerate() {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    &format!("images[{i}]"),
+                    format!("must be an absolute path, got {dir:?}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -211,6 +227,13 @@ mod tests {
                     ..Default::default()
                 },
                 "data.output_file_above",
+            ),
+            (
+                DataConfig {
+                    images: vec!["/srv/img".into(), "rel/img".into()],
+                    ..Default::default()
+                },
+                "data.images[1]",
             ),
         ];
         for (c, field) in cases {

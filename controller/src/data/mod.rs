@@ -16,6 +16,8 @@
 //!   them and captures large outputs from completion reports.
 //! - [`input`]: `split.lines.input = {"data": ID}` resolved at submit.
 //! - [`outputs`]: large stdout kept as files; the outputs listing.
+//! - [`images`]: the grid VM images of `data.images`, checked and served
+//!   to agents (the image catalog).
 //!
 //! The `/v1/data` routes are served by [`layer`] in front of the API's
 //! router rather than as `.route`s of it: the transfer crate's router has
@@ -24,6 +26,7 @@
 //! list `/v1/data`; docs/transfer.md does).
 
 pub mod config;
+pub mod images;
 pub mod input;
 pub mod outputs;
 pub mod routes;
@@ -74,6 +77,8 @@ pub enum DataError {
     },
     #[error("data id {0:?} is not a valid id")]
     BadId(String),
+    #[error(transparent)]
+    Image(#[from] images::ImageError),
 }
 
 struct Inner {
@@ -81,6 +86,8 @@ struct Inner {
     transfer: TransferState,
     dir: PathBuf,
     max_agent_body: usize,
+    /// Digests of the images served (`data.images`).
+    images: Vec<String>,
 }
 
 /// The controller's job data: see the module header.
@@ -148,14 +155,25 @@ impl DataPlane {
             ..TransferConfig::default()
         };
         let transfer = TransferState::new(&tc, dir, &key)?;
-        Ok(DataPlane {
+        let mut plane = DataPlane {
             inner: Arc::new(Inner {
                 config: config.clone(),
                 transfer,
                 dir: dir.to_owned(),
                 max_agent_body,
+                images: Vec::new(),
             }),
-        })
+        };
+        let digests = images::publish_all(&plane, &config.images)?;
+        if let Some(inner) = Arc::get_mut(&mut plane.inner) {
+            inner.images = digests;
+        }
+        Ok(plane)
+    }
+
+    /// Whether the controller serves image `digest` (`data.images`).
+    pub fn serves_image(&self, digest: &str) -> bool {
+        self.inner.images.iter().any(|d| d == digest)
     }
 
     pub fn config(&self) -> &DataConfig {

@@ -613,6 +613,7 @@ impl Registry {
                     ImageSource {
                         host: h.id.0.clone(),
                         transfer_url: h.transfer_url.clone()?,
+                        download_tokens: Vec::new(),
                     },
                 ))
             })
