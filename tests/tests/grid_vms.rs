@@ -1127,6 +1127,28 @@ fn move_a_saved_vm(t: &str, way: StateWay) {
         left.at_unix_ms.saturating_sub(t_load),
         r.attempt
     );
+    if way == StateWay::Upload {
+        // The VM keeps the busy host's name: after a crash, the idle host
+        // adopts it by its owner, not by its name.
+        c.kill9_agent(&idle);
+        let t_restart = unix_ms();
+        c.restart_agent(&idle);
+        let b = idx(&c, &idle);
+        let adopted =
+            c.agents[b]
+                .agent
+                .wait_for(&format!("{idle} to adopt {vm_name}"), BOOT, |s| {
+                    transition_after(s, &vm_name, VmState::Running, t_restart)
+                        .filter(|t| t.reason == Reason::Adopted)
+                        .cloned()
+                });
+        assert_eq!(adopted.from, VmState::Absent, "{adopted:?}");
+        let xml = virsh(&["dumpxml", &vm_name]).1;
+        assert!(
+            xml.contains(&format!("owner>{idle}</")),
+            "{vm_name} should still be owned by {idle}:\n{xml}"
+        );
+    }
 }
 
 /// In a guest (hostname `sparegrid-guest`): a busy loop in the background
