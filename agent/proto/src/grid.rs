@@ -268,6 +268,57 @@ pub struct Completion {
     pub stdout_size: u64,
     pub stderr_size: u64,
     pub duration_ms: u64,
+    /// Stdout was too large to send inline: it is the complete upload of
+    /// this size and digest on the controller's `/v1/data` (granted by
+    /// `POST /v1/agents/outputs`), and `stdout` is empty. Absent (none)
+    /// from older agents.
+    #[serde(default)]
+    pub stdout_data: Option<OutputData>,
+}
+
+/// Stdout uploaded to the controller's `/v1/data` ([`Completion::stdout_data`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputData {
+    /// The transfer id: [`output_data_id`] of the attempt.
+    pub id: String,
+    /// Bytes uploaded: all of stdout, or the first `max_output_bytes`.
+    pub size: u64,
+    /// Their blake3, hex.
+    pub blake3: String,
+}
+
+/// The id of the output file of one attempt on the controller's
+/// `/v1/data` (`out-<job>-<index>-<epoch>`): captured inline outputs and
+/// uploaded ones share it.
+pub fn output_data_id(a: &AttemptRef) -> String {
+    format!("out-{}-{}-{}", a.job, a.index, a.epoch)
+}
+
+/// `POST /v1/agents/outputs`: room on the controller's `/v1/data` for the
+/// stdout of `attempt`, which this host holds, `size` bytes with digest
+/// `blake3` (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRequest {
+    pub host: String,
+    pub attempt: AttemptRef,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// The answer to [`OutputRequest`]: upload with tus to
+/// `<controller><transfer_path>/v1/files/<id>` with `token` (an `up`
+/// token for this id only), then report [`OutputData`] in the completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputGrant {
+    pub id: String,
+    /// The transfer base on the controller (`/v1/data`).
+    pub transfer_path: String,
+    pub token: String,
+    /// The controller's checkpoint size (the client journal uses the same).
+    pub checkpoint_bytes: u64,
+    /// The upload is already complete with this size and digest.
+    #[serde(default)]
+    pub complete: bool,
 }
 
 impl Completion {
@@ -319,6 +370,7 @@ mod tests {
 
     fn completion() -> Completion {
         Completion {
+            stdout_data: None,
             attempt: AttemptRef {
                 job: "j-1".into(),
                 index: 7,

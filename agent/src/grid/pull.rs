@@ -412,6 +412,7 @@ mod tests {
 
     fn done(index: u64) -> Completion {
         Completion {
+            stdout_data: None,
             attempt: attempt(index),
             host: "h".into(),
             exit_code: Some(0),

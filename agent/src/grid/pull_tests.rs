@@ -189,6 +189,7 @@ fn a_vanished_agents_leases_expire_and_run_elsewhere_and_late_reports_change_not
     cfg.controller.dispatch = AgentDispatch::Pull;
     let client = ControllerClient::new(&cfg.controller).unwrap();
     let report = |a: &AttemptRef, host: &str, out: &str| Completion {
+        stdout_data: None,
         attempt: a.clone(),
         host: host.into(),
         exit_code: Some(0),

@@ -104,6 +104,7 @@ pub const VM_OVERLAY_MISSING: &str =
 /// A completion for an attempt that never ran in a grid VM.
 fn vm_error(pool: &GuestPool, attempt: AttemptRef, error: String) -> Completion {
     Completion {
+        stdout_data: None,
         attempt,
         host: pool.options().host.clone(),
         exit_code: None,

@@ -813,6 +813,7 @@ impl GuestPool {
             Err(e) => {
                 tracing::warn!(subtask = %label(&attempt), "cannot send the subtask to a guest: {e}");
                 self.lock().ended.push(VmEnd::Completed(Completion {
+                    stdout_data: None,
                     attempt,
                     host: self.shared.opts.host.clone(),
                     exit_code: None,

@@ -536,6 +536,7 @@ impl Session {
         };
         let (stdout, stderr) = (job.stdout.into_bytes(), job.stderr.into_bytes());
         let c = Completion {
+            stdout_data: None,
             attempt: job.attempt,
             host: self.shared.opts.host.clone(),
             exit_code: r.exit_code,

@@ -350,6 +350,7 @@ fn handshake_and_one_subtask_end_to_end() {
     assert_eq!(
         c,
         Completion {
+            stdout_data: None,
             attempt: attempt(7),
             host: "h1".into(),
             exit_code: Some(3),

@@ -263,6 +263,7 @@ impl Executor {
     /// side: no exit code, `error` from `err`.
     pub fn error_completion(&self, a: &Assignment, err: &SubtaskError) -> Completion {
         Completion {
+            stdout_data: None,
             attempt: a.attempt.clone(),
             host: self.host.clone(),
             exit_code: None,

@@ -806,6 +806,7 @@ impl RunningSubtask {
                 "output pipe still open after the subtask ended (an escaped descendant?); output cut there");
         }
         let c = Completion {
+            stdout_data: None,
             attempt: self.attempt.clone(),
             host: self.host.clone(),
             exit_code: status.and_then(|s| s.code()),

@@ -157,6 +157,7 @@ impl Ctl {
         code: i32,
     ) -> (StatusCode, Result<CompleteReply, Value>) {
         let c = Completion {
+            stdout_data: None,
             attempt: attempt.clone(),
             host: host.into(),
             exit_code: Some(code),
@@ -237,6 +238,7 @@ async fn a_pulling_agent_leases_completes_and_stale_epochs_get_409() {
     assert_eq!(ctl.store.get_job(&job).unwrap().counts.done, 1);
     // A body that names another subtask than the path is refused.
     let c = enc(&Completion {
+        stdout_data: None,
         attempt: held[1].assignment.attempt.clone(),
         host: "puller".into(),
         exit_code: Some(0),

@@ -321,6 +321,7 @@ impl Fake {
 
     fn completion(&self, attempt: AttemptRef, stdout: &str) -> Completion {
         Completion {
+            stdout_data: None,
             attempt,
             host: self.name.clone(),
             exit_code: Some(0),
@@ -703,6 +704,7 @@ async fn a_failed_push_puts_the_work_back_in_the_queue() {
     assert_eq!(ctl.store.attempts(&job, 0).unwrap().len(), 1);
     // A report of the withdrawn attempt is stale and changes nothing.
     let report = Completion {
+        stdout_data: None,
         attempt: AttemptRef {
             job: job.0.clone(),
             index: 0,

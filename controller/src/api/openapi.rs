@@ -1300,6 +1300,7 @@ mod tests {
             &doc,
             "Completion",
             Completion {
+                stdout_data: None,
                 attempt: attempt.clone(),
                 host: "h".into(),
                 exit_code: Some(0),

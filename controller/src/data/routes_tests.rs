@@ -107,6 +107,7 @@ impl App {
 
 fn completion(job: &str, index: u64, epoch: u32, stdout: &[u8]) -> Completion {
     Completion {
+        stdout_data: None,
         attempt: AttemptRef {
             job: job.into(),
             index,
