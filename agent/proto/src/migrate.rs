@@ -14,6 +14,12 @@
 //!    controller's transfer endpoint (`POST /v1/agents/migrations/relay`,
 //!    [`RelayRequest`] → [`RelaySlot`]) and offers it again with a fetch
 //!    from there: a relay through the controller.
+//!
+//! The offer and the commit go to the target's agent API; when the source
+//! cannot reach it, it hands them to the controller
+//! (`POST /v1/agents/migrations/forward`, [`ForwardRequest`] →
+//! [`MigrationAnswer`]), which posts them there itself (the controller
+//! reaches agents' APIs as it does to push work).
 //! 3. It offers the VM to the target (`POST <agent>/v1/migrations/offer`,
 //!    [`IncomingVm`] → [`MigrationAnswer`]): the target checks its load,
 //!    budgets and the uploaded state without committing to anything.
@@ -153,6 +159,38 @@ pub struct AdoptAttempt {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdoptedAttempt {
     pub attempt: AttemptRef,
+}
+
+/// Which of the target's routes a forwarded request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardStep {
+    /// `/v1/migrations/offer`.
+    Offer,
+    /// `/v1/migrations/commit`.
+    Commit,
+}
+
+impl ForwardStep {
+    /// The target's route.
+    pub fn path(self) -> &'static str {
+        match self {
+            ForwardStep::Offer => "/v1/migrations/offer",
+            ForwardStep::Commit => "/v1/migrations/commit",
+        }
+    }
+}
+
+/// `POST /v1/agents/migrations/forward`: the source cannot reach the
+/// target's agent API; the controller posts `incoming` there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    /// The target host (its `agent_url` is the controller's to look up).
+    pub to: String,
+    pub step: ForwardStep,
+    /// The offer or commit; `incoming.from` is the source, which must
+    /// hold `incoming.attempt`.
+    pub incoming: IncomingVm,
 }
 
 /// The transfer id of an attempt's saved state, the same on every host and

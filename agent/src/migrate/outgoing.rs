@@ -10,6 +10,12 @@
 //! uploaded to the controller's `/v1/data` and fetched by the target from
 //! there. The relayed copy is removed (tus termination) once the move is
 //! over, whichever way it ended.
+//!
+//! The offer and the commit go to the target's agent API; when the offer
+//! cannot reach it (a transport error: nothing answered), both go through
+//! the controller instead (`POST /v1/agents/migrations/forward`). The way
+//! is chosen once, at the offer, so a commit whose answer was lost is never
+//! sent a second way.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Sender};
@@ -17,15 +23,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sparegrid_proto::migrate::{
-    IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget, RelayRequest, RelaySlot,
-    StateSource,
+    ForwardRequest, ForwardStep, IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget,
+    RelayRequest, RelaySlot, StateSource,
 };
 use sparegrid_transfer::client::{hash_file, upload, UploadOptions};
 use sparegrid_transfer::token::{sign, Direction};
 
 use super::{state_id, MigrateError, MigrateSetup, TOKEN_TTL};
 use crate::daemon::control::Command;
-use crate::grid::client::ControllerClient;
+use crate::grid::client::{ClientError, ControllerClient};
 use crate::guestlink::HeldSubtask;
 
 /// How many times a broken upload is resumed before the move gives up
@@ -94,7 +100,7 @@ fn run(
     commands: &Sender<Command>,
     relayed: &mut Option<RelayCopy>,
 ) -> Outcome {
-    let Prepared { host, body, peer } = match prepare(setup, out, relayed) {
+    let Prepared { host, body, route } = match prepare(setup, out, relayed) {
         Ok(p) => p,
         Err(e) => return Outcome::Kept(e),
     };
@@ -110,7 +116,7 @@ fn run(
     {
         return Outcome::Kept(MigrateError::Gone);
     }
-    match peer.post::<_, MigrationAnswer>("/v1/migrations/commit", &body, Some(PEER_TIMEOUT)) {
+    match route.send(ForwardStep::Commit, &body) {
         Ok(a) if a.accepted => Outcome::Moved { target: host },
         Ok(a) => Outcome::Lost(MigrateError::Refused {
             host,
@@ -128,8 +134,67 @@ struct Prepared {
     host: String,
     /// The offer's body, sent again as the commit.
     body: IncomingVm,
-    /// A client of the target's routes.
+    /// How the offer reached the target; the commit goes the same way.
+    route: PeerRoute,
+}
+
+/// How the offer and the commit reach the target.
+pub(super) enum PeerRoute {
+    /// Its agent API, directly.
+    Direct(ControllerClient),
+    /// Through the controller (`POST /v1/agents/migrations/forward`).
+    Forwarded { ctl: ControllerClient, to: String },
+}
+
+impl PeerRoute {
+    pub(super) fn send(
+        &self,
+        step: ForwardStep,
+        incoming: &IncomingVm,
+    ) -> Result<MigrationAnswer, ClientError> {
+        match self {
+            PeerRoute::Direct(peer) => peer.post(step.path(), incoming, Some(PEER_TIMEOUT)),
+            PeerRoute::Forwarded { ctl, to } => ctl.post(
+                "/v1/agents/migrations/forward",
+                &ForwardRequest {
+                    to: to.clone(),
+                    step,
+                    incoming: incoming.clone(),
+                },
+                // The controller waits up to its own limit for the target.
+                Some(PEER_TIMEOUT + Duration::from_secs(60)),
+            ),
+        }
+    }
+}
+
+/// The first offer: to `peer` (the target's agent API), or, when nothing
+/// answers there, through the controller `ctl`. Returns the way that
+/// reached the target, for the rest of the move.
+pub(super) fn first_offer(
     peer: ControllerClient,
+    ctl: ControllerClient,
+    host: &str,
+    incoming: &IncomingVm,
+) -> Result<(PeerRoute, MigrationAnswer), MigrateError> {
+    let fail = |e: ClientError| MigrateError::Offer {
+        host: host.to_owned(),
+        message: e.to_string(),
+    };
+    let direct = PeerRoute::Direct(peer);
+    match direct.send(ForwardStep::Offer, incoming) {
+        Ok(a) => Ok((direct, a)),
+        Err(ClientError::Http { url, message }) => {
+            tracing::info!(to = %host, "{host}'s agent API does not answer ({url}: {message}); offering through the controller");
+            let via = PeerRoute::Forwarded {
+                ctl,
+                to: host.to_owned(),
+            };
+            let a = via.send(ForwardStep::Offer, incoming).map_err(fail)?;
+            Ok((via, a))
+        }
+        Err(e) => Err(fail(e)),
+    }
 }
 
 /// A saved state parked on the controller for the target to fetch.
@@ -231,20 +296,22 @@ fn prepare(
         timeout_ms: out.held.timeout_ms,
         fetch,
     };
-    let peer = ctl.at(&target.agent_url);
-    let offer = |incoming: &IncomingVm| {
-        peer.post::<_, MigrationAnswer>("/v1/migrations/offer", incoming, Some(PEER_TIMEOUT))
-            .map_err(|e| MigrateError::Offer {
-                host: host.clone(),
-                message: e.to_string(),
-            })
-    };
-    let mut answer = offer(&incoming)?;
+    let (route, mut answer) = first_offer(
+        ctl.at(&target.agent_url),
+        ctl.at(&setup.controller.url),
+        &host,
+        &incoming,
+    )?;
     if !answer.accepted && answer.fetch_failed && relayed.is_none() {
         tracing::info!(vm = %out.vm, to = %host, "{host} cannot fetch the saved state from here ({}); relaying through the controller",
             answer.reason.as_deref().unwrap_or(""));
         incoming.fetch = Some(relay_state(setup, &ctl, out, &host, relayed)?);
-        answer = offer(&incoming)?;
+        answer = route
+            .send(ForwardStep::Offer, &incoming)
+            .map_err(|e| MigrateError::Offer {
+                host: host.clone(),
+                message: e.to_string(),
+            })?;
     }
     if !answer.accepted {
         return Err(MigrateError::Refused {
@@ -255,7 +322,7 @@ fn prepare(
     Ok(Prepared {
         host,
         body: incoming,
-        peer,
+        route,
     })
 }
 
@@ -443,3 +510,7 @@ fn upload_state(
     }
     Err(fail(last))
 }
+
+#[cfg(test)]
+#[path = "outgoing_tests.rs"]
+mod tests;

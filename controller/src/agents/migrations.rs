@@ -4,7 +4,9 @@
 //! moving the VM's attempt to it under a new epoch so the subtask is
 //! counted once, whichever host reports last; a slot on the controller's
 //! own transfer endpoint (`[data]`) for a saved state when neither host
-//! reaches the other (a relay); for the image catalog
+//! reaches the other (a relay), and the offer and commit posted to the
+//! target for a source that cannot reach its agent API; for the image
+//! catalog
 //! ([`sparegrid_proto::images`]) which hosts, and whether the controller
 //! itself, serve an image.
 
@@ -16,8 +18,8 @@ use sparegrid_proto::images::{
     image_file_id, is_image_digest, ImageSource, ImageSources, CONTROLLER_SOURCE, IMAGE_FILES,
 };
 use sparegrid_proto::migrate::{
-    state_id, AdoptAttempt, AdoptedAttempt, MigrationRequest, MigrationTarget, RelayRequest,
-    RelaySlot,
+    state_id, AdoptAttempt, AdoptedAttempt, ForwardRequest, ForwardStep, MigrationAnswer,
+    MigrationRequest, MigrationTarget, RelayRequest, RelaySlot,
 };
 use sparegrid_transfer::token::Direction;
 
@@ -49,7 +51,11 @@ pub(crate) async fn target(
 }
 
 /// `Err(NotCurrent)` unless `host` holds `attempt` now.
-async fn holds(s: &AppState, host: &str, attempt: &AttemptRef) -> Result<(), AgentError> {
+pub(super) async fn holds(
+    s: &AppState,
+    host: &str,
+    attempt: &AttemptRef,
+) -> Result<(), AgentError> {
     let h = host.to_owned();
     let held: HashSet<(String, u64, u32)> = s
         .agents
@@ -110,6 +116,78 @@ pub(crate) async fn relay(
         "relaying saved state {id} ({} MiB) through this controller: neither host reaches the other",
         req.state_bytes >> 20);
     Ok(MsgPack(slot))
+}
+
+/// How long a forwarded commit may take (the target restores the VM).
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
+
+/// `POST /v1/agents/migrations/forward`: the source (`incoming.from`)
+/// holds the attempt and the target is a live registered host with an
+/// agent API; the controller posts the offer or commit there with the
+/// agent token and passes the answer back. 502 `target_unreachable` when
+/// the target does not answer with one.
+pub(crate) async fn forward(
+    State(s): State<AppState>,
+    _auth: AgentAuth,
+    MsgPack(req): MsgPack<ForwardRequest>,
+) -> Result<MsgPack<MigrationAnswer>, AgentError> {
+    let ForwardRequest { to, step, incoming } = req;
+    if to == incoming.from {
+        return Err(AgentError::Mismatch {
+            field: "to",
+            message: format!("to: {to:?} is the source itself"),
+        });
+    }
+    holds(&s, &incoming.from, &incoming.attempt).await?;
+    let plane = &s.agents;
+    let url = {
+        let book = plane.book();
+        let h = book
+            .registry
+            .host(&to)
+            .ok_or_else(|| AgentError::Unreachable {
+                host: to.clone(),
+                message: "not registered here".into(),
+            })?;
+        h.agent_url.clone().ok_or_else(|| AgentError::Unreachable {
+            host: to.clone(),
+            message: "it registered no agent API".into(),
+        })?
+    };
+    let unreachable = |message: String| AgentError::Unreachable {
+        host: to.clone(),
+        message,
+    };
+    let body = rmp_serde::to_vec_named(&incoming).map_err(|e| AgentError::Encode(e.to_string()))?;
+    let target = format!("{}{}", url.trim_end_matches('/'), step.path());
+    let mut post = plane
+        .inner
+        .client
+        .post(&target)
+        .timeout(FORWARD_TIMEOUT)
+        .header(axum::http::header::CONTENT_TYPE, super::MSGPACK)
+        .body(body);
+    if let Some(token) = &plane.inner.agent_token {
+        post = post.bearer_auth(token);
+    }
+    let resp = post
+        .send()
+        .await
+        .map_err(|e| unreachable(format!("POST {target}: {e}")))?;
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| unreachable(format!("POST {target}: reading the answer: {e}")))?;
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+        return Err(unreachable(format!("POST {target}: HTTP {status}: {text}")));
+    }
+    let answer: MigrationAnswer = rmp_serde::from_slice(&bytes)
+        .map_err(|e| unreachable(format!("POST {target}: not a MigrationAnswer: {e}")))?;
+    tracing::info!(from = %incoming.from, to = %to, vm = %incoming.vm, accepted = answer.accepted,
+        "forwarded the {} of grid VM {} to {to}", match step { ForwardStep::Offer => "offer", ForwardStep::Commit => "commit" }, incoming.vm);
+    Ok(MsgPack(answer))
 }
 
 /// `POST /v1/agents/migrations/adopt`: moves the attempt from `from` to the

@@ -15,6 +15,7 @@
 //! | `POST /v1/agents/migrations` | [`MigrationRequest`](sparegrid_proto::migrate::MigrationRequest) → [`MigrationTarget`](sparegrid_proto::migrate::MigrationTarget) | `reclaim_mode = "migrate"`: where a saved grid VM should go (see [`migrations`]) |
 //! | `GET /v1/agents/images/{digest}` | → [`ImageSources`](sparegrid_proto::images::ImageSources) | the image catalog: the live hosts serving a grid VM image (by manifest sha256) on their transfer endpoints |
 //! | `POST /v1/agents/migrations/relay` | [`RelayRequest`](sparegrid_proto::migrate::RelayRequest) → [`RelaySlot`](sparegrid_proto::migrate::RelaySlot) | neither host reaches the other: tokens to park the saved state on the controller's `/v1/data` |
+//! | `POST /v1/agents/migrations/forward` | [`ForwardRequest`](sparegrid_proto::migrate::ForwardRequest) → [`MigrationAnswer`](sparegrid_proto::migrate::MigrationAnswer) | the source cannot reach the target's agent API: the controller posts the offer or commit there |
 //! | `POST /v1/agents/migrations/adopt` | [`AdoptAttempt`](sparegrid_proto::migrate::AdoptAttempt) → [`AdoptedAttempt`](sparegrid_proto::migrate::AdoptedAttempt) | the target takes the VM's attempt over under a new epoch |
 //!
 //! The agent routes take and give `application/msgpack` (see [`msgpack`]);
@@ -38,6 +39,7 @@
 //! | `not_current` | 409 | a migration request or adoption for an attempt the source host does not hold (any more) |
 //! | `no_target` | 409 | a migration request when no idle host takes migrations |
 //! | `no_relay` | 409 | a relay request when the controller serves no `/v1/data` |
+//! | `target_unreachable` | 502 | a forwarded migration request the target did not answer |
 //! | `image_unknown` | 404 | no live host serves the image asked for |
 //! | `not_found` | 404 | a pull completion for an unknown job or subtask |
 //! | `body_too_large` | 413 | the body is over `dispatch.max_agent_body_bytes` |
@@ -78,7 +80,7 @@ mod lease_tests;
 #[cfg(test)]
 mod overlay_tests;
 #[cfg(test)]
-mod relay_tests;
+mod migration_route_tests;
 #[cfg(test)]
 mod tests;
 
@@ -183,6 +185,10 @@ pub enum AgentError {
     /// No live host serves the image (404 `image_unknown`).
     #[error("no live host serves image {0} (hosts list the images they hold when they register), nor does the controller (data.images)")]
     ImageUnknown(String),
+    /// A forwarded migration request the target did not answer (502
+    /// `target_unreachable`).
+    #[error("cannot reach host {host:?} for the migration: {message}")]
+    Unreachable { host: String, message: String },
     /// The controller cannot relay a saved state (409 `no_relay`).
     #[error("cannot relay the saved state through the controller: {0}")]
     NoRelay(String),
@@ -212,6 +218,7 @@ impl AgentError {
             AgentError::NotRegistered(_) | AgentError::StaleEpoch { .. } => StatusCode::CONFLICT,
             AgentError::NotCurrent { .. } | AgentError::NoTarget => StatusCode::CONFLICT,
             AgentError::NoRelay(_) => StatusCode::CONFLICT,
+            AgentError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             AgentError::SubtaskNotFound(_) | AgentError::ImageUnknown(_) => StatusCode::NOT_FOUND,
             AgentError::Mismatch { .. } => StatusCode::BAD_REQUEST,
             AgentError::Registry(_) => StatusCode::BAD_REQUEST,
@@ -237,6 +244,7 @@ impl AgentError {
             AgentError::NotCurrent { .. } => "not_current",
             AgentError::NoTarget => "no_target",
             AgentError::NoRelay(_) => "no_relay",
+            AgentError::Unreachable { .. } => "target_unreachable",
             AgentError::ImageUnknown(_) => "image_unknown",
             AgentError::SubtaskNotFound(_) => "not_found",
             AgentError::Registry(_) | AgentError::Mismatch { .. } => "invalid_field",
@@ -556,6 +564,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/migrations", post(migrations::target))
         .route("/v1/agents/migrations/adopt", post(migrations::adopt))
         .route("/v1/agents/migrations/relay", post(migrations::relay))
+        .route("/v1/agents/migrations/forward", post(migrations::forward))
         .route("/v1/agents/images/{digest}", get(migrations::image_sources))
 }
 

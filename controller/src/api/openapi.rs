@@ -779,8 +779,56 @@ pub struct RelaySlotDoc {
 #[allow(dead_code)]
 fn agent_migrations_relay() {}
 
-/// A host, or the controller (`host = "controller"`), serving an image
-/// (MessagePack).
+/// `POST /v1/agents/migrations/forward` body (MessagePack): the source
+/// cannot reach the target's agent API.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = ForwardRequest)]
+pub struct ForwardRequestDoc {
+    /// The target host.
+    pub to: String,
+    /// `offer` or `commit`.
+    pub step: String,
+    /// The `IncomingVm` (see `sparegrid_proto::migrate`): `from` is the
+    /// source, which must hold `attempt`.
+    #[schema(value_type = Object)]
+    pub incoming: serde_json::Value,
+}
+
+/// The target's answer to an offer or commit (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = MigrationAnswer)]
+pub struct MigrationAnswerDoc {
+    pub accepted: bool,
+    /// Why not, when refused.
+    pub reason: Option<String>,
+    /// On a commit: the attempt under its new epoch.
+    pub attempt: Option<AttemptRefDoc>,
+    /// Refused because the state could not be fetched.
+    pub fetch_failed: bool,
+}
+
+/// Posts a source's offer or commit to the target's agent API
+/// (`/v1/migrations/offer` or `/v1/migrations/commit`) with the agent
+/// token, for a source that cannot reach it, and passes the answer back.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/migrations/forward",
+    tag = "agents",
+    request_body(content = ForwardRequestDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "The target's answer", content_type = "application/msgpack", body = MigrationAnswerDoc),
+        (status = 400, description = "`malformed_msgpack`, or `invalid_field` `to` (the source itself)", body = ErrorBody),
+        (status = 409, description = "`not_current`: the source does not hold the attempt", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+        (status = 502, description = "`target_unreachable`: the target is not registered, has no agent API, or did not answer", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_migrations_forward() {}
+
+/// A host serving an image (MessagePack), or the controller (`host = "controller"`).
 #[derive(Serialize, Deserialize, ToSchema)]
 #[schema(as = ImageSource)]
 pub struct ImageSourceDoc {
@@ -922,6 +970,7 @@ impl Modify for RoleSecurity {
         agent_migrations,
         agent_migrations_adopt,
         agent_migrations_relay,
+        agent_migrations_forward,
         agent_images,
         crate::agents::leases::lease,
         crate::agents::leases::renew,
@@ -935,6 +984,8 @@ impl Modify for RoleSecurity {
         AdoptedAttemptDoc,
         RelayRequestDoc,
         RelaySlotDoc,
+        ForwardRequestDoc,
+        MigrationAnswerDoc,
         ImageSourceDoc,
         ImageSourcesDoc,
         SubmitResponse,

@@ -1,7 +1,10 @@
-//! `POST /v1/agents/migrations/relay` through the whole API router (tower
-//! `oneshot`, an in-memory store, a data plane in a temporary directory):
-//! who may have a slot, the fields it checks, and that its tokens work on
-//! `/v1/data` for exactly one id and direction each.
+//! The controller's help for moves between hosts that cannot reach each
+//! other, through the whole API router (tower `oneshot`, an in-memory
+//! store, a data plane in a temporary directory):
+//! `POST /v1/agents/migrations/relay` (who may have a slot, the fields it
+//! checks, its tokens working on `/v1/data` for exactly one id and
+//! direction each) and `POST /v1/agents/migrations/forward` (posted to the
+//! registered target's agent API, which a fake agent on loopback records).
 
 use std::sync::Arc;
 
@@ -11,7 +14,10 @@ use axum::Router;
 use base64::Engine;
 use serde_json::{json, Value};
 use sparegrid_proto::grid::AttemptRef;
-use sparegrid_proto::migrate::{state_id, RelayRequest, RelaySlot};
+use sparegrid_proto::grid::Register;
+use sparegrid_proto::migrate::{
+    state_id, ForwardRequest, ForwardStep, IncomingVm, MigrationAnswer, RelayRequest, RelaySlot,
+};
 use tower::ServiceExt;
 
 use crate::api::{router, AppState};
@@ -256,4 +262,185 @@ async fn without_data_there_is_no_relay() {
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(error_of(&b)["code"], "no_relay", "{}", error_of(&b));
+}
+
+impl App {
+    async fn agent_post(&self, path: &str, body: Vec<u8>) -> (StatusCode, Bytes) {
+        self.call(
+            Method::POST,
+            path,
+            &[
+                ("authorization", format!("Bearer {AGENT}")),
+                ("content-type", "application/msgpack".into()),
+            ],
+            body,
+        )
+        .await
+    }
+
+    async fn register(&self, host: &str, agent_url: &str) {
+        let reg = Register {
+            images: Vec::new(),
+            migrate_in: true,
+            transfer_url: None,
+            tunnel: None,
+            p2p: false,
+            host: host.into(),
+            version: "test".into(),
+            agent_url: Some(agent_url.into()),
+            slots: 1,
+        };
+        let (s, b) = self
+            .agent_post(
+                "/v1/agents/register",
+                rmp_serde::to_vec_named(&reg).unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    }
+}
+
+/// A fake target agent API on loopback: answers offers with `accepted`
+/// and the vm name as the reason; records the paths and tokens it got.
+async fn fake_target() -> (String, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use axum::extract::OriginalUri;
+    use axum::http::HeaderMap;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let handler = move |uri: OriginalUri, headers: HeaderMap, body: Bytes| {
+        let s = s.clone();
+        async move {
+            let auth = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            s.lock().unwrap().push((uri.path().to_owned(), auth));
+            let vm: IncomingVm = rmp_serde::from_slice(&body).unwrap();
+            let a = MigrationAnswer {
+                accepted: true,
+                reason: Some(vm.vm),
+                attempt: None,
+                fetch_failed: false,
+            };
+            rmp_serde::to_vec_named(&a).unwrap()
+        }
+    };
+    let app = Router::new()
+        .route("/v1/migrations/offer", axum::routing::post(handler.clone()))
+        .route("/v1/migrations/commit", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+fn incoming_vm(attempt: &AttemptRef) -> IncomingVm {
+    IncomingVm {
+        from: "h1".into(),
+        vm: "sg-h1-1".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        state_id: state_id(attempt),
+        state_bytes: 10,
+        state_blake3: "0".repeat(64),
+        attempt: attempt.clone(),
+        guest_subtask: 1,
+        timeout_ms: 1000,
+        fetch: None,
+    }
+}
+
+#[tokio::test]
+async fn offers_and_commits_are_forwarded_to_the_registered_target_with_the_agent_token() {
+    let a = app(true);
+    let attempt = a.held_attempt().await;
+    let (url, seen) = fake_target().await;
+    a.register("h2", &url).await;
+    for step in [ForwardStep::Offer, ForwardStep::Commit] {
+        let req = ForwardRequest {
+            to: "h2".into(),
+            step,
+            incoming: incoming_vm(&attempt),
+        };
+        let (s, b) = a
+            .agent_post(
+                "/v1/agents/migrations/forward",
+                rmp_serde::to_vec_named(&req).unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let answer: MigrationAnswer = rmp_serde::from_slice(&b).unwrap();
+        assert_eq!(
+            (answer.accepted, answer.reason.as_deref()),
+            (true, Some("sg-h1-1"))
+        );
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (
+                "/v1/migrations/offer".to_string(),
+                format!("Bearer {AGENT}")
+            ),
+            (
+                "/v1/migrations/commit".to_string(),
+                format!("Bearer {AGENT}")
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_forward_is_refused_for_a_non_holder_an_unknown_target_or_the_source_itself() {
+    let a = app(true);
+    let attempt = a.held_attempt().await;
+    let (url, seen) = fake_target().await;
+    a.register("h2", &url).await;
+    let send = |to: &str, from: &str| {
+        let mut incoming = incoming_vm(&attempt);
+        incoming.from = from.into();
+        rmp_serde::to_vec_named(&ForwardRequest {
+            to: to.into(),
+            step: ForwardStep::Offer,
+            incoming,
+        })
+        .unwrap()
+    };
+    let (s, b) = a
+        .agent_post("/v1/agents/migrations/forward", send("h2", "h3"))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(error_of(&b)["code"], "not_current");
+    let (s, b) = a
+        .agent_post("/v1/agents/migrations/forward", send("nobody", "h1"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        error_of(&b)["code"],
+        "target_unreachable",
+        "{}",
+        error_of(&b)
+    );
+    let (s, b) = a
+        .agent_post("/v1/agents/migrations/forward", send("h1", "h1"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&b)["field"], "to");
+    // A registered target that does not answer.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    a.register("h4", &dead).await;
+    let (s, b) = a
+        .agent_post("/v1/agents/migrations/forward", send("h4", "h1"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert!(
+        error_of(&b)["message"].as_str().unwrap().contains("h4"),
+        "{}",
+        error_of(&b)
+    );
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached h2");
 }
