@@ -34,7 +34,9 @@ struct AnswerLabels {
     status: u16,
 }
 
-fn encode_one(
+/// Writes one metric under `name` with its help text (for collectors
+/// that build their metrics at scrape time; the agent's use it too).
+pub fn encode_one(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -78,7 +78,7 @@ pub struct AgentMetrics {
 
 type TunnelSource = Arc<RwLock<Option<Arc<TunnelService>>>>;
 type HostNetSource = Arc<RwLock<Option<Arc<HostNet>>>>;
-use sparegrid_transfer::metrics::TransferSource;
+use sparegrid_transfer::metrics::{encode_one, TransferSource};
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -300,16 +300,6 @@ struct ReasonLabel {
 /// left the list leave the output too.
 #[derive(Debug)]
 struct TunnelCollector(TunnelSource);
-
-fn encode_one(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric: &impl EncodeMetric,
-) -> Result<(), std::fmt::Error> {
-    let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-    metric.encode(e)
-}
 
 impl Collector for TunnelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
