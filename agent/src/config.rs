@@ -425,6 +425,12 @@ pub struct ControllerSection {
     pub discover_nameserver: String,
     /// Reach a discovered controller over https (SRV records carry no scheme).
     pub discover_https: bool,
+    /// Most bytes of a subtask's stdout that reach the controller. Stdout
+    /// over the 1 MiB sent inline spills to a file under
+    /// `agent.data_dir/outputs` and is uploaded to the controller's
+    /// `/v1/data` (when it serves one; else it is cut at 1 MiB); past this
+    /// it is cut. At least 1 MiB; default 1 GiB.
+    pub max_output_bytes: u64,
 }
 
 /// `controller.discover`.
@@ -458,6 +464,7 @@ impl Default for ControllerSection {
             discover_domain: String::new(),
             discover_nameserver: String::new(),
             discover_https: false,
+            max_output_bytes: crate::subtask::DEFAULT_MAX_OUTPUT_BYTES,
         }
     }
 }
@@ -473,6 +480,16 @@ impl ControllerSection {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let inline = crate::subtask::Limits::default().output_cap_bytes as u64;
+        if self.max_output_bytes < inline {
+            return Err(invalid(
+                "controller.max_output_bytes",
+                format!(
+                    "must be at least {inline} (the stdout sent inline), got {}",
+                    self.max_output_bytes
+                ),
+            ));
+        }
         if !self.discover_nameserver.is_empty()
             && self
                 .discover_nameserver

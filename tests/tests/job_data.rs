@@ -625,3 +625,209 @@ fn bad_data_references_and_tokens_are_refused() {
     );
     assert_eq!((s, e["code"].as_str()), (404, Some("job_not_found")), "{e}");
 }
+
+/// Stdout of the big-output subtask: 8 MiB of a repeating 251-byte
+/// pattern (so a byte out of place shows), far over the 1 MiB an agent
+/// sends inline.
+const BIG: usize = 8 << 20;
+
+fn big_output() -> Vec<u8> {
+    (0..BIG).map(|i| (i % 251) as u8).collect()
+}
+
+/// A one-subtask job printing [`big_output`], then sleeping a moment so
+/// the spill file can be seen while the subtask still runs.
+fn write_big_job(dir: &Path) -> PathBuf {
+    let script = format!(
+        "import sys, time\n\
+         p = bytes(range(251))\n\
+         sys.stdout.buffer.write((p * ({BIG} // 251 + 1))[:{BIG}])\n\
+         sys.stdout.flush()\n\
+         time.sleep(3)\n"
+    );
+    let text = format!(
+        "name = \"big-output\"\nmax_attempts = 1\n\
+         command = {{ argv = [\"/usr/bin/python3\", \"-c\", {}] }}\n\n\
+         [resources]\ntimeout_secs = 120\n\n\
+         [split.range]\nstart = 0\nend = 1\nchunk = 1\n",
+        toml_str(&script)
+    );
+    let path = dir.join("big.toml");
+    std::fs::write(&path, text).expect("write the job file");
+    path
+}
+
+/// The largest `*.out` spill file seen under `dir` while `stop` is unset.
+fn watch_spills(
+    dir: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut largest = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    if e.path().extension().is_some_and(|x| x == "out") {
+                        if let Ok(m) = e.metadata() {
+                            largest = largest.max(m.len());
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        largest
+    })
+}
+
+#[test]
+fn root_an_output_over_the_inline_cap_is_uploaded_whole_and_fetched() {
+    const T: &str = "root_an_output_over_the_inline_cap_is_uploaded_whole_and_fetched";
+    if skip_unless_root(T) {
+        return;
+    }
+    let mut c = Cluster::start_controller(|_| {});
+    let a = c.add_agent("data-big", 1, AgentLoad::MemoryOnly);
+    c.wait_hosts("data-big to be eligible", secs(60), |v| {
+        host(v, "data-big")
+            .is_some_and(|h| h.state == HostState::Active && h.eligible && !h.breakdown.is_empty())
+            .then_some(())
+    });
+    let spill_dir = c.agents[a].data_dir().join("outputs");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_spills(spill_dir.clone(), stop.clone());
+    let url = c.controller.url();
+    let token = c.tokens.submit.clone();
+    let state = c.dir().join("cli-state");
+    let job = write_big_job(c.dir());
+    let sub: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &token,
+                &state,
+                &["--json", "submit", job.to_str().unwrap()],
+            ),
+            "submit",
+        )
+        .trim(),
+    )
+    .unwrap();
+    let job_id = sub["id"].as_str().unwrap().to_owned();
+    let end = c.wait_job_end(&job_id, secs(180), |_| {});
+    stop.store(true, Ordering::SeqCst);
+    let largest = watcher.join().unwrap();
+    assert_eq!(
+        end.job.state,
+        JobState::Done,
+        "{:?}\n{}",
+        end.job,
+        c.report()
+    );
+    // The agent held it in a spill file, not in memory, and removed it.
+    assert!(
+        largest > 1 << 20,
+        "no spill file over 1 MiB seen in {} (largest {largest})",
+        spill_dir.display()
+    );
+    let left: Vec<_> = std::fs::read_dir(&spill_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "out"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "spill files left: {left:?}");
+
+    // The listing has it as a file of the whole size.
+    let list: Value = reqwest::blocking::Client::new()
+        .get(format!("{url}/v1/data/jobs/{job_id}/outputs"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let want = big_output();
+    let digest = blake3::hash(&want).to_hex().to_string();
+    let o = &list["outputs"][0];
+    assert_eq!(o["size"], BIG as u64, "{list}");
+    assert_eq!(o["file"]["size"], BIG as u64, "{list}");
+    assert_eq!(o["file"]["blake3"], digest.as_str(), "{list}");
+
+    // `sparegrid results --output DIR/` writes exactly those bytes.
+    let out_dir = c.dir().join("big-out");
+    let dir_arg = format!("{}/", out_dir.display());
+    let summary: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &token,
+                &state,
+                &["--json", "results", &job_id, "--output", &dir_arg],
+            ),
+            "results --output DIR/",
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(summary["outputs"][0]["fetched"], true, "{summary}");
+    let got = std::fs::read(out_dir.join("subtask-00000.out")).unwrap();
+    assert_eq!(got.len(), BIG);
+    assert_eq!(blake3::hash(&got).to_hex().to_string(), digest);
+    let log = c.agents[a].agent.log();
+    assert!(log.contains("output uploaded to the controller"), "{log}");
+}
+
+/// `POST /v1/agents/outputs` with `req` (MessagePack) and `token`.
+fn ask_output(url: &str, token: &str, req: &sparegrid_proto::grid::OutputRequest) -> (u16, Value) {
+    call(
+        reqwest::blocking::Client::new()
+            .post(format!("{url}/v1/agents/outputs"))
+            .bearer_auth(token)
+            .header("content-type", "application/msgpack")
+            .body(rmp_serde::to_vec_named(req).unwrap()),
+    )
+}
+
+#[test]
+fn output_upload_requests_with_bad_fields_are_refused_naming_them() {
+    use sparegrid_proto::grid::{AttemptRef, OutputRequest};
+    let c = Cluster::start_controller(|_| {});
+    let url = c.controller.url();
+    let agent = c.tokens.agent.clone();
+    let good = OutputRequest {
+        host: "nobody".into(),
+        attempt: AttemptRef {
+            job: "j-1".into(),
+            index: 0,
+            epoch: 1,
+        },
+        size: 10 << 20,
+        blake3: "ab".repeat(32),
+    };
+    let mut r = good.clone();
+    r.size = 0;
+    let (status, body) = ask_output(&url, &agent, &r);
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("size")),
+        "{body}"
+    );
+    let mut r = good.clone();
+    r.blake3 = "nothex".into();
+    let (status, body) = ask_output(&url, &agent, &r);
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("blake3")),
+        "{body}"
+    );
+    // Well-formed, but no such attempt on that host.
+    let (status, body) = ask_output(&url, &agent, &good);
+    assert_eq!(
+        (status, body["code"].as_str(), body["field"].as_str()),
+        (409, Some("not_current"), Some("attempt")),
+        "{body}"
+    );
+    // A submit token is not an agent's.
+    let (status, _) = ask_output(&url, &c.tokens.submit, &good);
+    assert_eq!(status, 403);
+}

@@ -241,7 +241,11 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
         None => crate::grid::runner::Backend::Process(crate::subtask::Executor::new(
             cgroup.clone(),
             host.clone(),
-            crate::subtask::Limits::default(),
+            crate::subtask::Limits {
+                spill_dir: Some(crate::grid::outputs::spill_dir(&cfg.agent.data_dir)),
+                max_output_bytes: cfg.controller.max_output_bytes,
+                ..crate::subtask::Limits::default()
+            },
         )),
     });
     let grid_host = host.clone();

@@ -269,7 +269,7 @@ fn path_segment(s: &str) -> String {
 }
 
 /// The certificates of the PEM file `path`.
-fn ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+pub(crate) fn ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
     let err = |message: String| ClientError::CaCert {
         path: path.to_path_buf(),
         message,

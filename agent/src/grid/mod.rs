@@ -82,6 +82,7 @@
 //! routes are mounted at start.
 
 pub mod client;
+pub mod outputs;
 pub mod pull;
 pub mod runner;
 
@@ -203,6 +204,20 @@ struct Inner {
     /// Peer-to-peer work stealing, when this agent takes part.
     node: Option<Arc<Node>>,
     overlay: OverlayParts,
+    /// Large outputs uploaded to the controller ([`outputs`]).
+    outputs: Arc<outputs::Outputs>,
+}
+
+impl Inner {
+    /// The uploader of spilled outputs with the current settings.
+    fn uploader(&self, s: &Settings) -> outputs::Uploader {
+        outputs::Uploader {
+            outputs: Arc::clone(&self.outputs),
+            runner: Arc::clone(&self.runner),
+            host: s.host.clone(),
+            controller: s.controller.clone(),
+        }
+    }
 }
 
 /// The overlay's parts the grid client drives (see the module docs);
@@ -444,6 +459,9 @@ impl Grid {
             leases: pull::Leases::default(),
             node,
             overlay,
+            outputs: Arc::new(outputs::Outputs::open(&outputs::spill_dir(
+                &cfg.agent.data_dir,
+            ))?),
         });
         tracing::info!(
             "joining the controller at {} as {:?} ({} slots, {})",
@@ -681,6 +699,7 @@ fn send_completions(
     client: &ControllerClient,
     runner: &Runner,
     leases: &pull::Leases,
+    up: Option<&outputs::Uploader>,
     b: &mut Backoff,
     now: Instant,
     timeout: Option<Duration>,
@@ -689,6 +708,11 @@ fn send_completions(
         return false;
     }
     let batch = runner.take_outbox(COMPLETION_BATCH);
+    // Spilled outputs upload first, on threads of their own.
+    let batch = match up {
+        Some(up) => up.route(client, batch),
+        None => batch,
+    };
     // Leased attempts complete one by one on their own route (pull mode).
     let (leased, batch) = if leases.is_empty() {
         (Vec::new(), batch)
@@ -823,7 +847,7 @@ fn flush(
         let left = Some(deadline - now);
         let (mut rb, mut cb) = (Backoff::new(), Backoff::new());
         let more = send_released(client, runner, host, &mut rb, now, left)
-            | send_completions(client, runner, leases, &mut cb, now, left);
+            | send_completions(client, runner, leases, None, &mut cb, now, left);
         if !more {
             break;
         }
@@ -926,7 +950,16 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             }
             let left = Some(deadline - now);
             send_released(&client, runner, &settings.host, &mut releases, now, left);
-            send_completions(&client, runner, &inner.leases, &mut sends, now, left);
+            let up = inner.uploader(&settings);
+            send_completions(
+                &client,
+                runner,
+                &inner.leases,
+                Some(&up),
+                &mut sends,
+                now,
+                left,
+            );
             // Peer-to-peer completions are durable: the rest goes after a
             // restart.
             send_p2p(&client, inner.node.as_deref(), &mut p2p_sends, now, left);
@@ -1029,7 +1062,15 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
             _ => {}
         }
         let more = send_released(&client, runner, &settings.host, &mut releases, now, None)
-            | send_completions(&client, runner, &inner.leases, &mut sends, now, None)
+            | send_completions(
+                &client,
+                runner,
+                &inner.leases,
+                Some(&inner.uploader(&settings)),
+                &mut sends,
+                now,
+                None,
+            )
             | send_p2p(&client, inner.node.as_deref(), &mut p2p_sends, now, None);
         if !more {
             runner.wait_for_reports(reports_seen, TICK);

@@ -1,10 +1,20 @@
 //! Capped capture of one output stream of a subtask: a thread drains the
 //! pipe to its end (so the command never blocks on a full pipe), keeps the
-//! first `cap` bytes and counts every byte it read. The owner holds the
-//! [`Reader`]; the [`Drain`] runs on the subtask's I/O thread (stdout) or a
-//! thread of its own (stderr).
+//! first `cap` bytes in memory and counts every byte it read. The owner
+//! holds the [`Reader`]; the [`Drain`] runs on the subtask's I/O thread
+//! (stdout) or a thread of its own (stderr).
+//!
+//! **Spill** (stdout, with a [`Spill`]): once the stream is longer than
+//! `cap`, everything from its first byte up to `Spill::max` bytes is also
+//! written to `Spill::path` (created fresh), so an output far larger than
+//! what a completion carries inline reaches the controller whole
+//! (uploaded, see [`crate::grid`]) without being held in memory. Bytes
+//! past `max` are counted, not kept. A spill file that cannot be written
+//! is removed and the stream is captured as without one (logged).
 
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -13,6 +23,16 @@ struct State {
     buf: Vec<u8>,
     total: u64,
     done: bool,
+    /// The spill file, complete, once the drain ended with one.
+    spilled: Option<PathBuf>,
+}
+
+/// Where a long stream goes: see the module header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Spill {
+    pub path: PathBuf,
+    /// Most bytes written to it.
+    pub max: u64,
 }
 
 /// What a reader thread collected.
@@ -25,6 +45,9 @@ pub(super) struct Captured {
     /// False when the pipe was still open at the end of the grace period (a
     /// process that escaped the subtask's process group and cgroup holds it).
     pub complete: bool,
+    /// The spill file holding the stream's first `min(size, Spill::max)`
+    /// bytes, when it was longer than `cap` (and the stream ended).
+    pub spilled: Option<PathBuf>,
 }
 
 /// The owner's end of one stream's capture: [`Reader::finish`] collects it.
@@ -38,22 +61,31 @@ pub(super) struct Reader {
 pub(super) struct Drain {
     shared: Arc<(Mutex<State>, Condvar)>,
     cap: usize,
+    spill: Option<Spill>,
+    /// The open spill file and the bytes written to it.
+    file: Option<(File, u64)>,
 }
 
-/// A connected [`Reader`] and [`Drain`] keeping the first `cap` bytes.
-pub(super) fn pair(cap: usize) -> (Reader, Drain) {
+/// A connected [`Reader`] and [`Drain`] keeping the first `cap` bytes (and
+/// spilling past them to `spill`, when given).
+pub(super) fn pair(cap: usize, spill: Option<Spill>) -> (Reader, Drain) {
     let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
     (
         Reader {
             shared: Arc::clone(&shared),
         },
-        Drain { shared, cap },
+        Drain {
+            shared,
+            cap,
+            spill,
+            file: None,
+        },
     )
 }
 
 impl Drain {
     /// Reads `src` to its end (or a read error), then marks the stream ended.
-    pub(super) fn run<R: Read>(self, mut src: R) {
+    pub(super) fn run<R: Read>(mut self, mut src: R) {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             let n = match src.read(&mut chunk) {
@@ -67,15 +99,79 @@ impl Drain {
             let room = self.cap.saturating_sub(st.buf.len()).min(n);
             st.buf.extend_from_slice(&chunk[..room]);
             st.total += n as u64;
+            let over = st.total > self.cap as u64;
+            if over && self.file.is_none() && self.spill.is_some() {
+                // The first `cap` bytes are in `buf`; the rest of this
+                // chunk follows them in the file.
+                let head = st.buf.clone();
+                drop(st);
+                self.open_spill(&head);
+                self.write_spill(&chunk[room..n]);
+            } else {
+                drop(st);
+                if self.file.is_some() {
+                    self.write_spill(&chunk[..n]);
+                }
+            }
         }
         // Drop marks the end.
+    }
+
+    fn open_spill(&mut self, head: &[u8]) {
+        let Some(spill) = &self.spill else { return };
+        match File::create(&spill.path) {
+            Ok(f) => {
+                self.file = Some((f, 0));
+                self.write_spill(head);
+            }
+            Err(e) => {
+                tracing::warn!(path = %spill.path.display(), error = %e,
+                    "cannot spill a long output to a file; it is cut at the inline cap");
+                self.spill = None;
+            }
+        }
+    }
+
+    /// Appends to the spill file up to `Spill::max`; a write error drops it.
+    fn write_spill(&mut self, data: &[u8]) {
+        let (Some(spill), Some((f, written))) = (&self.spill, &mut self.file) else {
+            return;
+        };
+        let room = spill.max.saturating_sub(*written);
+        let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        if take == 0 {
+            return;
+        }
+        match f.write_all(&data[..take]) {
+            Ok(()) => *written += take as u64,
+            Err(e) => {
+                tracing::warn!(path = %spill.path.display(), error = %e,
+                    "cannot write a long output's spill file; it is cut at the inline cap");
+                let _ = std::fs::remove_file(&spill.path);
+                self.file = None;
+                self.spill = None;
+            }
+        }
     }
 }
 
 impl Drop for Drain {
     fn drop(&mut self) {
+        let spilled = match (self.file.take(), &self.spill) {
+            (Some((f, _)), Some(spill)) => match f.sync_data() {
+                Ok(()) => Some(spill.path.clone()),
+                Err(e) => {
+                    tracing::warn!(path = %spill.path.display(), error = %e,
+                        "cannot write a long output's spill file; it is cut at the inline cap");
+                    let _ = std::fs::remove_file(&spill.path);
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut st = self.shared.0.lock().unwrap_or_else(PoisonError::into_inner);
         st.done = true;
+        st.spilled = spilled;
         self.shared.1.notify_all();
     }
 }
@@ -101,6 +197,7 @@ impl Reader {
             bytes: std::mem::take(&mut st.buf),
             size: st.total,
             complete: st.done,
+            spilled: st.spilled.take(),
         }
     }
 }
@@ -111,7 +208,7 @@ mod tests {
 
     /// A reader whose drain runs on a thread of its own.
     fn spawn<R: Read + Send + 'static>(src: R, cap: usize) -> Reader {
-        let (r, d) = pair(cap);
+        let (r, d) = pair(cap, None);
         std::thread::spawn(move || d.run(src));
         r
     }
@@ -128,7 +225,7 @@ mod tests {
 
     #[test]
     fn a_drain_dropped_unrun_ends_the_stream_empty() {
-        let (r, d) = pair(10);
+        let (r, d) = pair(10, None);
         drop(d);
         let c = r.finish(Duration::from_secs(10));
         assert_eq!(
@@ -136,9 +233,73 @@ mod tests {
             Captured {
                 bytes: Vec::new(),
                 size: 0,
-                complete: true
+                complete: true,
+                spilled: None,
             }
         );
+    }
+
+    #[test]
+    fn a_long_stream_spills_whole_up_to_max_and_keeps_cap_in_memory() {
+        let t = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let path = t.path().join("out");
+        let (r, d) = pair(
+            1000,
+            Some(Spill {
+                path: path.clone(),
+                max: 1 << 20,
+            }),
+        );
+        let src = data.clone();
+        std::thread::spawn(move || d.run(std::io::Cursor::new(src)));
+        let c = r.finish(Duration::from_secs(10));
+        assert_eq!(c.bytes, &data[..1000]);
+        assert_eq!(c.size, data.len() as u64);
+        assert_eq!(c.spilled.as_deref(), Some(path.as_path()));
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+
+        // Over max: the file holds the first max bytes, all are counted.
+        let (r, d) = pair(
+            10,
+            Some(Spill {
+                path: path.clone(),
+                max: 5000,
+            }),
+        );
+        let src = data.clone();
+        std::thread::spawn(move || d.run(std::io::Cursor::new(src)));
+        let c = r.finish(Duration::from_secs(10));
+        assert_eq!(c.size, data.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), &data[..5000]);
+    }
+
+    #[test]
+    fn a_short_stream_makes_no_spill_file_and_an_unwritable_one_is_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("out");
+        let (r, d) = pair(
+            100,
+            Some(Spill {
+                path: path.clone(),
+                max: 1000,
+            }),
+        );
+        std::thread::spawn(move || d.run(std::io::Cursor::new(vec![1u8; 100])));
+        let c = r.finish(Duration::from_secs(10));
+        assert_eq!((c.bytes.len(), c.spilled), (100, None));
+        assert!(!path.exists());
+        let bad = t.path().join("no-such-dir").join("out");
+        let (r, d) = pair(
+            10,
+            Some(Spill {
+                path: bad,
+                max: 1000,
+            }),
+        );
+        std::thread::spawn(move || d.run(std::io::Cursor::new(vec![1u8; 100])));
+        let c = r.finish(Duration::from_secs(10));
+        assert_eq!((c.bytes.len(), c.size, c.spilled), (10, 100, None));
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   to that cgroup in a `pre_exec` hook before it execs (so none of its work
 //!   runs outside the partition), feeds `stdin` from a thread, drains stderr
 //!   on a thread and stdout itself into buffers capped at
-//!   [`Limits::output_cap_bytes`] while counting the full sizes, and then
+//!   [`Limits::output_cap_bytes`] while counting the full sizes (stdout
+//!   past that cap also spills whole, up to [`Limits::max_output_bytes`],
+//!   to [`spill_path`] under [`Limits::spill_dir`] when one is set; a
+//!   completion that did not succeed has its spill file removed), and then
 //!   waits for the command to exit (a pidfd). `start` does not wait for the
 //!   spawn: moving a new process into cgroups often waits for an RCU grace
 //!   period in the kernel (milliseconds), and a caller starting several
@@ -52,6 +55,7 @@ mod running;
 mod tests;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -68,15 +72,41 @@ pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 /// Per-subtask limits the executor applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Bytes of stdout and of stderr (each) kept for the completion; the
-    /// rest is read and counted, not kept. Default 1 MiB.
+    /// Bytes of stdout and of stderr (each) kept in memory and sent inline
+    /// in the completion; the rest is read and counted. Default 1 MiB.
     pub output_cap_bytes: usize,
+    /// With a spill directory: stdout longer than `output_cap_bytes` is
+    /// written whole (up to `max_output_bytes`) to
+    /// [`spill_path`]`(dir, attempt)` for the grid client to upload. None:
+    /// it is cut at `output_cap_bytes`.
+    pub spill_dir: Option<PathBuf>,
+    /// Most stdout bytes kept per attempt (`controller.max_output_bytes`).
+    pub max_output_bytes: u64,
+}
+
+/// Default [`Limits::max_output_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 30;
+
+/// Where the stdout of `attempt` spills under `dir`:
+/// `<dir>/<job>-<index>-<epoch>.out`. None when the job id is not a plain
+/// file name part (ids are `j-<n>`; anything else is not trusted as a path).
+pub fn spill_path(dir: &Path, attempt: &AttemptRef) -> Option<PathBuf> {
+    let job = &attempt.job;
+    let plain = !job.is_empty()
+        && !job.starts_with('.')
+        && job.len() <= 128
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    plain.then(|| dir.join(format!("{job}-{}-{}.out", attempt.index, attempt.epoch)))
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             output_cap_bytes: 1 << 20,
+            spill_dir: None,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
         }
     }
 }

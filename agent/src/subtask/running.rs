@@ -309,8 +309,17 @@ pub(super) fn start(
     // exec. Starting many subtasks one after another would add those waits
     // up on the caller's thread; on I/O threads they overlap.
     let cap = ex.limits.output_cap_bytes;
-    let (stdout, out_drain) = capture::pair(cap);
-    let (stderr, err_drain) = capture::pair(cap);
+    let spill = ex
+        .limits
+        .spill_dir
+        .as_deref()
+        .and_then(|d| super::spill_path(d, at))
+        .map(|path| capture::Spill {
+            path,
+            max: ex.limits.max_output_bytes,
+        });
+    let (stdout, out_drain) = capture::pair(cap, spill);
+    let (stderr, err_drain) = capture::pair(cap, None);
     let launch = Arc::new(Launch::default());
     let io = IoThread {
         cmd,
@@ -818,6 +827,12 @@ impl RunningSubtask {
             stderr_size: err.size,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         };
+        if let Some(path) = &out.spilled {
+            if !c.succeeded() {
+                // Only a successful attempt's output is uploaded.
+                let _ = std::fs::remove_file(path);
+            }
+        }
         tracing::debug!(subtask = %label(&self.attempt), exit = ?c.exit_code,
             signal = ?c.signal, error = ?c.error, "subtask ended");
         self.done = Some(c.clone());

@@ -129,6 +129,7 @@ fn output_is_capped_and_the_full_size_counted() {
         "h",
         Limits {
             output_cap_bytes: 4,
+            ..Limits::default()
         },
     );
     let c = ex.start(&sh("printf 123456789")).unwrap().wait();

@@ -16,6 +16,7 @@
 //! | `GET /v1/agents/images/{digest}` | → [`ImageSources`](sparegrid_proto::images::ImageSources) | the image catalog: the live hosts serving a grid VM image (by manifest sha256) on their transfer endpoints |
 //! | `POST /v1/agents/migrations/relay` | [`RelayRequest`](sparegrid_proto::migrate::RelayRequest) → [`RelaySlot`](sparegrid_proto::migrate::RelaySlot) | neither host reaches the other: tokens to park the saved state on the controller's `/v1/data` |
 //! | `POST /v1/agents/migrations/forward` | [`ForwardRequest`](sparegrid_proto::migrate::ForwardRequest) → [`MigrationAnswer`](sparegrid_proto::migrate::MigrationAnswer) | the source cannot reach the target's agent API: the controller posts the offer or commit there |
+//! | `POST /v1/agents/outputs` | [`OutputRequest`](sparegrid_proto::grid::OutputRequest) → [`OutputGrant`](sparegrid_proto::grid::OutputGrant) | stdout too large to send inline: an upload of it to the controller's `/v1/data` (see [`outputs`]) |
 //! | `POST /v1/agents/migrations/adopt` | [`AdoptAttempt`](sparegrid_proto::migrate::AdoptAttempt) → [`AdoptedAttempt`](sparegrid_proto::migrate::AdoptedAttempt) | the target takes the VM's attempt over under a new epoch |
 //!
 //! The agent routes take and give `application/msgpack` (see [`msgpack`]);
@@ -39,6 +40,7 @@
 //! | `not_current` | 409 | a migration request or adoption for an attempt the source host does not hold (any more) |
 //! | `no_target` | 409 | a migration request when no idle host takes migrations |
 //! | `no_relay` | 409 | a relay request when the controller serves no `/v1/data` |
+//! | `no_data` | 409 | an output upload request when the controller serves no `/v1/data` |
 //! | `target_unreachable` | 502 | a forwarded migration request the target did not answer |
 //! | `image_unknown` | 404 | no live host serves the image asked for |
 //! | `not_found` | 404 | a pull completion for an unknown job or subtask |
@@ -73,14 +75,15 @@ mod hosts;
 pub mod leases;
 mod migrations;
 pub mod msgpack;
+mod outputs;
 mod slots;
 
 #[cfg(test)]
 mod lease_tests;
 #[cfg(test)]
-mod overlay_tests;
-#[cfg(test)]
 mod migration_route_tests;
+#[cfg(test)]
+mod overlay_tests;
 #[cfg(test)]
 mod tests;
 
@@ -192,6 +195,10 @@ pub enum AgentError {
     /// The controller cannot relay a saved state (409 `no_relay`).
     #[error("cannot relay the saved state through the controller: {0}")]
     NoRelay(String),
+    /// An output upload asked of a controller that serves no `/v1/data`
+    /// (409 `no_data`).
+    #[error("{0}")]
+    NoData(String),
     /// No host can take a saved grid VM now (409 `no_target`).
     #[error("no idle host takes migrations now (one needs reclaim_mode-capable runtime, a transfer endpoint, load below dispatch_below and nothing suspended or saved)")]
     NoTarget,
@@ -217,7 +224,7 @@ impl AgentError {
             AgentError::Restored(_) => StatusCode::CONFLICT,
             AgentError::NotRegistered(_) | AgentError::StaleEpoch { .. } => StatusCode::CONFLICT,
             AgentError::NotCurrent { .. } | AgentError::NoTarget => StatusCode::CONFLICT,
-            AgentError::NoRelay(_) => StatusCode::CONFLICT,
+            AgentError::NoRelay(_) | AgentError::NoData(_) => StatusCode::CONFLICT,
             AgentError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             AgentError::SubtaskNotFound(_) | AgentError::ImageUnknown(_) => StatusCode::NOT_FOUND,
             AgentError::Mismatch { .. } => StatusCode::BAD_REQUEST,
@@ -244,6 +251,7 @@ impl AgentError {
             AgentError::NotCurrent { .. } => "not_current",
             AgentError::NoTarget => "no_target",
             AgentError::NoRelay(_) => "no_relay",
+            AgentError::NoData(_) => "no_data",
             AgentError::Unreachable { .. } => "target_unreachable",
             AgentError::ImageUnknown(_) => "image_unknown",
             AgentError::SubtaskNotFound(_) => "not_found",
@@ -264,6 +272,7 @@ impl AgentError {
             AgentError::Mismatch { field, .. } => Some((*field).to_owned()),
             AgentError::Tunnel { field, .. } => Some((*field).to_owned()),
             AgentError::PublicKeyInUse { .. } => Some("tunnel.public_key".to_owned()),
+            AgentError::NotCurrent { .. } => Some("attempt".to_owned()),
             _ => None,
         };
         ErrorBody {
@@ -566,6 +575,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/migrations/relay", post(migrations::relay))
         .route("/v1/agents/migrations/forward", post(migrations::forward))
         .route("/v1/agents/images/{digest}", get(migrations::image_sources))
+        .route("/v1/agents/outputs", post(outputs::grant))
 }
 
 /// Middleware: wakes the dispatcher when `POST /v1/jobs` created a job.

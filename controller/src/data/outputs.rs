@@ -14,10 +14,20 @@
 //! finds the file there and writes nothing. Only requests carrying an agent
 //! (or admin) token are looked at.
 //!
-//! What the agent sends is itself capped by the agent (1 MiB of stdout per
-//! attempt, `subtask::Limits::output_cap_bytes`): a file holds all of the
-//! output the controller received, which is all of it only when the agent
-//! did not cut it (`size` in the listing is the size before any cap).
+//! **Uploaded.** Stdout over the 1 MiB an agent sends inline is not
+//! inline at all: the agent spilled it to a file, uploaded it with tus
+//! (granted by `POST /v1/agents/outputs`, [`crate::agents`]) to the same id
+//! `out-<job>-<index>-<epoch>`, and the report carries `stdout_data` (id,
+//! size, blake3) and no stdout. [`capture`] checks each such report before
+//! the store sees it: the id must be the attempt's, the file complete with
+//! that size and digest, and the attempt successful; otherwise the report
+//! loses `stdout_data` and becomes a failure whose error starts with
+//! `stdout_data:` (the subtask is retried). Uploaded files of reports the
+//! store answers stale or rejected are removed like captured ones. An
+//! output longer than the agent's `controller.max_output_bytes` was cut
+//! there (`size` in the listing is the size before any cap); with no
+//! `/v1/data` on the controller (or an upload that failed) the agent sends
+//! the first 1 MiB inline as before.
 //!
 //! **Listing.** `GET /v1/data/jobs/{job}/outputs?from=&limit=&partial=1`
 //! ([`OutputList`]): the accepted attempt of each done map subtask from
@@ -78,40 +88,62 @@ pub async fn capture(d: DataPlane, s: &AppState, req: Request, next: Next) -> Re
         // Unknown or too long: the route's own reading answers it.
         return next.run(req).await;
     }
-    if declared.is_some_and(|n| n as u64 <= d.config().output_file_above) {
-        // No stdout in it can be above the threshold: not worth decoding.
-        return next.run(req).await;
-    }
-    let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let (mut parts, body) = req.into_parts();
+    let mut bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => return ApiError::BodyRead(e.to_string()).into_response(),
     };
     let batch = parts.uri.path() == COMPLETIONS;
-    let reports: Vec<Completion> = if batch {
-        rmp_serde::from_slice(&bytes).unwrap_or_default()
+    let decoded: Option<Vec<Completion>> = if batch {
+        rmp_serde::from_slice(&bytes).ok()
     } else {
         rmp_serde::from_slice::<Completion>(&bytes)
+            .ok()
             .map(|c| vec![c])
-            .unwrap_or_default()
+    };
+    let Some(reports) = decoded else {
+        // Not a report we can read: the route's own decoding answers it.
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
     };
     let above = d.config().output_file_above;
-    let big: Vec<Completion> = reports
-        .into_iter()
-        .filter(|c| c.succeeded() && c.stdout.len() as u64 > above)
-        .collect();
-    let written = if big.is_empty() {
-        Vec::new()
-    } else {
-        let d = d.clone();
-        tokio::task::spawn_blocking(move || publish_all(&d, big))
-            .await
-            .unwrap_or_default()
+    let wanted = reports
+        .iter()
+        .any(|c| c.stdout_data.is_some() || (c.succeeded() && c.stdout.len() as u64 > above));
+    if !wanted {
+        return next
+            .run(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    }
+    let dc = d.clone();
+    let Ok(Checked {
+        reports,
+        changed,
+        written,
+        uploaded,
+    }) = tokio::task::spawn_blocking(move || check_all(&dc, reports, above)).await
+    else {
+        return ApiError::Task("checking output files".into()).into_response();
     };
+    if changed {
+        let encoded = if batch {
+            rmp_serde::to_vec_named(&reports)
+        } else {
+            rmp_serde::to_vec_named(&reports[0])
+        };
+        match encoded {
+            Ok(b) => {
+                parts.headers.insert(header::CONTENT_LENGTH, b.len().into());
+                bytes = b.into();
+            }
+            Err(e) => return ApiError::Task(e.to_string()).into_response(),
+        }
+    }
     let resp = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
-    if written.is_empty() {
+    if written.is_empty() && uploaded.is_empty() {
         return resp;
     }
     let refused: Vec<String> = if batch {
@@ -124,9 +156,10 @@ pub async fn capture(d: DataPlane, s: &AppState, req: Request, next: Next) -> Re
                 .iter()
                 .filter(|a| matches!(a.result, Ack::Stale | Ack::Rejected))
                 .map(|a| output_id(&a.attempt.job, a.attempt.index, a.attempt.epoch))
-                .filter(|id| written.contains(id))
+                .filter(|id| written.contains(id) || uploaded.contains(id))
                 .collect(),
-            // Not the reply we know (an error): nothing was accepted.
+            // Not the reply we know (an error): nothing was accepted. An
+            // uploaded file stays for the agent's next try.
             None => written.clone(),
         };
         let resp = Response::from_parts(rp, Body::from(body));
@@ -134,6 +167,9 @@ pub async fn capture(d: DataPlane, s: &AppState, req: Request, next: Next) -> Re
         return resp;
     } else if resp.status().is_success() {
         Vec::new()
+    } else if resp.status() == axum::http::StatusCode::CONFLICT {
+        // Stale: no try at this attempt will be accepted.
+        written.into_iter().chain(uploaded).collect()
     } else {
         written
     };
@@ -141,8 +177,84 @@ pub async fn capture(d: DataPlane, s: &AppState, req: Request, next: Next) -> Re
     resp
 }
 
+/// [`check_all`]'s outcome.
+struct Checked {
+    reports: Vec<Completion>,
+    /// Some report was rewritten (an upload that does not check out).
+    changed: bool,
+    /// Ids of the captured files written now.
+    written: Vec<String>,
+    /// Ids of the uploaded files the reports name (and that check out).
+    uploaded: Vec<String>,
+}
+
+/// Captures the large inline outputs ([`publish_all`]) and checks each
+/// uploaded one ([`check_upload`]): a report whose upload does not check
+/// out loses its `stdout_data` and fails with an error that says why.
+fn check_all(d: &DataPlane, mut reports: Vec<Completion>, above: u64) -> Checked {
+    let mut changed = false;
+    let mut uploaded = Vec::new();
+    for c in &mut reports {
+        let Some(data) = &c.stdout_data else {
+            continue;
+        };
+        match check_upload(d, c) {
+            Ok(()) => uploaded.push(data.id.clone()),
+            Err(why) => {
+                tracing::warn!(id = %data.id, host = %c.host, "a report's output upload is refused: {why}");
+                c.error = Some(format!("stdout_data: {why}"));
+                c.stdout_data = None;
+                changed = true;
+            }
+        }
+    }
+    let big: Vec<&Completion> = reports
+        .iter()
+        .filter(|c| c.stdout_data.is_none() && c.succeeded() && c.stdout.len() as u64 > above)
+        .collect();
+    let written = publish_all(d, big);
+    Checked {
+        reports,
+        changed,
+        written,
+        uploaded,
+    }
+}
+
+/// `Ok` when the report's `stdout_data` is this attempt's output id and
+/// the file is complete with the size and digest it names.
+fn check_upload(d: &DataPlane, c: &Completion) -> Result<(), String> {
+    let Some(data) = &c.stdout_data else {
+        return Ok(());
+    };
+    let AttemptRef { job, index, epoch } = &c.attempt;
+    let want = output_id(job, *index, *epoch);
+    if data.id != want {
+        return Err(format!(
+            "id {:?} is not this attempt's output ({want})",
+            data.id
+        ));
+    }
+    let file = d.transfer().store().open_complete(&data.id).map_err(|e| {
+        format!(
+            "{} is not a complete upload on this controller: {e}",
+            data.id
+        )
+    })?;
+    if file.size != data.size || file.digest != data.blake3 {
+        return Err(format!(
+            "{} holds {} bytes with blake3 {}, the report says {} bytes with blake3 {}",
+            data.id, file.size, file.digest, data.size, data.blake3
+        ));
+    }
+    if !c.succeeded() {
+        return Err("only a successful attempt's output is kept".into());
+    }
+    Ok(())
+}
+
 /// Publishes each report's stdout; the ids written now.
-fn publish_all(d: &DataPlane, reports: Vec<Completion>) -> Vec<String> {
+fn publish_all(d: &DataPlane, reports: Vec<&Completion>) -> Vec<String> {
     let mut written = Vec::new();
     for c in reports {
         let AttemptRef { job, index, epoch } = &c.attempt;
