@@ -951,6 +951,17 @@ mod tests {
         assert_eq!(field_of(&format!("{on}slots = 0\n")), "controller.slots");
         assert_eq!(field_of(&format!("{on}slots = 5000\n")), "controller.slots");
         assert_eq!(
+            field_of(&format!("{on}max_output_bytes = 1000\n")),
+            "controller.max_output_bytes"
+        );
+        assert_eq!(
+            Config::parse(&format!("{on}max_output_bytes = 8388608\n"))
+                .unwrap()
+                .controller
+                .max_output_bytes,
+            8 << 20
+        );
+        assert_eq!(
             field_of(&format!("{on}token = \"a b\"\n")),
             "controller.token"
         );

@@ -493,3 +493,39 @@ fn many_subtasks_started_back_to_back_all_complete_with_their_output() {
         assert_eq!(c.stderr, b"err\n");
     }
 }
+
+#[test]
+fn stdout_over_the_cap_spills_whole_and_a_failed_attempt_leaves_no_spill() {
+    let t = tempfile::tempdir().unwrap();
+    let ex = Executor::new(
+        None,
+        "h",
+        Limits {
+            output_cap_bytes: 1000,
+            spill_dir: Some(t.path().to_owned()),
+            max_output_bytes: 1 << 20,
+        },
+    );
+    // 3 MiB of 'y' lines; the file keeps the first 1 MiB.
+    let a = sh("yes | head -c 3145728");
+    let c = ex.start(&a).unwrap().wait();
+    assert!(c.succeeded(), "{c:?}");
+    assert_eq!((c.stdout.len(), c.stdout_size), (1000, 3 << 20));
+    let path = spill_path(t.path(), &a.attempt).unwrap();
+    let kept = std::fs::read(&path).unwrap();
+    assert_eq!(kept.len(), 1 << 20);
+    assert_eq!(&kept[..1000], c.stdout.as_slice());
+    assert!(kept.chunks(2).all(|p| p == b"y\n"));
+
+    // Short: no file. Failed: its file is removed.
+    let mut small = sh("printf 12345");
+    small.attempt.index = 2;
+    let c = ex.start(&small).unwrap().wait();
+    assert_eq!(c.stdout, b"12345");
+    assert!(!spill_path(t.path(), &small.attempt).unwrap().exists());
+    let mut failed = sh("yes | head -c 100000; exit 3");
+    failed.attempt.index = 3;
+    let c = ex.start(&failed).unwrap().wait();
+    assert_eq!((c.exit_code, c.stdout_size), (Some(3), 100_000));
+    assert!(!spill_path(t.path(), &failed.attempt).unwrap().exists());
+}

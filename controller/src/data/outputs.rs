@@ -452,3 +452,76 @@ fn entry(d: &DataPlane, job: &str, stage: &str, a: AttemptRecord) -> OutputEntry
         file,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparegrid_proto::grid::OutputData;
+
+    fn plane(dir: &std::path::Path) -> DataPlane {
+        DataPlane::open_dir(&super::super::DataConfig::default(), dir, 1 << 20).unwrap()
+    }
+
+    fn report(data: Option<OutputData>) -> Completion {
+        Completion {
+            attempt: AttemptRef {
+                job: "j-1".into(),
+                index: 3,
+                epoch: 2,
+            },
+            host: "h".into(),
+            exit_code: Some(0),
+            signal: None,
+            error: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_size: 5,
+            stderr_size: 0,
+            duration_ms: 1,
+            stdout_data: data,
+        }
+    }
+
+    #[test]
+    fn an_upload_is_accepted_only_complete_with_its_size_and_digest() {
+        let t = tempfile::tempdir().unwrap();
+        let d = plane(t.path());
+        let good = OutputData {
+            id: "out-j-1-3-2".into(),
+            size: 5,
+            blake3: blake3::hash(b"hello").to_hex().to_string(),
+        };
+        // Not there yet.
+        let r = check_all(&d, vec![report(Some(good.clone()))], 1 << 20);
+        assert!(r.changed && r.uploaded.is_empty());
+        assert!(r.reports[0].stdout_data.is_none());
+        let err = r.reports[0].error.clone().unwrap();
+        assert!(
+            err.starts_with("stdout_data: out-j-1-3-2 is not a complete upload"),
+            "{err}"
+        );
+
+        d.publish("out-j-1-3-2", "test".into(), b"hello").unwrap();
+        let r = check_all(&d, vec![report(Some(good.clone()))], 1 << 20);
+        assert!(!r.changed, "{:?}", r.reports[0].error);
+        assert_eq!(r.uploaded, vec!["out-j-1-3-2".to_owned()]);
+        assert!(r.reports[0].succeeded());
+
+        let mut other = good.clone();
+        other.blake3 = blake3::hash(b"other").to_hex().to_string();
+        assert!(check_upload(&d, &report(Some(other)))
+            .unwrap_err()
+            .contains("blake3"));
+        let mut short = good.clone();
+        short.size = 4;
+        assert!(check_upload(&d, &report(Some(short))).is_err());
+        let mut elsewhere = good.clone();
+        elsewhere.id = "out-j-1-4-2".into();
+        assert!(check_upload(&d, &report(Some(elsewhere)))
+            .unwrap_err()
+            .contains("not this attempt's output"));
+        let mut failed = report(Some(good));
+        failed.exit_code = Some(1);
+        assert!(check_upload(&d, &failed).is_err());
+    }
+}
