@@ -4,9 +4,12 @@
 //! `Accept-Ranges: bytes`, so `curl -C -` and other resuming clients work.
 //! Partial uploads are never served (404).
 //!
-//! The file is read by a blocking thread in [`READ_CHUNK`] pieces into a
-//! bounded channel of [`READ_QUEUE`] pieces: memory per download is fixed
-//! whatever the file size.
+//! The body is fed by a blocking thread through a bounded channel of
+//! [`READ_QUEUE`] pieces: read-only mappings of the file ([`MAP_CHUNK`]
+//! each, unmapped once the socket took them), so the socket copies from the
+//! page cache directly and memory per download is fixed whatever the file
+//! size. ([`read_into`], plain reads into pooled buffers, feeds the
+//! client's upload body: a source file there may change under it.)
 
 // Handlers return ready HTTP answers as their error; boxing them would
 // only move the allocation.
@@ -181,7 +184,7 @@ async fn serve(
 /// each piece is counted as sent when the connection takes it.
 fn stream(file: std::fs::File, start: u64, end: u64, state: TransferState) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_QUEUE);
-    tokio::task::spawn_blocking(move || read_into(file, start, end, &tx));
+    tokio::task::spawn_blocking(move || map_into(file, start, end, &tx));
     let s = futures_util::stream::unfold((rx, state), |(mut rx, state)| async move {
         let item = rx.recv().await?;
         if let Ok(b) = &item {
@@ -190,6 +193,109 @@ fn stream(file: std::fs::File, start: u64, end: u64, state: TransferState) -> Bo
         Some((item, (rx, state)))
     });
     Body::from_stream(s)
+}
+
+/// Hands `start..end` of `file` to `tx` as [`MAP_CHUNK`] pieces that are
+/// read-only shared mappings of the file (`mmap`, pages populated on this
+/// blocking thread), until the end, an error (sent on) or the receiver
+/// going away. The socket copies straight from the page cache, one copy
+/// per byte instead of two (read into a buffer, then send), which is what
+/// keeps a download near nginx's `sendfile` (hyper cannot `sendfile`).
+/// Each piece is unmapped once the connection has taken it, so the
+/// mapped (resident) part of a download stays at most [`READ_QUEUE`] + 1
+/// pieces. Only complete files are served: the store never writes or
+/// truncates a file in `complete/` (it is published by a rename and
+/// removed by unlink, which leaves a mapping valid), so a mapped page
+/// cannot vanish under the connection.
+fn map_into(
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    let mut pos = start;
+    while pos < end {
+        let n = (end - pos).min(MAP_CHUNK as u64) as usize;
+        let r = Mapped::new(&file, pos, n).map(Bytes::from_owner);
+        let failed = r.is_err();
+        if tx.blocking_send(r).is_err() || failed {
+            return; // client gone, or the map failed (already sent)
+        }
+        pos += n as u64;
+    }
+}
+
+/// Bytes per mapped piece of a download.
+pub const MAP_CHUNK: usize = 2 * 1024 * 1024;
+
+/// A read-only `MAP_SHARED | MAP_POPULATE` mapping of `len` bytes of a
+/// file from `offset` (any offset: the mapping starts at the page before
+/// and `skip` hides the difference). Hand-written on libc (already a
+/// dependency) rather than memmap2: one call, one drop, and the
+/// populate flag.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    /// Mapped length, `skip` included.
+    len: usize,
+    skip: usize,
+}
+
+// SAFETY: the mapping is read-only, owned by this value alone and only
+// read through `&self`; nothing in it is tied to a thread.
+unsafe impl Send for Mapped {}
+// SAFETY: as above: shared access is read-only.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn new(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sysconf has no memory arguments.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            p if p > 0 => p as u64,
+            _ => 4096,
+        };
+        let skip = (offset % page) as usize;
+        let aligned = libc::off_t::try_from(offset - skip as u64)
+            .map_err(|_| std::io::Error::other(format!("offset {offset} too large to map")))?;
+        let len = len + skip;
+        // SAFETY: a fresh read-only mapping at an address the kernel picks,
+        // of a descriptor that stays open for the call; the result is
+        // checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                aligned,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len, skip })
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr + len` is mapped readable until drop; the
+        // file is not truncated under it (see `map_into`).
+        unsafe {
+            std::slice::from_raw_parts((self.ptr as *const u8).add(self.skip), self.len - self.skip)
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no slice of it
+        // outlives `self` (Bytes drops its owner last).
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
 }
 
 /// Reads `start..end` of `file` in [`READ_CHUNK`] pieces into `tx` until

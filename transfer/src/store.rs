@@ -17,7 +17,10 @@
 //! journal, the running blake3 of the current chunk and of the whole file,
 //! and the state at the last durable point (what the journal holds). Data
 //! is written with `pwrite`; at each `checkpoint_bytes` boundary the file
-//! is fdatasynced and the chunk's digest journaled. Any failure in the
+//! is fdatasynced and the chunk's digest journaled, inline by
+//! [`Upload::write`], or by a helper thread while the stream goes on with
+//! [`Upload::write_stream`] (the PATCH path), which drains that helper
+//! before it returns. Any failure in the
 //! middle of a request (broken connection, checksum mismatch, full disk,
 //! too many bytes) cuts the file back to the last durable point with
 //! [`Upload::rollback`], so nothing half-written is ever kept.
@@ -154,6 +157,9 @@ fn open_regular(path: &Path, write: bool) -> Result<File, StoreError> {
     }
     Ok(f)
 }
+
+/// Checkpoints that may wait for [`Upload::write_stream`]'s sync thread.
+const SYNC_QUEUE: usize = 2;
 
 /// Writeback is started every this many bytes written.
 const WRITEBACK_BYTES: u64 = 1024 * 1024;
@@ -354,6 +360,124 @@ impl Upload {
             }
         }
         Ok(())
+    }
+
+    /// Appends every frame `next` yields, like repeated [`Upload::write`],
+    /// but with checkpoints made durable off the writing thread: at each
+    /// boundary the chunk's digest goes to a helper thread that fdatasyncs
+    /// the file and journals the checkpoints that sync covered (several
+    /// with one journal fsync when the disk lags), while this thread keeps
+    /// writing. A checkpoint is journaled only after an fdatasync that
+    /// started after its last byte was written, so the journal never claims
+    /// bytes that are not durable. At most [`SYNC_QUEUE`] checkpoints wait
+    /// for the helper (then the writer waits: the disk sets the pace).
+    /// Before this returns the helper is drained, so every checkpoint
+    /// reached is durable and journaled (or its sync failed and that error
+    /// is returned): a [`Upload::rollback`] after a broken body still loses
+    /// less than one checkpoint. A request with `Upload-Checksum` journals
+    /// its checkpoints only once the checksum matched: it takes the plain
+    /// path. On any error the caller must [`Upload::rollback`].
+    pub fn write_stream<B: AsRef<[u8]>>(
+        &mut self,
+        req: &mut Request,
+        mut next: impl FnMut() -> Option<B>,
+    ) -> Result<(), StoreError> {
+        if req.checksum.is_some() {
+            while let Some(b) = next() {
+                self.write(req, b.as_ref())?;
+            }
+            return Ok(());
+        }
+        let size = self.header().size;
+        let cp = self.header().checkpoint_bytes;
+        let Upload {
+            id,
+            data_path,
+            file,
+            journal,
+            now,
+            durable,
+            tally,
+            kicked,
+        } = self;
+        let (id, data_path, file): (&str, &Path, &File) = (id, data_path, file);
+        // Checkpoints reached and not known to be journaled yet, oldest
+        // first (the newest journaled one is kept as the durable point).
+        let mut reached: std::collections::VecDeque<Snapshot> = Default::default();
+        let synced_to = AtomicU64::new(durable.offset);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, String)>(SYNC_QUEUE);
+        let (written, synced) = std::thread::scope(|s| {
+            let synced_to = &synced_to;
+            let syncer = s.spawn(move || -> Result<(), StoreError> {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let end = batch.last().map_or(0, |c| c.0);
+                    file.sync_data().map_err(|e| io_err(data_path, e))?;
+                    journal.checkpoint_many(batch)?;
+                    synced_to.store(end, Ordering::Release);
+                }
+                Ok(())
+            });
+            let written = (|| -> Result<(), StoreError> {
+                while let Some(b) = next() {
+                    let mut data = b.as_ref();
+                    if now.offset + data.len() as u64 > size {
+                        return Err(StoreError::TooLarge {
+                            id: id.to_owned(),
+                            message: format!(
+                                "more than the declared Upload-Length of {size} bytes"
+                            ),
+                        });
+                    }
+                    while !data.is_empty() {
+                        let to_boundary = cp - now.offset % cp;
+                        let n = (to_boundary as usize).min(data.len());
+                        let (part, rest) = data.split_at(n);
+                        file.write_all_at(part, now.offset)
+                            .map_err(|e| io_err(data_path, e))?;
+                        now.chunk.update(part);
+                        now.whole.update(part);
+                        now.offset += n as u64;
+                        tally.written.fetch_add(n as u64, Ordering::Relaxed);
+                        data = rest;
+                        if now.offset - *kicked >= WRITEBACK_BYTES {
+                            start_writeback(file, *kicked, now.offset - *kicked);
+                            *kicked = now.offset;
+                        }
+                        if now.offset.is_multiple_of(cp) || now.offset == size {
+                            let digest = now.chunk.finalize().to_hex().to_string();
+                            now.chunk.reset();
+                            let done = synced_to.load(Ordering::Acquire);
+                            while reached.len() > 1 && reached[1].offset <= done {
+                                reached.pop_front();
+                            }
+                            reached.push_back(now.clone());
+                            if tx.send((now.offset, digest)).is_err() {
+                                // The helper failed; its error follows.
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(tx);
+            let synced = syncer.join().unwrap_or_else(|_| {
+                Err(StoreError::Io {
+                    path: data_path.to_owned(),
+                    source: std::io::Error::other("the sync thread panicked"),
+                })
+            });
+            (written, synced)
+        });
+        let done = synced_to.load(Ordering::Acquire);
+        if let Some(s) = reached.iter().rev().find(|s| s.offset <= done) {
+            if s.offset > durable.offset {
+                *durable = s.clone();
+            }
+        }
+        written.and(synced)
     }
 
     fn reach_checkpoint(&mut self, req: &mut Request) -> Result<(), StoreError> {
@@ -911,6 +1035,56 @@ mod tests {
             d
         );
         assert!(!store.partial_path("f1").unwrap().exists());
+    }
+
+    #[test]
+    fn streamed_checkpoints_are_journaled_and_a_break_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CP).unwrap();
+        let d = data(5 * CP as usize + 1000);
+        let mut up = store.create(header("s1", &d)).unwrap();
+        // A body that breaks off 3.5 checkpoints in, in odd-sized frames:
+        // every checkpoint reached is journaled (synced by the helper
+        // thread) before write_stream returns, so the rollback keeps 3.
+        let cut = 3 * CP as usize + CP as usize / 2;
+        let mut r = up.begin(0, None).unwrap();
+        let mut frames = d[..cut].chunks(7001);
+        up.write_stream(&mut r, || frames.next()).unwrap();
+        assert_eq!(up.offset(), cut as u64);
+        let cps = up.journal().state().checkpoints.clone();
+        assert_eq!(
+            cps.iter().map(|c| c.end).collect::<Vec<_>>(),
+            vec![CP, 2 * CP, 3 * CP]
+        );
+        for (i, c) in cps.iter().enumerate() {
+            let chunk = &d[i * CP as usize..(i + 1) * CP as usize];
+            assert_eq!(c.blake3, blake3::hash(chunk).to_hex().to_string());
+        }
+        up.rollback();
+        assert_eq!(up.offset(), 3 * CP);
+        assert_eq!(store.discarded_bytes(), (cut as u64) - 3 * CP);
+        // Past the declared length: TooLarge, and the checkpoints reached
+        // before it still count.
+        let mut r = up.begin(3 * CP, None).unwrap();
+        let mut over = d[3 * CP as usize..].to_vec();
+        over.extend_from_slice(b"extra");
+        let mut frames = over.chunks(CP as usize + 3);
+        let e = up.write_stream(&mut r, || frames.next()).unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { .. }), "{e}");
+        up.rollback();
+        assert_eq!(up.offset(), 5 * CP);
+        assert_eq!(up.journal().state().durable(), 5 * CP);
+        // The rest, then the whole digest verifies.
+        let mut r = up.begin(5 * CP, None).unwrap();
+        let mut frames = d[5 * CP as usize..].chunks(300);
+        up.write_stream(&mut r, || frames.next()).unwrap();
+        up.finish(r).unwrap();
+        assert!(up.is_full());
+        store.complete(up).unwrap();
+        assert_eq!(
+            std::fs::read(store.complete_path("s1").unwrap()).unwrap(),
+            d
+        );
     }
 
     #[test]

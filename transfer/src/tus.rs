@@ -558,11 +558,9 @@ async fn write_body(
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
     let writer = tokio::task::spawn_blocking(move || {
-        while let Some(b) = rx.blocking_recv() {
-            if let Err(e) = up.write(&mut req, &b) {
-                up.rollback();
-                return (up, Err(e));
-            }
+        if let Err(e) = up.write_stream(&mut req, || rx.blocking_recv()) {
+            up.rollback();
+            return (up, Err(e));
         }
         (up, Ok(req))
     });
