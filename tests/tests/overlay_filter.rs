@@ -816,6 +816,7 @@ mod vm {
 
     pub fn pool_options() -> LinkOptions {
         LinkOptions {
+            spill: None,
             host: "overlay-host".into(),
             hello_timeout: Duration::from_secs(300),
             heartbeat: Duration::from_secs(1),

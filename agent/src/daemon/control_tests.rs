@@ -135,6 +135,7 @@ fn rig(boot_timeout: Duration, hello_timeout: Duration) -> Rig {
     }));
     let cfg = config(boot_timeout);
     let pool = GuestPool::new(LinkOptions {
+        spill: None,
         host: "h".into(),
         hello_timeout,
         heartbeat: Duration::from_secs(1),

@@ -227,6 +227,13 @@ pub fn run(mut cfg: Config, config_path: Option<PathBuf>) -> Result<(), DaemonEr
     // a VM counts as started once its guest worker answers.
     let pool = runtime.guest_channel("probe").is_some().then(|| {
         crate::guestlink::GuestPool::new(crate::guestlink::LinkOptions {
+            spill: cfg
+                .controller
+                .enabled()
+                .then(|| crate::guestlink::GuestSpill {
+                    dir: crate::grid::outputs::spill_dir(&cfg.agent.data_dir),
+                    max_output_bytes: cfg.controller.max_output_bytes,
+                }),
             host: host.clone(),
             hello_timeout: cfg.policy.boot_timeout,
             heartbeat: GUEST_HEARTBEAT,

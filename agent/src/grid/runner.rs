@@ -1065,6 +1065,7 @@ mod overlay_tests {
             let path = dir.path().join("vm1.channel.sock");
             let l = UnixListener::bind(&path).unwrap();
             let pool = GuestPool::new(LinkOptions {
+                spill: None,
                 host: "h1".into(),
                 hello_timeout: Duration::from_secs(30),
                 heartbeat: Duration::from_millis(50),

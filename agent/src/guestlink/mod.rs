@@ -71,7 +71,13 @@
 //! without an error becomes `"timeout after N ms"`), stdout and stderr
 //! reassembled by offset and capped at `output_cap` with the guest's full
 //! sizes, and `duration_ms` the guest's own (its monotonic clock stops while
-//! the VM is paused). Host-side paused time is in the snapshot.
+//! the VM is paused). Host-side paused time is in the snapshot. With
+//! [`LinkOptions::spill`], the guest is asked for up to
+//! [`LinkOptions::guest_cap`] of each stream (at most `max_output_bytes`
+//! and an eighth of the VM's memory, which the guest keeps for replays),
+//! and stdout past `output_cap` spills to [`crate::subtask::spill_path`]
+//! for the grid client to upload ([`crate::grid::outputs`]); only a
+//! successful subtask keeps its spill file.
 //!
 //! **Tests** (`tests.rs`): a fake guest on a unix listener played with the
 //! proto codec for every failure and the save/replay paths, plus the real
@@ -124,8 +130,54 @@ pub struct LinkOptions {
     pub heartbeat: Duration,
     /// Silence after which a running (not paused) guest is declared dead.
     pub dead_after: Duration,
-    /// Bytes of stdout and of stderr (each) kept per subtask.
+    /// Bytes of stdout and of stderr (each) kept in memory per subtask
+    /// and sent inline.
     pub output_cap: u64,
+    /// Stdout past `output_cap` spills to a file for the grid client to
+    /// upload (none: it is cut at `output_cap`).
+    pub spill: Option<GuestSpill>,
+}
+
+/// Where a guest's long stdout spills ([`LinkOptions::spill`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpill {
+    /// [`crate::subtask::spill_path`] under it.
+    pub dir: PathBuf,
+    /// Most stdout bytes kept (`controller.max_output_bytes`).
+    pub max_output_bytes: u64,
+}
+
+/// The share of a grid VM's memory each output stream may take in the
+/// guest, which keeps what it streams (up to the cap asked of it) for a
+/// replay after a save and restore: 1/8 (stdout and stderr: a quarter).
+const GUEST_OUTPUT_SHARE: u64 = 8;
+
+impl LinkOptions {
+    /// The per-stream cap asked of the guest for a VM of `memory_mib`:
+    /// `output_cap` without a spill, else up to `max_output_bytes` but no
+    /// more than [`GUEST_OUTPUT_SHARE`] of the VM's memory (never below
+    /// `output_cap`).
+    pub fn guest_cap(&self, memory_mib: u64) -> u64 {
+        match &self.spill {
+            None => self.output_cap,
+            Some(sp) => sp
+                .max_output_bytes
+                .min(memory_mib.saturating_mul(1 << 20) / GUEST_OUTPUT_SHARE)
+                .max(self.output_cap),
+        }
+    }
+
+    /// A stdout assembly for `attempt` (spilling when set up to).
+    fn stdout_assembly(&self, attempt: &AttemptRef) -> Assembly {
+        match &self.spill {
+            None => Assembly::new(self.output_cap),
+            Some(sp) => Assembly::with_spill(
+                self.output_cap,
+                crate::subtask::spill_path(&sp.dir, attempt),
+                sp.max_output_bytes,
+            ),
+        }
+    }
 }
 
 /// Why a VM's guest was given up on. Its `Display` says what happened.
@@ -358,6 +410,9 @@ struct Job {
     paused_at_start: Duration,
     /// When it was cancelled, with the VM's `paused_total` then.
     cancelled: Option<(Instant, Duration)>,
+    /// The per-stream cap asked of the guest: every byte up to it must
+    /// arrive before the Result counts.
+    guest_cap: u64,
     stdout: Assembly,
     stderr: Assembly,
     /// A Replay was asked for (after a re-attach): until it has caught up,
@@ -734,6 +789,7 @@ impl GuestPool {
             }
             let cap = self.shared.opts.output_cap;
             let mut v = Vm::new(socket.clone(), now);
+            let stdout = self.shared.opts.stdout_assembly(&held.attempt);
             v.job = Some(Job {
                 id: held.id,
                 attempt: held.attempt,
@@ -741,7 +797,11 @@ impl GuestPool {
                 started: now,
                 paused_at_start: Duration::ZERO,
                 cancelled: None,
-                stdout: Assembly::new(cap),
+                // What the guest was asked for elsewhere is not known:
+                // every byte up to the inline cap must arrive, the rest
+                // spills as it comes.
+                guest_cap: cap,
+                stdout,
                 stderr: Assembly::new(cap),
                 replaying: false,
                 pending: None,
@@ -805,7 +865,7 @@ impl GuestPool {
             env: env_all,
             stdin,
             timeout_ms,
-            output_cap: self.shared.opts.output_cap,
+            output_cap: self.shared.opts.guest_cap(memory_mib),
         });
         // Encoded outside the lock: stdin may be tens of MiB.
         let frame = match encode_frame(&msg, MAX_HOST_FRAME) {
@@ -853,6 +913,7 @@ impl GuestPool {
         if let Some(tx) = vm.session.as_ref().and_then(|s| s.tx.as_ref()) {
             let _ = tx.send(frame);
         }
+        let stdout = self.shared.opts.stdout_assembly(&attempt);
         vm.job = Some(Job {
             id,
             attempt,
@@ -860,7 +921,8 @@ impl GuestPool {
             started: now,
             paused_at_start: vm.paused_now(now),
             cancelled: None,
-            stdout: Assembly::new(cap),
+            guest_cap: self.shared.opts.guest_cap(memory_mib),
+            stdout,
             stderr: Assembly::new(cap),
             replaying: false,
             pending: None,

@@ -488,7 +488,7 @@ impl Session {
         if job
             .pending
             .as_ref()
-            .is_some_and(|(r, _, _)| missing(job, r, self.shared.opts.output_cap).is_none())
+            .is_some_and(|(r, _, _)| missing(job, r, job.guest_cap).is_none())
         {
             if let Some((r, _, _)) = job.pending.take() {
                 return self.on_result(st, r);
@@ -498,7 +498,6 @@ impl Session {
     }
 
     fn on_result(&self, st: &mut Inner, r: SubtaskResult) -> Go {
-        let cap = self.shared.opts.output_cap;
         let now = Instant::now();
         let Some(v) = current(st, &self.vm, self.gen) else {
             return false;
@@ -516,7 +515,7 @@ impl Session {
             return true;
         }
         // Every byte up to the cap must have arrived before the Result.
-        if let Some(detail) = missing(job, &r, cap) {
+        if let Some(detail) = missing(job, &r, job.guest_cap) {
             if job.replaying {
                 tracing::debug!(vm = %self.vm, "result before the replay caught up: {detail}; waiting");
                 if job.pending.is_none() {
@@ -534,7 +533,10 @@ impl Session {
             (None, true) => Some(format!("timeout after {} ms", job.timeout_ms)),
             (None, false) => None,
         };
-        let (stdout, stderr) = (job.stdout.into_bytes(), job.stderr.into_bytes());
+        let ok = error.is_none() && r.exit_code == Some(0) && r.signal.is_none();
+        // The spill file stays for the upload only when the subtask succeeded.
+        let (stdout, _spilled) = job.stdout.finish(ok);
+        let stderr = job.stderr.into_bytes();
         let c = Completion {
             stdout_data: None,
             attempt: job.attempt,

@@ -24,6 +24,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 fn opts() -> LinkOptions {
     LinkOptions {
+        spill: None,
         host: "h1".into(),
         hello_timeout: Duration::from_secs(30),
         heartbeat: Duration::from_millis(50),
@@ -1211,4 +1212,46 @@ fn the_real_guest_worker_honours_cancel() {
     wait_for(&pool, "idle again", || (pool.idle() == 1).then_some(()));
     assert!(pool.take_ended().is_empty());
     assert!(pool.take_failed().is_empty());
+}
+
+#[test]
+fn a_long_guest_stdout_spills_whole_and_a_failed_one_leaves_no_file() {
+    let spill = tempfile::tempdir().unwrap();
+    let (_dir, pool, mut g, _) = ready_pool(LinkOptions {
+        output_cap: 1000,
+        spill: Some(GuestSpill {
+            dir: spill.path().to_owned(),
+            max_output_bytes: 1 << 30,
+        }),
+        ..opts()
+    });
+    // 128 MiB of VM memory: the guest may keep 16 MiB of each stream.
+    assert_eq!(pool.options().guest_cap(128), 16 << 20);
+    assert_eq!(opts().guest_cap(128), 1 << 20, "no spill: the inline cap");
+    let total: u64 = 3 << 20;
+    let data: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+    pool.start(assignment(40)).unwrap();
+    let r = g.run_subtask();
+    assert_eq!(r.output_cap, 16 << 20);
+    for (i, chunk) in data
+        .chunks(sparegrid_proto::guest::OUTPUT_CHUNK)
+        .enumerate()
+    {
+        let at = (i * sparegrid_proto::guest::OUTPUT_CHUNK) as u64;
+        g.output(r.id, Stream::Stdout, at, chunk);
+    }
+    g.result(r.id, 0, total, 0);
+    let c = completed(wait_ended(&pool));
+    assert_eq!((c.stdout.as_slice(), c.stdout_size), (&data[..1000], total));
+    let path = crate::subtask::spill_path(spill.path(), &attempt(40)).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+
+    pool.start(assignment(41)).unwrap();
+    let r = g.run_subtask();
+    g.output(r.id, Stream::Stdout, 0, &data[..5000]);
+    g.result(r.id, 1, 5000, 0);
+    let c = completed(wait_ended(&pool));
+    assert_eq!((c.exit_code, c.stdout_size), (Some(1), 5000));
+    let path = crate::subtask::spill_path(spill.path(), &attempt(41)).unwrap();
+    assert!(!path.exists(), "a failed subtask keeps no spill file");
 }

@@ -373,6 +373,7 @@ fn bench_interference(image: &std::path::Path, run: Duration, rounds: usize) {
 /// keeps all 100 MiB), generous watchdogs.
 fn bench_pool(host: &str) -> Arc<GuestPool> {
     GuestPool::new(LinkOptions {
+        spill: None,
         host: host.to_string(),
         hello_timeout: Duration::from_secs(300),
         heartbeat: Duration::from_secs(1),
