@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A chunk that starts after the end of what arrived so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
