@@ -831,3 +831,60 @@ fn output_upload_requests_with_bad_fields_are_refused_naming_them() {
     let (status, _) = ask_output(&url, &c.tokens.submit, &good);
     assert_eq!(status, 403);
 }
+
+#[test]
+fn root_an_output_is_cut_inline_when_the_controller_serves_no_data() {
+    const T: &str = "root_an_output_is_cut_inline_when_the_controller_serves_no_data";
+    if skip_unless_root(T) {
+        return;
+    }
+    let mut c = Cluster::start_controller(|conf| {
+        conf.sections.set("data", "enabled", false);
+    });
+    let a = c.add_agent("data-none", 1, AgentLoad::MemoryOnly);
+    c.wait_hosts("data-none to be eligible", secs(60), |v| {
+        host(v, "data-none")
+            .is_some_and(|h| h.state == HostState::Active && h.eligible && !h.breakdown.is_empty())
+            .then_some(())
+    });
+    let url = c.controller.url();
+    let state = c.dir().join("cli-state");
+    let job = write_big_job(c.dir());
+    let sub: Value = serde_json::from_str(
+        ok(
+            sparegrid(
+                &url,
+                &c.tokens.submit,
+                &state,
+                &["--json", "submit", job.to_str().unwrap()],
+            ),
+            "submit",
+        )
+        .trim(),
+    )
+    .unwrap();
+    let job_id = sub["id"].as_str().unwrap().to_owned();
+    let end = c.wait_job_end(&job_id, secs(180), |_| {});
+    assert_eq!(
+        end.job.state,
+        JobState::Done,
+        "{:?}\n{}",
+        end.job,
+        c.report()
+    );
+    let log = c.agents[a].agent.log();
+    assert!(
+        log.contains(&format!(
+            "output of {BIG} bytes not uploaded, sending its first 1048576 bytes inline"
+        )) && log.contains("no_data"),
+        "{log}"
+    );
+    let spill_dir = c.agents[a].data_dir().join("outputs");
+    let left: Vec<_> = std::fs::read_dir(&spill_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "out"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "spill files left: {left:?}");
+}
