@@ -440,6 +440,24 @@ pub struct CompletionDoc {
     pub stdout_size: u64,
     pub stderr_size: u64,
     pub duration_ms: u64,
+    /// Stdout too large to send inline, uploaded to `/v1/data` (granted by
+    /// `POST /v1/agents/outputs`); `stdout` is then empty. Absent from
+    /// older agents.
+    #[serde(default)]
+    pub stdout_data: Option<OutputDataDoc>,
+}
+
+/// An uploaded stdout ([`CompletionDoc::stdout_data`]): the controller
+/// accepts the report only when the file is complete with this size and
+/// digest.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = OutputData)]
+pub struct OutputDataDoc {
+    /// `out-<job>-<index>-<epoch>`.
+    pub id: String,
+    pub size: u64,
+    /// blake3, hex.
+    pub blake3: String,
 }
 
 /// What became of one completion report.
@@ -779,6 +797,56 @@ pub struct RelaySlotDoc {
 #[allow(dead_code)]
 fn agent_migrations_relay() {}
 
+/// `POST /v1/agents/outputs` body (MessagePack): room on `/v1/data` for
+/// a stdout too large to send inline.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = OutputRequest)]
+pub struct OutputRequestDoc {
+    /// The asking host; it must hold `attempt`.
+    pub host: String,
+    pub attempt: AttemptRefDoc,
+    /// 1..=`data.max_upload_bytes`.
+    pub size: u64,
+    /// blake3 of the output, 64 lowercase hex digits.
+    pub blake3: String,
+}
+
+/// Where and how to upload it (MessagePack).
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = OutputGrant)]
+pub struct OutputGrantDoc {
+    /// The transfer id, `out-<job>-<index>-<epoch>`.
+    pub id: String,
+    /// The controller's transfer endpoint, relative to its URL (`/v1/data`).
+    pub transfer_path: String,
+    /// Upload token for `id` only.
+    pub token: String,
+    /// The controller's checkpoint size.
+    pub checkpoint_bytes: u64,
+    /// The file is there already with this size and digest.
+    pub complete: bool,
+}
+
+/// An upload of a subtask's stdout too large to send inline (tus under
+/// `/v1/data/v1/files/<id>`); the completion then names it in
+/// `stdout_data`.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/outputs",
+    tag = "agents",
+    request_body(content = OutputRequestDoc, content_type = "application/msgpack"),
+    responses(
+        (status = 200, description = "The upload", content_type = "application/msgpack", body = OutputGrantDoc),
+        (status = 400, description = "`malformed_msgpack`, or `invalid_field` naming `size`, `blake3` or `attempt.job`", body = ErrorBody),
+        (status = 409, description = "`not_current` (field `attempt`: the host does not hold it) or `no_data` (`[data] enabled = false`)", body = ErrorBody),
+        (status = 413, description = "The body is over `dispatch.max_agent_body_bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/msgpack`", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn agent_outputs() {}
+
 /// `POST /v1/agents/migrations/forward` body (MessagePack): the source
 /// cannot reach the target's agent API.
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -970,6 +1038,7 @@ impl Modify for RoleSecurity {
         agent_migrations,
         agent_migrations_adopt,
         agent_migrations_relay,
+        agent_outputs,
         agent_migrations_forward,
         agent_images,
         crate::agents::leases::lease,
@@ -984,6 +1053,9 @@ impl Modify for RoleSecurity {
         AdoptedAttemptDoc,
         RelayRequestDoc,
         RelaySlotDoc,
+        OutputRequestDoc,
+        OutputGrantDoc,
+        OutputDataDoc,
         ForwardRequestDoc,
         MigrationAnswerDoc,
         ImageSourceDoc,
