@@ -11,6 +11,9 @@
 //!    reqwest, one PATCH streamed from the file) uploads the file; MiB/s
 //!    from the first request to the 204 (the client's blake3 of the file
 //!    before that is timed separately). Target ≥ 0.8 of our download.
+//!    Then the disk's own ceiling: the same size written in 1 MiB blocks
+//!    and fdatasynced once, beside the upload's ratio to it (an upload is
+//!    durable before its 204, so the disk bounds it).
 //! 2. Download: `curl -o /dev/null` of the uploaded file from our endpoint
 //!    and from a Debian nginx (own temporary config, a free loopback port,
 //!    `sendfile on`, serving a hard link to the same file, so the same
@@ -150,6 +153,22 @@ fn make_file(path: &Path, size: u64) -> Result<()> {
     }
     f.flush()?;
     Ok(())
+}
+
+/// Time to write `size` bytes to a new file at `path` in 1 MiB blocks and
+/// fdatasync it once.
+fn disk_ceiling(path: &Path, size: u64) -> Result<Duration> {
+    let block = vec![0x5au8; MIB as usize];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(path)?;
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.sync_data()?;
+    Ok(t.elapsed())
 }
 
 fn mibs(bytes: u64, d: Duration) -> f64 {
@@ -385,6 +404,24 @@ async fn run(args: Args) -> Result<()> {
             verdict(ratio >= 0.8)
         );
     }
+    // What the disk under --dir absorbs: an upload is durable before its
+    // 204 (fsync, then the rename), so it cannot be faster than this.
+    let disk = {
+        let p = root.join("disk-ceiling.bin");
+        let r = tokio::task::spawn_blocking(move || {
+            let r = disk_ceiling(&p, size);
+            let _ = std::fs::remove_file(&p);
+            r
+        })
+        .await??;
+        mibs(size, r)
+    };
+    println!(
+        "disk ceiling under {} (write {} MiB + one fdatasync, no hashing): {disk:.0} MiB/s; upload / disk ceiling: {:.2}",
+        args.dir.display(),
+        args.size_mib,
+        upload_mibs / disk
+    );
 
     // 3. Resume cost.
     if want("resume") {
