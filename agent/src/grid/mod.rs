@@ -15,7 +15,10 @@
 //!   ([`Release`], `POST /v1/agents/release`), with exponential backoff
 //!   (0.2 s doubling to 10 s) while the controller cannot be reached.
 //!   Completions or releases the controller refuses outright (400/413/415)
-//!   are logged and dropped.
+//!   are logged and dropped. A successful completion whose stdout spilled
+//!   past the 1 MiB sent inline is first uploaded to the controller on a
+//!   thread of its own ([`outputs`]) and comes back to the outbox with
+//!   `stdout_data`.
 //! - **runner** (`sparegrid-grid-runner`): starts queued assignments with
 //!   the runner's [`Backend`] (host processes in the daemon's grid cgroup
 //!   with the process runtime, grid VMs over the guest channel with
@@ -1007,7 +1010,14 @@ fn run_client(mut client: ControllerClient, inner: &Inner, shared: &Shared) {
                     runner,
                 );
                 // Pull mode: every held lease renews in this one batch.
-                hb.renew = inner.leases.to_renew(&hb.running);
+                // Outputs still uploading hold their lease too.
+                let held: Vec<sparegrid_proto::grid::AttemptRef> = hb
+                    .running
+                    .iter()
+                    .cloned()
+                    .chain(inner.outputs.uploading_attempts())
+                    .collect();
+                hb.renew = inner.leases.to_renew(&held);
                 if let Some(node) = &inner.node {
                     hb.steals = node.steals_to_report();
                 }

@@ -22,7 +22,8 @@
 //! spill file and the client journal are removed once the upload is over
 //! either way (the controller holds the verified copy); files left by an
 //! agent that stopped meanwhile are removed at the next start
-//! ([`Outputs::open`]).
+//! ([`Outputs::open`]). In pull mode the heartbeat renews the leases of
+//! attempts still uploading, like running ones.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -88,12 +89,15 @@ impl Outputs {
         spill_path(&self.dir, &c.attempt).filter(|p| p.is_file())
     }
 
-    /// Attempts being uploaded now.
-    pub fn uploading(&self) -> usize {
+    /// Attempts whose output is being uploaded now (pull mode renews
+    /// their leases).
+    pub fn uploading_attempts(&self) -> Vec<AttemptRef> {
         self.busy
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
