@@ -155,7 +155,7 @@ const GUEST_OUTPUT_SHARE: u64 = 8;
 impl LinkOptions {
     /// The per-stream cap asked of the guest for a VM of `memory_mib`:
     /// `output_cap` without a spill, else up to `max_output_bytes` but no
-    /// more than [`GUEST_OUTPUT_SHARE`] of the VM's memory (never below
+    /// more than an eighth of the VM's memory (never below
     /// `output_cap`).
     pub fn guest_cap(&self, memory_mib: u64) -> u64 {
         match &self.spill {
