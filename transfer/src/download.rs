@@ -216,7 +216,14 @@ fn map_into(
     let mut pos = start;
     while pos < end {
         let n = (end - pos).min(MAP_CHUNK as u64) as usize;
-        let r = Mapped::new(&file, pos, n).map(Bytes::from_owner);
+        let r = match Mapped::new(&file, pos, n) {
+            Ok(m) => Ok(Bytes::from_owner(m)),
+            // A file system that cannot map (ENODEV): plain reads.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                return read_into(file, pos, end, tx);
+            }
+            Err(e) => Err(e),
+        };
         let failed = r.is_err();
         if tx.blocking_send(r).is_err() || failed {
             return; // client gone, or the map failed (already sent)
@@ -389,6 +396,30 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Whole);
         assert_eq!(parse_range("items=0-1", 100), Whole);
         assert_eq!(parse_range("bytes=x-", 100), Whole);
+    }
+
+    #[test]
+    fn mapped_pieces_carry_the_exact_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..2 * MAP_CHUNK + 12_345)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        // An unaligned start, several pieces, an unaligned end.
+        for (start, end) in [(4097, data.len() - 3), (0, data.len()), (10, 11)] {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(READ_QUEUE);
+            let file = std::fs::File::open(&path).unwrap();
+            let reader = std::thread::spawn(move || map_into(file, start as u64, end as u64, &tx));
+            let mut got = Vec::new();
+            while let Some(piece) = rx.blocking_recv() {
+                let piece = piece.unwrap();
+                assert!(piece.len() <= MAP_CHUNK);
+                got.extend_from_slice(&piece);
+            }
+            reader.join().unwrap();
+            assert_eq!(got, &data[start..end], "range {start}..{end}");
+        }
     }
 
     #[test]
