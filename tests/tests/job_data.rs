@@ -626,22 +626,29 @@ fn bad_data_references_and_tokens_are_refused() {
     assert_eq!((s, e["code"].as_str()), (404, Some("job_not_found")), "{e}");
 }
 
-/// Stdout of the big-output subtask: 8 MiB of a repeating 251-byte
-/// pattern (so a byte out of place shows), far over the 1 MiB an agent
-/// sends inline.
-const BIG: usize = 8 << 20;
+/// Stdout of the big-output subtask: 8 MiB (or
+/// `$SPAREGRID_TEST_BIG_OUTPUT_MIB` MiB, for a figure) of a repeating
+/// 251-byte pattern (so a byte out of place shows), far over the 1 MiB an
+/// agent sends inline.
+fn big() -> usize {
+    std::env::var("SPAREGRID_TEST_BIG_OUTPUT_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(8 << 20, |m| m << 20)
+}
 
 fn big_output() -> Vec<u8> {
-    (0..BIG).map(|i| (i % 251) as u8).collect()
+    (0..big()).map(|i| (i % 251) as u8).collect()
 }
 
 /// A one-subtask job printing [`big_output`], then sleeping a moment so
 /// the spill file can be seen while the subtask still runs.
 fn write_big_job(dir: &Path) -> PathBuf {
+    let big = big();
     let script = format!(
         "import sys, time\n\
          p = bytes(range(251))\n\
-         sys.stdout.buffer.write((p * ({BIG} // 251 + 1))[:{BIG}])\n\
+         sys.stdout.buffer.write((p * ({big} // 251 + 1))[:{big}])\n\
          sys.stdout.flush()\n\
          time.sleep(3)\n"
     );
@@ -700,6 +707,7 @@ fn root_an_output_over_the_inline_cap_is_uploaded_whole_and_fetched() {
     let token = c.tokens.submit.clone();
     let state = c.dir().join("cli-state");
     let job = write_big_job(c.dir());
+    let t0 = std::time::Instant::now();
     let sub: Value = serde_json::from_str(
         ok(
             sparegrid(
@@ -715,6 +723,12 @@ fn root_an_output_over_the_inline_cap_is_uploaded_whole_and_fetched() {
     .unwrap();
     let job_id = sub["id"].as_str().unwrap().to_owned();
     let end = c.wait_job_end(&job_id, secs(180), |_| {});
+    // A figure, not an assertion: submit to done, including the upload.
+    eprintln!(
+        "{} MiB output: submit to done in {:.2?}",
+        big() >> 20,
+        t0.elapsed()
+    );
     stop.store(true, Ordering::SeqCst);
     let largest = watcher.join().unwrap();
     assert_eq!(
@@ -749,13 +763,14 @@ fn root_an_output_over_the_inline_cap_is_uploaded_whole_and_fetched() {
     let want = big_output();
     let digest = blake3::hash(&want).to_hex().to_string();
     let o = &list["outputs"][0];
-    assert_eq!(o["size"], BIG as u64, "{list}");
-    assert_eq!(o["file"]["size"], BIG as u64, "{list}");
+    assert_eq!(o["size"], want.len() as u64, "{list}");
+    assert_eq!(o["file"]["size"], want.len() as u64, "{list}");
     assert_eq!(o["file"]["blake3"], digest.as_str(), "{list}");
 
     // `sparegrid results --output DIR/` writes exactly those bytes.
     let out_dir = c.dir().join("big-out");
     let dir_arg = format!("{}/", out_dir.display());
+    let t1 = std::time::Instant::now();
     let summary: Value = serde_json::from_str(
         ok(
             sparegrid(
@@ -769,9 +784,10 @@ fn root_an_output_over_the_inline_cap_is_uploaded_whole_and_fetched() {
         .trim(),
     )
     .unwrap();
+    eprintln!("results --output fetched it in {:.2?}", t1.elapsed());
     assert_eq!(summary["outputs"][0]["fetched"], true, "{summary}");
     let got = std::fs::read(out_dir.join("subtask-00000.out")).unwrap();
-    assert_eq!(got.len(), BIG);
+    assert_eq!(got.len(), want.len());
     assert_eq!(blake3::hash(&got).to_hex().to_string(), digest);
     let log = c.agents[a].agent.log();
     assert!(log.contains("output uploaded to the controller"), "{log}");
@@ -875,7 +891,8 @@ fn root_an_output_is_cut_inline_when_the_controller_serves_no_data() {
     let log = c.agents[a].agent.log();
     assert!(
         log.contains(&format!(
-            "output of {BIG} bytes not uploaded, sending its first 1048576 bytes inline"
+            "output of {} bytes not uploaded, sending its first 1048576 bytes inline",
+            big()
         )) && log.contains("no_data"),
         "{log}"
     );
