@@ -96,7 +96,28 @@ struct Uplink {
 }
 
 impl Uplink {
+    /// Takes 192.168.77.1/24 in the root namespace. Called under [`lock`],
+    /// so any `sgov*` link that already holds an address in the subnet is a
+    /// leftover of a run that was killed before its drop (its lab's
+    /// namespaces are still there): it is removed, because with two routes
+    /// to 192.168.77.0/24 the replies to the agents would leave through the
+    /// stale one and every connection would time out. Another interface in
+    /// the subnet is not ours to remove: the test stops and names it.
     fn create(lab: &Lab) -> Uplink {
+        let held = lab::run_out("ip", &["-o", "-4", "addr", "show", "to", "192.168.77.0/24"]);
+        for line in held.lines() {
+            // "7: sgov234420@if6    inet 192.168.77.1/24 …"
+            let Some(name) = line.split_whitespace().nth(1) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or(name);
+            assert!(
+                name.starts_with("sgov"),
+                "{name} already holds an address in 192.168.77.0/24, which this test needs: {line}"
+            );
+            eprintln!("removing {name}, a stale uplink left by a killed run: {line}");
+            lab::run("ip", &["link", "del", name]);
+        }
         let up = Uplink {
             root_if: format!("sgov{}", lab.id),
         };

@@ -228,7 +228,7 @@ impl ControllerClient {
         }
         let resp = req.send().map_err(|e| ClientError::Http {
             url: url.clone(),
-            message: e.to_string(),
+            message: with_causes(&e),
         })?;
         let status = resp.status();
         let body = resp.bytes().map_err(|e| ClientError::Http {
@@ -280,4 +280,43 @@ pub(crate) fn ca_certs(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientE
         return Err(err("holds no PEM certificate".into()));
     }
     Ok(certs)
+}
+
+/// `e` and its sources, joined with ": ". reqwest's own text stops at
+/// "error sending request for url (…)"; the cause (refused, timed out,
+/// no route) is what an operator needs.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let s = src.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cur = src.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transport_error_names_its_cause() {
+        // A port nobody listens on: the connection is refused, and the
+        // message must say so, not only "error sending request".
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .unwrap_err();
+        let text = with_causes(&e);
+        assert!(text.starts_with("error sending request"), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
 }

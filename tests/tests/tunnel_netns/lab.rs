@@ -84,6 +84,13 @@ pub fn run(cmd: &str, args: &[&str]) {
     }
 }
 
+/// Runs a command on the host and returns its stdout; panics naming it
+/// when it fails.
+#[allow(dead_code)] // not every test file that includes the lab uses it
+pub fn run_out(cmd: &str, args: &[&str]) -> String {
+    try_run(cmd, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
 pub fn try_run(cmd: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(cmd)
         .args(args)
