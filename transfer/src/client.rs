@@ -29,6 +29,7 @@ use futures_util::StreamExt;
 
 use super::journal::{Header, Journal, JournalError};
 use super::store::unix;
+use super::tree;
 use super::tus::{CHECKPOINT, OFFSET_OCTET_STREAM, TUS_VERSION};
 
 /// Why a client transfer failed; names the URL or file.
@@ -102,6 +103,37 @@ pub fn hash_range(file: &File, start: u64, end: u64) -> std::io::Result<blake3::
     Ok(h.finalize())
 }
 
+/// In one pass over `[0, size)` of `file`: the whole blake3 (hex) and the
+/// chaining value of every `cp` chunk by end offset, as the journals record
+/// them ([`super::tree`]).
+pub fn digest_chunks(
+    file: &File,
+    size: u64,
+    cp: u64,
+) -> std::io::Result<(String, HashMap<u64, String>)> {
+    let mut chunks = tree::Chunks::default();
+    let mut by_end = HashMap::new();
+    let mut start = 0;
+    while start < size {
+        let end = (start + cp).min(size);
+        let mut h = tree::chunk_hasher(start);
+        let mut buf = vec![0u8; (1 << 20).min(end - start) as usize];
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], pos)?;
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        by_end.insert(end, tree::to_hex(&chunks.push(&h)));
+        start = end;
+    }
+    let whole = chunks
+        .whole(size, cp)
+        .ok_or_else(|| std::io::Error::other("the chunks do not cover the file"))?;
+    Ok((whole.to_hex().to_string(), by_end))
+}
+
 /// The blake3 of a whole file, hex.
 pub fn hash_file(path: &Path) -> Result<String, ClientError> {
     let f = File::open(path).map_err(io(path))?;
@@ -155,16 +187,31 @@ pub async fn upload(
 ) -> Result<UploadReport, ClientError> {
     let url = format!("{base}{}/{id}", super::FILES);
     let jpath = journal_dir.join(format!("{id}.up"));
+    tree::check_chunk_len(opts.checkpoint_bytes).map_err(|m| ClientError::Protocol {
+        url: url.clone(),
+        message: format!("checkpoint_bytes {m}"),
+    })?;
     let file = File::open(path).map_err(io(path))?;
     let size = file.metadata().map_err(io(path))?.len();
+    // Chunk digests from the pass that computes the whole digest: the
+    // stream then sends without hashing again.
+    let mut known = HashMap::new();
     let mut journal = match Journal::open(&jpath) {
-        Ok(j) if j.state().header.size == size => j,
+        Ok(j)
+            if j.state().header.size == size
+                && j.state().header.checkpoint_bytes == opts.checkpoint_bytes =>
+        {
+            j
+        }
         _ => {
             let _ = std::fs::remove_file(&jpath);
-            let p = path.to_owned();
-            let digest = tokio::task::spawn_blocking(move || hash_file(&p))
+            let f = file.try_clone().map_err(io(path))?;
+            let cp = opts.checkpoint_bytes;
+            let (digest, chunks) = tokio::task::spawn_blocking(move || digest_chunks(&f, size, cp))
                 .await
-                .map_err(|e| io(path)(std::io::Error::other(e)))??;
+                .map_err(|e| io(path)(std::io::Error::other(e)))?
+                .map_err(io(path))?;
+            known = chunks;
             Journal::create(
                 &jpath,
                 Header {
@@ -211,11 +258,16 @@ pub async fn upload(
                     (end - 1) / cp.max(1) * cp
                 };
                 let f = file.try_clone().map_err(io(path))?;
-                let ours = tokio::task::spawn_blocking(move || hash_range(&f, start, end))
+                let ours = match known.get(&end) {
+                    Some(d) => d.clone(),
+                    None => tokio::task::spawn_blocking(move || {
+                        tree::chunk_of_file(&f, start, end).map(|cv| tree::to_hex(&cv))
+                    })
                     .await
                     .map_err(|e| io(path)(std::io::Error::other(e)))?
-                    .map_err(io(path))?;
-                if ours.to_hex().as_str() != d {
+                    .map_err(io(path))?,
+                };
+                if ours != d {
                     return Err(ClientError::Protocol {
                         url,
                         message: format!(
@@ -250,7 +302,7 @@ pub async fn upload(
         _ => return Err(status_error(&url, r).await),
     };
     // Journal what the server acknowledged (chunk digests of our file).
-    record_acked(&mut journal, &file, offset, &HashMap::new()).map_err(|e| match e {
+    record_acked(&mut journal, &file, offset, &known).map_err(|e| match e {
         ClientError::Io { source, .. } => io(path)(source),
         e => e,
     })?;
@@ -266,11 +318,18 @@ pub async fn upload(
     }
     let counter = opts.sent.clone();
     let before = counter.load(Ordering::Relaxed);
-    let digests = Arc::new(Mutex::new(HashMap::new()));
+    // Hash on the way only when the chunks are not known already (a
+    // resumed upload).
+    let hash_cp = if known.is_empty() {
+        journal.state().header.checkpoint_bytes
+    } else {
+        0
+    };
+    let digests = Arc::new(Mutex::new(known));
     let body = reqwest::Body::wrap_stream(read_stream(
         file.try_clone().map_err(io(path))?,
         (offset, size),
-        journal.state().header.checkpoint_bytes,
+        hash_cp,
         counter.clone(),
         digests.clone(),
     ));
@@ -326,13 +385,12 @@ fn record_acked(
         }
         let d = match known.get(&end) {
             Some(d) => d.clone(),
-            None => hash_range(file, start, end)
+            None => tree::chunk_of_file(file, start, end)
+                .map(|cv| tree::to_hex(&cv))
                 .map_err(|source| ClientError::Io {
                     path: PathBuf::from(&h.source),
                     source,
-                })?
-                .to_hex()
-                .to_string(),
+                })?,
         };
         new.push((end, d));
         start = end;
@@ -347,9 +405,10 @@ fn header_u64(r: &reqwest::Response, name: &str) -> Option<u64> {
 }
 
 /// Bytes `[start, end)` of `file` as a stream read by a blocking thread;
-/// `counter` counts what the connection took. When `start` is on a
-/// checkpoint boundary, each chunk's blake3 is computed on the way and put
-/// in `digests` (by end offset), so acknowledging needs no second read.
+/// `counter` counts what the connection took. When `cp` is not 0 and
+/// `start` is on a checkpoint boundary, each chunk's chaining value is
+/// computed on the way and put in `digests` (by end offset), so
+/// acknowledging needs no second read.
 fn read_stream(
     file: File,
     (start, end): (u64, u64),
@@ -361,7 +420,11 @@ fn read_stream(
         tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(super::download::READ_QUEUE);
     tokio::task::spawn_blocking(move || super::download::read_into(file, start, end, &tx));
     let hashing = cp > 0 && start % cp == 0;
-    let state = (rx, blake3::Hasher::new(), start);
+    let state = (
+        rx,
+        tree::chunk_hasher(if hashing { start } else { 0 }),
+        start,
+    );
     futures_util::stream::unfold(state, move |(mut rx, mut hasher, mut pos)| {
         let counter = counter.clone();
         let digests = digests.clone();
@@ -376,8 +439,8 @@ fn read_stream(
                     pos += n as u64;
                     data = &data[n..];
                     if pos % cp == 0 || pos == end {
-                        let d = hasher.finalize().to_hex().to_string();
-                        hasher.reset();
+                        let d = tree::chunk_digest(&hasher);
+                        tree::next_chunk(&mut hasher, pos);
                         if let Ok(mut m) = digests.lock() {
                             m.insert(pos, d);
                         }
@@ -412,7 +475,13 @@ pub async fn download(
 ) -> Result<DownloadReport, ClientError> {
     let part = with_suffix(dest, ".part");
     let jpath = with_suffix(dest, ".journal");
-    let mut journal = Journal::open(&jpath).ok();
+    tree::check_chunk_len(checkpoint_bytes).map_err(|m| ClientError::Protocol {
+        url: url.to_owned(),
+        message: format!("checkpoint_bytes {m}"),
+    })?;
+    let mut journal = Journal::open(&jpath)
+        .ok()
+        .filter(|j| j.state().header.checkpoint_bytes == checkpoint_bytes);
     let resume_at = journal.as_ref().map_or(0, |j| j.state().durable());
     let mut req = client.get(url).bearer_auth(token);
     if let (Some(j), true) = (&journal, resume_at > 0) {
@@ -467,7 +536,7 @@ pub async fn download(
             },
         )?,
     };
-    let cp = journal.state().header.checkpoint_bytes.max(1);
+    let cp = journal.state().header.checkpoint_bytes;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -476,9 +545,20 @@ pub async fn download(
         .open(&part)
         .map_err(io(&part))?;
     file.set_len(start).map_err(io(&part))?;
-    // Rebuild the chunk hash of a partial last chunk (resume mid-chunk).
+    // The chunks before `start` by their journaled chaining values; the
+    // hash of a partial last chunk is rebuilt (resume mid-chunk).
     let chunk_start = start / cp * cp;
-    let mut chunk = blake3::Hasher::new();
+    let mut chunks = tree::Chunks::default();
+    for c in &journal.state().checkpoints {
+        if c.end > chunk_start {
+            break;
+        }
+        match tree::from_hex(&c.blake3) {
+            Some(cv) => chunks.push_cv(cv),
+            None => break, // a journal of another version: hashed below
+        }
+    }
+    let mut chunk = tree::chunk_hasher(chunk_start);
     if start > chunk_start {
         let mut buf = vec![0u8; (start - chunk_start) as usize];
         file.read_exact_at(&mut buf, chunk_start)
@@ -506,8 +586,9 @@ pub async fn download(
             data = &data[n..];
             if pos.is_multiple_of(cp) || pos == size {
                 file.sync_data().map_err(io(&part))?;
-                journal.checkpoint(pos, chunk.finalize().to_hex().to_string())?;
-                chunk.reset();
+                let cv = chunks.push(&chunk);
+                journal.checkpoint(pos, tree::to_hex(&cv))?;
+                tree::next_chunk(&mut chunk, pos);
             }
         }
     }
@@ -519,14 +600,26 @@ pub async fn download(
         });
     }
     let expected = journal.state().header.digest.clone();
-    let f = file.try_clone().map_err(io(&part))?;
-    let actual = tokio::task::spawn_blocking(move || hash_range(&f, 0, size))
-        .await
-        .map_err(|e| io(&part)(std::io::Error::other(e)))?
-        .map_err(io(&part))?
-        .to_hex()
-        .to_string();
+    // Merged from the chunks hashed on the way; read back only when they
+    // do not cover the file (a one-chunk file finished by an earlier call,
+    // or a journal of another version).
+    let actual = match chunks.whole(size, cp) {
+        Some(h) => h.to_hex().to_string(),
+        None => {
+            let f = file.try_clone().map_err(io(&part))?;
+            tokio::task::spawn_blocking(move || hash_range(&f, 0, size))
+                .await
+                .map_err(|e| io(&part)(std::io::Error::other(e)))?
+                .map_err(io(&part))?
+                .to_hex()
+                .to_string()
+        }
+    };
     if actual != expected {
+        // Nothing of a bad file is kept: the next try starts over.
+        drop(journal);
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(&jpath);
         return Err(ClientError::Digest {
             path: part,
             expected,

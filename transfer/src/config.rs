@@ -104,6 +104,9 @@ impl TransferConfig {
                 ),
             ));
         }
+        // Chunks must be whole subtrees of the blake3 tree (super::tree).
+        crate::tree::check_chunk_len(self.checkpoint_bytes)
+            .map_err(|m| invalid("checkpoint_bytes", m))?;
         if self.max_upload_bytes == 0 {
             return Err(invalid("max_upload_bytes", "must be above 0"));
         }
@@ -204,6 +207,11 @@ mod tests {
         assert_eq!(field_of("dir = \"../etc\"\n"), "transfer.dir");
         assert_eq!(
             field_of("checkpoint_bytes = 100\n"),
+            "transfer.checkpoint_bytes"
+        );
+        // In range but not a power of two: the digest tree cannot use it.
+        assert_eq!(
+            field_of("checkpoint_bytes = 100000\n"),
             "transfer.checkpoint_bytes"
         );
         assert_eq!(

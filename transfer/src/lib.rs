@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod tree;
 pub mod tus;
 
 #[cfg(test)]
@@ -315,7 +316,9 @@ pub(crate) fn store_error(e: StoreError) -> Response {
         E::ChecksumMismatch { .. } => (tus::CHECKSUM_MISMATCH, "checksum_mismatch"),
         E::DigestMismatch { .. } => (tus::CHECKSUM_MISMATCH, "digest_mismatch"),
         _ if e.is_traversal() => (StatusCode::BAD_REQUEST, "bad_path"),
-        E::Io { .. } | E::Journal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "io"),
+        E::Io { .. } | E::Journal(_) | E::ChunkLen { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "io")
+        }
     };
     if status == StatusCode::BAD_REQUEST {
         tracing::warn!(error = %e, "transfer: refused a path");

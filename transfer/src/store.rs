@@ -37,6 +37,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sha1::Digest as _;
 
 use super::journal::{Header, Journal, JournalError};
+use super::tree;
 
 /// Longest transfer id.
 pub const MAX_ID_LEN: usize = 128;
@@ -106,6 +107,9 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// A checkpoint length the digest tree cannot use ([`tree`]).
+    #[error("checkpoint_bytes {message}")]
+    ChunkLen { message: String },
 }
 
 impl StoreError {
@@ -233,12 +237,34 @@ pub struct BodyChecksum {
     pub expected: Vec<u8>,
 }
 
-/// The upload's position and hash states at one point.
+/// The upload's position and hash state at one point.
 #[derive(Clone)]
 struct Snapshot {
     offset: u64,
+    /// The current chunk's hasher ([`tree::chunk_hasher`]).
     chunk: blake3::Hasher,
-    whole: blake3::Hasher,
+    /// How many of [`Upload::chunks`] are in (the rest were cut off).
+    chunks: usize,
+}
+
+impl Snapshot {
+    fn start() -> Snapshot {
+        Snapshot {
+            offset: 0,
+            chunk: tree::chunk_hasher(0),
+            chunks: 0,
+        }
+    }
+
+    /// Ends the current chunk at `offset`: its chaining value goes into
+    /// `chunks` and a new chunk starts here. Returns the journaled digest.
+    fn end_chunk(&mut self, chunks: &mut tree::Chunks) -> String {
+        chunks.truncate(self.chunks);
+        let cv = chunks.push(&self.chunk);
+        self.chunks = chunks.len();
+        tree::next_chunk(&mut self.chunk, self.offset);
+        tree::to_hex(&cv)
+    }
 }
 
 /// One request's progress through [`Upload::write`].
@@ -256,6 +282,8 @@ pub struct Upload {
     data_path: PathBuf,
     file: File,
     journal: Journal,
+    /// The chaining values of the chunks written so far ([`super::tree`]).
+    chunks: tree::Chunks,
     now: Snapshot,
     durable: Snapshot,
     /// The store's count of bytes received and then cut off.
@@ -347,7 +375,6 @@ impl Upload {
                 .write_all_at(part, self.now.offset)
                 .map_err(|e| io_err(&self.data_path, e))?;
             self.now.chunk.update(part);
-            self.now.whole.update(part);
             self.now.offset += n as u64;
             self.tally.written.fetch_add(n as u64, Ordering::Relaxed);
             data = rest;
@@ -395,6 +422,7 @@ impl Upload {
             data_path,
             file,
             journal,
+            chunks,
             now,
             durable,
             tally,
@@ -437,7 +465,6 @@ impl Upload {
                         file.write_all_at(part, now.offset)
                             .map_err(|e| io_err(data_path, e))?;
                         now.chunk.update(part);
-                        now.whole.update(part);
                         now.offset += n as u64;
                         tally.written.fetch_add(n as u64, Ordering::Relaxed);
                         data = rest;
@@ -446,8 +473,7 @@ impl Upload {
                             *kicked = now.offset;
                         }
                         if now.offset.is_multiple_of(cp) || now.offset == size {
-                            let digest = now.chunk.finalize().to_hex().to_string();
-                            now.chunk.reset();
+                            let digest = now.end_chunk(chunks);
                             let done = synced_to.load(Ordering::Acquire);
                             while reached.len() > 1 && reached[1].offset <= done {
                                 reached.pop_front();
@@ -481,8 +507,7 @@ impl Upload {
     }
 
     fn reach_checkpoint(&mut self, req: &mut Request) -> Result<(), StoreError> {
-        let digest = self.now.chunk.finalize().to_hex().to_string();
-        self.now.chunk.reset();
+        let digest = self.now.end_chunk(&mut self.chunks);
         if req.checksum.is_some() {
             req.pending.push((self.now.offset, digest));
             return Ok(());
@@ -539,11 +564,19 @@ impl Upload {
                 .fetch_add(self.now.offset - self.durable.offset, Ordering::Relaxed);
             self.now = self.durable.clone();
         }
+        self.chunks.truncate(self.durable.chunks);
     }
 
-    /// The whole file's blake3, lowercase hex (valid once full).
-    fn whole_digest(&self) -> String {
-        self.now.whole.finalize().to_hex().to_string()
+    /// The whole file's blake3, lowercase hex, merged from the chunks'
+    /// chaining values (no second pass over the file); None before the
+    /// upload is full.
+    fn whole_digest(&self) -> Option<String> {
+        let h = self.header();
+        let mut chunks = self.chunks.clone();
+        chunks.truncate(self.now.chunks);
+        chunks
+            .whole(h.size, h.checkpoint_bytes)
+            .map(|d| d.to_hex().to_string())
     }
 }
 
@@ -579,6 +612,8 @@ impl Store {
     /// Opens (creating) the directory tree under `root`; refuses symlinked
     /// subdirectories.
     pub fn open(root: &Path, checkpoint_bytes: u64) -> Result<Store, StoreError> {
+        tree::check_chunk_len(checkpoint_bytes)
+            .map_err(|message| StoreError::ChunkLen { message })?;
         for sub in ["", "journal", "partial", "complete"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
@@ -681,16 +716,13 @@ impl Store {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&dp)
             .map_err(|e| io_err(&dp, e))?;
-        let start = Snapshot {
-            offset: 0,
-            chunk: blake3::Hasher::new(),
-            whole: blake3::Hasher::new(),
-        };
+        let start = Snapshot::start();
         Ok(Upload {
             id,
             data_path: dp,
             file,
             journal,
+            chunks: tree::Chunks::default(),
             now: start.clone(),
             durable: start,
             tally: self.tally.clone(),
@@ -724,14 +756,16 @@ impl Store {
         let file = open_regular(&dp, true)?;
         let len = file.metadata().map_err(|e| io_err(&dp, e))?.len();
         let state = journal.state().clone();
-        let cp = state.header.checkpoint_bytes.max(1);
+        let cp = state.header.checkpoint_bytes;
+        // A journal of another version can carry a length the tree cannot
+        // use: refuse to load it rather than hash it wrongly.
+        tree::check_chunk_len(cp).map_err(|message| StoreError::ChunkLen {
+            message: format!("of upload `{id}`: {message}"),
+        })?;
         let mut target = state.durable().min(len);
         // Re-read and re-hash [0, target), checking each checkpoint.
-        let mut snap = Snapshot {
-            offset: 0,
-            chunk: blake3::Hasher::new(),
-            whole: blake3::Hasher::new(),
-        };
+        let mut snap = Snapshot::start();
+        let mut chunks = tree::Chunks::default();
         let mut buf = vec![0u8; 1 << 20];
         let mut checkpoints = state.checkpoints.iter().peekable();
         while snap.offset < target {
@@ -740,11 +774,10 @@ impl Store {
             file.read_exact_at(&mut buf[..n], snap.offset)
                 .map_err(|e| io_err(&dp, e))?;
             snap.chunk.update(&buf[..n]);
-            snap.whole.update(&buf[..n]);
             snap.offset += n as u64;
             if let Some(c) = checkpoints.peek() {
                 if c.end == snap.offset {
-                    let got = snap.chunk.finalize().to_hex().to_string();
+                    let got = snap.end_chunk(&mut chunks);
                     if got != c.blake3 {
                         tracing::warn!(
                             id,
@@ -754,7 +787,6 @@ impl Store {
                         target = (snap.offset - 1) / cp * cp;
                         return self.load_cut(id, journal, file, dp, target);
                     }
-                    snap.chunk.reset();
                     checkpoints.next();
                 }
             }
@@ -770,6 +802,7 @@ impl Store {
             data_path: dp,
             file,
             journal,
+            chunks,
             now: snap.clone(),
             durable: snap,
             tally: self.tally.clone(),
@@ -799,8 +832,10 @@ impl Store {
     /// and never visible.
     pub fn complete(&self, mut upload: Upload) -> Result<(), StoreError> {
         let expected = upload.header().digest.clone();
-        let actual = upload.whole_digest();
         let id = upload.id.clone();
+        let actual = upload
+            .whole_digest()
+            .ok_or_else(|| StoreError::Incomplete { id: id.clone() })?;
         if actual != expected {
             drop(upload);
             self.remove(&id)?;
@@ -1018,9 +1053,7 @@ mod tests {
         assert_eq!(cps.len(), 4);
         assert_eq!(
             cps[1].blake3,
-            blake3::hash(&d[CP as usize..2 * CP as usize])
-                .to_hex()
-                .to_string()
+            crate::tree::digest_of(CP, &d[CP as usize..2 * CP as usize])
         );
         assert!(!store.is_complete("f1").unwrap());
         assert!(matches!(
@@ -1058,7 +1091,7 @@ mod tests {
         );
         for (i, c) in cps.iter().enumerate() {
             let chunk = &d[i * CP as usize..(i + 1) * CP as usize];
-            assert_eq!(c.blake3, blake3::hash(chunk).to_hex().to_string());
+            assert_eq!(c.blake3, crate::tree::digest_of(i as u64 * CP, chunk));
         }
         up.rollback();
         assert_eq!(up.offset(), 3 * CP);

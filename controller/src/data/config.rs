@@ -113,6 +113,9 @@ impl DataConfig {
                 ),
             ));
         }
+        // Chunks must be whole subtrees of the blake3 tree.
+        sparegrid_transfer::tree::check_chunk_len(self.checkpoint_bytes)
+            .map_err(|m| invalid("checkpoint_bytes", m))?;
         if self.upload_expiry < Duration::from_secs(1) {
             return Err(invalid(
                 "upload_expiry",
@@ -203,6 +206,13 @@ mod tests {
             (
                 DataConfig {
                     checkpoint_bytes: 1000,
+                    ..Default::default()
+                },
+                "data.checkpoint_bytes",
+            ),
+            (
+                DataConfig {
+                    checkpoint_bytes: 100_000,
                     ..Default::default()
                 },
                 "data.checkpoint_bytes",
