@@ -37,7 +37,8 @@ pub struct TransferConfig {
     /// Where partial files, journals and completed files live: relative to
     /// the agent's `data_dir`, or absolute.
     pub dir: PathBuf,
-    /// A checkpoint (fsync + journal line with the chunk's blake3) every
+    /// A checkpoint (fsync + journal line with the chunk's blake3 chaining
+    /// value, [`crate::tree`]; a power of two) every
     /// this many bytes; a broken transfer resends at most this much.
     pub checkpoint_bytes: u64,
     /// The largest `Upload-Length` accepted (413 above it).

@@ -2,7 +2,8 @@
 //! append-only file of JSON lines, fsynced after every append. The first
 //! line is the [`Header`] (id, source, target, size, whole-file blake3
 //! digest, checkpoint size, creation and expiry); then a
-//! `checkpoint` line every `checkpoint_bytes` with that chunk's blake3, a
+//! `checkpoint` line every `checkpoint_bytes` with that chunk's blake3
+//! chaining value ([`super::tree`]), a
 //! `committed` line when a request ended cleanly between checkpoints, and
 //! `complete` once the whole file verified.
 //!

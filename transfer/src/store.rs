@@ -14,7 +14,9 @@
 //! followed.
 //!
 //! [`Upload`] is one partial upload's live state: the data file, its
-//! journal, the running blake3 of the current chunk and of the whole file,
+//! journal, the running blake3 of the current chunk and the chaining values
+//! of the chunks before it (the whole digest is merged from them,
+//! [`super::tree`]),
 //! and the state at the last durable point (what the journal holds). Data
 //! is written with `pwrite`; at each `checkpoint_bytes` boundary the file
 //! is fdatasynced and the chunk's digest journaled, inline by
@@ -319,7 +321,7 @@ impl Upload {
         &self.journal
     }
 
-    /// The last journaled checkpoint (end offset, chunk blake3).
+    /// The last journaled checkpoint (end offset, chunk chaining value).
     pub fn last_checkpoint(&self) -> Option<(u64, &str)> {
         self.journal
             .state()

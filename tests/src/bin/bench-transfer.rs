@@ -9,11 +9,15 @@
 //!
 //! 1. Upload: the agent's own streaming tus client (`transfer::client`,
 //!    reqwest, one PATCH streamed from the file) uploads the file; MiB/s
-//!    from the first request to the 204 (the client's blake3 of the file
-//!    before that is timed separately). Target ≥ 0.8 of our download.
+//!    over the whole `client::upload` call: its one pass over the file for
+//!    the whole digest and the chunk digests, the POST, and the streamed
+//!    PATCH up to the 204 (a plain blake3 of the file is timed first, for
+//!    scale). Target ≥ 0.8 of our download.
 //!    Then the disk's own ceiling: the same size written in 1 MiB blocks
 //!    and fdatasynced once, beside the upload's ratio to it (an upload is
-//!    durable before its 204, so the disk bounds it).
+//!    durable before its 204, so the disk bounds it), and the ceiling's
+//!    ratio to our download: the most the upload ratio can be on that
+//!    storage. `--dir /dev/shm` takes the disk out (tmpfs).
 //! 2. Download: `curl -o /dev/null` of the uploaded file from our endpoint
 //!    and from a Debian nginx (own temporary config, a free loopback port,
 //!    `sendfile on`, serving a hard link to the same file, so the same
@@ -422,6 +426,14 @@ async fn run(args: Args) -> Result<()> {
         args.size_mib,
         upload_mibs / disk
     );
+    if let Some(d) = download_mibs {
+        // No upload can beat writing the file alone: this is the most the
+        // upload / download ratio can be on this storage.
+        println!(
+            "disk ceiling / our download: {:.2} (the highest upload / download ratio this storage allows)",
+            disk / d
+        );
+    }
 
     // 3. Resume cost.
     if want("resume") {
