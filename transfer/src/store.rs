@@ -777,8 +777,8 @@ impl Store {
                 .map_err(|e| io_err(&dp, e))?;
             snap.chunk.update(&buf[..n]);
             snap.offset += n as u64;
-            if let Some(c) = checkpoints.peek() {
-                if c.end == snap.offset {
+            match checkpoints.peek() {
+                Some(c) if c.end == snap.offset => {
                     let got = snap.end_chunk(&mut chunks);
                     if got != c.blake3 {
                         tracing::warn!(
@@ -791,6 +791,19 @@ impl Store {
                     }
                     checkpoints.next();
                 }
+                // A whole chunk the journal has no checkpoint for (a
+                // journal written by hand or by another version): its
+                // hasher must not run past the chunk, so go back to the
+                // chunk's start.
+                _ if snap.offset == boundary => {
+                    tracing::warn!(
+                        id,
+                        offset = snap.offset,
+                        "partial upload has no checkpoint at a chunk boundary; cutting back"
+                    );
+                    return self.load_cut(id, journal, file, dp, boundary - cp);
+                }
+                _ => {}
             }
         }
         if len != target {
@@ -1257,6 +1270,37 @@ mod tests {
         store.complete(up).unwrap();
         assert_eq!(
             std::fs::read(store.complete_path("f5").unwrap()).unwrap(),
+            d
+        );
+    }
+
+    #[test]
+    fn a_journal_without_a_checkpoint_at_a_boundary_is_cut_back_not_trusted() {
+        // A journal that commits past chunk boundaries it has no
+        // checkpoint for (not one this store writes): reload goes back to
+        // the last chunk it can check, and the upload still completes.
+        let dir = tempfile::tempdir().unwrap();
+        let d = data(3 * CP as usize);
+        let store = Store::open(dir.path(), CP).unwrap();
+        let mut up = store.create(header("f6", &d)).unwrap();
+        let mut r = up.begin(0, None).unwrap();
+        up.write(&mut r, &d[..CP as usize]).unwrap();
+        up.finish(r).unwrap();
+        drop(up);
+        let p = store.partial_path("f6").unwrap();
+        std::fs::write(&p, &d[..2 * CP as usize + 5]).unwrap();
+        let mut j = Journal::open(&store.journal_path("f6").unwrap()).unwrap();
+        j.commit(2 * CP + 5).unwrap();
+        drop(j);
+        let mut up = store.load("f6").unwrap();
+        assert_eq!(up.offset(), CP);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), CP);
+        let mut r = up.begin(CP, None).unwrap();
+        up.write(&mut r, &d[CP as usize..]).unwrap();
+        up.finish(r).unwrap();
+        store.complete(up).unwrap();
+        assert_eq!(
+            std::fs::read(store.complete_path("f6").unwrap()).unwrap(),
             d
         );
     }
