@@ -256,6 +256,7 @@ async fn upload_resumes_after_a_killed_connection() {
     let opts = UploadOptions {
         checkpoint_bytes: CP,
         sent: Arc::default(),
+        digests: None,
     };
     let http = reqwest::Client::new();
     let token = tok("up1", Direction::Upload);
@@ -277,6 +278,7 @@ async fn upload_resumes_after_a_killed_connection() {
     let opts = UploadOptions {
         checkpoint_bytes: CP,
         sent: Arc::new(AtomicU64::new(0)),
+        digests: None,
     };
     let token = tok("up2", Direction::Upload);
     let fresh = reqwest::Client::new();
@@ -339,6 +341,7 @@ async fn download_resumes_after_a_killed_connection() {
         &UploadOptions {
             checkpoint_bytes: CP,
             sent: Arc::default(),
+            digests: None,
         },
     )
     .await

@@ -134,6 +134,41 @@ pub fn digest_chunks(
     Ok((whole.to_hex().to_string(), by_end))
 }
 
+/// A file's whole blake3 and its chunk digests for one checkpoint length,
+/// from one pass ([`file_digests`]): computed once by a caller that needs
+/// the digest anyway (to announce it) and handed to [`upload`] through
+/// [`UploadOptions::digests`], so the file is not hashed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigests {
+    /// The whole file's blake3, hex.
+    pub blake3: String,
+    pub size: u64,
+    pub checkpoint_bytes: u64,
+    /// Chunk chaining values (hex) by end offset.
+    chunks: HashMap<u64, String>,
+}
+
+/// [`FileDigests`] of `path` for chunks of `checkpoint_bytes` (a power of
+/// two, [`tree::check_chunk_len`]).
+pub fn file_digests(path: &Path, checkpoint_bytes: u64) -> Result<FileDigests, ClientError> {
+    tree::check_chunk_len(checkpoint_bytes).map_err(|m| ClientError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("checkpoint_bytes {m}"),
+        ),
+    })?;
+    let f = File::open(path).map_err(io(path))?;
+    let size = f.metadata().map_err(io(path))?.len();
+    let (blake3, chunks) = digest_chunks(&f, size, checkpoint_bytes).map_err(io(path))?;
+    Ok(FileDigests {
+        blake3,
+        size,
+        checkpoint_bytes,
+        chunks,
+    })
+}
+
 /// The blake3 of a whole file, hex.
 pub fn hash_file(path: &Path) -> Result<String, ClientError> {
     let f = File::open(path).map_err(io(path))?;
@@ -162,6 +197,9 @@ pub struct UploadOptions {
     /// Counts body bytes handed to the connection (across calls, for the
     /// benchmark's resend figure and tests that break a transfer midway).
     pub sent: Arc<AtomicU64>,
+    /// The file's digests when the caller has them already; used when they
+    /// match the file's size and `checkpoint_bytes`, ignored otherwise.
+    pub digests: Option<Arc<FileDigests>>,
 }
 
 impl Default for UploadOptions {
@@ -169,6 +207,7 @@ impl Default for UploadOptions {
         UploadOptions {
             checkpoint_bytes: super::config::TransferConfig::default().checkpoint_bytes,
             sent: Arc::default(),
+            digests: None,
         }
     }
 }
@@ -193,9 +232,13 @@ pub async fn upload(
     })?;
     let file = File::open(path).map_err(io(path))?;
     let size = file.metadata().map_err(io(path))?.len();
-    // Chunk digests from the pass that computes the whole digest: the
-    // stream then sends without hashing again.
-    let mut known = HashMap::new();
+    // Chunk digests from the pass that computes the whole digest (the
+    // caller's, or ours below): the stream then sends without hashing.
+    let given = opts
+        .digests
+        .as_deref()
+        .filter(|d| d.size == size && d.checkpoint_bytes == opts.checkpoint_bytes);
+    let mut known = given.map(|d| d.chunks.clone()).unwrap_or_default();
     let mut journal = match Journal::open(&jpath) {
         Ok(j)
             if j.state().header.size == size
@@ -205,13 +248,20 @@ pub async fn upload(
         }
         _ => {
             let _ = std::fs::remove_file(&jpath);
-            let f = file.try_clone().map_err(io(path))?;
-            let cp = opts.checkpoint_bytes;
-            let (digest, chunks) = tokio::task::spawn_blocking(move || digest_chunks(&f, size, cp))
-                .await
-                .map_err(|e| io(path)(std::io::Error::other(e)))?
-                .map_err(io(path))?;
-            known = chunks;
+            let digest = match given {
+                Some(d) => d.blake3.clone(),
+                None => {
+                    let f = file.try_clone().map_err(io(path))?;
+                    let cp = opts.checkpoint_bytes;
+                    let (digest, chunks) =
+                        tokio::task::spawn_blocking(move || digest_chunks(&f, size, cp))
+                            .await
+                            .map_err(|e| io(path)(std::io::Error::other(e)))?
+                            .map_err(io(path))?;
+                    known = chunks;
+                    digest
+                }
+            };
             Journal::create(
                 &jpath,
                 Header {

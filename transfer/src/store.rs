@@ -883,19 +883,26 @@ impl Store {
     /// like an uploaded file; an id already present is
     /// [`StoreError::Exists`]. Streams through one buffer.
     pub fn import(&self, id: &str, src: &Path) -> Result<(), StoreError> {
-        use std::io::Read;
         let mut file = File::open(src).map_err(|e| io_err(src, e))?;
-        let size = file.metadata().map_err(|e| io_err(src, e))?.len();
         let mut hasher = blake3::Hasher::new();
         hasher
             .update_reader(&mut file)
             .map_err(|e| io_err(src, e))?;
+        self.import_with_digest(id, src, &hasher.finalize().to_hex())
+    }
+
+    /// [`Store::import`] of a file whose blake3 the caller already has
+    /// (hex): one pass fewer. A wrong digest is
+    /// [`StoreError::DigestMismatch`] and nothing is published.
+    pub fn import_with_digest(&self, id: &str, src: &Path, blake3: &str) -> Result<(), StoreError> {
+        use std::io::Read;
+        let size = std::fs::metadata(src).map_err(|e| io_err(src, e))?.len();
         let mut upload = self.create(Header {
             id: id.to_owned(),
             source: src.display().to_string(),
             target: "local".to_owned(),
             size,
-            digest: hasher.finalize().to_hex().to_string(),
+            digest: blake3.to_owned(),
             checkpoint_bytes: self.checkpoint_bytes,
             created_unix: unix(SystemTime::now()),
             expires_unix: 0,

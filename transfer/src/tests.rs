@@ -915,4 +915,93 @@ async fn an_imported_local_file_is_served_whole_and_only_once() {
         .to_string();
     assert!(err.contains("nope.bin"), "{err}");
     assert!(!e.state.store().is_complete("imp2").unwrap());
+    // With the digest given: the right one publishes, a wrong one leaves
+    // nothing behind.
+    let store = e.state.store();
+    store
+        .import_with_digest("imp3", &src, &blake3::hash(&d).to_hex())
+        .unwrap();
+    assert!(store.is_complete("imp3").unwrap());
+    let wrong = blake3::hash(b"other").to_hex();
+    assert!(matches!(
+        store.import_with_digest("imp4", &src, &wrong),
+        Err(crate::store::StoreError::DigestMismatch { .. })
+    ));
+    assert!(!store.is_complete("imp4").unwrap());
+    assert!(!store.journal_path("imp4").unwrap().exists());
+    assert!(!store.partial_path("imp4").unwrap().exists());
+}
+
+/// Digests the caller computed (`file_digests`, as a migration does for
+/// its offer) are used by the uploader instead of a second pass: the
+/// upload completes and verifies with them; digests for another chunk
+/// length are ignored (hashed again), and digests of other bytes make the
+/// upload fail its whole-file check rather than publish wrong data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_uses_the_digests_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TransferConfig {
+        checkpoint_bytes: 64 * 1024,
+        ..TransferConfig::default()
+    };
+    let state = TransferState::new(&config, dir.path(), KEY).unwrap();
+    let store = state.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_on(listener, state, async {
+        let _ = stopped.await;
+    }));
+    let d = data(300_000);
+    let src = dir.path().join("src.bin");
+    std::fs::write(&src, &d).unwrap();
+    let http = reqwest::Client::new();
+    let up = |id: &'static str, digests: client::FileDigests| {
+        let (http, base, src, jdir) = (
+            http.clone(),
+            base.clone(),
+            src.clone(),
+            dir.path().join("j"),
+        );
+        async move {
+            std::fs::create_dir_all(&jdir).unwrap();
+            let opts = client::UploadOptions {
+                checkpoint_bytes: 64 * 1024,
+                digests: Some(Arc::new(digests)),
+                ..Default::default()
+            };
+            client::upload(
+                &http,
+                &base,
+                &tok(id, Direction::Upload),
+                id,
+                &src,
+                &jdir,
+                &opts,
+            )
+            .await
+        }
+    };
+    let right = client::file_digests(&src, 64 * 1024).unwrap();
+    assert_eq!(right.blake3, blake3::hash(&d).to_hex().to_string());
+    up("dg1", right).await.unwrap();
+    assert!(store.store().is_complete("dg1").unwrap());
+    // Another chunk length: not used, the uploader hashes for itself.
+    up("dg2", client::file_digests(&src, 128 * 1024).unwrap())
+        .await
+        .unwrap();
+    assert!(store.store().is_complete("dg2").unwrap());
+    // Digests of other bytes of the same size: refused at the end.
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, &data(300_001)[1..]).unwrap();
+    let e = up("dg3", client::file_digests(&other, 64 * 1024).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("460") || e.to_string().contains("blake3"),
+        "{e}"
+    );
+    assert!(!store.store().is_complete("dg3").unwrap());
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
 }

@@ -31,7 +31,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sparegrid_proto::grid::{AttemptRef, Completion, OutputData, OutputGrant, OutputRequest};
-use sparegrid_transfer::client::{hash_file, upload, UploadOptions};
+use sparegrid_transfer::client::{file_digests, upload, UploadOptions};
+use sparegrid_transfer::TransferConfig;
 
 use super::client::ControllerClient;
 use super::runner::Runner;
@@ -180,7 +181,14 @@ impl Uploader {
         let size = std::fs::metadata(path)
             .map_err(|e| format!("{}: {e}", path.display()))?
             .len();
-        let blake3 = hash_file(path).map_err(|e| e.to_string())?;
+        // One pass: the digest the controller checks, and chunk digests the
+        // upload uses when the controller's checkpoint length is the
+        // default one (otherwise it hashes for itself).
+        let digests = Arc::new(
+            file_digests(path, TransferConfig::default().checkpoint_bytes)
+                .map_err(|e| e.to_string())?,
+        );
+        let blake3 = digests.blake3.clone();
         let req = OutputRequest {
             host: self.host.clone(),
             attempt: c.attempt.clone(),
@@ -219,6 +227,7 @@ impl Uploader {
         let http = builder.build().map_err(|e| e.to_string())?;
         let opts = UploadOptions {
             checkpoint_bytes: grant.checkpoint_bytes,
+            digests: Some(digests),
             ..UploadOptions::default()
         };
         let mut last = String::new();

@@ -26,7 +26,7 @@ use sparegrid_proto::migrate::{
     ForwardRequest, ForwardStep, IncomingVm, MigrationAnswer, MigrationRequest, MigrationTarget,
     RelayRequest, RelaySlot, StateSource,
 };
-use sparegrid_transfer::client::{hash_file, upload, UploadOptions};
+use sparegrid_transfer::client::{file_digests, upload, FileDigests, UploadOptions};
 use sparegrid_transfer::token::{sign, Direction};
 
 use super::{state_id, MigrateError, MigrateSetup, TOKEN_TTL};
@@ -259,10 +259,15 @@ fn prepare(
         .map_err(MigrateError::Target)?;
     let host = target.host.clone();
     tracing::info!(vm = %out.vm, to = %host, "moving saved grid VM {} ({} MiB of state) to {host}", out.vm, size >> 20);
-    let blake3 = hash_file(&out.state_file).map_err(|e| MigrateError::Upload {
-        host: host.clone(),
-        message: e.to_string(),
-    })?;
+    // One pass: the digest for the offer, and the chunk digests the upload
+    // or the publication then uses instead of hashing the state again.
+    let digests = file_digests(&out.state_file, setup.checkpoint_bytes)
+        .map(Arc::new)
+        .map_err(|e| MigrateError::Upload {
+            host: host.clone(),
+            message: e.to_string(),
+        })?;
+    let blake3 = digests.blake3.clone();
     let id = state_id(&out.held.attempt);
     let fetch = if reachable(&target.transfer_url) {
         upload_state(
@@ -272,14 +277,15 @@ fn prepare(
             &target.transfer_url,
             &target_token(setup, &id, &host)?,
             &id,
+            &digests,
         )?;
         None
     } else {
-        match publish_state(setup, out, &host, &id) {
+        match publish_state(setup, out, &host, &id, &digests) {
             Ok(src) => Some(src),
             Err(e) => {
                 tracing::info!(vm = %out.vm, to = %host, "{e}; relaying through the controller");
-                Some(relay_state(setup, &ctl, out, &host, relayed)?)
+                Some(relay_state(setup, &ctl, out, &host, relayed, &digests)?)
             }
         }
     };
@@ -305,7 +311,7 @@ fn prepare(
     if !answer.accepted && answer.fetch_failed && relayed.is_none() {
         tracing::info!(vm = %out.vm, to = %host, "{host} cannot fetch the saved state from here ({}); relaying through the controller",
             answer.reason.as_deref().unwrap_or(""));
-        incoming.fetch = Some(relay_state(setup, &ctl, out, &host, relayed)?);
+        incoming.fetch = Some(relay_state(setup, &ctl, out, &host, relayed, &digests)?);
         answer = route
             .send(ForwardStep::Offer, &incoming)
             .map_err(|e| MigrateError::Offer {
@@ -349,6 +355,7 @@ fn publish_state(
     out: &OutgoingVm,
     host: &str,
     id: &str,
+    digests: &FileDigests,
 ) -> Result<StateSource, MigrateError> {
     let fail = |message: String| MigrateError::Upload {
         host: host.to_owned(),
@@ -366,7 +373,7 @@ fn publish_state(
         // A partial leftover of an earlier try is replaced.
         let _ = store.remove(id);
         store
-            .import(id, &out.state_file)
+            .import_with_digest(id, &out.state_file, &digests.blake3)
             .map_err(|e| fail(format!("publishing the saved state here: {e}")))?;
     }
     let token = sign(
@@ -391,6 +398,7 @@ fn relay_state(
     out: &OutgoingVm,
     host: &str,
     relayed: &mut Option<RelayCopy>,
+    digests: &Arc<FileDigests>,
 ) -> Result<StateSource, MigrateError> {
     let size = std::fs::metadata(&out.state_file)
         .map_err(|source| MigrateError::State {
@@ -436,6 +444,7 @@ fn relay_state(
         &base,
         &slot.upload_token,
         &slot.id,
+        digests,
     )?;
     Ok(StateSource {
         url: path,
@@ -467,6 +476,7 @@ fn upload_state(
     base: &str,
     token: &str,
     id: &str,
+    digests: &Arc<FileDigests>,
 ) -> Result<(), MigrateError> {
     let fail = |message: String| MigrateError::Upload {
         host: to.to_owned(),
@@ -484,6 +494,7 @@ fn upload_state(
         .map_err(|e| fail(e.to_string()))?;
     let opts = UploadOptions {
         checkpoint_bytes: setup.checkpoint_bytes,
+        digests: Some(digests.clone()),
         ..UploadOptions::default()
     };
     let mut last = String::new();

@@ -254,6 +254,7 @@ pub fn upload(
     let opts = sparegrid_transfer::client::UploadOptions {
         checkpoint_bytes: state.checkpoint_bytes,
         sent: sent.clone(),
+        digests: None,
     };
     let rt = runtime()?;
     let report = rt.block_on(async {

@@ -470,6 +470,7 @@ async fn resume_cost(root: &Path, src: &Path, size: u64) -> Result<()> {
     let opts = UploadOptions {
         checkpoint_bytes: cp,
         sent: Arc::new(AtomicU64::new(0)),
+        digests: None,
     };
     let http = reqwest::Client::new();
     let token = tok("resume", Direction::Upload);
