@@ -92,14 +92,7 @@ async fn status_error(url: &str, r: reqwest::Response) -> ClientError {
 /// The blake3 of bytes `[start, end)` of `file`, hex.
 pub fn hash_range(file: &File, start: u64, end: u64) -> std::io::Result<blake3::Hash> {
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = start;
-    while pos < end {
-        let n = (end - pos).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], pos)?;
-        h.update(&buf[..n]);
-        pos += n as u64;
-    }
+    tree::update_from_file(&mut h, file, start, end)?;
     Ok(h.finalize())
 }
 
@@ -117,14 +110,7 @@ pub fn digest_chunks(
     while start < size {
         let end = (start + cp).min(size);
         let mut h = tree::chunk_hasher(start);
-        let mut buf = vec![0u8; (1 << 20).min(end - start) as usize];
-        let mut pos = start;
-        while pos < end {
-            let n = (end - pos).min(buf.len() as u64) as usize;
-            file.read_exact_at(&mut buf[..n], pos)?;
-            h.update(&buf[..n]);
-            pos += n as u64;
-        }
+        tree::update_from_file(&mut h, file, start, end)?;
         by_end.insert(end, tree::to_hex(&chunks.push(&h)));
         start = end;
     }

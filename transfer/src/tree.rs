@@ -52,11 +52,16 @@ pub fn next_chunk(h: &mut Hasher, at: u64) {
     }
 }
 
-/// The chaining value of bytes `[start, end)` of `file`, one chunk.
-pub fn chunk_of_file(file: &std::fs::File, start: u64, end: u64) -> std::io::Result<ChainingValue> {
+/// Feeds bytes `[start, end)` of `file` to `h`, through one buffer of at
+/// most 1 MiB.
+pub fn update_from_file(
+    h: &mut Hasher,
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut h = chunk_hasher(start);
-    let mut buf = vec![0u8; (1 << 20).min((end - start) as usize).max(1)];
+    let mut buf = vec![0u8; (1 << 20).min(end.saturating_sub(start)) as usize];
     let mut pos = start;
     while pos < end {
         let n = ((end - pos) as usize).min(buf.len());
@@ -64,6 +69,13 @@ pub fn chunk_of_file(file: &std::fs::File, start: u64, end: u64) -> std::io::Res
         h.update(&buf[..n]);
         pos += n as u64;
     }
+    Ok(())
+}
+
+/// The chaining value of bytes `[start, end)` of `file`, one chunk.
+pub fn chunk_of_file(file: &std::fs::File, start: u64, end: u64) -> std::io::Result<ChainingValue> {
+    let mut h = chunk_hasher(start);
+    update_from_file(&mut h, file, start, end)?;
     Ok(h.finalize_non_root())
 }
 
