@@ -604,6 +604,7 @@ pub async fn download(
     let mut pos = start;
     let mut stream = r.bytes_stream();
     let mut result = Ok(());
+    let mut kicked = start;
     while let Some(b) = stream.next().await {
         let b = match b {
             Ok(b) => b,
@@ -620,6 +621,12 @@ pub async fn download(
             chunk.update(&data[..n]);
             pos += n as u64;
             data = &data[n..];
+            // The disk starts writing now, so the checkpoint's fdatasync
+            // only waits for the tail (as the endpoint's writer does).
+            if pos - kicked >= super::store::WRITEBACK_BYTES {
+                super::store::start_writeback(&file, kicked, pos - kicked);
+                kicked = pos;
+            }
             if pos.is_multiple_of(cp) || pos == size {
                 file.sync_data().map_err(io(&part))?;
                 let cv = chunks.push(&chunk);

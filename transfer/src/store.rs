@@ -168,14 +168,14 @@ fn open_regular(path: &Path, write: bool) -> Result<File, StoreError> {
 const SYNC_QUEUE: usize = 2;
 
 /// Writeback is started every this many bytes written.
-const WRITEBACK_BYTES: u64 = 1024 * 1024;
+pub(crate) const WRITEBACK_BYTES: u64 = 1024 * 1024;
 
 /// Starts writeback of `[start, start + len)` of `file` without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk writes while
 /// more data arrives and a checkpoint's fdatasync only waits for the tail.
 /// Hand-written with libc: nix 0.29 has no wrapper. Best effort: errors are
 /// ignored (the checkpoint's fdatasync reports real ones).
-fn start_writeback(file: &File, start: u64, len: u64) {
+pub(crate) fn start_writeback(file: &File, start: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(start), Ok(len)) = (i64::try_from(start), i64::try_from(len)) else {
         return;

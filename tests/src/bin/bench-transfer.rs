@@ -17,7 +17,10 @@
 //!    and fdatasynced once, beside the upload's ratio to it (an upload is
 //!    durable before its 204, so the disk bounds it), and the ceiling's
 //!    ratio to our download: the most the upload ratio can be on that
-//!    storage. `--dir /dev/shm` takes the disk out (tmpfs).
+//!    storage. `--dir /dev/shm` takes the disk out (tmpfs). Also the
+//!    download through our own journaled client into a durable file under
+//!    `--dir` (checkpoints, whole digest), and the upload's ratio to it:
+//!    the same work as an upload, in the other direction.
 //! 2. Download: `curl -o /dev/null` of the uploaded file from our endpoint
 //!    and from a Debian nginx (own temporary config, a free loopback port,
 //!    `sendfile on`, serving a hard link to the same file, so the same
@@ -406,6 +409,28 @@ async fn run(args: Args) -> Result<()> {
         println!(
             "upload / our download: {ratio:.2} (target >= 0.8: {})",
             verdict(ratio >= 0.8)
+        );
+        // The same direction as the upload's work: our own journaled
+        // download client (what agents fetch images and saved state with)
+        // writing the file under --dir with its checkpoints and checking
+        // the whole digest, so each side pays for a durable copy.
+        let dest = root.join("client-download.bin");
+        let t = Instant::now();
+        let rep = client::download(
+            &http,
+            &format!("{base}/v1/files/bench"),
+            &tok("bench", Direction::Download),
+            &dest,
+            transfer::TransferConfig::default().checkpoint_bytes,
+            Arc::default(),
+        )
+        .await?;
+        let took = t.elapsed();
+        let _ = std::fs::remove_file(&dest);
+        let client_mibs = mibs(rep.size, took);
+        println!(
+            "download (our journaled client, to a durable file, digest checked): {client_mibs:.0} MiB/s ({took:.2?}); upload / that download: {:.2}",
+            upload_mibs / client_mibs
         );
     }
     // What the disk under --dir absorbs: an upload is durable before its
