@@ -36,7 +36,8 @@
 //!   concatenated in index order, read when it is claimed; it runs like any
 //!   other subtask (same resources, `max_attempts`, retries, epochs). It is
 //!   never run on partial input: when a map output was cut (by the agent or
-//!   by the store's `output_cap`: stored bytes < reported size), or the
+//!   by the store's `output_cap`: stored bytes < reported size; nothing
+//!   stored of a non-empty output means it was uploaded as a file), or the
 //!   outputs together exceed [`StoreOptions::max_reduce_input`], the reduce
 //!   subtask is created dead with an error saying why
 //!   ([`SubtaskRecord::error`], [`JobRecord::error`]) and the job fails.

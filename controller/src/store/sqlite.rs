@@ -374,6 +374,17 @@ fn reduce_refusal(
                  WHERE s.job = ?1 AND s.idx = ?2",
             )?
             .query_row(params![seq, index], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if kept == 0 {
+            // Nothing inline of a non-empty output: the agent uploaded it
+            // whole as a file (over what it sends inline), which the
+            // reduce's stdin is not built from.
+            return Ok(Some(format!(
+                "reduce not run: the output of subtask {index} ({size} bytes) is kept as a \
+                 file (an output over the 1 MiB sent inline is uploaded whole), and a reduce \
+                 reads map outputs kept inline only; fetch the outputs with `sparegrid results \
+                 ID --output DIR`"
+            )));
+        }
         return Ok(Some(format!(
             "reduce not run: the output of subtask {index} was cut to {kept} of its {size} \
              bytes (an output cap of the agent or the controller), so the reduce would have \

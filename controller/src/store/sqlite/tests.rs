@@ -1477,6 +1477,32 @@ fn a_cut_map_output_fails_the_job_instead_of_reducing() {
         .error
         .unwrap()
         .contains("subtask 1 was cut to 4 of its 6 bytes"));
+
+    // Uploaded whole as a file: nothing inline, the whole size reported.
+    let store =
+        SqliteStore::open_with(dir_db().path().join("s.db"), StoreOptions::default()).unwrap();
+    let id = reduce_job(&store, 2, 3);
+    store.upsert_host("a", "a").unwrap();
+    for a in claim_all(&store, "a") {
+        let out = if a.index == 0 {
+            ok("abc")
+        } else {
+            Outcome {
+                stdout: Vec::new(),
+                stdout_size: 5 << 20,
+                ..ok("")
+            }
+        };
+        store.complete(&id, a.index, a.epoch, &out).unwrap();
+    }
+    let rec = store.get_job(&id).unwrap();
+    assert_eq!(rec.state, JobState::Failed);
+    let error = rec.error.unwrap();
+    assert!(
+        error.contains("subtask 1 (5242880 bytes) is kept as a file"),
+        "{error}"
+    );
+    assert!(!error.contains("cut to"), "{error}");
 }
 
 fn dir_db() -> tempfile::TempDir {
