@@ -555,9 +555,14 @@ fn root_overlay_three_agents_mesh_cut_and_reject_unknown_key() {
         "{client:?}"
     );
 
-    // 3. Cut host 2's underlay.
+    // 3. Cut host 2's underlay, long enough for ov0 to have sent data
+    // without a reply past the retry point: both the session and the cut
+    // must be older than that. (The session alone can be older already
+    // when the cut starts; then a short cut is healed by the old session
+    // and no new handshake is due.)
     lab.set_link(2, false);
-    let end = Instant::now() + Duration::from_secs(120);
+    let cut_at = Instant::now();
+    let end = cut_at + Duration::from_secs(120);
     let cut_age = loop {
         assert!(
             ping(&h0, addrs[2], Duration::from_millis(500)).is_none(),
@@ -565,7 +570,9 @@ fn root_overlay_three_agents_mesh_cut_and_reject_unknown_key() {
         );
         let t = agents[0].tunnel().expect("ov0 tunnel");
         let age = peer(&t, "ov2").and_then(|p| p.last_handshake_secs);
-        if age.is_some_and(|a| a >= RETRY_AGE_SECS) {
+        if age.is_some_and(|a| a >= RETRY_AGE_SECS)
+            && cut_at.elapsed() >= Duration::from_secs(RETRY_AGE_SECS)
+        {
             break age.unwrap();
         }
         assert!(
