@@ -99,7 +99,7 @@ pub fn hash_range(file: &File, start: u64, end: u64) -> std::io::Result<blake3::
 /// In one pass over `[0, size)` of `file`: the whole blake3 (hex) and the
 /// chaining value of every `cp` chunk by end offset, as the journals record
 /// them ([`super::tree`]).
-pub fn digest_chunks(
+fn digest_chunks(
     file: &File,
     size: u64,
     cp: u64,
@@ -589,9 +589,13 @@ pub async fn download(
         if c.end > chunk_start {
             break;
         }
+        // A digest that is not hex leaves the chunks short, and the whole
+        // is then read back below. (A plain blake3 from an older journal
+        // is hex too: it is taken as a chaining value, the merged digest
+        // does not match, and the part file and journal are removed.)
         match tree::from_hex(&c.blake3) {
             Some(cv) => chunks.push_cv(cv),
-            None => break, // a journal of another version: hashed below
+            None => break,
         }
     }
     let mut chunk = tree::chunk_hasher(chunk_start);
@@ -645,7 +649,7 @@ pub async fn download(
     let expected = journal.state().header.digest.clone();
     // Merged from the chunks hashed on the way; read back only when they
     // do not cover the file (a one-chunk file finished by an earlier call,
-    // or a journal of another version).
+    // or a journaled digest that is not hex).
     let actual = match chunks.whole(size, cp) {
         Some(h) => h.to_hex().to_string(),
         None => {
